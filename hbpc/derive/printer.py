@@ -1,0 +1,55 @@
+"""Print sympy expressions as torch code.
+
+Scalar rules print symbols as tensor names. Index-notation rules over a
+per-sample vector (losses) put every index on the last axis: ``z[k]`` prints
+as ``z`` and ``Σ_k f(z[k])`` as ``(f(z)).sum(-1, keepdim=True)``.
+"""
+import sympy as sp
+from sympy.printing.pytorch import TorchPrinter
+
+
+class TorchCodePrinter(TorchPrinter):
+    """sympy's TorchPrinter with the conventions of generated hbpc code."""
+
+    def _print_Heaviside(self, expr):
+        arg = self._print(expr.args[0])
+        return f"({arg} > 0).to({arg}.dtype)"
+
+    def _print_Max(self, expr):
+        numbers = [a for a in expr.args if a.is_number]
+        tensors = [self._print(a) for a in expr.args if not a.is_number]
+        if len(numbers) == 1 and len(tensors) == 1:
+            return f"torch.clamp({tensors[0]}, min={self._print(numbers[0])})"
+        return "torch.maximum({}, {})".format(self._print(expr.args[0]), self._print(sp.Max(*expr.args[1:])))
+
+    def _print_Indexed(self, expr):
+        return self._print(expr.base.label)
+
+    def _print_Sum(self, expr):
+        return f"({self._print(expr.function)}).sum(-1, keepdim=True)"
+
+    def _print_Pow(self, expr):
+        base, exp = expr.args
+        if exp == -1:
+            return f"1 / {self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}"
+        if exp == 2:
+            b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
+            return f"{b}**2"
+        return super()._print_Pow(expr)
+
+
+def torch_code(expr) -> str:
+    """One torch expression for ``expr``."""
+    return TorchCodePrinter().doprint(expr)
+
+
+def torch_lines(named_exprs: dict, prefix: str) -> tuple[list[str], dict]:
+    """CSE over ``{name: expr}``: returns assignment lines and ``{name: code}``.
+
+    Common subexpressions become locals ``<prefix>0``, ``<prefix>1``, ...
+    """
+    names = list(named_exprs)
+    symbols = sp.numbered_symbols(prefix)
+    shared, reduced = sp.cse([named_exprs[name] for name in names], symbols=symbols, optimizations="basic")
+    lines = [f"{sym} = {torch_code(value)}" for sym, value in shared]
+    return lines, {name: torch_code(expr) for name, expr in zip(names, reduced)}

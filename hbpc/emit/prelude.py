@@ -1,0 +1,248 @@
+# ---------------------------------------------------------------------------
+# Runtime helpers shared by every generated module (copied verbatim by hbpc).
+#
+# Shape glossary: N batch size, V number of vectors multiplied at once,
+# *x / *y a node's per-sample input / output shape, d_x / d_y their numel.
+# A tangent or cotangent has shape (*lead, *x) with lead = (N,) or (V, N).
+# ---------------------------------------------------------------------------
+import torch
+
+CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
+
+
+def check_curvature(curvature):
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+
+
+def residual(r, curvature):
+    """The residual term under a curvature mode: r (hessian), None (ggn), |r| (pch-abs), max(r, 0) (pch-clip)."""
+    if curvature == "ggn":
+        return None
+    if curvature == "pch-abs":
+        return r.abs()
+    if curvature == "pch-clip":
+        return r.clamp(min=0)
+    return r
+
+
+def residual_product(r, t, curvature):
+    """R t for a diagonal residual R = diag(r) under the curvature mode (0 for ggn)."""
+    modified = residual(r, curvature)
+    return 0 if modified is None else modified * t
+
+
+def broadcast_trailing(t, shape):
+    """Expand size-1 axes: (*lead, *s) -> (*lead, *shape)."""
+    return t.expand(*t.shape[: t.dim() - len(shape)], *shape)
+
+
+def lead_shape(t, sample_dims):
+    """The leading (V, N) or (N,) part of a tensor with sample_dims per-sample dimensions."""
+    return t.shape[: t.dim() - sample_dims]
+
+
+def patches(x, kernel_size, stride, padding, dilation):
+    """unfold: (*lead, C, H, W) -> (*lead, C*K, L), K = kh*kw kernel offsets, L output locations."""
+    lead = lead_shape(x, 3)
+    unfolded = torch.nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel_size, dilation, padding, stride)
+    return unfolded.reshape(*lead, *unfolded.shape[1:])
+
+
+def patches_adjoint(p, x_shape, kernel_size, stride, padding, dilation):
+    """fold, the adjoint of ``patches``: (*lead, C*K, L) -> (*lead, C, H, W)."""
+    lead = lead_shape(p, 2)
+    folded = torch.nn.functional.fold(p.reshape(-1, *p.shape[-2:]), x_shape[-2:], kernel_size, dilation, padding, stride)
+    return folded.reshape(*lead, *x_shape)
+
+
+def max_pool2d_with_indices(x, kernel_size, stride, padding, dilation):
+    """y = max over each window; idx (N, C, H', W') records the argmax as a flat index into H*W."""
+    return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, return_indices=True)
+
+
+def take_jvp(v, idx):
+    """J v for a recorded selection: y[n, c, l] = x[n, c, idx[n, c, l]]."""
+    flat = v.flatten(-2)
+    index = idx.flatten(-2).expand(*flat.shape[:-1], -1)
+    return flat.gather(-1, index).reshape(*v.shape[:-2], *idx.shape[-2:])
+
+
+def take_vjp(u, idx, x_shape):
+    """Jᵀ u for a recorded selection: scatter-add u into the selected positions."""
+    flat = u.flatten(-2)
+    index = idx.flatten(-2).expand(*flat.shape[:-1], -1)
+    out = flat.new_zeros(*flat.shape[:-1], x_shape[-2] * x_shape[-1])
+    return out.scatter_add(-1, index, flat).reshape(*u.shape[:-3], *x_shape)
+
+
+def pad_jvp(v, padding):
+    return torch.nn.functional.pad(v, padding)
+
+
+def pad_vjp(u, padding):
+    """Crop, the adjoint of zero padding (left, right, top, bottom, ...) on the trailing dimensions."""
+    slices = [slice(None)] * u.dim()
+    for axis, (before, after) in enumerate(zip(padding[0::2], padding[1::2])):
+        dim = u.dim() - 1 - axis
+        slices[dim] = slice(before, u.shape[dim] - after)
+    return u[tuple(slices)]
+
+
+def reshape_to(t, old_shape, new_shape):
+    """(*lead, *old_shape) -> (*lead, *new_shape)."""
+    return t.reshape(*lead_shape(t, len(old_shape)), *new_shape)
+
+
+def accumulate_grad(param, grad):
+    """param.grad += grad, as loss.backward() does."""
+    param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+
+
+def numel(shape):
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def apply_per_sample(S, t, y_shape):
+    """S applied to every sample's slice: (*lead, *y) -> (*lead, *y), S is (d_y, d_y)."""
+    flat = t.reshape(*lead_shape(t, len(y_shape)), -1)
+    return (flat @ S).reshape(t.shape)
+
+
+def batch_mean(X, average):
+    """E[X] over the batch as a batch of one (average=True), else X itself."""
+    return X.mean(0, keepdim=True) if average else X
+
+
+def sandwich_independent(S, vjp, x_shape, y_shape):
+    """S_x = Jᵀ S J for a sample-independent linear map, from two vjps: (d_x, d_x)."""
+    d_x, d_y = numel(x_shape), numel(y_shape)
+    SJ = vjp(S.reshape(d_y, 1, *y_shape)).reshape(d_y, d_x)
+    return vjp(SJ.T.reshape(d_x, 1, *y_shape)).reshape(d_x, d_x)
+
+
+def elementwise_input_curvature(S, d1, r, average, curvature):
+    """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d)."""
+    d = d1.flatten(1)
+    M = torch.outer(d.mean(0), d.mean(0)) if average else d.T @ d / d.shape[0]
+    S_x = S * M
+    if r is not None:
+        modified = residual(r.flatten(1).sum(0), curvature)
+        if modified is not None:
+            S_x = S_x + torch.diag(modified)
+    return S_x
+
+
+def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
+    """S_x for a recorded selection P_n: E[P]ᵀ S E[P] (average) or (1/N) Σ_n P_nᵀ S P_n."""
+    N, d_y, d_x = idx.shape[0], S.shape[0], numel(x_shape)
+    plane = x_shape[-2] * x_shape[-1]
+    channel = torch.arange(x_shape[0], device=idx.device).reshape(1, -1, 1) * plane
+    cols = (idx.flatten(2) + channel).reshape(N, d_y)
+    if average:
+        rows = torch.arange(d_y, device=idx.device).expand(N, d_y)
+        E = S.new_zeros(d_y, d_x).index_put_((rows, cols), S.new_full((N, d_y), 1.0 / N), accumulate=True)
+        return E.T @ S @ E
+    S_x = S.new_zeros(d_x, d_x)
+    step = max(1, chunk_entries // max(1, d_y * d_y))
+    for start in range(0, N, step):
+        c = cols[start:start + step]
+        m = c.shape[0]
+        S_x.index_put_((c[:, :, None].expand(m, d_y, d_y), c[:, None, :].expand(m, d_y, d_y)),
+                       S.expand(m, d_y, d_y), accumulate=True)
+    return S_x / N
+
+
+class Block:
+    """A curvature block B_θ acting on tensors shaped like θ (optionally with a leading V)."""
+
+    kronecker_factors = None
+
+    def __init__(self, param_shape, like):
+        self.param_shape = tuple(param_shape)
+        self.numel = numel(self.param_shape)
+        self.shape = (self.numel, self.numel)
+        self._like = like
+
+    def _matmat(self, V):
+        """(V, numel) -> (V, numel): rows B v."""
+        raise NotImplementedError
+
+    def __matmul__(self, v):
+        single = tuple(v.shape) == self.param_shape
+        out = self._matmat(v.reshape(-1, self.numel))
+        return out.reshape(v.shape) if not single else out.reshape(self.param_shape)
+
+    def to_dense(self):
+        """The (numel, numel) matrix."""
+        eye = torch.eye(self.numel, dtype=self._like.dtype, device=self._like.device)
+        return self._matmat(eye).T
+
+    def solve(self, rhs, damping):
+        """(B + damping·I)⁻¹ rhs, rhs shaped like θ or (V, *θ)."""
+        flat = rhs.reshape(-1, self.numel)
+        A = self.to_dense() + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
+        return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape)
+
+
+class DenseBlock(Block):
+    """B_θ stored as a (numel, numel) matrix."""
+
+    def __init__(self, matrix, param_shape):
+        super().__init__(param_shape, matrix)
+        self.matrix = matrix
+
+    def _matmat(self, V):
+        return V @ self.matrix.T
+
+    def to_dense(self):
+        return self.matrix
+
+
+class KroneckerBlock(Block):
+    """B_θ = A ⊗ B on row-major vec(θ) with θ viewed as (a, b): B_θ vec(X) = vec(A X Bᵀ)."""
+
+    def __init__(self, A, B, param_shape):
+        super().__init__(param_shape, A)
+        self.A, self.B = A, B
+        self.kronecker_factors = (A, B)
+
+    def _matmat(self, V):
+        X = V.reshape(-1, self.A.shape[0], self.B.shape[0])
+        return (self.A @ X @ self.B.T).reshape(V.shape)
+
+    def to_dense(self):
+        return torch.kron(self.A, self.B)
+
+    def solve(self, rhs, damping):
+        """Through eigendecompositions A = Qa Λa Qaᵀ, B = Qb Λb Qbᵀ: divide by λa λb + damping."""
+        la, Qa = torch.linalg.eigh(self.A)
+        lb, Qb = torch.linalg.eigh(self.B)
+        X = rhs.reshape(-1, self.A.shape[0], self.B.shape[0])
+        rotated = Qa.T @ X @ Qb
+        return (Qa @ (rotated / (la[:, None] * lb[None, :] + damping)) @ Qb.T).reshape(rhs.shape)
+
+
+class OperatorBlock(Block):
+    """B_θ known only through its product v -> B_θ v on tensors shaped (V, *θ)."""
+
+    def __init__(self, product, param_shape, like):
+        super().__init__(param_shape, like)
+        self.product = product
+
+    def _matmat(self, V):
+        return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
+
+
+def with_vectors(product, param_shape):
+    """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
+
+    def apply(v):
+        if tuple(v.shape) == tuple(param_shape):
+            return product(v.unsqueeze(0)).squeeze(0)
+        return product(v)
+
+    return apply

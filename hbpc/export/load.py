@@ -1,0 +1,59 @@
+"""Read a model file: ``model`` or ``build_model()``, ``example_input``, optional ``loss_fn``."""
+import runpy
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hbpc.errors import HbpcError
+
+
+@dataclass
+class ModelSpec:
+    model: nn.Module
+    example_input: torch.Tensor
+    loss_fn: nn.Module
+    path: str
+
+
+def _last_user_frame(error: BaseException, path: str) -> str:
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
+    return f"{path}:{frames[-1].lineno}" if frames else path
+
+
+def load_model_file(path) -> ModelSpec:
+    """Execute ``path`` in a fresh namespace and check it follows the model.py contract."""
+    path = str(Path(path).resolve())
+    if not Path(path).is_file():
+        raise HbpcError(f"model file {path} does not exist", fix="pass the path of a Python file defining `model`")
+    try:
+        namespace = runpy.run_path(path, run_name="hbpc_model")
+    except SyntaxError as error:
+        raise HbpcError(f"model file has a syntax error: {error.msg}", f"{path}:{error.lineno}",
+                        "fix the Python syntax") from None
+    except Exception as error:  # the user's file may raise anything
+        raise HbpcError(f"model file raised {type(error).__name__}: {error}", _last_user_frame(error, path),
+                        "make the file importable on its own") from None
+    model = namespace.get("model")
+    if model is None and callable(namespace.get("build_model")):
+        try:
+            model = namespace["build_model"]()
+        except Exception as error:
+            raise HbpcError(f"build_model() raised {type(error).__name__}: {error}", _last_user_frame(error, path),
+                            "make build_model() return an nn.Module") from None
+    if not isinstance(model, nn.Module):
+        found = "nothing" if model is None else type(model).__name__
+        raise HbpcError(f"model file defines no `model` nn.Module (found {found})", path,
+                        "define `model = ...` (an nn.Module) or `def build_model(): return ...`")
+    example = namespace.get("example_input")
+    if not isinstance(example, torch.Tensor):
+        found = "nothing" if example is None else type(example).__name__
+        raise HbpcError(f"model file defines no `example_input` tensor (found {found})", path,
+                        "define `example_input = torch.zeros(N, ...)` with the batch as first dimension")
+    loss_fn = namespace.get("loss_fn")
+    if loss_fn is not None and not isinstance(loss_fn, nn.Module):
+        raise HbpcError(f"`loss_fn` must be an nn.Module such as nn.CrossEntropyLoss(), got {type(loss_fn).__name__}",
+                        path, "set `loss_fn = nn.CrossEntropyLoss()` or `nn.MSELoss()`, or remove it")
+    return ModelSpec(model, example, loss_fn, path)

@@ -1,0 +1,226 @@
+"""Trace a model with torch.fx and lower it to the IR: a ``networkx.DiGraph`` chain.
+
+Every IR node has the attributes
+
+==========  ==============================================================
+``op``      rule key (``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` are all ``"relu"``)
+``rule``    the rule from ``hbpc.rules``
+``hyper``   hyper-parameters (stride, padding, ...) as plain tuples/ints
+``x_shape`` per-sample input shape (no batch dimension)
+``y_shape`` per-sample output shape
+``params``  ``{role: name in model.named_parameters()}``
+``source``  ``file:line`` of the user's code that created the node
+==========  ==============================================================
+
+``graph.graph`` holds ``input_shape``, ``loss`` (rule key), ``reduction`` and ``order`` (node names, inputs first).
+"""
+import hashlib
+import json
+import re
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from hbpc.errors import HbpcError
+from hbpc.rules import LOSS_TABLE, TABLE
+
+_SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
+_RESHAPES = {"reshape", "view", "flatten"}
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _module_hyper(key, module):
+    """Hyper-parameters of a module form, refusing options the rules do not cover."""
+    if key == "conv2d":
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError("only numeric zero padding is supported (not padding='same'/'valid' or padding_mode)")
+        return {"kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride),
+                "padding": _pair(module.padding), "dilation": _pair(module.dilation), "groups": module.groups}
+    if key == "max_pool2d":
+        if module.ceil_mode or module.return_indices:
+            raise ValueError("ceil_mode=True and return_indices=True are not supported")
+        return {"kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride or module.kernel_size),
+                "padding": _pair(module.padding), "dilation": _pair(module.dilation)}
+    if key == "avg_pool2d":
+        if module.ceil_mode or not module.count_include_pad or module.divisor_override:
+            raise ValueError("only ceil_mode=False, count_include_pad=True, divisor_override=None are supported")
+        return {"kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride or module.kernel_size),
+                "padding": _pair(module.padding)}
+    if key == "pad":
+        return {"padding": tuple(module.padding)}
+    return {}
+
+
+def _op_name(node, modules):
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__.lower()
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)).lower()
+    if node.op == "call_method":
+        return node.target.lower()
+    return node.op
+
+
+def _describe(node, modules):
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__module__}.{type(modules[node.target]).__name__} (self.{node.target})"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
+    return f"Tensor.{node.target}()"
+
+
+def _source(node) -> str:
+    for line in (node.stack_trace or "").splitlines():
+        match = re.match(r'\s*File "(.+)", line (\d+), in', line)
+        if match and "/torch/" not in match.group(1):
+            return f"{match.group(1)}:{match.group(2)}"
+    return "<unknown>"
+
+
+def _identifier(name: str, taken: set) -> str:
+    """A safe, unique Python identifier derived from an fx node name."""
+    base = re.sub(r"\W", "_", name.encode("ascii", "replace").decode()).strip("_") or "node"
+    if base[0].isdigit():
+        base = "n_" + base
+    candidate, count = base, 1
+    while candidate in taken:
+        count += 1
+        candidate = f"{base}_{count}"
+    taken.add(candidate)
+    return candidate
+
+
+def _trace(model, example_input):
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:
+        raise HbpcError(f"torch.fx could not trace the model: {type(error).__name__}: {error}",
+                        type(model).__name__ + ".forward",
+                        "remove data-dependent Python control flow from forward (if/for on tensor values)") from None
+    module = fx.GraphModule(tracer.root, graph)
+    try:
+        with torch.no_grad():
+            ShapeProp(module).propagate(example_input)
+    except Exception as error:
+        raise HbpcError(f"the model's forward pass failed on example_input: {type(error).__name__}: {error}",
+                        type(model).__name__ + ".forward",
+                        "check example_input's shape (batch first) and dtype against the model") from None
+    return module
+
+
+def _supported_list() -> str:
+    return ", ".join(sorted({rule.key for rule in TABLE.values()}))
+
+
+def _param_roles(module):
+    return {role: p for role, p in module.named_parameters(recurse=False)}
+
+
+def _lower_nodes(module, example_input):
+    modules = dict(module.named_modules())
+    param_names = {id(p): name for name, p in module.named_parameters()}
+    taken, problems, ir_nodes = set(), [], []
+    previous = None
+    for node in module.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        op = _op_name(node, modules)
+        meta = node.meta.get("tensor_meta")
+        if op in _SHAPE_ONLY or (not isinstance(meta, TensorMetadata) and op not in TABLE):
+            if all(_op_name(user, modules) in _RESHAPES for user in node.users):
+                continue
+        rule = TABLE.get(op)
+        where = f"node `{node.name}` ({_describe(node, modules)}) at {_source(node)}"
+        expected, previous = previous, node
+        if rule is None:
+            problems.append(f"unsupported op '{op}': {where}")
+            continue
+        tensor_args = [a for a in node.all_input_nodes if isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
+        if len(tensor_args) != 1 or (expected is not None and tensor_args[0] is not expected):
+            problems.append(f"only chains are supported, but {where} does not consume the previous node alone")
+            continue
+        hyper, params, param_shapes = {}, {}, {}
+        if node.op == "call_module":
+            try:
+                hyper = _module_hyper(rule.key, modules[node.target])
+            except ValueError as error:
+                problems.append(f"{error}: {where}")
+                continue
+            roles = _param_roles(modules[node.target])
+            params = {role: param_names[id(p)] for role, p in roles.items()}
+            param_shapes = {role: tuple(p.shape) for role, p in roles.items()}
+        elif rule.key in ("conv2d", "linear", "max_pool2d", "avg_pool2d", "pad"):
+            problems.append(f"functional '{op}' is not supported, use the nn module form: {where}")
+            continue
+        x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:])
+        y_shape = tuple(meta.shape[1:])
+        ir_nodes.append(dict(name=_identifier(node.name, taken), op=rule.key, rule=rule, hyper=hyper,
+                             x_shape=x_shape, y_shape=y_shape, params=params, param_shapes=param_shapes, source=_source(node),
+                             fx_name=node.name))
+    return ir_nodes, problems
+
+
+def _loss_key(loss_fn, loss):
+    if loss is not None:
+        key, reduction = loss, "mean"
+        if ":" in loss:
+            key, reduction = loss.split(":", 1)
+    else:
+        loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        key, reduction = type(loss_fn).__name__.lower(), getattr(loss_fn, "reduction", "mean")
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            if loss_fn.weight is not None or loss_fn.ignore_index != -100 or loss_fn.label_smoothing:
+                raise HbpcError("CrossEntropyLoss with weight, ignore_index or label_smoothing is not supported",
+                                "loss_fn", "use nn.CrossEntropyLoss() with default options")
+    rule = LOSS_TABLE.get(key)
+    if rule is None:
+        supported = ", ".join(sorted({r.key for r in LOSS_TABLE.values()}))
+        raise HbpcError(f"unsupported loss '{key}'", "loss_fn / --loss", f"use one of: {supported}")
+    if reduction not in rule.scale:
+        raise HbpcError(f"unsupported reduction '{reduction}' for loss '{rule.key}'", "loss_fn / --loss",
+                        f"use one of: {', '.join(rule.scale)}")
+    return rule, reduction
+
+
+def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: str = None) -> nx.DiGraph:
+    """Trace ``model`` and lower it to the IR; all problems are reported in one error."""
+    if example_input.dim() < 2:
+        raise HbpcError(f"example_input has shape {tuple(example_input.shape)}, but the first dimension must be "
+                        "the batch", "example_input", "add a batch dimension, e.g. x.unsqueeze(0)")
+    module = _trace(model, example_input)
+    ir_nodes, problems = _lower_nodes(module, example_input)
+    if problems:
+        raise HbpcError("the model uses ops hbpc cannot compile:\n    " + "\n    ".join(problems),
+                        fix=f"supported ops: {_supported_list()}")
+    if not ir_nodes:
+        raise HbpcError("the model has no ops", type(model).__name__, "compile a model with at least one layer")
+    loss_rule, reduction = _loss_key(loss_fn, loss)
+    graph = nx.DiGraph(input_shape=tuple(example_input.shape[1:]), loss=loss_rule.key, loss_rule=loss_rule,
+                       reduction=reduction, order=[n["name"] for n in ir_nodes], model=type(model).__name__)
+    for attrs in ir_nodes:
+        graph.add_node(attrs["name"], **attrs)
+    for a, b in zip(ir_nodes, ir_nodes[1:]):
+        graph.add_edge(a["name"], b["name"])
+    out_shape = ir_nodes[-1]["y_shape"]
+    if loss_rule.target == "class" and len(out_shape) != 1:
+        raise HbpcError(f"{loss_rule.key} needs logits of shape (N, C), the model returns (N, {out_shape})",
+                        ir_nodes[-1]["source"], "flatten the output or use MSELoss")
+    return graph
+
+
+def graph_hash(graph: nx.DiGraph) -> str:
+    """A short digest of everything the generated code depends on."""
+    payload = {
+        "input": graph.graph["input_shape"], "loss": graph.graph["loss"], "reduction": graph.graph["reduction"],
+        "nodes": [[graph.nodes[name][key] for key in ("op", "hyper", "x_shape", "y_shape", "params")]
+                  for name in graph.graph["order"]],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]

@@ -1,0 +1,92 @@
+"""The vocabulary of the rule table: symbols and the four kinds of rule.
+
+A rule states an op's mathematics and nothing else. Derivatives, linearity,
+sample dependence and Kronecker structure are derived by ``hbpc.derive``.
+
+Index conventions (used by every index-notation rule):
+
+=====  =====================================================
+``n``  sample index (the batch dimension)
+``o``  output feature / channel
+``i``  input feature
+``g``  convolution group
+``c``  input channel (within a group)
+``k``  kernel offset (flattened ``kh*kw``)
+``l``  output location (flattened ``h'*w'``)
+=====  =====================================================
+"""
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+x, y = sp.symbols("x y", real=True)
+n, o, i, g, c, k, l = sp.symbols("n o i g c k l", integer=True)
+K = sp.Symbol("K", positive=True, integer=True)
+W, b, X, P = (sp.IndexedBase(name) for name in ("W", "b", "X", "P"))
+z, t = sp.IndexedBase("z"), sp.IndexedBase("t")
+
+
+def Σ(expr, *indices):
+    """``Sum(expr, (idx, 0, ∞))`` over each index; ranges come from shapes at compile time."""
+    return sp.Sum(expr, *((idx, 0, sp.oo) for idx in indices))
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """``y = φ(x)`` applied entrywise. ``forward`` is the torch function computing φ."""
+
+    key: str
+    phi: sp.Expr
+    forward: str
+    aliases: tuple = ()
+
+
+@dataclass(frozen=True)
+class Structured:
+    """A map linear in its input: ``Y[out] = expr`` in index notation.
+
+    ``expr`` reads the input through ``X`` (the input viewed as ``input_view``),
+    and parameters through the IndexedBases named in ``params``.
+    ``views`` gives every tensor's per-sample index shape from the node's
+    hyper-parameters ``h`` and per-sample shapes ``x_shape``, ``y_shape``.
+    """
+
+    key: str
+    out: tuple
+    expr: sp.Expr
+    params: dict
+    views: object
+    forward: str
+    input_view: str = "reshape"
+    constants: object = None
+    aliases: tuple = ()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A linear map whose Jacobian is a structural primitive (an index map, a pad, a reshape).
+
+    ``primitive`` names the pair of generated helpers ``<primitive>_jvp`` /
+    ``<primitive>_vjp``; ``forward`` computes the output and what the primitive records.
+    """
+
+    key: str
+    primitive: str
+    forward: str
+    aliases: tuple = ()
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A per-sample loss ``ℓ(z, t)`` of logits ``z[k]`` and target ``t[k]``.
+
+    ``target`` is ``"class"`` (integer labels, ``t`` is their one-hot) or
+    ``"dense"`` (``t`` has the shape of ``z``). ``L = scale · Σ_n ℓ(z_n, t_n)``
+    with ``scale`` given per reduction as a function of ``N`` and ``C``.
+    """
+
+    key: str
+    ell: sp.Expr
+    target: str
+    scale: dict = field(default_factory=dict)
+    aliases: tuple = ()

@@ -1,0 +1,55 @@
+"""Maps linear in their input, in index notation, and structural selections.
+
+``X`` is the input seen through ``input_view``: ``"reshape"`` (the input itself)
+or ``"patches"`` (``unfold``: ``X[n, g, c, k, l]`` is input channel ``c`` of group
+``g`` at kernel offset ``k`` of output location ``l``).
+"""
+from .spec import Selection, Structured, K, P, W, X, b, c, g, i, k, l, n, o, Σ
+
+
+def _linear_views(h, x_shape, y_shape):
+    return {"X": x_shape, "Y": y_shape, "W": (y_shape[0], x_shape[0]), "b": (y_shape[0],)}
+
+
+def _conv_views(h, x_shape, y_shape):
+    groups, kernel = h["groups"], h["kernel_size"][0] * h["kernel_size"][1]
+    locations = y_shape[1] * y_shape[2]
+    c_in, c_out = x_shape[0] // groups, y_shape[0] // groups
+    return {
+        "X": (groups, c_in, kernel, locations),
+        "Y": (groups, c_out, locations),
+        "W": (groups, c_out, c_in, kernel),
+        "b": (groups, c_out),
+    }
+
+
+def _pool_views(h, x_shape, y_shape):
+    kernel = h["kernel_size"][0] * h["kernel_size"][1]
+    return {"X": (x_shape[0], kernel, y_shape[1] * y_shape[2]), "Y": (y_shape[0], y_shape[1] * y_shape[2])}
+
+
+STRUCTURED = [
+    Structured(
+        "linear", out=(n, o), expr=Σ(W[o, i] * X[n, i], i) + b[o],
+        params={"weight": W, "bias": b}, views=_linear_views,
+        forward="torch.nn.functional.linear({x}, {weight}, {bias})",
+    ),
+    Structured(
+        "conv2d", out=(n, g, o, l), expr=Σ(W[g, o, c, k] * X[n, g, c, k, l], c, k) + b[g, o],
+        params={"weight": W, "bias": b}, views=_conv_views, input_view="patches",
+        forward="torch.nn.functional.conv2d({x}, {weight}, {bias}, {stride}, {padding}, {dilation}, {groups})",
+    ),
+    Structured(
+        "avg_pool2d", out=(n, c, l), expr=Σ(X[n, c, k, l], k) / K,
+        params={}, views=_pool_views, input_view="patches",
+        constants=lambda h: {K: h["kernel_size"][0] * h["kernel_size"][1]},
+        forward="torch.nn.functional.avg_pool2d({x}, {kernel_size}, {stride}, {padding})", aliases=("avgpool2d",),
+    ),
+]
+
+SELECTIONS = [
+    Selection("max_pool2d", "take", "max_pool2d_with_indices({x}, {kernel_size}, {stride}, {padding}, {dilation})",
+              aliases=("maxpool2d",)),
+    Selection("pad", "pad", "torch.nn.functional.pad({x}, {padding})", aliases=("zeropad2d",)),
+    Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})", aliases=("flatten", "view")),
+]
