@@ -17,6 +17,8 @@ Every IR node has the attributes
 import hashlib
 import json
 import re
+import sys
+from pathlib import Path
 
 import networkx as nx
 import torch
@@ -75,19 +77,37 @@ def _describe(node, modules):
     return f"Tensor.{node.target}()"
 
 
+_HBPC_DIR = str(Path(__file__).resolve().parent.parent)
+
+
 def _source(node) -> str:
-    for line in (node.stack_trace or "").splitlines():
-        match = re.match(r'\s*File "(.+)", line (\d+), in', line)
-        if match and "/torch/" not in match.group(1):
-            return f"{match.group(1)}:{match.group(2)}"
-    return "<unknown>"
+    if "hbpc_source" in node.meta:
+        return node.meta["hbpc_source"]
+    return f"module self.{node.target}" if node.op == "call_module" else "<unknown>"
 
 
-def _identifier(name: str, taken: set) -> str:
+class _SourceTracer(fx.Tracer):
+    """An fx tracer that records the user's ``file:line`` for every node (cheaper than stack traces)."""
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if filename.startswith(_HBPC_DIR):
+                break
+            if "/torch/" not in filename:
+                node.meta["hbpc_source"] = f"{filename}:{frame.f_lineno}"
+                break
+            frame = frame.f_back
+        return node
+
+
+def _identifier(name: str, prefix: str, taken: set) -> str:
     """A safe, unique Python identifier derived from an fx node name."""
     base = re.sub(r"\W", "_", name.encode("ascii", "replace").decode()).strip("_") or "node"
     if base[0].isdigit():
-        base = "n_" + base
+        base = f"{prefix}{base}"
     candidate, count = base, 1
     while candidate in taken:
         count += 1
@@ -97,8 +117,7 @@ def _identifier(name: str, taken: set) -> str:
 
 
 def _trace(model, example_input):
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True
+    tracer = _SourceTracer()
     try:
         graph = tracer.trace(model)
     except Exception as error:
@@ -162,7 +181,7 @@ def _lower_nodes(module, example_input):
             continue
         x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:])
         y_shape = tuple(meta.shape[1:])
-        ir_nodes.append(dict(name=_identifier(node.name, taken), op=rule.key, rule=rule, hyper=hyper,
+        ir_nodes.append(dict(name=_identifier(node.name, rule.key, taken), op=rule.key, rule=rule, hyper=hyper,
                              x_shape=x_shape, y_shape=y_shape, params=params, param_shapes=param_shapes, source=_source(node),
                              fx_name=node.name))
     return ir_nodes, problems
