@@ -44,7 +44,7 @@ def _loss_lines(graph, last):
         "def _loss_hessian_sum(self):",
         '    """S_z = Σ_n ∇²_{z_n} L: (C, C)."""',
         f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
-        "    return self._loss_hessian_product(eye[:, None, :]).sum(1)", "",
+        f"    return self._loss_hessian_product(eye[:, None, :].expand({classes}, self.N, {classes})).sum(1)", "",
     ]
     return lines, methods
 
@@ -88,7 +88,8 @@ def _blocks_method(graph, order, codes, plan):
     doc = ("HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.\n\n"
            "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n);\n"
            "        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ].\n        ")
-    return ["def blocks(self, curvature=\"ggn\", average_input_jacobian=True, average_parameter_jacobian=True):",
+    return ["@torch.no_grad()",
+            "def blocks(self, curvature=\"ggn\", average_input_jacobian=True, average_parameter_jacobian=True):",
             f'    """{doc}"""', *_indent(body, 1), ""]
 
 

@@ -171,16 +171,19 @@ class Block:
         """(V, numel) -> (V, numel): rows B v."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def __matmul__(self, v):
         single = tuple(v.shape) == self.param_shape
         out = self._matmat(v.reshape(-1, self.numel))
         return out.reshape(v.shape) if not single else out.reshape(self.param_shape)
 
+    @torch.no_grad()
     def to_dense(self):
         """The (numel, numel) matrix."""
         eye = torch.eye(self.numel, dtype=self._like.dtype, device=self._like.device)
         return self._matmat(eye).T
 
+    @torch.no_grad()
     def solve(self, rhs, damping):
         """(B + damping·I)⁻¹ rhs, rhs shaped like θ or (V, *θ)."""
         flat = rhs.reshape(-1, self.numel)
@@ -217,6 +220,7 @@ class KroneckerBlock(Block):
     def to_dense(self):
         return torch.kron(self.A, self.B)
 
+    @torch.no_grad()
     def solve(self, rhs, damping):
         """Through eigendecompositions A = Qa Λa Qaᵀ, B = Qb Λb Qbᵀ: divide by λa λb + damping."""
         la, Qa = torch.linalg.eigh(self.A)
@@ -240,6 +244,7 @@ class OperatorBlock(Block):
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
+    @torch.no_grad()
     def apply(v):
         if tuple(v.shape) == tuple(param_shape):
             return product(v.unsqueeze(0)).squeeze(0)
