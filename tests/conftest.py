@@ -1,7 +1,11 @@
 """Shared fixtures: compiled modules for the zoo, cached per session."""
 import pytest
+import torch
 
 import hbpc
+
+# The zoo's problems are tiny: one thread avoids contention on CI's two cores.
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

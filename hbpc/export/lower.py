@@ -14,10 +14,13 @@ Every IR node has the attributes
 
 ``graph.graph`` holds ``input_shape``, ``loss`` (rule key), ``reduction`` and ``order`` (node names, inputs first).
 """
+import contextlib
 import hashlib
+import io
 import json
 import re
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import networkx as nx
@@ -57,6 +60,42 @@ def _module_hyper(key, module):
     if key == "pad":
         return {"padding": tuple(module.padding)}
     return {}
+
+
+# Positional parameters of the functional forms, named like the module attributes they stand for.
+_FUNCTIONAL_ARGS = {
+    "linear": ("input", "weight", "bias"),
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    "pad": ("input", "padding", "mode", "value"),
+}
+_FUNCTIONAL_DEFAULTS = {
+    "conv2d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
+    "max_pool2d": dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False),
+    "avg_pool2d": dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
+    "pad": dict(mode="constant", value=None),
+    "linear": dict(bias=None),
+}
+
+
+def _functional_call(key, node, module):
+    """Hyper-parameters and parameter names of ``F.linear(x, self.weight, ...)``-style calls."""
+    names = _FUNCTIONAL_ARGS[key]
+    bound = {**_FUNCTIONAL_DEFAULTS[key], **dict(zip(names, node.args)), **node.kwargs}
+    if key == "pad" and (bound["mode"] != "constant" or bound["value"] not in (None, 0, 0.0)):
+        raise ValueError("only zero padding (mode='constant', value=0) is supported")
+    params, shapes = {}, {}
+    for role in ("weight", "bias"):
+        arg = bound.get(role)
+        if isinstance(arg, fx.Node):
+            if arg.op != "get_attr":
+                raise ValueError(f"the {role} must be a parameter of the model")
+            params[role], shapes[role] = arg.target, tuple(module.get_parameter(arg.target).shape)
+    if key == "conv2d":
+        bound["kernel_size"] = shapes["weight"][2:]
+    attrs = SimpleNamespace(**{k: v for k, v in bound.items() if not isinstance(v, fx.Node)})
+    return _module_hyper(key, attrs), params, shapes
 
 
 def _op_name(node, modules):
@@ -121,15 +160,17 @@ def _trace(model, example_input):
     try:
         graph = tracer.trace(model)
     except Exception as error:
-        raise HbpcError(f"torch.fx could not trace the model: {type(error).__name__}: {error}",
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise HbpcError(f"torch.fx could not trace the model: {type(error).__name__}: {message}",
                         type(model).__name__ + ".forward",
                         "remove data-dependent Python control flow from forward (if/for on tensor values)") from None
     module = fx.GraphModule(tracer.root, graph)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(module).propagate(example_input)
     except Exception as error:
-        raise HbpcError(f"the model's forward pass failed on example_input: {type(error).__name__}: {error}",
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise HbpcError(f"the model's forward pass failed on example_input: {type(error).__name__}: {message}",
                         type(model).__name__ + ".forward",
                         "check example_input's shape (batch first) and dtype against the model") from None
     return module
@@ -149,7 +190,7 @@ def _lower_nodes(module, example_input):
     taken, problems, ir_nodes = set(), [], []
     previous = None
     for node in module.graph.nodes:
-        if node.op in ("placeholder", "output"):
+        if node.op in ("placeholder", "output", "get_attr"):
             continue
         op = _op_name(node, modules)
         meta = node.meta.get("tensor_meta")
@@ -162,7 +203,8 @@ def _lower_nodes(module, example_input):
         if rule is None:
             problems.append(f"unsupported op '{op}': {where}")
             continue
-        tensor_args = [a for a in node.all_input_nodes if isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
+        tensor_args = [a for a in node.all_input_nodes
+                       if a.op != "get_attr" and isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
         if len(tensor_args) != 1 or (expected is not None and tensor_args[0] is not expected):
             problems.append(f"only chains are supported, but {where} does not consume the previous node alone")
             continue
@@ -176,9 +218,12 @@ def _lower_nodes(module, example_input):
             roles = _param_roles(modules[node.target])
             params = {role: param_names[id(p)] for role, p in roles.items()}
             param_shapes = {role: tuple(p.shape) for role, p in roles.items()}
-        elif rule.key in ("conv2d", "linear", "max_pool2d", "avg_pool2d", "pad"):
-            problems.append(f"functional '{op}' is not supported, use the nn module form: {where}")
-            continue
+        elif rule.key in _FUNCTIONAL_ARGS:
+            try:
+                hyper, params, param_shapes = _functional_call(rule.key, node, module)
+            except ValueError as error:
+                problems.append(f"{error}: {where}")
+                continue
         x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:])
         y_shape = tuple(meta.shape[1:])
         ir_nodes.append(dict(name=_identifier(node.name, rule.key, taken), op=rule.key, rule=rule, hyper=hyper,
