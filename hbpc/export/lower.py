@@ -33,7 +33,6 @@ from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
-_RESHAPES = {"reshape", "view", "flatten"}
 
 
 def _pair(value):
@@ -194,9 +193,8 @@ def _lower_nodes(module, example_input):
             continue
         op = _op_name(node, modules)
         meta = node.meta.get("tensor_meta")
-        if op in _SHAPE_ONLY or (not isinstance(meta, TensorMetadata) and op not in TABLE):
-            if all(_op_name(user, modules) in _RESHAPES for user in node.users):
-                continue
+        if op in _SHAPE_ONLY and not isinstance(meta, TensorMetadata):
+            continue  # sizes feed reshapes, whose target shape comes from shape propagation
         rule = TABLE.get(op)
         where = f"node `{node.name}` ({_describe(node, modules)}) at {_source(node)}"
         expected, previous = previous, node

@@ -1,0 +1,6 @@
+"""Runtime optimizers that consume a generated ``Curvature`` (no compiler imports)."""
+
+from hbpc.optim.cg import CGInfo, cg
+from hbpc.optim.newton_cg import NewtonCG, ParamStats, StepStats
+
+__all__ = ["CGInfo", "NewtonCG", "ParamStats", "StepStats", "cg"]

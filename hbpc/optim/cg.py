@@ -1,0 +1,114 @@
+"""Conjugate gradients for symmetric systems ``A x = b`` that may turn out indefinite.
+
+Vectors are tensors of any shape; inner products run over all entries,
+``<u, v> = sum(u * v)``. ``A`` is a square matrix of side ``b.numel()`` or a
+callable ``v -> A v`` that keeps ``v``'s shape.
+
+Iteration (Hestenes & Stiefel), starting from ``r_0 = b - A x_0``, ``p_0 = r_0``::
+
+    a_k     = <r_k, r_k> / <p_k, A p_k>
+    x_{k+1} = x_k + a_k p_k
+    r_{k+1} = r_k - a_k A p_k
+    b_k     = <r_{k+1}, r_{k+1}> / <r_k, r_k>
+    p_{k+1} = r_{k+1} + b_k p_k
+
+Stopping follows SciPy: converged when ``||r_k|| <= max(tol * ||b||, atol)``;
+at most ``maxiter`` (default ``10 * b.numel()``) iterations.
+
+Negative curvature: when ``<p_k, A p_k> <= 0`` the system is not positive
+definite and ``a_k`` is not divided out. CG stops and returns ``x_k``. While
+every previous ``<p_j, A p_j> > 0``, each step lowered the quadratic model
+``q(x) = 1/2 <x, A x> - <b, x>`` by ``<r_j, r_j>^2 / (2 <p_j, A p_j>)``, so
+``x_k`` is the best iterate so far. At iteration 0 this is ``x_0`` (zeros when
+``x0`` is None); callers that want a step anyway (see ``NewtonCG``) fall back
+to ``b``, the steepest-descent direction of ``q`` at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+Operator = Union[Tensor, Callable[[Tensor], Tensor]]
+
+CONVERGED = "converged"
+MAXITER = "maxiter"
+NEGATIVE_CURVATURE = "negative curvature"
+NON_FINITE = "non-finite curvature"
+
+
+@dataclass(frozen=True)
+class CGInfo:
+    """Outcome of one ``cg`` call.
+
+    ``residual_norm`` is ``||r||`` of the returned iterate (recursive residual);
+    ``reason`` is one of ``"converged"``, ``"maxiter"``, ``"negative curvature"``,
+    ``"non-finite curvature"`` (``A p`` contained inf or NaN).
+    """
+
+    converged: bool
+    iterations: int
+    residual_norm: float
+    negative_curvature: bool
+    reason: str
+
+
+def as_operator(A: Operator, shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    """Return ``v -> A v`` for ``v`` of ``shape``; a matrix ``A`` is ``(numel, numel)``."""
+    if not isinstance(A, Tensor):
+        return A
+    n = math.prod(shape)
+    if A.shape != (n, n):
+        raise ValueError(f"matrix A has shape {tuple(A.shape)}, expected ({n}, {n}) for b of shape {tuple(shape)}")
+    return lambda v: (A @ v.reshape(n)).reshape(shape)
+
+
+def inner(u: Tensor, v: Tensor) -> Tensor:
+    """``<u, v> = sum(u * v)`` over all entries, a 0-d tensor."""
+    return torch.dot(u.reshape(-1), v.reshape(-1))
+
+
+def cg(
+    A: Operator,
+    b: Tensor,
+    x0: Tensor | None = None,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+) -> tuple[Tensor, CGInfo]:
+    """Solve ``A x = b`` by conjugate gradients; return ``(x, CGInfo)``.
+
+    ``x`` has ``b``'s shape, dtype and device. See the module docstring for the
+    iteration, stopping rule and the handling of negative curvature.
+    """
+    matvec = as_operator(A, b.shape)
+    maxiter = 10 * b.numel() if maxiter is None else maxiter
+    x = torch.zeros_like(b) if x0 is None else x0.detach().clone().to(b)
+    r = b - matvec(x) if x0 is not None else b.clone()
+    threshold = max(tol * inner(b, b).sqrt().item(), atol)
+    rr = inner(r, r).item()
+    p = r.clone()
+
+    def info(reason: str, iterations: int) -> CGInfo:
+        return CGInfo(reason == CONVERGED, iterations, math.sqrt(rr), reason == NEGATIVE_CURVATURE, reason)
+
+    for k in range(maxiter):
+        if math.sqrt(rr) <= threshold:
+            return x, info(CONVERGED, k)
+        Ap = matvec(p)
+        pAp = inner(p, Ap).item()
+        if not math.isfinite(pAp):
+            return x, info(NON_FINITE, k)
+        if pAp <= 0.0:
+            return x, info(NEGATIVE_CURVATURE, k)
+        a = rr / pAp
+        x.add_(p, alpha=a)
+        r.sub_(Ap, alpha=a)
+        rr_next = inner(r, r).item()
+        p.mul_(rr_next / rr).add_(r)
+        rr = rr_next
+    return x, info(CONVERGED if math.sqrt(rr) <= threshold else MAXITER, maxiter)
