@@ -268,6 +268,20 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
+def as_vectors(vs, shapes):
+    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+    vs = list(vs)
+    if len(vs) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
+    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
+
+
+def from_vectors(out, shapes, single):
+    """Inverse of ``as_vectors``: a list in parameter order."""
+    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
@@ -332,42 +346,35 @@ class Curvature:
         N = self.N = x.shape[0]
         with torch.no_grad():
             # forward
-            lead = x.shape[:1]
             a_conv2d0 = torch.nn.functional.conv2d(x, self.p['0.weight'], self.p['0.bias'], (1, 1), (1, 1), (1, 1), 1)
-            self.conv2d0_X = patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 3, 9, 1024))
+            self.conv2d0_X = self._conv2d0_view(x)
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
-            lead = a_sigmoid1.shape[:1]
             a_conv2d2 = torch.nn.functional.conv2d(a_sigmoid1, self.p['2.weight'], self.p['2.bias'], (1, 1), (1, 1), (1, 1), 1)
-            self.conv2d2_X = patches(a_sigmoid1, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 1024))
+            self.conv2d2_X = self._conv2d2_view(a_sigmoid1)
             a_sigmoid3 = torch.sigmoid(a_conv2d2)
             self.sigmoid3_d1 = a_sigmoid3*(1 - a_sigmoid3)
             a_max_pool2d4, self.max_pool2d4_idx = max_pool2d_with_indices(a_sigmoid3, (2, 2), (2, 2), (0, 0), (1, 1))
-            lead = a_max_pool2d4.shape[:1]
             a_conv2d5 = torch.nn.functional.conv2d(a_max_pool2d4, self.p['5.weight'], self.p['5.bias'], (1, 1), (1, 1), (1, 1), 1)
-            self.conv2d5_X = patches(a_max_pool2d4, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 256))
+            self.conv2d5_X = self._conv2d5_view(a_max_pool2d4)
             a_sigmoid6 = torch.sigmoid(a_conv2d5)
             self.sigmoid6_d1 = a_sigmoid6*(1 - a_sigmoid6)
-            lead = a_sigmoid6.shape[:1]
             a_conv2d7 = torch.nn.functional.conv2d(a_sigmoid6, self.p['7.weight'], self.p['7.bias'], (1, 1), (1, 1), (1, 1), 1)
-            self.conv2d7_X = patches(a_sigmoid6, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 32, 9, 256))
+            self.conv2d7_X = self._conv2d7_view(a_sigmoid6)
             a_sigmoid8 = torch.sigmoid(a_conv2d7)
             self.sigmoid8_d1 = a_sigmoid8*(1 - a_sigmoid8)
             a_max_pool2d9, self.max_pool2d9_idx = max_pool2d_with_indices(a_sigmoid8, (2, 2), (2, 2), (0, 0), (1, 1))
             a_reshape10 = a_max_pool2d9.reshape(a_max_pool2d9.shape[0], *(2048,))
-            lead = a_reshape10.shape[:1]
             a_linear11 = torch.nn.functional.linear(a_reshape10, self.p['11.weight'], self.p['11.bias'])
-            self.linear11_X = a_reshape10.reshape(*lead, *(2048,))
+            self.linear11_X = self._linear11_view(a_reshape10)
             a_sigmoid12 = torch.sigmoid(a_linear11)
             self.sigmoid12_d1 = a_sigmoid12*(1 - a_sigmoid12)
-            lead = a_sigmoid12.shape[:1]
             a_linear13 = torch.nn.functional.linear(a_sigmoid12, self.p['13.weight'], self.p['13.bias'])
-            self.linear13_X = a_sigmoid12.reshape(*lead, *(512,))
+            self.linear13_X = self._linear13_view(a_sigmoid12)
             a_sigmoid14 = torch.sigmoid(a_linear13)
             self.sigmoid14_d1 = a_sigmoid14*(1 - a_sigmoid14)
-            lead = a_sigmoid14.shape[:1]
             a_linear15 = torch.nn.functional.linear(a_sigmoid14, self.p['15.weight'], self.p['15.bias'])
-            self.linear15_X = a_sigmoid14.reshape(*lead, *(64,))
+            self.linear15_X = self._linear15_view(a_sigmoid14)
             # loss
             z = a_linear15.reshape(N, -1)
             C = 10
@@ -381,16 +388,19 @@ class Curvature:
             self.loss_lse = lse
             self.loss_softmax = softmax
             # backward
+            self.linear15_g = g_linear15
             accumulate_grad(self.p['15.weight'], self._linear15_weight_vjp(g_linear15, self.linear15_X))
             accumulate_grad(self.p['15.bias'], self._linear15_bias_vjp(g_linear15, self.linear15_X))
             g_sigmoid14 = self._linear15_vjp(g_linear15)
             self.sigmoid14_r = g_sigmoid14 * (a_sigmoid14*(a_sigmoid14 - 1)*(2*a_sigmoid14 - 1))
             g_linear13 = g_sigmoid14 * self.sigmoid14_d1
+            self.linear13_g = g_linear13
             accumulate_grad(self.p['13.weight'], self._linear13_weight_vjp(g_linear13, self.linear13_X))
             accumulate_grad(self.p['13.bias'], self._linear13_bias_vjp(g_linear13, self.linear13_X))
             g_sigmoid12 = self._linear13_vjp(g_linear13)
             self.sigmoid12_r = g_sigmoid12 * (a_sigmoid12*(a_sigmoid12 - 1)*(2*a_sigmoid12 - 1))
             g_linear11 = g_sigmoid12 * self.sigmoid12_d1
+            self.linear11_g = g_linear11
             accumulate_grad(self.p['11.weight'], self._linear11_weight_vjp(g_linear11, self.linear11_X))
             accumulate_grad(self.p['11.bias'], self._linear11_bias_vjp(g_linear11, self.linear11_X))
             g_reshape10 = self._linear11_vjp(g_linear11)
@@ -398,22 +408,26 @@ class Curvature:
             g_sigmoid8 = self._max_pool2d9_vjp(g_max_pool2d9)
             self.sigmoid8_r = g_sigmoid8 * (a_sigmoid8*(a_sigmoid8 - 1)*(2*a_sigmoid8 - 1))
             g_conv2d7 = g_sigmoid8 * self.sigmoid8_d1
+            self.conv2d7_g = g_conv2d7
             accumulate_grad(self.p['7.weight'], self._conv2d7_weight_vjp(g_conv2d7, self.conv2d7_X))
             accumulate_grad(self.p['7.bias'], self._conv2d7_bias_vjp(g_conv2d7, self.conv2d7_X))
             g_sigmoid6 = self._conv2d7_vjp(g_conv2d7)
             self.sigmoid6_r = g_sigmoid6 * (a_sigmoid6*(a_sigmoid6 - 1)*(2*a_sigmoid6 - 1))
             g_conv2d5 = g_sigmoid6 * self.sigmoid6_d1
+            self.conv2d5_g = g_conv2d5
             accumulate_grad(self.p['5.weight'], self._conv2d5_weight_vjp(g_conv2d5, self.conv2d5_X))
             accumulate_grad(self.p['5.bias'], self._conv2d5_bias_vjp(g_conv2d5, self.conv2d5_X))
             g_max_pool2d4 = self._conv2d5_vjp(g_conv2d5)
             g_sigmoid3 = self._max_pool2d4_vjp(g_max_pool2d4)
             self.sigmoid3_r = g_sigmoid3 * (a_sigmoid3*(a_sigmoid3 - 1)*(2*a_sigmoid3 - 1))
             g_conv2d2 = g_sigmoid3 * self.sigmoid3_d1
+            self.conv2d2_g = g_conv2d2
             accumulate_grad(self.p['2.weight'], self._conv2d2_weight_vjp(g_conv2d2, self.conv2d2_X))
             accumulate_grad(self.p['2.bias'], self._conv2d2_bias_vjp(g_conv2d2, self.conv2d2_X))
             g_sigmoid1 = self._conv2d2_vjp(g_conv2d2)
             self.sigmoid1_r = g_sigmoid1 * (a_sigmoid1*(a_sigmoid1 - 1)*(2*a_sigmoid1 - 1))
             g_conv2d0 = g_sigmoid1 * self.sigmoid1_d1
+            self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
             accumulate_grad(self.p['0.bias'], self._conv2d0_bias_vjp(g_conv2d0, self.conv2d0_X))
         self._ready = True
@@ -763,6 +777,168 @@ class Curvature:
         u_linear15 = self._loss_hessian_product(t_linear15)
         return self._linear15_bias_vjp(u_linear15, self.linear15_X)
 
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_conv2d2 = self._conv2d2_jvp(t_sigmoid1) + self._conv2d2_weight_jvp(v['2.weight'], self.conv2d2_X) + self._conv2d2_bias_jvp(v['2.bias'], self.conv2d2_X)
+        t_sigmoid3 = self._sigmoid3_jvp(t_conv2d2)
+        t_max_pool2d4 = self._max_pool2d4_jvp(t_sigmoid3)
+        t_conv2d5 = self._conv2d5_jvp(t_max_pool2d4) + self._conv2d5_weight_jvp(v['5.weight'], self.conv2d5_X) + self._conv2d5_bias_jvp(v['5.bias'], self.conv2d5_X)
+        t_sigmoid6 = self._sigmoid6_jvp(t_conv2d5)
+        t_conv2d7 = self._conv2d7_jvp(t_sigmoid6) + self._conv2d7_weight_jvp(v['7.weight'], self.conv2d7_X) + self._conv2d7_bias_jvp(v['7.bias'], self.conv2d7_X)
+        t_sigmoid8 = self._sigmoid8_jvp(t_conv2d7)
+        t_max_pool2d9 = self._max_pool2d9_jvp(t_sigmoid8)
+        t_reshape10 = self._reshape10_jvp(t_max_pool2d9)
+        t_linear11 = self._linear11_jvp(t_reshape10) + self._linear11_weight_jvp(v['11.weight'], self.linear11_X) + self._linear11_bias_jvp(v['11.bias'], self.linear11_X)
+        t_sigmoid12 = self._sigmoid12_jvp(t_linear11)
+        t_linear13 = self._linear13_jvp(t_sigmoid12) + self._linear13_weight_jvp(v['13.weight'], self.linear13_X) + self._linear13_bias_jvp(v['13.bias'], self.linear13_X)
+        t_sigmoid14 = self._sigmoid14_jvp(t_linear13)
+        t_linear15 = self._linear15_jvp(t_sigmoid14) + self._linear15_weight_jvp(v['15.weight'], self.linear15_X) + self._linear15_bias_jvp(v['15.bias'], self.linear15_X)
+        u_linear15 = self._loss_hessian_product(t_linear15)
+        out = {}
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X)
+        out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
+        u_sigmoid14 = self._linear15_vjp(u_linear15)
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14)
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X)
+        out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
+        u_sigmoid12 = self._linear13_vjp(u_linear13)
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12)
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X)
+        out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
+        u_reshape10 = self._linear11_vjp(u_linear11)
+        u_max_pool2d9 = self._reshape10_vjp(u_reshape10)
+        u_sigmoid8 = self._max_pool2d9_vjp(u_max_pool2d9)
+        u_conv2d7 = self._sigmoid8_vjp(u_sigmoid8)
+        out['7.weight'] = self._conv2d7_weight_vjp(u_conv2d7, self.conv2d7_X)
+        out['7.bias'] = self._conv2d7_bias_vjp(u_conv2d7, self.conv2d7_X)
+        u_sigmoid6 = self._conv2d7_vjp(u_conv2d7)
+        u_conv2d5 = self._sigmoid6_vjp(u_sigmoid6)
+        out['5.weight'] = self._conv2d5_weight_vjp(u_conv2d5, self.conv2d5_X)
+        out['5.bias'] = self._conv2d5_bias_vjp(u_conv2d5, self.conv2d5_X)
+        u_max_pool2d4 = self._conv2d5_vjp(u_conv2d5)
+        u_sigmoid3 = self._max_pool2d4_vjp(u_max_pool2d4)
+        u_conv2d2 = self._sigmoid3_vjp(u_sigmoid3)
+        out['2.weight'] = self._conv2d2_weight_vjp(u_conv2d2, self.conv2d2_X)
+        out['2.bias'] = self._conv2d2_bias_vjp(u_conv2d2, self.conv2d2_X)
+        u_sigmoid1 = self._conv2d2_vjp(u_conv2d2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_conv2d2 = self._conv2d2_jvp(t_sigmoid1) + self._conv2d2_weight_jvp(v['2.weight'], self.conv2d2_X) + self._conv2d2_bias_jvp(v['2.bias'], self.conv2d2_X)
+        t_sigmoid3 = self._sigmoid3_jvp(t_conv2d2)
+        t_max_pool2d4 = self._max_pool2d4_jvp(t_sigmoid3)
+        t_conv2d5 = self._conv2d5_jvp(t_max_pool2d4) + self._conv2d5_weight_jvp(v['5.weight'], self.conv2d5_X) + self._conv2d5_bias_jvp(v['5.bias'], self.conv2d5_X)
+        t_sigmoid6 = self._sigmoid6_jvp(t_conv2d5)
+        t_conv2d7 = self._conv2d7_jvp(t_sigmoid6) + self._conv2d7_weight_jvp(v['7.weight'], self.conv2d7_X) + self._conv2d7_bias_jvp(v['7.bias'], self.conv2d7_X)
+        t_sigmoid8 = self._sigmoid8_jvp(t_conv2d7)
+        t_max_pool2d9 = self._max_pool2d9_jvp(t_sigmoid8)
+        t_reshape10 = self._reshape10_jvp(t_max_pool2d9)
+        t_linear11 = self._linear11_jvp(t_reshape10) + self._linear11_weight_jvp(v['11.weight'], self.linear11_X) + self._linear11_bias_jvp(v['11.bias'], self.linear11_X)
+        t_sigmoid12 = self._sigmoid12_jvp(t_linear11)
+        t_linear13 = self._linear13_jvp(t_sigmoid12) + self._linear13_weight_jvp(v['13.weight'], self.linear13_X) + self._linear13_bias_jvp(v['13.bias'], self.linear13_X)
+        t_sigmoid14 = self._sigmoid14_jvp(t_linear13)
+        t_linear15 = self._linear15_jvp(t_sigmoid14) + self._linear15_weight_jvp(v['15.weight'], self.linear15_X) + self._linear15_bias_jvp(v['15.bias'], self.linear15_X)
+        u_linear15 = self._loss_hessian_product(t_linear15)
+        out = {}
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X) + self._linear15_weight_vjp(self.linear15_g, self._linear15_view(t_sigmoid14))
+        out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
+        u_sigmoid14 = self._linear15_vjp(u_linear15) + self._linear15_vjp(self.linear15_g, v['15.weight'])
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14) + residual_product(self.sigmoid14_r, t_linear13, 'hessian')
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X) + self._linear13_weight_vjp(self.linear13_g, self._linear13_view(t_sigmoid12))
+        out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
+        u_sigmoid12 = self._linear13_vjp(u_linear13) + self._linear13_vjp(self.linear13_g, v['13.weight'])
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12) + residual_product(self.sigmoid12_r, t_linear11, 'hessian')
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X) + self._linear11_weight_vjp(self.linear11_g, self._linear11_view(t_reshape10))
+        out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
+        u_reshape10 = self._linear11_vjp(u_linear11) + self._linear11_vjp(self.linear11_g, v['11.weight'])
+        u_max_pool2d9 = self._reshape10_vjp(u_reshape10)
+        u_sigmoid8 = self._max_pool2d9_vjp(u_max_pool2d9)
+        u_conv2d7 = self._sigmoid8_vjp(u_sigmoid8) + residual_product(self.sigmoid8_r, t_conv2d7, 'hessian')
+        out['7.weight'] = self._conv2d7_weight_vjp(u_conv2d7, self.conv2d7_X) + self._conv2d7_weight_vjp(self.conv2d7_g, self._conv2d7_view(t_sigmoid6))
+        out['7.bias'] = self._conv2d7_bias_vjp(u_conv2d7, self.conv2d7_X)
+        u_sigmoid6 = self._conv2d7_vjp(u_conv2d7) + self._conv2d7_vjp(self.conv2d7_g, v['7.weight'])
+        u_conv2d5 = self._sigmoid6_vjp(u_sigmoid6) + residual_product(self.sigmoid6_r, t_conv2d5, 'hessian')
+        out['5.weight'] = self._conv2d5_weight_vjp(u_conv2d5, self.conv2d5_X) + self._conv2d5_weight_vjp(self.conv2d5_g, self._conv2d5_view(t_max_pool2d4))
+        out['5.bias'] = self._conv2d5_bias_vjp(u_conv2d5, self.conv2d5_X)
+        u_max_pool2d4 = self._conv2d5_vjp(u_conv2d5) + self._conv2d5_vjp(self.conv2d5_g, v['5.weight'])
+        u_sigmoid3 = self._max_pool2d4_vjp(u_max_pool2d4)
+        u_conv2d2 = self._sigmoid3_vjp(u_sigmoid3) + residual_product(self.sigmoid3_r, t_conv2d2, 'hessian')
+        out['2.weight'] = self._conv2d2_weight_vjp(u_conv2d2, self.conv2d2_X) + self._conv2d2_weight_vjp(self.conv2d2_g, self._conv2d2_view(t_sigmoid1))
+        out['2.bias'] = self._conv2d2_bias_vjp(u_conv2d2, self.conv2d2_X)
+        u_sigmoid1 = self._conv2d2_vjp(u_conv2d2) + self._conv2d2_vjp(self.conv2d2_g, v['2.weight'])
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1) + residual_product(self.sigmoid1_r, t_conv2d0, 'hessian')
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_conv2d2 = self._conv2d2_jvp(t_sigmoid1) + self._conv2d2_weight_jvp(v['2.weight'], self.conv2d2_X) + self._conv2d2_bias_jvp(v['2.bias'], self.conv2d2_X)
+        t_sigmoid3 = self._sigmoid3_jvp(t_conv2d2)
+        t_max_pool2d4 = self._max_pool2d4_jvp(t_sigmoid3)
+        t_conv2d5 = self._conv2d5_jvp(t_max_pool2d4) + self._conv2d5_weight_jvp(v['5.weight'], self.conv2d5_X) + self._conv2d5_bias_jvp(v['5.bias'], self.conv2d5_X)
+        t_sigmoid6 = self._sigmoid6_jvp(t_conv2d5)
+        t_conv2d7 = self._conv2d7_jvp(t_sigmoid6) + self._conv2d7_weight_jvp(v['7.weight'], self.conv2d7_X) + self._conv2d7_bias_jvp(v['7.bias'], self.conv2d7_X)
+        t_sigmoid8 = self._sigmoid8_jvp(t_conv2d7)
+        t_max_pool2d9 = self._max_pool2d9_jvp(t_sigmoid8)
+        t_reshape10 = self._reshape10_jvp(t_max_pool2d9)
+        t_linear11 = self._linear11_jvp(t_reshape10) + self._linear11_weight_jvp(v['11.weight'], self.linear11_X) + self._linear11_bias_jvp(v['11.bias'], self.linear11_X)
+        t_sigmoid12 = self._sigmoid12_jvp(t_linear11)
+        t_linear13 = self._linear13_jvp(t_sigmoid12) + self._linear13_weight_jvp(v['13.weight'], self.linear13_X) + self._linear13_bias_jvp(v['13.bias'], self.linear13_X)
+        t_sigmoid14 = self._sigmoid14_jvp(t_linear13)
+        t_linear15 = self._linear15_jvp(t_sigmoid14) + self._linear15_weight_jvp(v['15.weight'], self.linear15_X) + self._linear15_bias_jvp(v['15.bias'], self.linear15_X)
+        u_linear15 = self._loss_fisher_product(t_linear15, samples, generator)
+        out = {}
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X)
+        out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
+        u_sigmoid14 = self._linear15_vjp(u_linear15)
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14)
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X)
+        out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
+        u_sigmoid12 = self._linear13_vjp(u_linear13)
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12)
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X)
+        out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
+        u_reshape10 = self._linear11_vjp(u_linear11)
+        u_max_pool2d9 = self._reshape10_vjp(u_reshape10)
+        u_sigmoid8 = self._max_pool2d9_vjp(u_max_pool2d9)
+        u_conv2d7 = self._sigmoid8_vjp(u_sigmoid8)
+        out['7.weight'] = self._conv2d7_weight_vjp(u_conv2d7, self.conv2d7_X)
+        out['7.bias'] = self._conv2d7_bias_vjp(u_conv2d7, self.conv2d7_X)
+        u_sigmoid6 = self._conv2d7_vjp(u_conv2d7)
+        u_conv2d5 = self._sigmoid6_vjp(u_sigmoid6)
+        out['5.weight'] = self._conv2d5_weight_vjp(u_conv2d5, self.conv2d5_X)
+        out['5.bias'] = self._conv2d5_bias_vjp(u_conv2d5, self.conv2d5_X)
+        u_max_pool2d4 = self._conv2d5_vjp(u_conv2d5)
+        u_sigmoid3 = self._max_pool2d4_vjp(u_max_pool2d4)
+        u_conv2d2 = self._sigmoid3_vjp(u_sigmoid3)
+        out['2.weight'] = self._conv2d2_weight_vjp(u_conv2d2, self.conv2d2_X)
+        out['2.bias'] = self._conv2d2_bias_vjp(u_conv2d2, self.conv2d2_X)
+        u_sigmoid1 = self._conv2d2_vjp(u_conv2d2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
@@ -775,33 +951,48 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
 
-    def _conv2d0_jvp(self, v):
+    def _loss_fisher_product(self, v, samples, generator):
+        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
+        lse = self.loss_lse
+        softmax = self.loss_softmax
+        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
+        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+
+    def _conv2d0_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 3, 9, 1024))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 3, 9, 1024))
+
+    def _conv2d0_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 3, 9, 1024))
-        W = self.p['0.weight'].reshape(1, 16, 3, 9)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(16, 32, 32))
+        v = self._conv2d0_view(v)
+        W = reshape_to(self.p['0.weight'] if W is None else W, (16, 3, 3, 3), (1, 16, 3, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 16, 1024), (16, 32, 32))
 
-    def _conv2d0_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d0_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 16, 1024))
-        W = self.p['0.weight'].reshape(1, 16, 3, 9)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['0.weight'] if W is None else W, (16, 3, 3, 3), (1, 16, 3, 9))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 27, 1024), (3, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1))
 
     def _conv2d0_weight_jvp(self, v, X):
         """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 16, 3, 9))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (16, 3, 3, 3), (1, 16, 3, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
 
     def _conv2d0_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 0.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(16, 3, 3, 3))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 16, 3, 9), (16, 3, 3, 3))
 
     def _conv2d0_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 0.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -815,7 +1006,7 @@ class Curvature:
 
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 16))
+        v = reshape_to(v, (16,), (1, 16))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 16, 1024)))
         return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
 
@@ -823,12 +1014,12 @@ class Curvature:
         """J_θᵀ u for θ = 0.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(16,))
+        return reshape_to(G, (1, 16), (16,))
 
     def _conv2d0_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 16, 1024), *(1, 16, 1024))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
     def _sigmoid1_jvp(self, v):
@@ -839,33 +1030,39 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid1_d1
 
-    def _conv2d2_jvp(self, v):
+    def _conv2d2_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 9, 1024))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 1024))
+
+    def _conv2d2_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 1024))
-        W = self.p['2.weight'].reshape(1, 16, 16, 9)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(16, 32, 32))
+        v = self._conv2d2_view(v)
+        W = reshape_to(self.p['2.weight'] if W is None else W, (16, 16, 3, 3), (1, 16, 16, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 16, 1024), (16, 32, 32))
 
-    def _conv2d2_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d2_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 16, 1024))
-        W = self.p['2.weight'].reshape(1, 16, 16, 9)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['2.weight'] if W is None else W, (16, 16, 3, 3), (1, 16, 16, 9))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 144, 1024), (16, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1))
 
     def _conv2d2_weight_jvp(self, v, X):
         """J_θ v for θ = 2.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 16, 16, 9))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (16, 16, 3, 3), (1, 16, 16, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
 
     def _conv2d2_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 2.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(16, 16, 3, 3))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 16, 16, 9), (16, 16, 3, 3))
 
     def _conv2d2_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 2.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -879,7 +1076,7 @@ class Curvature:
 
     def _conv2d2_bias_jvp(self, v, X):
         """J_θ v for θ = 2.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 16))
+        v = reshape_to(v, (16,), (1, 16))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 16, 1024)))
         return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
 
@@ -887,12 +1084,12 @@ class Curvature:
         """J_θᵀ u for θ = 2.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(16,))
+        return reshape_to(G, (1, 16), (16,))
 
     def _conv2d2_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 2.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 16, 1024), *(1, 16, 1024))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
     def _sigmoid3_jvp(self, v):
@@ -911,33 +1108,39 @@ class Curvature:
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d4_idx, (16, 32, 32))
 
-    def _conv2d5_jvp(self, v):
+    def _conv2d5_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 9, 256))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 256))
+
+    def _conv2d5_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 256))
-        W = self.p['5.weight'].reshape(1, 32, 16, 9)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(32, 16, 16))
+        v = self._conv2d5_view(v)
+        W = reshape_to(self.p['5.weight'] if W is None else W, (32, 16, 3, 3), (1, 32, 16, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 32, 256), (32, 16, 16))
 
-    def _conv2d5_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d5_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 32, 256))
-        W = self.p['5.weight'].reshape(1, 32, 16, 9)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['5.weight'] if W is None else W, (32, 16, 3, 3), (1, 32, 16, 9))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 144, 256), (16, 16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
 
     def _conv2d5_weight_jvp(self, v, X):
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 32, 16, 9))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (32, 16, 3, 3), (1, 32, 16, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
 
     def _conv2d5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(32, 16, 3, 3))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 32, 16, 9), (32, 16, 3, 3))
 
     def _conv2d5_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 5.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -951,7 +1154,7 @@ class Curvature:
 
     def _conv2d5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 32))
+        v = reshape_to(v, (32,), (1, 32))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 32, 256)))
         return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
 
@@ -959,12 +1162,12 @@ class Curvature:
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(32,))
+        return reshape_to(G, (1, 32), (32,))
 
     def _conv2d5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 32, 256), *(1, 32, 256))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(32, 32), (32,))
 
     def _sigmoid6_jvp(self, v):
@@ -975,33 +1178,39 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid6_d1
 
-    def _conv2d7_jvp(self, v):
+    def _conv2d7_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 32, 9, 256))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 32, 9, 256))
+
+    def _conv2d7_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 32, 9, 256))
-        W = self.p['7.weight'].reshape(1, 32, 32, 9)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(32, 16, 16))
+        v = self._conv2d7_view(v)
+        W = reshape_to(self.p['7.weight'] if W is None else W, (32, 32, 3, 3), (1, 32, 32, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 32, 256), (32, 16, 16))
 
-    def _conv2d7_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d7_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 32, 256))
-        W = self.p['7.weight'].reshape(1, 32, 32, 9)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['7.weight'] if W is None else W, (32, 32, 3, 3), (1, 32, 32, 9))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 288, 256), (32, 16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
 
     def _conv2d7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 32, 32, 9))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (32, 32, 3, 3), (1, 32, 32, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
 
     def _conv2d7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(32, 32, 3, 3))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 32, 32, 9), (32, 32, 3, 3))
 
     def _conv2d7_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 7.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -1015,7 +1224,7 @@ class Curvature:
 
     def _conv2d7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 32))
+        v = reshape_to(v, (32,), (1, 32))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 32, 256)))
         return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
 
@@ -1023,12 +1232,12 @@ class Curvature:
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(32,))
+        return reshape_to(G, (1, 32), (32,))
 
     def _conv2d7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 32, 256), *(1, 32, 256))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(32, 32), (32,))
 
     def _sigmoid8_jvp(self, v):
@@ -1055,45 +1264,51 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (2048,), (32, 8, 8))
 
-    def _linear11_jvp(self, v):
+    def _linear11_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(2048,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(2048,))
+
+    def _linear11_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(2048,))
-        W = self.p['11.weight'].reshape(512, 2048)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(512,))
+        v = self._linear11_view(v)
+        W = reshape_to(self.p['11.weight'] if W is None else W, (512, 2048), (512, 2048))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (512,), (512,))
 
-    def _linear11_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear11_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(512,))
-        W = self.p['11.weight'].reshape(512, 2048)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['11.weight'] if W is None else W, (512, 2048), (512, 2048))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(2048,))
 
     def _linear11_weight_jvp(self, v, X):
         """J_θ v for θ = 11.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(512, 2048))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (512, 2048), (512, 2048))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(512,))
 
     def _linear11_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 11.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(512,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(512, 2048))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (512, 2048), (512, 2048))
 
     def _linear11_weight_block(self, S, average):
         """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear11_X, average)
         S = S.reshape(*(512,), *(512,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(2048, 2048), (512, 2048))
 
     def _linear11_bias_jvp(self, v, X):
         """J_θ v for θ = 11.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(512,))
+        v = reshape_to(v, (512,), (512,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(512,)))
         return Y.reshape(*Y.shape[:-1], *(512,))
 
@@ -1101,12 +1316,12 @@ class Curvature:
         """J_θᵀ u for θ = 11.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(512,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(512,))
+        return reshape_to(G, (512,), (512,))
 
     def _linear11_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
         S = S.reshape(*(512,), *(512,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
 
     def _sigmoid12_jvp(self, v):
@@ -1117,45 +1332,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid12_d1
 
-    def _linear13_jvp(self, v):
+    def _linear13_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(512,))
+
+    def _linear13_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(512,))
-        W = self.p['13.weight'].reshape(64, 512)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(64,))
+        v = self._linear13_view(v)
+        W = reshape_to(self.p['13.weight'] if W is None else W, (64, 512), (64, 512))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (64,), (64,))
 
-    def _linear13_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear13_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(64,))
-        W = self.p['13.weight'].reshape(64, 512)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['13.weight'] if W is None else W, (64, 512), (64, 512))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(512,))
 
     def _linear13_weight_jvp(self, v, X):
         """J_θ v for θ = 13.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(64, 512))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (64, 512), (64, 512))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(64,))
 
     def _linear13_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 13.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(64,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(64, 512))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (64, 512), (64, 512))
 
     def _linear13_weight_block(self, S, average):
         """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear13_X, average)
         S = S.reshape(*(64,), *(64,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(512, 512), (64, 512))
 
     def _linear13_bias_jvp(self, v, X):
         """J_θ v for θ = 13.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(64,))
+        v = reshape_to(v, (64,), (64,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(64,)))
         return Y.reshape(*Y.shape[:-1], *(64,))
 
@@ -1163,12 +1384,12 @@ class Curvature:
         """J_θᵀ u for θ = 13.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(64,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(64,))
+        return reshape_to(G, (64,), (64,))
 
     def _linear13_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
         S = S.reshape(*(64,), *(64,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
     def _sigmoid14_jvp(self, v):
@@ -1179,45 +1400,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid14_d1
 
-    def _linear15_jvp(self, v):
+    def _linear15_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(64,))
+
+    def _linear15_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(64,))
-        W = self.p['15.weight'].reshape(10, 64)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(10,))
+        v = self._linear15_view(v)
+        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 64), (10, 64))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (10,), (10,))
 
-    def _linear15_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear15_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(10,))
-        W = self.p['15.weight'].reshape(10, 64)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 64), (10, 64))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(64,))
 
     def _linear15_weight_jvp(self, v, X):
         """J_θ v for θ = 15.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(10, 64))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (10, 64), (10, 64))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(10,))
 
     def _linear15_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 15.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(10, 64))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (10, 64), (10, 64))
 
     def _linear15_weight_block(self, S, average):
         """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear15_X, average)
         S = S.reshape(*(10,), *(10,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(64, 64), (10, 64))
 
     def _linear15_bias_jvp(self, v, X):
         """J_θ v for θ = 15.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(10,))
+        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
         return Y.reshape(*Y.shape[:-1], *(10,))
 
@@ -1225,10 +1452,10 @@ class Curvature:
         """J_θᵀ u for θ = 15.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(10,))
+        return reshape_to(G, (10,), (10,))
 
     def _linear15_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
         S = S.reshape(*(10,), *(10,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

@@ -260,6 +260,20 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
+def as_vectors(vs, shapes):
+    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+    vs = list(vs)
+    if len(vs) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
+    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
+
+
+def from_vectors(out, shapes, single):
+    """Inverse of ``as_vectors``: a list in parameter order."""
+    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
@@ -324,22 +338,19 @@ class Curvature:
         N = self.N = x.shape[0]
         with torch.no_grad():
             # forward
-            lead = x.shape[:1]
             a_conv2d0 = torch.nn.functional.conv2d(x, self.p['0.weight'], self.p['0.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d0_X = patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 1, 25, 576))
+            self.conv2d0_X = self._conv2d0_view(x)
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
             a_max_pool2d2, self.max_pool2d2_idx = max_pool2d_with_indices(a_sigmoid1, (2, 2), (2, 2), (0, 0), (1, 1))
-            lead = a_max_pool2d2.shape[:1]
             a_conv2d3 = torch.nn.functional.conv2d(a_max_pool2d2, self.p['3.weight'], self.p['3.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d3_X = patches(a_max_pool2d2, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 8, 25, 64))
+            self.conv2d3_X = self._conv2d3_view(a_max_pool2d2)
             a_sigmoid4 = torch.sigmoid(a_conv2d3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
             a_max_pool2d5, self.max_pool2d5_idx = max_pool2d_with_indices(a_sigmoid4, (2, 2), (2, 2), (0, 0), (1, 1))
             a_reshape6 = a_max_pool2d5.reshape(a_max_pool2d5.shape[0], *(256,))
-            lead = a_reshape6.shape[:1]
             a_linear7 = torch.nn.functional.linear(a_reshape6, self.p['7.weight'], self.p['7.bias'])
-            self.linear7_X = a_reshape6.reshape(*lead, *(256,))
+            self.linear7_X = self._linear7_view(a_reshape6)
             # loss
             z = a_linear7.reshape(N, -1)
             C = 10
@@ -353,6 +364,7 @@ class Curvature:
             self.loss_lse = lse
             self.loss_softmax = softmax
             # backward
+            self.linear7_g = g_linear7
             accumulate_grad(self.p['7.weight'], self._linear7_weight_vjp(g_linear7, self.linear7_X))
             accumulate_grad(self.p['7.bias'], self._linear7_bias_vjp(g_linear7, self.linear7_X))
             g_reshape6 = self._linear7_vjp(g_linear7)
@@ -360,12 +372,14 @@ class Curvature:
             g_sigmoid4 = self._max_pool2d5_vjp(g_max_pool2d5)
             self.sigmoid4_r = g_sigmoid4 * (a_sigmoid4*(a_sigmoid4 - 1)*(2*a_sigmoid4 - 1))
             g_conv2d3 = g_sigmoid4 * self.sigmoid4_d1
+            self.conv2d3_g = g_conv2d3
             accumulate_grad(self.p['3.weight'], self._conv2d3_weight_vjp(g_conv2d3, self.conv2d3_X))
             accumulate_grad(self.p['3.bias'], self._conv2d3_bias_vjp(g_conv2d3, self.conv2d3_X))
             g_max_pool2d2 = self._conv2d3_vjp(g_conv2d3)
             g_sigmoid1 = self._max_pool2d2_vjp(g_max_pool2d2)
             self.sigmoid1_r = g_sigmoid1 * (a_sigmoid1*(a_sigmoid1 - 1)*(2*a_sigmoid1 - 1))
             g_conv2d0 = g_sigmoid1 * self.sigmoid1_d1
+            self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
             accumulate_grad(self.p['0.bias'], self._conv2d0_bias_vjp(g_conv2d0, self.conv2d0_X))
         self._ready = True
@@ -487,6 +501,96 @@ class Curvature:
         u_linear7 = self._loss_hessian_product(t_linear7)
         return self._linear7_bias_vjp(u_linear7, self.linear7_X)
 
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_max_pool2d2 = self._max_pool2d2_jvp(t_sigmoid1)
+        t_conv2d3 = self._conv2d3_jvp(t_max_pool2d2) + self._conv2d3_weight_jvp(v['3.weight'], self.conv2d3_X) + self._conv2d3_bias_jvp(v['3.bias'], self.conv2d3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_conv2d3)
+        t_max_pool2d5 = self._max_pool2d5_jvp(t_sigmoid4)
+        t_reshape6 = self._reshape6_jvp(t_max_pool2d5)
+        t_linear7 = self._linear7_jvp(t_reshape6) + self._linear7_weight_jvp(v['7.weight'], self.linear7_X) + self._linear7_bias_jvp(v['7.bias'], self.linear7_X)
+        u_linear7 = self._loss_hessian_product(t_linear7)
+        out = {}
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X)
+        out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
+        u_reshape6 = self._linear7_vjp(u_linear7)
+        u_max_pool2d5 = self._reshape6_vjp(u_reshape6)
+        u_sigmoid4 = self._max_pool2d5_vjp(u_max_pool2d5)
+        u_conv2d3 = self._sigmoid4_vjp(u_sigmoid4)
+        out['3.weight'] = self._conv2d3_weight_vjp(u_conv2d3, self.conv2d3_X)
+        out['3.bias'] = self._conv2d3_bias_vjp(u_conv2d3, self.conv2d3_X)
+        u_max_pool2d2 = self._conv2d3_vjp(u_conv2d3)
+        u_sigmoid1 = self._max_pool2d2_vjp(u_max_pool2d2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_max_pool2d2 = self._max_pool2d2_jvp(t_sigmoid1)
+        t_conv2d3 = self._conv2d3_jvp(t_max_pool2d2) + self._conv2d3_weight_jvp(v['3.weight'], self.conv2d3_X) + self._conv2d3_bias_jvp(v['3.bias'], self.conv2d3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_conv2d3)
+        t_max_pool2d5 = self._max_pool2d5_jvp(t_sigmoid4)
+        t_reshape6 = self._reshape6_jvp(t_max_pool2d5)
+        t_linear7 = self._linear7_jvp(t_reshape6) + self._linear7_weight_jvp(v['7.weight'], self.linear7_X) + self._linear7_bias_jvp(v['7.bias'], self.linear7_X)
+        u_linear7 = self._loss_hessian_product(t_linear7)
+        out = {}
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X) + self._linear7_weight_vjp(self.linear7_g, self._linear7_view(t_reshape6))
+        out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
+        u_reshape6 = self._linear7_vjp(u_linear7) + self._linear7_vjp(self.linear7_g, v['7.weight'])
+        u_max_pool2d5 = self._reshape6_vjp(u_reshape6)
+        u_sigmoid4 = self._max_pool2d5_vjp(u_max_pool2d5)
+        u_conv2d3 = self._sigmoid4_vjp(u_sigmoid4) + residual_product(self.sigmoid4_r, t_conv2d3, 'hessian')
+        out['3.weight'] = self._conv2d3_weight_vjp(u_conv2d3, self.conv2d3_X) + self._conv2d3_weight_vjp(self.conv2d3_g, self._conv2d3_view(t_max_pool2d2))
+        out['3.bias'] = self._conv2d3_bias_vjp(u_conv2d3, self.conv2d3_X)
+        u_max_pool2d2 = self._conv2d3_vjp(u_conv2d3) + self._conv2d3_vjp(self.conv2d3_g, v['3.weight'])
+        u_sigmoid1 = self._max_pool2d2_vjp(u_max_pool2d2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1) + residual_product(self.sigmoid1_r, t_conv2d0, 'hessian')
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_max_pool2d2 = self._max_pool2d2_jvp(t_sigmoid1)
+        t_conv2d3 = self._conv2d3_jvp(t_max_pool2d2) + self._conv2d3_weight_jvp(v['3.weight'], self.conv2d3_X) + self._conv2d3_bias_jvp(v['3.bias'], self.conv2d3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_conv2d3)
+        t_max_pool2d5 = self._max_pool2d5_jvp(t_sigmoid4)
+        t_reshape6 = self._reshape6_jvp(t_max_pool2d5)
+        t_linear7 = self._linear7_jvp(t_reshape6) + self._linear7_weight_jvp(v['7.weight'], self.linear7_X) + self._linear7_bias_jvp(v['7.bias'], self.linear7_X)
+        u_linear7 = self._loss_fisher_product(t_linear7, samples, generator)
+        out = {}
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X)
+        out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
+        u_reshape6 = self._linear7_vjp(u_linear7)
+        u_max_pool2d5 = self._reshape6_vjp(u_reshape6)
+        u_sigmoid4 = self._max_pool2d5_vjp(u_max_pool2d5)
+        u_conv2d3 = self._sigmoid4_vjp(u_sigmoid4)
+        out['3.weight'] = self._conv2d3_weight_vjp(u_conv2d3, self.conv2d3_X)
+        out['3.bias'] = self._conv2d3_bias_vjp(u_conv2d3, self.conv2d3_X)
+        u_max_pool2d2 = self._conv2d3_vjp(u_conv2d3)
+        u_sigmoid1 = self._max_pool2d2_vjp(u_max_pool2d2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
@@ -499,33 +603,48 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
 
-    def _conv2d0_jvp(self, v):
+    def _loss_fisher_product(self, v, samples, generator):
+        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
+        lse = self.loss_lse
+        softmax = self.loss_softmax
+        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
+        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+
+    def _conv2d0_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 1, 25, 576))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 1, 25, 576))
+
+    def _conv2d0_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 1, 25, 576))
-        W = self.p['0.weight'].reshape(1, 8, 1, 25)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(8, 24, 24))
+        v = self._conv2d0_view(v)
+        W = reshape_to(self.p['0.weight'] if W is None else W, (8, 1, 5, 5), (1, 8, 1, 25))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 8, 576), (8, 24, 24))
 
-    def _conv2d0_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d0_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 8, 576))
-        W = self.p['0.weight'].reshape(1, 8, 1, 25)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['0.weight'] if W is None else W, (8, 1, 5, 5), (1, 8, 1, 25))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 25, 576), (1, 28, 28), (5, 5), (1, 1), (0, 0), (1, 1))
 
     def _conv2d0_weight_jvp(self, v, X):
         """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 8, 1, 25))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (8, 1, 5, 5), (1, 8, 1, 25))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(8, 24, 24))
 
     def _conv2d0_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 0.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 8, 576))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(8, 1, 5, 5))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 8, 1, 25), (8, 1, 5, 5))
 
     def _conv2d0_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 0.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -539,7 +658,7 @@ class Curvature:
 
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 8))
+        v = reshape_to(v, (8,), (1, 8))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 8, 576)))
         return Y.reshape(*Y.shape[:-3], *(8, 24, 24))
 
@@ -547,12 +666,12 @@ class Curvature:
         """J_θᵀ u for θ = 0.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 8, 576))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(8,))
+        return reshape_to(G, (1, 8), (8,))
 
     def _conv2d0_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 8, 576), *(1, 8, 576))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(8, 8), (8,))
 
     def _sigmoid1_jvp(self, v):
@@ -571,33 +690,39 @@ class Curvature:
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d2_idx, (8, 24, 24))
 
-    def _conv2d3_jvp(self, v):
+    def _conv2d3_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 8, 25, 64))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 8, 25, 64))
+
+    def _conv2d3_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 8, 25, 64))
-        W = self.p['3.weight'].reshape(1, 16, 8, 25)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(16, 8, 8))
+        v = self._conv2d3_view(v)
+        W = reshape_to(self.p['3.weight'] if W is None else W, (16, 8, 5, 5), (1, 16, 8, 25))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 16, 64), (16, 8, 8))
 
-    def _conv2d3_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d3_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 16, 64))
-        W = self.p['3.weight'].reshape(1, 16, 8, 25)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['3.weight'] if W is None else W, (16, 8, 5, 5), (1, 16, 8, 25))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 200, 64), (8, 12, 12), (5, 5), (1, 1), (0, 0), (1, 1))
 
     def _conv2d3_weight_jvp(self, v, X):
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 16, 8, 25))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (16, 8, 5, 5), (1, 16, 8, 25))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(16, 8, 8))
 
     def _conv2d3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 16, 64))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(16, 8, 5, 5))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 16, 8, 25), (16, 8, 5, 5))
 
     def _conv2d3_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 3.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -611,7 +736,7 @@ class Curvature:
 
     def _conv2d3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 16))
+        v = reshape_to(v, (16,), (1, 16))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 16, 64)))
         return Y.reshape(*Y.shape[:-3], *(16, 8, 8))
 
@@ -619,12 +744,12 @@ class Curvature:
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 16, 64))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(16,))
+        return reshape_to(G, (1, 16), (16,))
 
     def _conv2d3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 16, 64), *(1, 16, 64))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
     def _sigmoid4_jvp(self, v):
@@ -651,45 +776,51 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (256,), (16, 4, 4))
 
-    def _linear7_jvp(self, v):
+    def _linear7_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(256,))
+
+    def _linear7_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(256,))
-        W = self.p['7.weight'].reshape(10, 256)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(10,))
+        v = self._linear7_view(v)
+        W = reshape_to(self.p['7.weight'] if W is None else W, (10, 256), (10, 256))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (10,), (10,))
 
-    def _linear7_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear7_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(10,))
-        W = self.p['7.weight'].reshape(10, 256)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['7.weight'] if W is None else W, (10, 256), (10, 256))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(256,))
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(10, 256))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (10, 256), (10, 256))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(10,))
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(10, 256))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (10, 256), (10, 256))
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear7_X, average)
         S = S.reshape(*(10,), *(10,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
 
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(10,))
+        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
         return Y.reshape(*Y.shape[:-1], *(10,))
 
@@ -697,10 +828,10 @@ class Curvature:
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(10,))
+        return reshape_to(G, (10,), (10,))
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
         S = S.reshape(*(10,), *(10,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

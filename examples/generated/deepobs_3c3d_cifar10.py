@@ -271,6 +271,20 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
+def as_vectors(vs, shapes):
+    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+    vs = list(vs)
+    if len(vs) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
+    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
+
+
+def from_vectors(out, shapes, single):
+    """Inverse of ``as_vectors``: a list in parameter order."""
+    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
@@ -335,42 +349,36 @@ class Curvature:
         N = self.N = x.shape[0]
         with torch.no_grad():
             # forward
-            lead = x.shape[:1]
             a_conv2d0 = torch.nn.functional.conv2d(x, self.p['0.weight'], self.p['0.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d0_X = patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 3, 25, 784))
+            self.conv2d0_X = self._conv2d0_view(x)
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
             a_pad2 = torch.nn.functional.pad(a_sigmoid1, (0, 1, 0, 1))
             a_max_pool2d3, self.max_pool2d3_idx = max_pool2d_with_indices(a_pad2, (3, 3), (2, 2), (0, 0), (1, 1))
-            lead = a_max_pool2d3.shape[:1]
             a_conv2d4 = torch.nn.functional.conv2d(a_max_pool2d3, self.p['4.weight'], self.p['4.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d4_X = patches(a_max_pool2d3, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 64, 9, 144))
+            self.conv2d4_X = self._conv2d4_view(a_max_pool2d3)
             a_sigmoid5 = torch.sigmoid(a_conv2d4)
             self.sigmoid5_d1 = a_sigmoid5*(1 - a_sigmoid5)
             a_pad6 = torch.nn.functional.pad(a_sigmoid5, (0, 1, 0, 1))
             a_max_pool2d7, self.max_pool2d7_idx = max_pool2d_with_indices(a_pad6, (3, 3), (2, 2), (0, 0), (1, 1))
             a_pad8 = torch.nn.functional.pad(a_max_pool2d7, (1, 1, 1, 1))
-            lead = a_pad8.shape[:1]
             a_conv2d9 = torch.nn.functional.conv2d(a_pad8, self.p['9.weight'], self.p['9.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d9_X = patches(a_pad8, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 96, 9, 36))
+            self.conv2d9_X = self._conv2d9_view(a_pad8)
             a_sigmoid10 = torch.sigmoid(a_conv2d9)
             self.sigmoid10_d1 = a_sigmoid10*(1 - a_sigmoid10)
             a_pad11 = torch.nn.functional.pad(a_sigmoid10, (0, 1, 0, 1))
             a_max_pool2d12, self.max_pool2d12_idx = max_pool2d_with_indices(a_pad11, (3, 3), (2, 2), (0, 0), (1, 1))
             a_reshape13 = a_max_pool2d12.reshape(a_max_pool2d12.shape[0], *(1152,))
-            lead = a_reshape13.shape[:1]
             a_linear14 = torch.nn.functional.linear(a_reshape13, self.p['14.weight'], self.p['14.bias'])
-            self.linear14_X = a_reshape13.reshape(*lead, *(1152,))
+            self.linear14_X = self._linear14_view(a_reshape13)
             a_sigmoid15 = torch.sigmoid(a_linear14)
             self.sigmoid15_d1 = a_sigmoid15*(1 - a_sigmoid15)
-            lead = a_sigmoid15.shape[:1]
             a_linear16 = torch.nn.functional.linear(a_sigmoid15, self.p['16.weight'], self.p['16.bias'])
-            self.linear16_X = a_sigmoid15.reshape(*lead, *(512,))
+            self.linear16_X = self._linear16_view(a_sigmoid15)
             a_sigmoid17 = torch.sigmoid(a_linear16)
             self.sigmoid17_d1 = a_sigmoid17*(1 - a_sigmoid17)
-            lead = a_sigmoid17.shape[:1]
             a_linear18 = torch.nn.functional.linear(a_sigmoid17, self.p['18.weight'], self.p['18.bias'])
-            self.linear18_X = a_sigmoid17.reshape(*lead, *(256,))
+            self.linear18_X = self._linear18_view(a_sigmoid17)
             # loss
             z = a_linear18.reshape(N, -1)
             C = 10
@@ -384,16 +392,19 @@ class Curvature:
             self.loss_lse = lse
             self.loss_softmax = softmax
             # backward
+            self.linear18_g = g_linear18
             accumulate_grad(self.p['18.weight'], self._linear18_weight_vjp(g_linear18, self.linear18_X))
             accumulate_grad(self.p['18.bias'], self._linear18_bias_vjp(g_linear18, self.linear18_X))
             g_sigmoid17 = self._linear18_vjp(g_linear18)
             self.sigmoid17_r = g_sigmoid17 * (a_sigmoid17*(a_sigmoid17 - 1)*(2*a_sigmoid17 - 1))
             g_linear16 = g_sigmoid17 * self.sigmoid17_d1
+            self.linear16_g = g_linear16
             accumulate_grad(self.p['16.weight'], self._linear16_weight_vjp(g_linear16, self.linear16_X))
             accumulate_grad(self.p['16.bias'], self._linear16_bias_vjp(g_linear16, self.linear16_X))
             g_sigmoid15 = self._linear16_vjp(g_linear16)
             self.sigmoid15_r = g_sigmoid15 * (a_sigmoid15*(a_sigmoid15 - 1)*(2*a_sigmoid15 - 1))
             g_linear14 = g_sigmoid15 * self.sigmoid15_d1
+            self.linear14_g = g_linear14
             accumulate_grad(self.p['14.weight'], self._linear14_weight_vjp(g_linear14, self.linear14_X))
             accumulate_grad(self.p['14.bias'], self._linear14_bias_vjp(g_linear14, self.linear14_X))
             g_reshape13 = self._linear14_vjp(g_linear14)
@@ -402,6 +413,7 @@ class Curvature:
             g_sigmoid10 = self._pad11_vjp(g_pad11)
             self.sigmoid10_r = g_sigmoid10 * (a_sigmoid10*(a_sigmoid10 - 1)*(2*a_sigmoid10 - 1))
             g_conv2d9 = g_sigmoid10 * self.sigmoid10_d1
+            self.conv2d9_g = g_conv2d9
             accumulate_grad(self.p['9.weight'], self._conv2d9_weight_vjp(g_conv2d9, self.conv2d9_X))
             accumulate_grad(self.p['9.bias'], self._conv2d9_bias_vjp(g_conv2d9, self.conv2d9_X))
             g_pad8 = self._conv2d9_vjp(g_conv2d9)
@@ -410,6 +422,7 @@ class Curvature:
             g_sigmoid5 = self._pad6_vjp(g_pad6)
             self.sigmoid5_r = g_sigmoid5 * (a_sigmoid5*(a_sigmoid5 - 1)*(2*a_sigmoid5 - 1))
             g_conv2d4 = g_sigmoid5 * self.sigmoid5_d1
+            self.conv2d4_g = g_conv2d4
             accumulate_grad(self.p['4.weight'], self._conv2d4_weight_vjp(g_conv2d4, self.conv2d4_X))
             accumulate_grad(self.p['4.bias'], self._conv2d4_bias_vjp(g_conv2d4, self.conv2d4_X))
             g_max_pool2d3 = self._conv2d4_vjp(g_conv2d4)
@@ -417,6 +430,7 @@ class Curvature:
             g_sigmoid1 = self._pad2_vjp(g_pad2)
             self.sigmoid1_r = g_sigmoid1 * (a_sigmoid1*(a_sigmoid1 - 1)*(2*a_sigmoid1 - 1))
             g_conv2d0 = g_sigmoid1 * self.sigmoid1_d1
+            self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
             accumulate_grad(self.p['0.bias'], self._conv2d0_bias_vjp(g_conv2d0, self.conv2d0_X))
         self._ready = True
@@ -735,6 +749,180 @@ class Curvature:
         u_linear18 = self._loss_hessian_product(t_linear18)
         return self._linear18_bias_vjp(u_linear18, self.linear18_X)
 
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_pad2 = self._pad2_jvp(t_sigmoid1)
+        t_max_pool2d3 = self._max_pool2d3_jvp(t_pad2)
+        t_conv2d4 = self._conv2d4_jvp(t_max_pool2d3) + self._conv2d4_weight_jvp(v['4.weight'], self.conv2d4_X) + self._conv2d4_bias_jvp(v['4.bias'], self.conv2d4_X)
+        t_sigmoid5 = self._sigmoid5_jvp(t_conv2d4)
+        t_pad6 = self._pad6_jvp(t_sigmoid5)
+        t_max_pool2d7 = self._max_pool2d7_jvp(t_pad6)
+        t_pad8 = self._pad8_jvp(t_max_pool2d7)
+        t_conv2d9 = self._conv2d9_jvp(t_pad8) + self._conv2d9_weight_jvp(v['9.weight'], self.conv2d9_X) + self._conv2d9_bias_jvp(v['9.bias'], self.conv2d9_X)
+        t_sigmoid10 = self._sigmoid10_jvp(t_conv2d9)
+        t_pad11 = self._pad11_jvp(t_sigmoid10)
+        t_max_pool2d12 = self._max_pool2d12_jvp(t_pad11)
+        t_reshape13 = self._reshape13_jvp(t_max_pool2d12)
+        t_linear14 = self._linear14_jvp(t_reshape13) + self._linear14_weight_jvp(v['14.weight'], self.linear14_X) + self._linear14_bias_jvp(v['14.bias'], self.linear14_X)
+        t_sigmoid15 = self._sigmoid15_jvp(t_linear14)
+        t_linear16 = self._linear16_jvp(t_sigmoid15) + self._linear16_weight_jvp(v['16.weight'], self.linear16_X) + self._linear16_bias_jvp(v['16.bias'], self.linear16_X)
+        t_sigmoid17 = self._sigmoid17_jvp(t_linear16)
+        t_linear18 = self._linear18_jvp(t_sigmoid17) + self._linear18_weight_jvp(v['18.weight'], self.linear18_X) + self._linear18_bias_jvp(v['18.bias'], self.linear18_X)
+        u_linear18 = self._loss_hessian_product(t_linear18)
+        out = {}
+        out['18.weight'] = self._linear18_weight_vjp(u_linear18, self.linear18_X)
+        out['18.bias'] = self._linear18_bias_vjp(u_linear18, self.linear18_X)
+        u_sigmoid17 = self._linear18_vjp(u_linear18)
+        u_linear16 = self._sigmoid17_vjp(u_sigmoid17)
+        out['16.weight'] = self._linear16_weight_vjp(u_linear16, self.linear16_X)
+        out['16.bias'] = self._linear16_bias_vjp(u_linear16, self.linear16_X)
+        u_sigmoid15 = self._linear16_vjp(u_linear16)
+        u_linear14 = self._sigmoid15_vjp(u_sigmoid15)
+        out['14.weight'] = self._linear14_weight_vjp(u_linear14, self.linear14_X)
+        out['14.bias'] = self._linear14_bias_vjp(u_linear14, self.linear14_X)
+        u_reshape13 = self._linear14_vjp(u_linear14)
+        u_max_pool2d12 = self._reshape13_vjp(u_reshape13)
+        u_pad11 = self._max_pool2d12_vjp(u_max_pool2d12)
+        u_sigmoid10 = self._pad11_vjp(u_pad11)
+        u_conv2d9 = self._sigmoid10_vjp(u_sigmoid10)
+        out['9.weight'] = self._conv2d9_weight_vjp(u_conv2d9, self.conv2d9_X)
+        out['9.bias'] = self._conv2d9_bias_vjp(u_conv2d9, self.conv2d9_X)
+        u_pad8 = self._conv2d9_vjp(u_conv2d9)
+        u_max_pool2d7 = self._pad8_vjp(u_pad8)
+        u_pad6 = self._max_pool2d7_vjp(u_max_pool2d7)
+        u_sigmoid5 = self._pad6_vjp(u_pad6)
+        u_conv2d4 = self._sigmoid5_vjp(u_sigmoid5)
+        out['4.weight'] = self._conv2d4_weight_vjp(u_conv2d4, self.conv2d4_X)
+        out['4.bias'] = self._conv2d4_bias_vjp(u_conv2d4, self.conv2d4_X)
+        u_max_pool2d3 = self._conv2d4_vjp(u_conv2d4)
+        u_pad2 = self._max_pool2d3_vjp(u_max_pool2d3)
+        u_sigmoid1 = self._pad2_vjp(u_pad2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_pad2 = self._pad2_jvp(t_sigmoid1)
+        t_max_pool2d3 = self._max_pool2d3_jvp(t_pad2)
+        t_conv2d4 = self._conv2d4_jvp(t_max_pool2d3) + self._conv2d4_weight_jvp(v['4.weight'], self.conv2d4_X) + self._conv2d4_bias_jvp(v['4.bias'], self.conv2d4_X)
+        t_sigmoid5 = self._sigmoid5_jvp(t_conv2d4)
+        t_pad6 = self._pad6_jvp(t_sigmoid5)
+        t_max_pool2d7 = self._max_pool2d7_jvp(t_pad6)
+        t_pad8 = self._pad8_jvp(t_max_pool2d7)
+        t_conv2d9 = self._conv2d9_jvp(t_pad8) + self._conv2d9_weight_jvp(v['9.weight'], self.conv2d9_X) + self._conv2d9_bias_jvp(v['9.bias'], self.conv2d9_X)
+        t_sigmoid10 = self._sigmoid10_jvp(t_conv2d9)
+        t_pad11 = self._pad11_jvp(t_sigmoid10)
+        t_max_pool2d12 = self._max_pool2d12_jvp(t_pad11)
+        t_reshape13 = self._reshape13_jvp(t_max_pool2d12)
+        t_linear14 = self._linear14_jvp(t_reshape13) + self._linear14_weight_jvp(v['14.weight'], self.linear14_X) + self._linear14_bias_jvp(v['14.bias'], self.linear14_X)
+        t_sigmoid15 = self._sigmoid15_jvp(t_linear14)
+        t_linear16 = self._linear16_jvp(t_sigmoid15) + self._linear16_weight_jvp(v['16.weight'], self.linear16_X) + self._linear16_bias_jvp(v['16.bias'], self.linear16_X)
+        t_sigmoid17 = self._sigmoid17_jvp(t_linear16)
+        t_linear18 = self._linear18_jvp(t_sigmoid17) + self._linear18_weight_jvp(v['18.weight'], self.linear18_X) + self._linear18_bias_jvp(v['18.bias'], self.linear18_X)
+        u_linear18 = self._loss_hessian_product(t_linear18)
+        out = {}
+        out['18.weight'] = self._linear18_weight_vjp(u_linear18, self.linear18_X) + self._linear18_weight_vjp(self.linear18_g, self._linear18_view(t_sigmoid17))
+        out['18.bias'] = self._linear18_bias_vjp(u_linear18, self.linear18_X)
+        u_sigmoid17 = self._linear18_vjp(u_linear18) + self._linear18_vjp(self.linear18_g, v['18.weight'])
+        u_linear16 = self._sigmoid17_vjp(u_sigmoid17) + residual_product(self.sigmoid17_r, t_linear16, 'hessian')
+        out['16.weight'] = self._linear16_weight_vjp(u_linear16, self.linear16_X) + self._linear16_weight_vjp(self.linear16_g, self._linear16_view(t_sigmoid15))
+        out['16.bias'] = self._linear16_bias_vjp(u_linear16, self.linear16_X)
+        u_sigmoid15 = self._linear16_vjp(u_linear16) + self._linear16_vjp(self.linear16_g, v['16.weight'])
+        u_linear14 = self._sigmoid15_vjp(u_sigmoid15) + residual_product(self.sigmoid15_r, t_linear14, 'hessian')
+        out['14.weight'] = self._linear14_weight_vjp(u_linear14, self.linear14_X) + self._linear14_weight_vjp(self.linear14_g, self._linear14_view(t_reshape13))
+        out['14.bias'] = self._linear14_bias_vjp(u_linear14, self.linear14_X)
+        u_reshape13 = self._linear14_vjp(u_linear14) + self._linear14_vjp(self.linear14_g, v['14.weight'])
+        u_max_pool2d12 = self._reshape13_vjp(u_reshape13)
+        u_pad11 = self._max_pool2d12_vjp(u_max_pool2d12)
+        u_sigmoid10 = self._pad11_vjp(u_pad11)
+        u_conv2d9 = self._sigmoid10_vjp(u_sigmoid10) + residual_product(self.sigmoid10_r, t_conv2d9, 'hessian')
+        out['9.weight'] = self._conv2d9_weight_vjp(u_conv2d9, self.conv2d9_X) + self._conv2d9_weight_vjp(self.conv2d9_g, self._conv2d9_view(t_pad8))
+        out['9.bias'] = self._conv2d9_bias_vjp(u_conv2d9, self.conv2d9_X)
+        u_pad8 = self._conv2d9_vjp(u_conv2d9) + self._conv2d9_vjp(self.conv2d9_g, v['9.weight'])
+        u_max_pool2d7 = self._pad8_vjp(u_pad8)
+        u_pad6 = self._max_pool2d7_vjp(u_max_pool2d7)
+        u_sigmoid5 = self._pad6_vjp(u_pad6)
+        u_conv2d4 = self._sigmoid5_vjp(u_sigmoid5) + residual_product(self.sigmoid5_r, t_conv2d4, 'hessian')
+        out['4.weight'] = self._conv2d4_weight_vjp(u_conv2d4, self.conv2d4_X) + self._conv2d4_weight_vjp(self.conv2d4_g, self._conv2d4_view(t_max_pool2d3))
+        out['4.bias'] = self._conv2d4_bias_vjp(u_conv2d4, self.conv2d4_X)
+        u_max_pool2d3 = self._conv2d4_vjp(u_conv2d4) + self._conv2d4_vjp(self.conv2d4_g, v['4.weight'])
+        u_pad2 = self._max_pool2d3_vjp(u_max_pool2d3)
+        u_sigmoid1 = self._pad2_vjp(u_pad2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1) + residual_product(self.sigmoid1_r, t_conv2d0, 'hessian')
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_conv2d0 = self._conv2d0_weight_jvp(v['0.weight'], self.conv2d0_X) + self._conv2d0_bias_jvp(v['0.bias'], self.conv2d0_X)
+        t_sigmoid1 = self._sigmoid1_jvp(t_conv2d0)
+        t_pad2 = self._pad2_jvp(t_sigmoid1)
+        t_max_pool2d3 = self._max_pool2d3_jvp(t_pad2)
+        t_conv2d4 = self._conv2d4_jvp(t_max_pool2d3) + self._conv2d4_weight_jvp(v['4.weight'], self.conv2d4_X) + self._conv2d4_bias_jvp(v['4.bias'], self.conv2d4_X)
+        t_sigmoid5 = self._sigmoid5_jvp(t_conv2d4)
+        t_pad6 = self._pad6_jvp(t_sigmoid5)
+        t_max_pool2d7 = self._max_pool2d7_jvp(t_pad6)
+        t_pad8 = self._pad8_jvp(t_max_pool2d7)
+        t_conv2d9 = self._conv2d9_jvp(t_pad8) + self._conv2d9_weight_jvp(v['9.weight'], self.conv2d9_X) + self._conv2d9_bias_jvp(v['9.bias'], self.conv2d9_X)
+        t_sigmoid10 = self._sigmoid10_jvp(t_conv2d9)
+        t_pad11 = self._pad11_jvp(t_sigmoid10)
+        t_max_pool2d12 = self._max_pool2d12_jvp(t_pad11)
+        t_reshape13 = self._reshape13_jvp(t_max_pool2d12)
+        t_linear14 = self._linear14_jvp(t_reshape13) + self._linear14_weight_jvp(v['14.weight'], self.linear14_X) + self._linear14_bias_jvp(v['14.bias'], self.linear14_X)
+        t_sigmoid15 = self._sigmoid15_jvp(t_linear14)
+        t_linear16 = self._linear16_jvp(t_sigmoid15) + self._linear16_weight_jvp(v['16.weight'], self.linear16_X) + self._linear16_bias_jvp(v['16.bias'], self.linear16_X)
+        t_sigmoid17 = self._sigmoid17_jvp(t_linear16)
+        t_linear18 = self._linear18_jvp(t_sigmoid17) + self._linear18_weight_jvp(v['18.weight'], self.linear18_X) + self._linear18_bias_jvp(v['18.bias'], self.linear18_X)
+        u_linear18 = self._loss_fisher_product(t_linear18, samples, generator)
+        out = {}
+        out['18.weight'] = self._linear18_weight_vjp(u_linear18, self.linear18_X)
+        out['18.bias'] = self._linear18_bias_vjp(u_linear18, self.linear18_X)
+        u_sigmoid17 = self._linear18_vjp(u_linear18)
+        u_linear16 = self._sigmoid17_vjp(u_sigmoid17)
+        out['16.weight'] = self._linear16_weight_vjp(u_linear16, self.linear16_X)
+        out['16.bias'] = self._linear16_bias_vjp(u_linear16, self.linear16_X)
+        u_sigmoid15 = self._linear16_vjp(u_linear16)
+        u_linear14 = self._sigmoid15_vjp(u_sigmoid15)
+        out['14.weight'] = self._linear14_weight_vjp(u_linear14, self.linear14_X)
+        out['14.bias'] = self._linear14_bias_vjp(u_linear14, self.linear14_X)
+        u_reshape13 = self._linear14_vjp(u_linear14)
+        u_max_pool2d12 = self._reshape13_vjp(u_reshape13)
+        u_pad11 = self._max_pool2d12_vjp(u_max_pool2d12)
+        u_sigmoid10 = self._pad11_vjp(u_pad11)
+        u_conv2d9 = self._sigmoid10_vjp(u_sigmoid10)
+        out['9.weight'] = self._conv2d9_weight_vjp(u_conv2d9, self.conv2d9_X)
+        out['9.bias'] = self._conv2d9_bias_vjp(u_conv2d9, self.conv2d9_X)
+        u_pad8 = self._conv2d9_vjp(u_conv2d9)
+        u_max_pool2d7 = self._pad8_vjp(u_pad8)
+        u_pad6 = self._max_pool2d7_vjp(u_max_pool2d7)
+        u_sigmoid5 = self._pad6_vjp(u_pad6)
+        u_conv2d4 = self._sigmoid5_vjp(u_sigmoid5)
+        out['4.weight'] = self._conv2d4_weight_vjp(u_conv2d4, self.conv2d4_X)
+        out['4.bias'] = self._conv2d4_bias_vjp(u_conv2d4, self.conv2d4_X)
+        u_max_pool2d3 = self._conv2d4_vjp(u_conv2d4)
+        u_pad2 = self._max_pool2d3_vjp(u_max_pool2d3)
+        u_sigmoid1 = self._pad2_vjp(u_pad2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
+        out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
+        return from_vectors(out, PARAMETERS, single)
+
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
@@ -747,33 +935,48 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
 
-    def _conv2d0_jvp(self, v):
+    def _loss_fisher_product(self, v, samples, generator):
+        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
+        lse = self.loss_lse
+        softmax = self.loss_softmax
+        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
+        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+
+    def _conv2d0_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 3, 25, 784))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 3, 25, 784))
+
+    def _conv2d0_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 3, 25, 784))
-        W = self.p['0.weight'].reshape(1, 64, 3, 25)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(64, 28, 28))
+        v = self._conv2d0_view(v)
+        W = reshape_to(self.p['0.weight'] if W is None else W, (64, 3, 5, 5), (1, 64, 3, 25))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 64, 784), (64, 28, 28))
 
-    def _conv2d0_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d0_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 64, 784))
-        W = self.p['0.weight'].reshape(1, 64, 3, 25)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['0.weight'] if W is None else W, (64, 3, 5, 5), (1, 64, 3, 25))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 75, 784), (3, 32, 32), (5, 5), (1, 1), (0, 0), (1, 1))
 
     def _conv2d0_weight_jvp(self, v, X):
         """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 64, 3, 25))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (64, 3, 5, 5), (1, 64, 3, 25))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(64, 28, 28))
 
     def _conv2d0_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 0.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 64, 784))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(64, 3, 5, 5))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 64, 3, 25), (64, 3, 5, 5))
 
     def _conv2d0_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 0.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -787,7 +990,7 @@ class Curvature:
 
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 64))
+        v = reshape_to(v, (64,), (1, 64))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 64, 784)))
         return Y.reshape(*Y.shape[:-3], *(64, 28, 28))
 
@@ -795,12 +998,12 @@ class Curvature:
         """J_θᵀ u for θ = 0.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 64, 784))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(64,))
+        return reshape_to(G, (1, 64), (64,))
 
     def _conv2d0_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 64, 784), *(1, 64, 784))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
     def _sigmoid1_jvp(self, v):
@@ -827,33 +1030,39 @@ class Curvature:
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d3_idx, (64, 29, 29))
 
-    def _conv2d4_jvp(self, v):
+    def _conv2d4_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 64, 9, 144))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 64, 9, 144))
+
+    def _conv2d4_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 64, 9, 144))
-        W = self.p['4.weight'].reshape(1, 96, 64, 9)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(96, 12, 12))
+        v = self._conv2d4_view(v)
+        W = reshape_to(self.p['4.weight'] if W is None else W, (96, 64, 3, 3), (1, 96, 64, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 96, 144), (96, 12, 12))
 
-    def _conv2d4_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d4_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 96, 144))
-        W = self.p['4.weight'].reshape(1, 96, 64, 9)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['4.weight'] if W is None else W, (96, 64, 3, 3), (1, 96, 64, 9))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 576, 144), (64, 14, 14), (3, 3), (1, 1), (0, 0), (1, 1))
 
     def _conv2d4_weight_jvp(self, v, X):
         """J_θ v for θ = 4.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 96, 64, 9))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (96, 64, 3, 3), (1, 96, 64, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(96, 12, 12))
 
     def _conv2d4_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 4.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 96, 144))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(96, 64, 3, 3))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 96, 64, 9), (96, 64, 3, 3))
 
     def _conv2d4_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 4.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -867,7 +1076,7 @@ class Curvature:
 
     def _conv2d4_bias_jvp(self, v, X):
         """J_θ v for θ = 4.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 96))
+        v = reshape_to(v, (96,), (1, 96))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 96, 144)))
         return Y.reshape(*Y.shape[:-3], *(96, 12, 12))
 
@@ -875,12 +1084,12 @@ class Curvature:
         """J_θᵀ u for θ = 4.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 96, 144))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(96,))
+        return reshape_to(G, (1, 96), (96,))
 
     def _conv2d4_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 4.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 96, 144), *(1, 96, 144))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(96, 96), (96,))
 
     def _sigmoid5_jvp(self, v):
@@ -915,33 +1124,39 @@ class Curvature:
         """Jᵀ u for pad"""
         return pad_vjp(u, (1, 1, 1, 1))
 
-    def _conv2d9_jvp(self, v):
+    def _conv2d9_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 96, 9, 36))"""
+        lead = lead_shape(x, 3)
+        return patches(x, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 96, 9, 36))
+
+    def _conv2d9_jvp(self, v, W=None):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         lead = lead_shape(v, 3)
-        v = patches(v, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 96, 9, 36))
-        W = self.p['9.weight'].reshape(1, 128, 96, 9)
-        Y = torch.einsum("abcd,...eacdf->...eabf", W, v)
-        return Y.reshape(*lead, *(128, 6, 6))
+        v = self._conv2d9_view(v)
+        W = reshape_to(self.p['9.weight'] if W is None else W, (128, 96, 3, 3), (1, 128, 96, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
+        return reshape_to(Y, (1, 128, 36), (128, 6, 6))
 
-    def _conv2d9_vjp(self, u):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
+    def _conv2d9_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
         u = u.reshape(*lead, *(1, 128, 36))
-        W = self.p['9.weight'].reshape(1, 128, 96, 9)
-        X = torch.einsum("abcd,...eabf->...eacdf", W, u)
+        W = reshape_to(self.p['9.weight'] if W is None else W, (128, 96, 3, 3), (1, 128, 96, 9))
+        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
+        lead = lead_shape(X, 4)
         return patches_adjoint(X.reshape(*lead, 864, 36), (96, 8, 8), (3, 3), (1, 1), (0, 0), (1, 1))
 
     def _conv2d9_weight_jvp(self, v, X):
         """J_θ v for θ = 9.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1, 128, 96, 9))
-        Y = torch.einsum("...abcd,eacdf->...eabf", v, X)
+        v = reshape_to(v, (128, 96, 3, 3), (1, 128, 96, 9))
+        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
         return Y.reshape(*Y.shape[:-3], *(128, 6, 6))
 
     def _conv2d9_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 9.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 128, 36))
-        G = torch.einsum("...abcd,abefd->...bcef", u, X)
-        return G.reshape(*G.shape[:G.dim() - 4], *(128, 96, 3, 3))
+        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
+        return reshape_to(G, (1, 128, 96, 9), (128, 96, 3, 3))
 
     def _conv2d9_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 9.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -955,7 +1170,7 @@ class Curvature:
 
     def _conv2d9_bias_jvp(self, v, X):
         """J_θ v for θ = 9.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
-        v = v.reshape(v.shape[0], *(1, 128))
+        v = reshape_to(v, (128,), (1, 128))
         Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 128, 36)))
         return Y.reshape(*Y.shape[:-3], *(128, 6, 6))
 
@@ -963,12 +1178,12 @@ class Curvature:
         """J_θᵀ u for θ = 9.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 3), *(1, 128, 36))
         G = torch.einsum("...abcd->...bc", u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(128,))
+        return reshape_to(G, (1, 128), (128,))
 
     def _conv2d9_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1, 128, 36), *(1, 128, 36))
-        B = torch.einsum("abcdef->abde", S)
+        B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(128, 128), (128,))
 
     def _sigmoid10_jvp(self, v):
@@ -1003,45 +1218,51 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (1152,), (128, 3, 3))
 
-    def _linear14_jvp(self, v):
+    def _linear14_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1152,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(1152,))
+
+    def _linear14_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(1152,))
-        W = self.p['14.weight'].reshape(512, 1152)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(512,))
+        v = self._linear14_view(v)
+        W = reshape_to(self.p['14.weight'] if W is None else W, (512, 1152), (512, 1152))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (512,), (512,))
 
-    def _linear14_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear14_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(512,))
-        W = self.p['14.weight'].reshape(512, 1152)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['14.weight'] if W is None else W, (512, 1152), (512, 1152))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(1152,))
 
     def _linear14_weight_jvp(self, v, X):
         """J_θ v for θ = 14.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(512, 1152))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (512, 1152), (512, 1152))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(512,))
 
     def _linear14_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 14.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(512,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(512, 1152))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (512, 1152), (512, 1152))
 
     def _linear14_weight_block(self, S, average):
         """B = A ⊗ B for θ = 14.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear14_X, average)
         S = S.reshape(*(512,), *(512,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(1152, 1152), (512, 1152))
 
     def _linear14_bias_jvp(self, v, X):
         """J_θ v for θ = 14.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(512,))
+        v = reshape_to(v, (512,), (512,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(512,)))
         return Y.reshape(*Y.shape[:-1], *(512,))
 
@@ -1049,12 +1270,12 @@ class Curvature:
         """J_θᵀ u for θ = 14.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(512,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(512,))
+        return reshape_to(G, (512,), (512,))
 
     def _linear14_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 14.bias; J_θ is the same for every sample"""
         S = S.reshape(*(512,), *(512,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
 
     def _sigmoid15_jvp(self, v):
@@ -1065,45 +1286,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid15_d1
 
-    def _linear16_jvp(self, v):
+    def _linear16_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(512,))
+
+    def _linear16_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(512,))
-        W = self.p['16.weight'].reshape(256, 512)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(256,))
+        v = self._linear16_view(v)
+        W = reshape_to(self.p['16.weight'] if W is None else W, (256, 512), (256, 512))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (256,), (256,))
 
-    def _linear16_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear16_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(256,))
-        W = self.p['16.weight'].reshape(256, 512)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['16.weight'] if W is None else W, (256, 512), (256, 512))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(512,))
 
     def _linear16_weight_jvp(self, v, X):
         """J_θ v for θ = 16.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(256, 512))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (256, 512), (256, 512))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(256,))
 
     def _linear16_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 16.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(256,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(256, 512))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (256, 512), (256, 512))
 
     def _linear16_weight_block(self, S, average):
         """B = A ⊗ B for θ = 16.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear16_X, average)
         S = S.reshape(*(256,), *(256,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
 
     def _linear16_bias_jvp(self, v, X):
         """J_θ v for θ = 16.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(256,))
+        v = reshape_to(v, (256,), (256,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(256,)))
         return Y.reshape(*Y.shape[:-1], *(256,))
 
@@ -1111,12 +1338,12 @@ class Curvature:
         """J_θᵀ u for θ = 16.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(256,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(256,))
+        return reshape_to(G, (256,), (256,))
 
     def _linear16_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 16.bias; J_θ is the same for every sample"""
         S = S.reshape(*(256,), *(256,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(256, 256), (256,))
 
     def _sigmoid17_jvp(self, v):
@@ -1127,45 +1354,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid17_d1
 
-    def _linear18_jvp(self, v):
+    def _linear18_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(256,))
+
+    def _linear18_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(256,))
-        W = self.p['18.weight'].reshape(10, 256)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(10,))
+        v = self._linear18_view(v)
+        W = reshape_to(self.p['18.weight'] if W is None else W, (10, 256), (10, 256))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (10,), (10,))
 
-    def _linear18_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear18_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(10,))
-        W = self.p['18.weight'].reshape(10, 256)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['18.weight'] if W is None else W, (10, 256), (10, 256))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(256,))
 
     def _linear18_weight_jvp(self, v, X):
         """J_θ v for θ = 18.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(10, 256))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (10, 256), (10, 256))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(10,))
 
     def _linear18_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 18.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(10, 256))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (10, 256), (10, 256))
 
     def _linear18_weight_block(self, S, average):
         """B = A ⊗ B for θ = 18.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear18_X, average)
         S = S.reshape(*(10,), *(10,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
 
     def _linear18_bias_jvp(self, v, X):
         """J_θ v for θ = 18.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(10,))
+        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
         return Y.reshape(*Y.shape[:-1], *(10,))
 
@@ -1173,10 +1406,10 @@ class Curvature:
         """J_θᵀ u for θ = 18.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(10,))
+        return reshape_to(G, (10,), (10,))
 
     def _linear18_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 18.bias; J_θ is the same for every sample"""
         S = S.reshape(*(10,), *(10,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

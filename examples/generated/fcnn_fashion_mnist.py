@@ -268,6 +268,20 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
+def as_vectors(vs, shapes):
+    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+    vs = list(vs)
+    if len(vs) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
+    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
+
+
+def from_vectors(out, shapes, single):
+    """Inverse of ``as_vectors``: a list in parameter order."""
+    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
@@ -333,44 +347,36 @@ class Curvature:
         with torch.no_grad():
             # forward
             a_reshape0 = x.reshape(x.shape[0], *(784,))
-            lead = a_reshape0.shape[:1]
             a_linear1 = torch.nn.functional.linear(a_reshape0, self.p['1.weight'], self.p['1.bias'])
-            self.linear1_X = a_reshape0.reshape(*lead, *(784,))
+            self.linear1_X = self._linear1_view(a_reshape0)
             a_sigmoid2 = torch.sigmoid(a_linear1)
             self.sigmoid2_d1 = a_sigmoid2*(1 - a_sigmoid2)
-            lead = a_sigmoid2.shape[:1]
             a_linear3 = torch.nn.functional.linear(a_sigmoid2, self.p['3.weight'], self.p['3.bias'])
-            self.linear3_X = a_sigmoid2.reshape(*lead, *(1024,))
+            self.linear3_X = self._linear3_view(a_sigmoid2)
             a_sigmoid4 = torch.sigmoid(a_linear3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
-            lead = a_sigmoid4.shape[:1]
             a_linear5 = torch.nn.functional.linear(a_sigmoid4, self.p['5.weight'], self.p['5.bias'])
-            self.linear5_X = a_sigmoid4.reshape(*lead, *(512,))
+            self.linear5_X = self._linear5_view(a_sigmoid4)
             a_sigmoid6 = torch.sigmoid(a_linear5)
             self.sigmoid6_d1 = a_sigmoid6*(1 - a_sigmoid6)
-            lead = a_sigmoid6.shape[:1]
             a_linear7 = torch.nn.functional.linear(a_sigmoid6, self.p['7.weight'], self.p['7.bias'])
-            self.linear7_X = a_sigmoid6.reshape(*lead, *(256,))
+            self.linear7_X = self._linear7_view(a_sigmoid6)
             a_sigmoid8 = torch.sigmoid(a_linear7)
             self.sigmoid8_d1 = a_sigmoid8*(1 - a_sigmoid8)
-            lead = a_sigmoid8.shape[:1]
             a_linear9 = torch.nn.functional.linear(a_sigmoid8, self.p['9.weight'], self.p['9.bias'])
-            self.linear9_X = a_sigmoid8.reshape(*lead, *(128,))
+            self.linear9_X = self._linear9_view(a_sigmoid8)
             a_sigmoid10 = torch.sigmoid(a_linear9)
             self.sigmoid10_d1 = a_sigmoid10*(1 - a_sigmoid10)
-            lead = a_sigmoid10.shape[:1]
             a_linear11 = torch.nn.functional.linear(a_sigmoid10, self.p['11.weight'], self.p['11.bias'])
-            self.linear11_X = a_sigmoid10.reshape(*lead, *(64,))
+            self.linear11_X = self._linear11_view(a_sigmoid10)
             a_sigmoid12 = torch.sigmoid(a_linear11)
             self.sigmoid12_d1 = a_sigmoid12*(1 - a_sigmoid12)
-            lead = a_sigmoid12.shape[:1]
             a_linear13 = torch.nn.functional.linear(a_sigmoid12, self.p['13.weight'], self.p['13.bias'])
-            self.linear13_X = a_sigmoid12.reshape(*lead, *(32,))
+            self.linear13_X = self._linear13_view(a_sigmoid12)
             a_sigmoid14 = torch.sigmoid(a_linear13)
             self.sigmoid14_d1 = a_sigmoid14*(1 - a_sigmoid14)
-            lead = a_sigmoid14.shape[:1]
             a_linear15 = torch.nn.functional.linear(a_sigmoid14, self.p['15.weight'], self.p['15.bias'])
-            self.linear15_X = a_sigmoid14.reshape(*lead, *(16,))
+            self.linear15_X = self._linear15_view(a_sigmoid14)
             # loss
             z = a_linear15.reshape(N, -1)
             C = 10
@@ -384,41 +390,49 @@ class Curvature:
             self.loss_lse = lse
             self.loss_softmax = softmax
             # backward
+            self.linear15_g = g_linear15
             accumulate_grad(self.p['15.weight'], self._linear15_weight_vjp(g_linear15, self.linear15_X))
             accumulate_grad(self.p['15.bias'], self._linear15_bias_vjp(g_linear15, self.linear15_X))
             g_sigmoid14 = self._linear15_vjp(g_linear15)
             self.sigmoid14_r = g_sigmoid14 * (a_sigmoid14*(a_sigmoid14 - 1)*(2*a_sigmoid14 - 1))
             g_linear13 = g_sigmoid14 * self.sigmoid14_d1
+            self.linear13_g = g_linear13
             accumulate_grad(self.p['13.weight'], self._linear13_weight_vjp(g_linear13, self.linear13_X))
             accumulate_grad(self.p['13.bias'], self._linear13_bias_vjp(g_linear13, self.linear13_X))
             g_sigmoid12 = self._linear13_vjp(g_linear13)
             self.sigmoid12_r = g_sigmoid12 * (a_sigmoid12*(a_sigmoid12 - 1)*(2*a_sigmoid12 - 1))
             g_linear11 = g_sigmoid12 * self.sigmoid12_d1
+            self.linear11_g = g_linear11
             accumulate_grad(self.p['11.weight'], self._linear11_weight_vjp(g_linear11, self.linear11_X))
             accumulate_grad(self.p['11.bias'], self._linear11_bias_vjp(g_linear11, self.linear11_X))
             g_sigmoid10 = self._linear11_vjp(g_linear11)
             self.sigmoid10_r = g_sigmoid10 * (a_sigmoid10*(a_sigmoid10 - 1)*(2*a_sigmoid10 - 1))
             g_linear9 = g_sigmoid10 * self.sigmoid10_d1
+            self.linear9_g = g_linear9
             accumulate_grad(self.p['9.weight'], self._linear9_weight_vjp(g_linear9, self.linear9_X))
             accumulate_grad(self.p['9.bias'], self._linear9_bias_vjp(g_linear9, self.linear9_X))
             g_sigmoid8 = self._linear9_vjp(g_linear9)
             self.sigmoid8_r = g_sigmoid8 * (a_sigmoid8*(a_sigmoid8 - 1)*(2*a_sigmoid8 - 1))
             g_linear7 = g_sigmoid8 * self.sigmoid8_d1
+            self.linear7_g = g_linear7
             accumulate_grad(self.p['7.weight'], self._linear7_weight_vjp(g_linear7, self.linear7_X))
             accumulate_grad(self.p['7.bias'], self._linear7_bias_vjp(g_linear7, self.linear7_X))
             g_sigmoid6 = self._linear7_vjp(g_linear7)
             self.sigmoid6_r = g_sigmoid6 * (a_sigmoid6*(a_sigmoid6 - 1)*(2*a_sigmoid6 - 1))
             g_linear5 = g_sigmoid6 * self.sigmoid6_d1
+            self.linear5_g = g_linear5
             accumulate_grad(self.p['5.weight'], self._linear5_weight_vjp(g_linear5, self.linear5_X))
             accumulate_grad(self.p['5.bias'], self._linear5_bias_vjp(g_linear5, self.linear5_X))
             g_sigmoid4 = self._linear5_vjp(g_linear5)
             self.sigmoid4_r = g_sigmoid4 * (a_sigmoid4*(a_sigmoid4 - 1)*(2*a_sigmoid4 - 1))
             g_linear3 = g_sigmoid4 * self.sigmoid4_d1
+            self.linear3_g = g_linear3
             accumulate_grad(self.p['3.weight'], self._linear3_weight_vjp(g_linear3, self.linear3_X))
             accumulate_grad(self.p['3.bias'], self._linear3_bias_vjp(g_linear3, self.linear3_X))
             g_sigmoid2 = self._linear3_vjp(g_linear3)
             self.sigmoid2_r = g_sigmoid2 * (a_sigmoid2*(a_sigmoid2 - 1)*(2*a_sigmoid2 - 1))
             g_linear1 = g_sigmoid2 * self.sigmoid2_d1
+            self.linear1_g = g_linear1
             accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
             accumulate_grad(self.p['1.bias'], self._linear1_bias_vjp(g_linear1, self.linear1_X))
         self._ready = True
@@ -797,6 +811,168 @@ class Curvature:
         u_linear15 = self._loss_hessian_product(t_linear15)
         return self._linear15_bias_vjp(u_linear15, self.linear15_X)
 
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        t_sigmoid2 = self._sigmoid2_jvp(t_linear1)
+        t_linear3 = self._linear3_jvp(t_sigmoid2) + self._linear3_weight_jvp(v['3.weight'], self.linear3_X) + self._linear3_bias_jvp(v['3.bias'], self.linear3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_linear3)
+        t_linear5 = self._linear5_jvp(t_sigmoid4) + self._linear5_weight_jvp(v['5.weight'], self.linear5_X) + self._linear5_bias_jvp(v['5.bias'], self.linear5_X)
+        t_sigmoid6 = self._sigmoid6_jvp(t_linear5)
+        t_linear7 = self._linear7_jvp(t_sigmoid6) + self._linear7_weight_jvp(v['7.weight'], self.linear7_X) + self._linear7_bias_jvp(v['7.bias'], self.linear7_X)
+        t_sigmoid8 = self._sigmoid8_jvp(t_linear7)
+        t_linear9 = self._linear9_jvp(t_sigmoid8) + self._linear9_weight_jvp(v['9.weight'], self.linear9_X) + self._linear9_bias_jvp(v['9.bias'], self.linear9_X)
+        t_sigmoid10 = self._sigmoid10_jvp(t_linear9)
+        t_linear11 = self._linear11_jvp(t_sigmoid10) + self._linear11_weight_jvp(v['11.weight'], self.linear11_X) + self._linear11_bias_jvp(v['11.bias'], self.linear11_X)
+        t_sigmoid12 = self._sigmoid12_jvp(t_linear11)
+        t_linear13 = self._linear13_jvp(t_sigmoid12) + self._linear13_weight_jvp(v['13.weight'], self.linear13_X) + self._linear13_bias_jvp(v['13.bias'], self.linear13_X)
+        t_sigmoid14 = self._sigmoid14_jvp(t_linear13)
+        t_linear15 = self._linear15_jvp(t_sigmoid14) + self._linear15_weight_jvp(v['15.weight'], self.linear15_X) + self._linear15_bias_jvp(v['15.bias'], self.linear15_X)
+        u_linear15 = self._loss_hessian_product(t_linear15)
+        out = {}
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X)
+        out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
+        u_sigmoid14 = self._linear15_vjp(u_linear15)
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14)
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X)
+        out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
+        u_sigmoid12 = self._linear13_vjp(u_linear13)
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12)
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X)
+        out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
+        u_sigmoid10 = self._linear11_vjp(u_linear11)
+        u_linear9 = self._sigmoid10_vjp(u_sigmoid10)
+        out['9.weight'] = self._linear9_weight_vjp(u_linear9, self.linear9_X)
+        out['9.bias'] = self._linear9_bias_vjp(u_linear9, self.linear9_X)
+        u_sigmoid8 = self._linear9_vjp(u_linear9)
+        u_linear7 = self._sigmoid8_vjp(u_sigmoid8)
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X)
+        out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
+        u_sigmoid6 = self._linear7_vjp(u_linear7)
+        u_linear5 = self._sigmoid6_vjp(u_sigmoid6)
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X)
+        out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
+        u_sigmoid4 = self._linear5_vjp(u_linear5)
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4)
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X)
+        out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
+        u_sigmoid2 = self._linear3_vjp(u_linear3)
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2)
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        t_sigmoid2 = self._sigmoid2_jvp(t_linear1)
+        t_linear3 = self._linear3_jvp(t_sigmoid2) + self._linear3_weight_jvp(v['3.weight'], self.linear3_X) + self._linear3_bias_jvp(v['3.bias'], self.linear3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_linear3)
+        t_linear5 = self._linear5_jvp(t_sigmoid4) + self._linear5_weight_jvp(v['5.weight'], self.linear5_X) + self._linear5_bias_jvp(v['5.bias'], self.linear5_X)
+        t_sigmoid6 = self._sigmoid6_jvp(t_linear5)
+        t_linear7 = self._linear7_jvp(t_sigmoid6) + self._linear7_weight_jvp(v['7.weight'], self.linear7_X) + self._linear7_bias_jvp(v['7.bias'], self.linear7_X)
+        t_sigmoid8 = self._sigmoid8_jvp(t_linear7)
+        t_linear9 = self._linear9_jvp(t_sigmoid8) + self._linear9_weight_jvp(v['9.weight'], self.linear9_X) + self._linear9_bias_jvp(v['9.bias'], self.linear9_X)
+        t_sigmoid10 = self._sigmoid10_jvp(t_linear9)
+        t_linear11 = self._linear11_jvp(t_sigmoid10) + self._linear11_weight_jvp(v['11.weight'], self.linear11_X) + self._linear11_bias_jvp(v['11.bias'], self.linear11_X)
+        t_sigmoid12 = self._sigmoid12_jvp(t_linear11)
+        t_linear13 = self._linear13_jvp(t_sigmoid12) + self._linear13_weight_jvp(v['13.weight'], self.linear13_X) + self._linear13_bias_jvp(v['13.bias'], self.linear13_X)
+        t_sigmoid14 = self._sigmoid14_jvp(t_linear13)
+        t_linear15 = self._linear15_jvp(t_sigmoid14) + self._linear15_weight_jvp(v['15.weight'], self.linear15_X) + self._linear15_bias_jvp(v['15.bias'], self.linear15_X)
+        u_linear15 = self._loss_hessian_product(t_linear15)
+        out = {}
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X) + self._linear15_weight_vjp(self.linear15_g, self._linear15_view(t_sigmoid14))
+        out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
+        u_sigmoid14 = self._linear15_vjp(u_linear15) + self._linear15_vjp(self.linear15_g, v['15.weight'])
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14) + residual_product(self.sigmoid14_r, t_linear13, 'hessian')
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X) + self._linear13_weight_vjp(self.linear13_g, self._linear13_view(t_sigmoid12))
+        out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
+        u_sigmoid12 = self._linear13_vjp(u_linear13) + self._linear13_vjp(self.linear13_g, v['13.weight'])
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12) + residual_product(self.sigmoid12_r, t_linear11, 'hessian')
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X) + self._linear11_weight_vjp(self.linear11_g, self._linear11_view(t_sigmoid10))
+        out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
+        u_sigmoid10 = self._linear11_vjp(u_linear11) + self._linear11_vjp(self.linear11_g, v['11.weight'])
+        u_linear9 = self._sigmoid10_vjp(u_sigmoid10) + residual_product(self.sigmoid10_r, t_linear9, 'hessian')
+        out['9.weight'] = self._linear9_weight_vjp(u_linear9, self.linear9_X) + self._linear9_weight_vjp(self.linear9_g, self._linear9_view(t_sigmoid8))
+        out['9.bias'] = self._linear9_bias_vjp(u_linear9, self.linear9_X)
+        u_sigmoid8 = self._linear9_vjp(u_linear9) + self._linear9_vjp(self.linear9_g, v['9.weight'])
+        u_linear7 = self._sigmoid8_vjp(u_sigmoid8) + residual_product(self.sigmoid8_r, t_linear7, 'hessian')
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X) + self._linear7_weight_vjp(self.linear7_g, self._linear7_view(t_sigmoid6))
+        out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
+        u_sigmoid6 = self._linear7_vjp(u_linear7) + self._linear7_vjp(self.linear7_g, v['7.weight'])
+        u_linear5 = self._sigmoid6_vjp(u_sigmoid6) + residual_product(self.sigmoid6_r, t_linear5, 'hessian')
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X) + self._linear5_weight_vjp(self.linear5_g, self._linear5_view(t_sigmoid4))
+        out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
+        u_sigmoid4 = self._linear5_vjp(u_linear5) + self._linear5_vjp(self.linear5_g, v['5.weight'])
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4) + residual_product(self.sigmoid4_r, t_linear3, 'hessian')
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X) + self._linear3_weight_vjp(self.linear3_g, self._linear3_view(t_sigmoid2))
+        out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
+        u_sigmoid2 = self._linear3_vjp(u_linear3) + self._linear3_vjp(self.linear3_g, v['3.weight'])
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2) + residual_product(self.sigmoid2_r, t_linear1, 'hessian')
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        t_sigmoid2 = self._sigmoid2_jvp(t_linear1)
+        t_linear3 = self._linear3_jvp(t_sigmoid2) + self._linear3_weight_jvp(v['3.weight'], self.linear3_X) + self._linear3_bias_jvp(v['3.bias'], self.linear3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_linear3)
+        t_linear5 = self._linear5_jvp(t_sigmoid4) + self._linear5_weight_jvp(v['5.weight'], self.linear5_X) + self._linear5_bias_jvp(v['5.bias'], self.linear5_X)
+        t_sigmoid6 = self._sigmoid6_jvp(t_linear5)
+        t_linear7 = self._linear7_jvp(t_sigmoid6) + self._linear7_weight_jvp(v['7.weight'], self.linear7_X) + self._linear7_bias_jvp(v['7.bias'], self.linear7_X)
+        t_sigmoid8 = self._sigmoid8_jvp(t_linear7)
+        t_linear9 = self._linear9_jvp(t_sigmoid8) + self._linear9_weight_jvp(v['9.weight'], self.linear9_X) + self._linear9_bias_jvp(v['9.bias'], self.linear9_X)
+        t_sigmoid10 = self._sigmoid10_jvp(t_linear9)
+        t_linear11 = self._linear11_jvp(t_sigmoid10) + self._linear11_weight_jvp(v['11.weight'], self.linear11_X) + self._linear11_bias_jvp(v['11.bias'], self.linear11_X)
+        t_sigmoid12 = self._sigmoid12_jvp(t_linear11)
+        t_linear13 = self._linear13_jvp(t_sigmoid12) + self._linear13_weight_jvp(v['13.weight'], self.linear13_X) + self._linear13_bias_jvp(v['13.bias'], self.linear13_X)
+        t_sigmoid14 = self._sigmoid14_jvp(t_linear13)
+        t_linear15 = self._linear15_jvp(t_sigmoid14) + self._linear15_weight_jvp(v['15.weight'], self.linear15_X) + self._linear15_bias_jvp(v['15.bias'], self.linear15_X)
+        u_linear15 = self._loss_fisher_product(t_linear15, samples, generator)
+        out = {}
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X)
+        out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
+        u_sigmoid14 = self._linear15_vjp(u_linear15)
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14)
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X)
+        out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
+        u_sigmoid12 = self._linear13_vjp(u_linear13)
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12)
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X)
+        out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
+        u_sigmoid10 = self._linear11_vjp(u_linear11)
+        u_linear9 = self._sigmoid10_vjp(u_sigmoid10)
+        out['9.weight'] = self._linear9_weight_vjp(u_linear9, self.linear9_X)
+        out['9.bias'] = self._linear9_bias_vjp(u_linear9, self.linear9_X)
+        u_sigmoid8 = self._linear9_vjp(u_linear9)
+        u_linear7 = self._sigmoid8_vjp(u_sigmoid8)
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X)
+        out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
+        u_sigmoid6 = self._linear7_vjp(u_linear7)
+        u_linear5 = self._sigmoid6_vjp(u_sigmoid6)
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X)
+        out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
+        u_sigmoid4 = self._linear5_vjp(u_linear5)
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4)
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X)
+        out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
+        u_sigmoid2 = self._linear3_vjp(u_linear3)
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2)
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
@@ -809,6 +985,15 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
 
+    def _loss_fisher_product(self, v, samples, generator):
+        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
+        lse = self.loss_lse
+        softmax = self.loss_softmax
+        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
+        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+
     def _reshape0_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (1, 28, 28), (784,))
@@ -817,45 +1002,51 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (784,), (1, 28, 28))
 
-    def _linear1_jvp(self, v):
+    def _linear1_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(784,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(784,))
+
+    def _linear1_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(784,))
-        W = self.p['1.weight'].reshape(1024, 784)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(1024,))
+        v = self._linear1_view(v)
+        W = reshape_to(self.p['1.weight'] if W is None else W, (1024, 784), (1024, 784))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (1024,), (1024,))
 
-    def _linear1_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear1_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(1024,))
-        W = self.p['1.weight'].reshape(1024, 784)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['1.weight'] if W is None else W, (1024, 784), (1024, 784))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(784,))
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(1024, 784))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (1024, 784), (1024, 784))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(1024,))
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(1024,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(1024, 784))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (1024, 784), (1024, 784))
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
         S = S.reshape(*(1024,), *(1024,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(1024, 1024), B.reshape(784, 784), (1024, 784))
 
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(1024,))
+        v = reshape_to(v, (1024,), (1024,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(1024,)))
         return Y.reshape(*Y.shape[:-1], *(1024,))
 
@@ -863,12 +1054,12 @@ class Curvature:
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(1024,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(1024,))
+        return reshape_to(G, (1024,), (1024,))
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
         S = S.reshape(*(1024,), *(1024,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(1024, 1024), (1024,))
 
     def _sigmoid2_jvp(self, v):
@@ -879,45 +1070,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid2_d1
 
-    def _linear3_jvp(self, v):
+    def _linear3_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1024,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(1024,))
+
+    def _linear3_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(1024,))
-        W = self.p['3.weight'].reshape(512, 1024)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(512,))
+        v = self._linear3_view(v)
+        W = reshape_to(self.p['3.weight'] if W is None else W, (512, 1024), (512, 1024))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (512,), (512,))
 
-    def _linear3_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear3_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(512,))
-        W = self.p['3.weight'].reshape(512, 1024)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['3.weight'] if W is None else W, (512, 1024), (512, 1024))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(1024,))
 
     def _linear3_weight_jvp(self, v, X):
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(512, 1024))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (512, 1024), (512, 1024))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(512,))
 
     def _linear3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(512,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(512, 1024))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (512, 1024), (512, 1024))
 
     def _linear3_weight_block(self, S, average):
         """B = A ⊗ B for θ = 3.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear3_X, average)
         S = S.reshape(*(512,), *(512,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(1024, 1024), (512, 1024))
 
     def _linear3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(512,))
+        v = reshape_to(v, (512,), (512,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(512,)))
         return Y.reshape(*Y.shape[:-1], *(512,))
 
@@ -925,12 +1122,12 @@ class Curvature:
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(512,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(512,))
+        return reshape_to(G, (512,), (512,))
 
     def _linear3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
         S = S.reshape(*(512,), *(512,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
 
     def _sigmoid4_jvp(self, v):
@@ -941,45 +1138,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid4_d1
 
-    def _linear5_jvp(self, v):
+    def _linear5_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(512,))
+
+    def _linear5_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(512,))
-        W = self.p['5.weight'].reshape(256, 512)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(256,))
+        v = self._linear5_view(v)
+        W = reshape_to(self.p['5.weight'] if W is None else W, (256, 512), (256, 512))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (256,), (256,))
 
-    def _linear5_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear5_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(256,))
-        W = self.p['5.weight'].reshape(256, 512)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['5.weight'] if W is None else W, (256, 512), (256, 512))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(512,))
 
     def _linear5_weight_jvp(self, v, X):
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(256, 512))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (256, 512), (256, 512))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(256,))
 
     def _linear5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(256,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(256, 512))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (256, 512), (256, 512))
 
     def _linear5_weight_block(self, S, average):
         """B = A ⊗ B for θ = 5.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear5_X, average)
         S = S.reshape(*(256,), *(256,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
 
     def _linear5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(256,))
+        v = reshape_to(v, (256,), (256,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(256,)))
         return Y.reshape(*Y.shape[:-1], *(256,))
 
@@ -987,12 +1190,12 @@ class Curvature:
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(256,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(256,))
+        return reshape_to(G, (256,), (256,))
 
     def _linear5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
         S = S.reshape(*(256,), *(256,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(256, 256), (256,))
 
     def _sigmoid6_jvp(self, v):
@@ -1003,45 +1206,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid6_d1
 
-    def _linear7_jvp(self, v):
+    def _linear7_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(256,))
+
+    def _linear7_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(256,))
-        W = self.p['7.weight'].reshape(128, 256)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(128,))
+        v = self._linear7_view(v)
+        W = reshape_to(self.p['7.weight'] if W is None else W, (128, 256), (128, 256))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (128,), (128,))
 
-    def _linear7_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear7_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(128,))
-        W = self.p['7.weight'].reshape(128, 256)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['7.weight'] if W is None else W, (128, 256), (128, 256))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(256,))
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(128, 256))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (128, 256), (128, 256))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(128,))
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(128,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(128, 256))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (128, 256), (128, 256))
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear7_X, average)
         S = S.reshape(*(128,), *(128,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(128, 128), B.reshape(256, 256), (128, 256))
 
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(128,))
+        v = reshape_to(v, (128,), (128,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(128,)))
         return Y.reshape(*Y.shape[:-1], *(128,))
 
@@ -1049,12 +1258,12 @@ class Curvature:
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(128,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(128,))
+        return reshape_to(G, (128,), (128,))
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
         S = S.reshape(*(128,), *(128,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(128, 128), (128,))
 
     def _sigmoid8_jvp(self, v):
@@ -1065,45 +1274,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid8_d1
 
-    def _linear9_jvp(self, v):
+    def _linear9_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(128,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(128,))
+
+    def _linear9_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(128,))
-        W = self.p['9.weight'].reshape(64, 128)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(64,))
+        v = self._linear9_view(v)
+        W = reshape_to(self.p['9.weight'] if W is None else W, (64, 128), (64, 128))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (64,), (64,))
 
-    def _linear9_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear9_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(64,))
-        W = self.p['9.weight'].reshape(64, 128)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['9.weight'] if W is None else W, (64, 128), (64, 128))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(128,))
 
     def _linear9_weight_jvp(self, v, X):
         """J_θ v for θ = 9.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(64, 128))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (64, 128), (64, 128))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(64,))
 
     def _linear9_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 9.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(64,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(64, 128))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (64, 128), (64, 128))
 
     def _linear9_weight_block(self, S, average):
         """B = A ⊗ B for θ = 9.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear9_X, average)
         S = S.reshape(*(64,), *(64,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
 
     def _linear9_bias_jvp(self, v, X):
         """J_θ v for θ = 9.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(64,))
+        v = reshape_to(v, (64,), (64,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(64,)))
         return Y.reshape(*Y.shape[:-1], *(64,))
 
@@ -1111,12 +1326,12 @@ class Curvature:
         """J_θᵀ u for θ = 9.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(64,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(64,))
+        return reshape_to(G, (64,), (64,))
 
     def _linear9_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
         S = S.reshape(*(64,), *(64,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
     def _sigmoid10_jvp(self, v):
@@ -1127,45 +1342,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid10_d1
 
-    def _linear11_jvp(self, v):
+    def _linear11_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(64,))
+
+    def _linear11_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(64,))
-        W = self.p['11.weight'].reshape(32, 64)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(32,))
+        v = self._linear11_view(v)
+        W = reshape_to(self.p['11.weight'] if W is None else W, (32, 64), (32, 64))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (32,), (32,))
 
-    def _linear11_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear11_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(32,))
-        W = self.p['11.weight'].reshape(32, 64)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['11.weight'] if W is None else W, (32, 64), (32, 64))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(64,))
 
     def _linear11_weight_jvp(self, v, X):
         """J_θ v for θ = 11.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(32, 64))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (32, 64), (32, 64))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(32,))
 
     def _linear11_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 11.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(32,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(32, 64))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (32, 64), (32, 64))
 
     def _linear11_weight_block(self, S, average):
         """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear11_X, average)
         S = S.reshape(*(32,), *(32,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(32, 32), B.reshape(64, 64), (32, 64))
 
     def _linear11_bias_jvp(self, v, X):
         """J_θ v for θ = 11.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(32,))
+        v = reshape_to(v, (32,), (32,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(32,)))
         return Y.reshape(*Y.shape[:-1], *(32,))
 
@@ -1173,12 +1394,12 @@ class Curvature:
         """J_θᵀ u for θ = 11.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(32,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(32,))
+        return reshape_to(G, (32,), (32,))
 
     def _linear11_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
         S = S.reshape(*(32,), *(32,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(32, 32), (32,))
 
     def _sigmoid12_jvp(self, v):
@@ -1189,45 +1410,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid12_d1
 
-    def _linear13_jvp(self, v):
+    def _linear13_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(32,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(32,))
+
+    def _linear13_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(32,))
-        W = self.p['13.weight'].reshape(16, 32)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(16,))
+        v = self._linear13_view(v)
+        W = reshape_to(self.p['13.weight'] if W is None else W, (16, 32), (16, 32))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (16,), (16,))
 
-    def _linear13_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear13_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(16,))
-        W = self.p['13.weight'].reshape(16, 32)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['13.weight'] if W is None else W, (16, 32), (16, 32))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(32,))
 
     def _linear13_weight_jvp(self, v, X):
         """J_θ v for θ = 13.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(16, 32))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (16, 32), (16, 32))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(16,))
 
     def _linear13_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 13.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(16,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(16, 32))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (16, 32), (16, 32))
 
     def _linear13_weight_block(self, S, average):
         """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear13_X, average)
         S = S.reshape(*(16,), *(16,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(16, 16), B.reshape(32, 32), (16, 32))
 
     def _linear13_bias_jvp(self, v, X):
         """J_θ v for θ = 13.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(16,))
+        v = reshape_to(v, (16,), (16,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(16,)))
         return Y.reshape(*Y.shape[:-1], *(16,))
 
@@ -1235,12 +1462,12 @@ class Curvature:
         """J_θᵀ u for θ = 13.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(16,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(16,))
+        return reshape_to(G, (16,), (16,))
 
     def _linear13_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
         S = S.reshape(*(16,), *(16,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
     def _sigmoid14_jvp(self, v):
@@ -1251,45 +1478,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid14_d1
 
-    def _linear15_jvp(self, v):
+    def _linear15_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(16,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(16,))
+
+    def _linear15_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(16,))
-        W = self.p['15.weight'].reshape(10, 16)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(10,))
+        v = self._linear15_view(v)
+        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 16), (10, 16))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (10,), (10,))
 
-    def _linear15_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear15_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(10,))
-        W = self.p['15.weight'].reshape(10, 16)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 16), (10, 16))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(16,))
 
     def _linear15_weight_jvp(self, v, X):
         """J_θ v for θ = 15.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(10, 16))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (10, 16), (10, 16))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(10,))
 
     def _linear15_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 15.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(10, 16))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (10, 16), (10, 16))
 
     def _linear15_weight_block(self, S, average):
         """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear15_X, average)
         S = S.reshape(*(10,), *(10,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(16, 16), (10, 16))
 
     def _linear15_bias_jvp(self, v, X):
         """J_θ v for θ = 15.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(10,))
+        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
         return Y.reshape(*Y.shape[:-1], *(10,))
 
@@ -1297,10 +1530,10 @@ class Curvature:
         """J_θᵀ u for θ = 15.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(10,))
+        return reshape_to(G, (10,), (10,))
 
     def _linear15_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
         S = S.reshape(*(10,), *(10,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

@@ -254,6 +254,20 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
+def as_vectors(vs, shapes):
+    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+    vs = list(vs)
+    if len(vs) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
+    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
+
+
+def from_vectors(out, shapes, single):
+    """Inverse of ``as_vectors``: a list in parameter order."""
+    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
@@ -319,9 +333,8 @@ class Curvature:
         with torch.no_grad():
             # forward
             a_reshape0 = x.reshape(x.shape[0], *(784,))
-            lead = a_reshape0.shape[:1]
             a_linear1 = torch.nn.functional.linear(a_reshape0, self.p['1.weight'], self.p['1.bias'])
-            self.linear1_X = a_reshape0.reshape(*lead, *(784,))
+            self.linear1_X = self._linear1_view(a_reshape0)
             # loss
             z = a_linear1.reshape(N, -1)
             C = 10
@@ -335,6 +348,7 @@ class Curvature:
             self.loss_lse = lse
             self.loss_softmax = softmax
             # backward
+            self.linear1_g = g_linear1
             accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
             accumulate_grad(self.p['1.bias'], self._linear1_bias_vjp(g_linear1, self.linear1_X))
         self._ready = True
@@ -377,6 +391,42 @@ class Curvature:
         u_linear1 = self._loss_hessian_product(t_linear1)
         return self._linear1_bias_vjp(u_linear1, self.linear1_X)
 
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        u_linear1 = self._loss_hessian_product(t_linear1)
+        out = {}
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        u_linear1 = self._loss_hessian_product(t_linear1)
+        out = {}
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        u_linear1 = self._loss_fisher_product(t_linear1, samples, generator)
+        out = {}
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
@@ -389,6 +439,15 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
 
+    def _loss_fisher_product(self, v, samples, generator):
+        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
+        lse = self.loss_lse
+        softmax = self.loss_softmax
+        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
+        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+
     def _reshape0_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (1, 28, 28), (784,))
@@ -397,45 +456,51 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (784,), (1, 28, 28))
 
-    def _linear1_jvp(self, v):
+    def _linear1_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(784,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(784,))
+
+    def _linear1_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(784,))
-        W = self.p['1.weight'].reshape(10, 784)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(10,))
+        v = self._linear1_view(v)
+        W = reshape_to(self.p['1.weight'] if W is None else W, (10, 784), (10, 784))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (10,), (10,))
 
-    def _linear1_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear1_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(10,))
-        W = self.p['1.weight'].reshape(10, 784)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['1.weight'] if W is None else W, (10, 784), (10, 784))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(784,))
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(10, 784))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (10, 784), (10, 784))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(10,))
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(10, 784))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (10, 784), (10, 784))
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
         S = S.reshape(*(10,), *(10,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(784, 784), (10, 784))
 
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(10,))
+        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
         return Y.reshape(*Y.shape[:-1], *(10,))
 
@@ -443,10 +508,10 @@ class Curvature:
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(10,))
+        return reshape_to(G, (10,), (10,))
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
         S = S.reshape(*(10,), *(10,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

@@ -258,6 +258,20 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
+def as_vectors(vs, shapes):
+    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+    vs = list(vs)
+    if len(vs) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
+    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
+
+
+def from_vectors(out, shapes, single):
+    """Inverse of ``as_vectors``: a list in parameter order."""
+    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
 
@@ -323,19 +337,16 @@ class Curvature:
         with torch.no_grad():
             # forward
             a_reshape0 = x.reshape(x.shape[0], *(784,))
-            lead = a_reshape0.shape[:1]
             a_linear1 = torch.nn.functional.linear(a_reshape0, self.p['1.weight'], self.p['1.bias'])
-            self.linear1_X = a_reshape0.reshape(*lead, *(784,))
+            self.linear1_X = self._linear1_view(a_reshape0)
             a_sigmoid2 = torch.sigmoid(a_linear1)
             self.sigmoid2_d1 = a_sigmoid2*(1 - a_sigmoid2)
-            lead = a_sigmoid2.shape[:1]
             a_linear3 = torch.nn.functional.linear(a_sigmoid2, self.p['3.weight'], self.p['3.bias'])
-            self.linear3_X = a_sigmoid2.reshape(*lead, *(128,))
+            self.linear3_X = self._linear3_view(a_sigmoid2)
             a_sigmoid4 = torch.sigmoid(a_linear3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
-            lead = a_sigmoid4.shape[:1]
             a_linear5 = torch.nn.functional.linear(a_sigmoid4, self.p['5.weight'], self.p['5.bias'])
-            self.linear5_X = a_sigmoid4.reshape(*lead, *(64,))
+            self.linear5_X = self._linear5_view(a_sigmoid4)
             # loss
             z = a_linear5.reshape(N, -1)
             C = 10
@@ -349,16 +360,19 @@ class Curvature:
             self.loss_lse = lse
             self.loss_softmax = softmax
             # backward
+            self.linear5_g = g_linear5
             accumulate_grad(self.p['5.weight'], self._linear5_weight_vjp(g_linear5, self.linear5_X))
             accumulate_grad(self.p['5.bias'], self._linear5_bias_vjp(g_linear5, self.linear5_X))
             g_sigmoid4 = self._linear5_vjp(g_linear5)
             self.sigmoid4_r = g_sigmoid4 * (a_sigmoid4*(a_sigmoid4 - 1)*(2*a_sigmoid4 - 1))
             g_linear3 = g_sigmoid4 * self.sigmoid4_d1
+            self.linear3_g = g_linear3
             accumulate_grad(self.p['3.weight'], self._linear3_weight_vjp(g_linear3, self.linear3_X))
             accumulate_grad(self.p['3.bias'], self._linear3_bias_vjp(g_linear3, self.linear3_X))
             g_sigmoid2 = self._linear3_vjp(g_linear3)
             self.sigmoid2_r = g_sigmoid2 * (a_sigmoid2*(a_sigmoid2 - 1)*(2*a_sigmoid2 - 1))
             g_linear1 = g_sigmoid2 * self.sigmoid2_d1
+            self.linear1_g = g_linear1
             accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
             accumulate_grad(self.p['1.bias'], self._linear1_bias_vjp(g_linear1, self.linear1_X))
         self._ready = True
@@ -457,6 +471,78 @@ class Curvature:
         u_linear5 = self._loss_hessian_product(t_linear5)
         return self._linear5_bias_vjp(u_linear5, self.linear5_X)
 
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        t_sigmoid2 = self._sigmoid2_jvp(t_linear1)
+        t_linear3 = self._linear3_jvp(t_sigmoid2) + self._linear3_weight_jvp(v['3.weight'], self.linear3_X) + self._linear3_bias_jvp(v['3.bias'], self.linear3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_linear3)
+        t_linear5 = self._linear5_jvp(t_sigmoid4) + self._linear5_weight_jvp(v['5.weight'], self.linear5_X) + self._linear5_bias_jvp(v['5.bias'], self.linear5_X)
+        u_linear5 = self._loss_hessian_product(t_linear5)
+        out = {}
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X)
+        out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
+        u_sigmoid4 = self._linear5_vjp(u_linear5)
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4)
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X)
+        out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
+        u_sigmoid2 = self._linear3_vjp(u_linear3)
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2)
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        t_sigmoid2 = self._sigmoid2_jvp(t_linear1)
+        t_linear3 = self._linear3_jvp(t_sigmoid2) + self._linear3_weight_jvp(v['3.weight'], self.linear3_X) + self._linear3_bias_jvp(v['3.bias'], self.linear3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_linear3)
+        t_linear5 = self._linear5_jvp(t_sigmoid4) + self._linear5_weight_jvp(v['5.weight'], self.linear5_X) + self._linear5_bias_jvp(v['5.bias'], self.linear5_X)
+        u_linear5 = self._loss_hessian_product(t_linear5)
+        out = {}
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X) + self._linear5_weight_vjp(self.linear5_g, self._linear5_view(t_sigmoid4))
+        out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
+        u_sigmoid4 = self._linear5_vjp(u_linear5) + self._linear5_vjp(self.linear5_g, v['5.weight'])
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4) + residual_product(self.sigmoid4_r, t_linear3, 'hessian')
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X) + self._linear3_weight_vjp(self.linear3_g, self._linear3_view(t_sigmoid2))
+        out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
+        u_sigmoid2 = self._linear3_vjp(u_linear3) + self._linear3_vjp(self.linear3_g, v['3.weight'])
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2) + residual_product(self.sigmoid2_r, t_linear1, 'hessian')
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
+        self._check_ready()
+        v, single = as_vectors(vs, PARAMETERS)
+        t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
+        t_sigmoid2 = self._sigmoid2_jvp(t_linear1)
+        t_linear3 = self._linear3_jvp(t_sigmoid2) + self._linear3_weight_jvp(v['3.weight'], self.linear3_X) + self._linear3_bias_jvp(v['3.bias'], self.linear3_X)
+        t_sigmoid4 = self._sigmoid4_jvp(t_linear3)
+        t_linear5 = self._linear5_jvp(t_sigmoid4) + self._linear5_weight_jvp(v['5.weight'], self.linear5_X) + self._linear5_bias_jvp(v['5.bias'], self.linear5_X)
+        u_linear5 = self._loss_fisher_product(t_linear5, samples, generator)
+        out = {}
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X)
+        out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
+        u_sigmoid4 = self._linear5_vjp(u_linear5)
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4)
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X)
+        out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
+        u_sigmoid2 = self._linear3_vjp(u_linear3)
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2)
+        out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
+        out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
+        return from_vectors(out, PARAMETERS, single)
+
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
@@ -469,6 +555,15 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
 
+    def _loss_fisher_product(self, v, samples, generator):
+        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
+        lse = self.loss_lse
+        softmax = self.loss_softmax
+        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
+        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+
     def _reshape0_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (1, 28, 28), (784,))
@@ -477,45 +572,51 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (784,), (1, 28, 28))
 
-    def _linear1_jvp(self, v):
+    def _linear1_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(784,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(784,))
+
+    def _linear1_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(784,))
-        W = self.p['1.weight'].reshape(128, 784)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(128,))
+        v = self._linear1_view(v)
+        W = reshape_to(self.p['1.weight'] if W is None else W, (128, 784), (128, 784))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (128,), (128,))
 
-    def _linear1_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear1_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(128,))
-        W = self.p['1.weight'].reshape(128, 784)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['1.weight'] if W is None else W, (128, 784), (128, 784))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(784,))
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(128, 784))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (128, 784), (128, 784))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(128,))
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(128,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(128, 784))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (128, 784), (128, 784))
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
         S = S.reshape(*(128,), *(128,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(128, 128), B.reshape(784, 784), (128, 784))
 
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(128,))
+        v = reshape_to(v, (128,), (128,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(128,)))
         return Y.reshape(*Y.shape[:-1], *(128,))
 
@@ -523,12 +624,12 @@ class Curvature:
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(128,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(128,))
+        return reshape_to(G, (128,), (128,))
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
         S = S.reshape(*(128,), *(128,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(128, 128), (128,))
 
     def _sigmoid2_jvp(self, v):
@@ -539,45 +640,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid2_d1
 
-    def _linear3_jvp(self, v):
+    def _linear3_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(128,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(128,))
+
+    def _linear3_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(128,))
-        W = self.p['3.weight'].reshape(64, 128)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(64,))
+        v = self._linear3_view(v)
+        W = reshape_to(self.p['3.weight'] if W is None else W, (64, 128), (64, 128))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (64,), (64,))
 
-    def _linear3_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear3_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(64,))
-        W = self.p['3.weight'].reshape(64, 128)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['3.weight'] if W is None else W, (64, 128), (64, 128))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(128,))
 
     def _linear3_weight_jvp(self, v, X):
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(64, 128))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (64, 128), (64, 128))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(64,))
 
     def _linear3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(64,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(64, 128))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (64, 128), (64, 128))
 
     def _linear3_weight_block(self, S, average):
         """B = A ⊗ B for θ = 3.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear3_X, average)
         S = S.reshape(*(64,), *(64,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
 
     def _linear3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(64,))
+        v = reshape_to(v, (64,), (64,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(64,)))
         return Y.reshape(*Y.shape[:-1], *(64,))
 
@@ -585,12 +692,12 @@ class Curvature:
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(64,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(64,))
+        return reshape_to(G, (64,), (64,))
 
     def _linear3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
         S = S.reshape(*(64,), *(64,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
     def _sigmoid4_jvp(self, v):
@@ -601,45 +708,51 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid4_d1
 
-    def _linear5_jvp(self, v):
+    def _linear5_view(self, x):
+        """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
+        lead = lead_shape(x, 1)
+        return x.reshape(*lead, *(64,))
+
+    def _linear5_jvp(self, v, W=None):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
         lead = lead_shape(v, 1)
-        v = v.reshape(*lead, *(64,))
-        W = self.p['5.weight'].reshape(10, 64)
-        Y = torch.einsum("ab,...cb->...ca", W, v)
-        return Y.reshape(*lead, *(10,))
+        v = self._linear5_view(v)
+        W = reshape_to(self.p['5.weight'] if W is None else W, (10, 64), (10, 64))
+        Y = torch.einsum("...ab,...cb->...ca", W, v)
+        return reshape_to(Y, (10,), (10,))
 
-    def _linear5_vjp(self, u):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+    def _linear5_vjp(self, u, W=None):
+        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
         u = u.reshape(*lead, *(10,))
-        W = self.p['5.weight'].reshape(10, 64)
-        X = torch.einsum("ab,...ca->...cb", W, u)
+        W = reshape_to(self.p['5.weight'] if W is None else W, (10, 64), (10, 64))
+        X = torch.einsum("...ab,...ca->...cb", W, u)
+        lead = lead_shape(X, 1)
         return X.reshape(*lead, *(64,))
 
     def _linear5_weight_jvp(self, v, X):
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = v.reshape(v.shape[0], *(10, 64))
-        Y = torch.einsum("ab,...cb->...ac", X, v)
+        v = reshape_to(v, (10, 64), (10, 64))
+        Y = torch.einsum("...ab,...cb->...ac", X, v)
         return Y.reshape(*Y.shape[:-1], *(10,))
 
     def _linear5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
-        G = torch.einsum("ab,...ac->...cb", X, u)
-        return G.reshape(*G.shape[:G.dim() - 2], *(10, 64))
+        G = torch.einsum("...ab,...ac->...cb", X, u)
+        return reshape_to(G, (10, 64), (10, 64))
 
     def _linear5_weight_block(self, S, average):
         """B = A ⊗ B for θ = 5.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear5_X, average)
         S = S.reshape(*(10,), *(10,))
-        A = torch.einsum("ab->ab", S)
-        B = torch.einsum("ab,ac->bc", X, X) / X.shape[0]
+        A = torch.einsum("...ab->...ab", S)
+        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(64, 64), (10, 64))
 
     def _linear5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = v.reshape(v.shape[0], *(10,))
+        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
         return Y.reshape(*Y.shape[:-1], *(10,))
 
@@ -647,10 +760,10 @@ class Curvature:
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
         u = u.reshape(*lead_shape(u, 1), *(10,))
         G = torch.einsum("...ab->...b", u)
-        return G.reshape(*G.shape[:G.dim() - 1], *(10,))
+        return reshape_to(G, (10,), (10,))
 
     def _linear5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
         S = S.reshape(*(10,), *(10,))
-        B = torch.einsum("ab->ab", S)
+        B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

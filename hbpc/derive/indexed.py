@@ -105,10 +105,7 @@ def resolve_deltas(expr):
 
 @dataclass(frozen=True)
 class Einsum:
-    """``coeff · torch.einsum(spec, *operands)``; operands named by their IndexedBase label.
-
-    Operands listed in ``leading`` carry extra leading dimensions (``...``).
-    """
+    """``coeff · torch.einsum(spec, *operands)``; operands named by their IndexedBase label."""
 
     spec: str
     operands: tuple
@@ -138,31 +135,27 @@ def _letters(indices):
     return table
 
 
-def einsum_of(term: Term, out: tuple, leading=()) -> Einsum:
+def einsum_of(term: Term, out: tuple) -> Einsum:
     """Lower one term to an einsum producing indices ``out``.
 
-    Operands named in ``leading`` (tangents) get a ``...`` prefix, as does the output.
+    Every operand and the output get a ``...`` prefix, so any operand may carry
+    leading dimensions (a batch of V tangents, or a tangent standing in for a weight).
     """
     if term.deltas:
         raise ValueError(f"cannot lower {term}: it keeps a delta between free indices")
     letters = _letters([idx for f in term.factors for idx in f.indices] + list(out))
-    operand_specs, operands = [], []
-    for f in term.factors:
-        name = str(f.base.label)
-        prefix = "..." if name in leading else ""
-        operand_specs.append(prefix + "".join(letters[idx] for idx in f.indices))
-        operands.append(name)
-    lead = "..." if any(name in leading for name in operands) else ""
+    operand_specs = ["..." + "".join(letters[idx] for idx in f.indices) for f in term.factors]
+    operands = [str(f.base.label) for f in term.factors]
     present = {idx for f in term.factors for idx in f.indices}
     broadcast = tuple(p for p, idx in enumerate(out) if idx not in present)
     result = "".join(letters[idx] for idx in out if idx in present)
-    spec = ",".join(operand_specs) + "->" + lead + result
+    spec = ",".join(operand_specs) + "->..." + result
     return Einsum(spec, tuple(operands), term.coeff, broadcast)
 
 
-def single_einsum(expr, out: tuple, leading=()) -> Einsum:
+def single_einsum(expr, out: tuple) -> Einsum:
     """Lower ``expr``, which must be a single term, to one einsum."""
     found = terms(expr)
     if len(found) != 1:
         raise ValueError(f"expected one term, got {len(found)} in {expr}")
-    return einsum_of(found[0], out, leading)
+    return einsum_of(found[0], out)

@@ -46,6 +46,7 @@ class TensorDerivation:
     linear: bool
     sample_dependent: bool
     block: ParameterBlock = None
+    couples_input: bool = False  # ∂²Y/∂X∂θ ≠ 0: the full Hessian has a parameter-input cross term
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _parameter_block(jacobian, out, batch, index, index2) -> ParameterBlock:
     return ParameterBlock("operator", sandwich=sandwich)
 
 
-def derive_tensor(expr, out, base, batch, is_parameter) -> TensorDerivation:
+def derive_tensor(expr, out, base, batch, is_parameter, input_base) -> TensorDerivation:
     rank = _rank(expr, base)
     index, index2 = _fresh("a", rank), _fresh("b", rank)
     jacobian = sp.diff(expr, base[index])
@@ -120,16 +121,18 @@ def derive_tensor(expr, out, base, batch, is_parameter) -> TensorDerivation:
         raise ValueError(f"rule is not linear in {base}: structured rules must be")
     jvp_expr = _sum(jacobian * TANGENT_IN[index], index)
     vjp_expr = _sum(jacobian * TANGENT_OUT[out], out)
-    jvp = single_einsum(jvp_expr, out, leading=("v",))
-    vjp = single_einsum(vjp_expr, index, leading=("u",))
+    jvp = single_einsum(jvp_expr, out)
+    vjp = single_einsum(vjp_expr, index)
     dependent = _uses_sample(terms(jvp_expr), batch, {TANGENT_IN})
     block = _parameter_block(jacobian, out, batch, index, index2) if is_parameter else None
-    return TensorDerivation(jacobian, jvp, vjp, linear, dependent, block)
+    input_rank = _rank(expr, input_base)
+    couples = is_parameter and bool(terms(sp.diff(jacobian, input_base[_fresh("c", input_rank)])))
+    return TensorDerivation(jacobian, jvp, vjp, linear, dependent, block, couples)
 
 
 def derive_structured(rule, input_base, batch) -> StructuredDerivation:
     expr = rule.expr
-    tensors = {"X": derive_tensor(expr, rule.out, input_base, batch, is_parameter=False)}
+    tensors = {"X": derive_tensor(expr, rule.out, input_base, batch, False, input_base)}
     for role, base in rule.params.items():
-        tensors[role] = derive_tensor(expr, rule.out, base, batch, is_parameter=True)
+        tensors[role] = derive_tensor(expr, rule.out, base, batch, True, input_base)
     return StructuredDerivation(tensors)

@@ -38,6 +38,18 @@ def _loss_lines(graph, last):
     restore += [f"{name} = self.loss_{name}" for name in derivation.intermediates]
     hvp = restore + shared + [f"return scale * ({exprs['hvp']})"]
     doc = f"ℓ(z, t) = {rule.ell};  Hv = {derivation.hessian_product}"
+    if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
+        fisher = [
+            *restore,
+            "labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)",
+            f"s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # ∇_z ℓ(z, ŷ)",
+            "return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))",
+        ]
+        fisher_method = ["def _loss_fisher_product(self, v, samples, generator):",
+                         '    """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""',
+                         *_indent(fisher, 1), ""]
+    else:
+        fisher_method = []
     methods = [
         "def _loss_hessian_product(self, v):",
         f'    """(∇²_z L) v per sample, v (V, N, C): {doc}"""', *_indent(hvp, 1), "",
@@ -45,6 +57,7 @@ def _loss_lines(graph, last):
         '    """S_z = Σ_n ∇²_{z_n} L: (C, C)."""',
         f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
         f"    return self._loss_hessian_product(eye[:, None, :].expand({classes}, self.N, {classes})).sum(1)", "",
+        *fisher_method,
     ]
     return lines, methods
 
@@ -69,6 +82,65 @@ def _block_product(graph, order, index, role, codes):
     body.append(f"return self._{name}_{role}_vjp(u_{name}, self.{name}_X)")
     doc = f"C_θθ v for θ = {param}: J_θᵀ H J_θ v with H by the exact backward recursion (V, *θ) -> (V, *θ)"
     return [f"def _block_product_{name}_{role}(self, v, curvature):", f'    """{doc}"""', *_indent(body, 1), ""]
+
+
+def _sum(terms):
+    return " + ".join(terms)
+
+
+_FULL_PRODUCTS = {
+    "ggn": ("ggn_vector_product(self, vs)", "G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton)",
+            "self._loss_hessian_product({t})"),
+    "hessian": ("hessian_vector_product(self, vs)",
+                "H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term",
+                "self._loss_hessian_product({t})"),
+    "fisher": ("fisher_mc_vector_product(self, vs, samples=1, generator=None)",
+               "F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call",
+               "self._loss_fisher_product({t}, samples, generator)"),
+}
+
+
+def _full_product(graph, order, codes, kind):
+    """Straight-line code for a full-network product, reusing the linearization of forward_backward.
+
+    Forward: t_out = J_x t_in + Σ_θ J_θ v_θ. Backward: u_in = J_xᵀ u_out (+ second-order terms for the Hessian:
+    R t_in at nonlinear nodes, J_xᵀ(g; W ← v_W) and J_θᵀ(g; X ← t_in) where ∂²Y/∂X∂θ ≠ 0).
+    """
+    signature, doc, loss_product = _FULL_PRODUCTS[kind]
+    second_order = kind == "hessian"
+    body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS)"]
+    tangent = {}
+    previous = None
+    for name in order:
+        node = graph.nodes[name]
+        terms = [f"self._{name}_jvp({previous})"] if previous else []
+        terms += [f"self._{name}_{role}_jvp(v[{param!r}], self.{name}_X)" for role, param in node["params"].items()]
+        if terms:
+            body.append(f"t_{name} = {_sum(terms)}")
+            tangent[name] = f"t_{name}"
+            previous = f"t_{name}"
+    last = order[-1]
+    body.append(f"u_{last} = {loss_product.format(t=f't_{last}')}")
+    body.append("out = {}")
+    for index in range(len(order) - 1, -1, -1):
+        name, node = order[index], graph.nodes[order[index]]
+        before = tangent.get(order[index - 1]) if index > 0 else None
+        for role, param in node["params"].items():
+            terms = [f"self._{name}_{role}_vjp(u_{name}, self.{name}_X)"]
+            if second_order and role in codes[name].cross_terms and before:
+                terms.append(f"self._{name}_{role}_vjp(self.{name}_g, self._{name}_view({before}))")
+            body.append(f"out[{param!r}] = {_sum(terms)}")
+        if before is None:
+            break
+        terms = [f"self._{name}_vjp(u_{name})"]
+        if second_order and codes[name].residual:
+            terms.append(f"residual_product({codes[name].residual}, {before}, 'hessian')")
+        if second_order and "weight" in codes[name].cross_terms:
+            terms.append(f"self._{name}_vjp(self.{name}_g, v[{node['params']['weight']!r}])")
+        body.append(f"u_{order[index - 1]} = {_sum(terms)}")
+    body.append("return from_vectors(out, PARAMETERS, single)")
+    return ["@torch.no_grad()", f"def {signature}:", f'    """{doc}; vs is a list shaped like the parameters,'
+            ' optionally with a leading V."""', *_indent(body, 1), ""]
 
 
 def _blocks_method(graph, order, codes, plan):
@@ -203,6 +275,10 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "    }",
             "",
             *products,
+            *_full_product(graph, order, codes, "ggn"),
+            *_full_product(graph, order, codes, "hessian"),
+            *(_full_product(graph, order, codes, "fisher") if "softmax" in derive(graph.graph["loss_rule"]).intermediates
+              else []),
             *loss_methods,
             *[line for name in order for line in codes[name].methods],
         ], 1),

@@ -26,6 +26,7 @@ class NodeCode:
     residual: str = None          # attribute holding the residual coefficient r = g ⊙ φ″, if any
     input_curvature: str = None   # expression for S_x given S, average, curvature
     blocks: dict = field(default_factory=dict)  # role -> method name taking (S, average)
+    cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
 
 
 def param_code(name: str) -> str:
@@ -137,43 +138,52 @@ def structured_code(name, node, input_var, caches_view) -> NodeCode:
     views, constants = _view_shapes(node)
     x_rank, y_rank = len(node["x_shape"]), len(node["y_shape"])
     names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
-    weights = [f"W = {_param_view(node, views, 'weight')}"] if "weight" in node["params"] else []
+    expr = f"Y[{', '.join(map(str, rule.out))}] = {rule.expr}"
     code = NodeCode()
     code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_var)}"]
     if caches_view:
-        code.forward.insert(0, f"lead = {input_var}.shape[:1]")
-        code.forward.append(f"self.{name}_X = {_input_view(node, views, input_var)}")
+        code.forward.append(f"self.{name}_X = self._{name}_view({input_var})")
+        code.backward.append(f"self.{name}_g = g_{name}")
+    code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
+                            [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
 
     jx = derivation.tensors["X"]
     jvp = _coeff(jx.jvp, constants).code(names, f"(lead[-1], *{views['Y']!r})")
     vjp = _coeff(jx.vjp, constants).code(names, f"(lead[-1], *{views['X']!r})")
-    expr = f"Y[{', '.join(map(str, rule.out))}] = {rule.expr}"
+    weight = []
+    if "weight" in node["params"]:
+        shape, view = node["param_shapes"]["weight"], tuple(views["W"])
+        weight = [f"W = reshape_to({param_code(node['params']['weight'])} if W is None else W, {shape!r}, {view!r})"]
+    signature = ", W=None" if weight else ""
     code.methods += _method(
-        f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
-        [f"lead = lead_shape(v, {x_rank})", f"v = {_input_view(node, views, 'v')}",
-         *weights, f"Y = {jvp}", f"return Y.reshape(*lead, *{node['y_shape']!r})"])
+        f"_{name}_jvp(self, v{signature})", f"J v, derived from {expr}",
+        [f"lead = lead_shape(v, {x_rank})", f"v = self._{name}_view(v)", *weight, f"Y = {jvp}",
+         f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"])
     code.methods += _method(
-        f"_{name}_vjp(self, u)", f"Jᵀ u for {expr}",
-        [f"lead = lead_shape(u, {y_rank})", f"u = u.reshape(*lead, *{views['Y']!r})", *weights,
-         f"X = {vjp}", f"return {_input_view_adjoint(node, views, 'X')}"])
+        f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
+        [f"lead = lead_shape(u, {y_rank})", f"u = u.reshape(*lead, *{views['Y']!r})", *weight,
+         f"X = {vjp}", f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
     code.input_grad = f"g_{input_var[2:]} = self._{name}_vjp(g_{name})"
 
     for role, param in node["params"].items():
         tensor = derivation.tensors[role]
         shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
+        full = node["param_shapes"][role]
         p_jvp = _coeff(tensor.jvp, constants).code(names, f"(self.N, *{views['Y']!r})")
         p_vjp = _coeff(tensor.vjp, constants).code(names, repr(shape))
         code.methods += _method(
             f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
-            [f"v = v.reshape(v.shape[0], *{shape!r})", f"Y = {p_jvp}",
+            [f"v = reshape_to(v, {full!r}, {shape!r})", f"Y = {p_jvp}",
              f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], *{node['y_shape']!r})"])
         code.methods += _method(
             f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
             [f"u = u.reshape(*lead_shape(u, {y_rank}), *{views['Y']!r})", f"G = {p_vjp}",
-             f"return G.reshape(*G.shape[:G.dim() - {len(shape)}], *{node['param_shapes'][role]!r})"])
+             f"return reshape_to(G, {shape!r}, {full!r})"])
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
         code.blocks[role] = f"_{name}_{role}_block"
+        if tensor.couples_input:
+            code.cross_terms.append(role)
     code.input_curvature = (f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"
                             if not jx.sample_dependent else None)
     return code
@@ -191,7 +201,7 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
                         f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
     if block.kind == "kronecker":
         a_factor, b_factor = block.factors
-        split = len(a_factor.spec.split("->")[1]) // 2
+        split = len(a_factor.spec.split("->")[1].replace("...", "")) // 2
         a = prod(shape[:split])
         return _method(
             signature,
