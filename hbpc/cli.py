@@ -46,9 +46,11 @@ def describe_rule(rule, latex=False) -> str:
     derivation = derive(rule)
     lines = [f"{rule.key}  ({type(rule).__name__.lower()})"]
     if isinstance(rule, Elementwise):
-        lines += [f"forward   y = {_show(rule.phi, latex)}   (torch: {rule.forward})",
+        code = derivation.code(rule.hyper)
+        defaults = f"   defaults: {rule.hyper}" if rule.hyper else ""
+        lines += [f"forward   y = {_show(rule.phi, latex)}   (torch: {rule.forward}){defaults}",
                   f"φ′        {_show(derivation.d1, latex)}", f"φ″        {_show(derivation.d2, latex)}",
-                  f"code φ′   {derivation.code['d1']}", f"code φ″   {derivation.code['d2']}"]
+                  f"code φ′   {code['d1']}", f"code φ″   {code['d2']}"]
     elif isinstance(rule, Structured):
         out = ", ".join(map(str, rule.out))
         lines.append(f"forward   Y[{out}] = {_show(rule.expr, latex)}   (input seen as {rule.input_view})")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 x, y = sp.symbols("x y", real=True)
+# Hyper-parameters of elementwise rules, named like the torch arguments they come from.
+alpha, negative_slope, beta, min_val, max_val = sp.symbols("alpha negative_slope beta min_val max_val", real=True)
 n, o, i, g, c, k, l = sp.symbols("n o i g c k l", integer=True)
 K = sp.Symbol("K", positive=True, integer=True)
 W, b, X, P = (sp.IndexedBase(name) for name in ("W", "b", "X", "P"))
@@ -33,11 +35,17 @@ def Σ(expr, *indices):
 
 @dataclass(frozen=True)
 class Elementwise:
-    """``y = φ(x)`` applied entrywise. ``forward`` is the torch function computing φ."""
+    """``y = φ(x)`` applied entrywise.
+
+    ``forward`` is torch code computing φ, with ``{x}`` and ``{name}`` for each
+    hyper-parameter; ``hyper`` maps hyper-parameter names (symbols in φ, or torch-only
+    options such as softplus' ``threshold``) to their torch defaults.
+    """
 
     key: str
     phi: sp.Expr
     forward: str
+    hyper: dict = field(default_factory=dict)
     aliases: tuple = ()
 
 

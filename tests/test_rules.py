@@ -5,6 +5,7 @@ import sympy as sp
 import torch
 
 from hbpc.derive import derive
+from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.indexed import terms
 from hbpc.rules import ELEMENTWISE, LOSSES, STRUCTURED
 from hbpc.rules.spec import X, n, x, y
@@ -13,18 +14,21 @@ GRID = np.linspace(-3.0, 3.0, 25) + 0.0137  # avoid exact kinks
 
 
 def _in_x(rule, expr):
-    return sp.lambdify(x, expr.subs(y, rule.phi), "numpy")
+    values = hyper_values(rule.hyper)
+    modules = [{"Sigmoid": lambda a: 1 / (1 + np.exp(-a)), "Softplus": lambda a: np.logaddexp(0, a)}, "numpy", "scipy"]
+    return sp.lambdify(x, expr.subs(y, rule.phi).subs(values), modules)
 
 
 @pytest.mark.parametrize("rule", ELEMENTWISE, ids=[r.key for r in ELEMENTWISE])
 def test_elementwise_derivatives_equal_sympy_diff_and_finite_differences(rule):
     derivation = derive(rule)
     d1, d2 = _in_x(rule, derivation.d1)(GRID), _in_x(rule, derivation.d2)(GRID)
-    phi = sp.lambdify(x, rule.phi, "numpy")
+    phi = sp.lambdify(x, rule.phi.subs(hyper_values(rule.hyper)), ["numpy", "scipy"])
     h = 1e-5
     assert np.allclose(d1, (phi(GRID + h) - phi(GRID - h)) / (2 * h), atol=1e-6)
     assert np.allclose(d2, (phi(GRID + h) - 2 * phi(GRID) + phi(GRID - h)) / h**2, atol=1e-3)
-    exact = sp.lambdify(x, sp.diff(rule.phi, x, 2).replace(sp.DiracDelta, lambda *a: 0), "numpy")(GRID)
+    second = sp.sympify(sp.diff(rule.phi, x, 2).replace(sp.DiracDelta, lambda *a: 0)).subs(hyper_values(rule.hyper))
+    exact = np.broadcast_to(sp.lambdify(x, second, ["numpy", "scipy"])(GRID), GRID.shape)
     assert np.allclose(d2, exact, atol=1e-12)
 
 
@@ -32,14 +36,15 @@ def test_elementwise_derivatives_equal_sympy_diff_and_finite_differences(rule):
 def test_elementwise_forward_and_code_match_torch(rule):
     derivation = derive(rule)
     t = torch.tensor(GRID, dtype=torch.float64, requires_grad=True)
-    forward = eval(rule.forward, {"torch": torch})
-    out = forward(t)
-    assert np.allclose(out.detach().numpy(), sp.lambdify(x, rule.phi, "numpy")(GRID))
+    out = eval(rule.forward.format(x="t", **rule.hyper), {"torch": torch, "t": t})
+    phi = sp.lambdify(x, rule.phi.subs(hyper_values(rule.hyper)), ["numpy", "scipy"])
+    assert np.allclose(out.detach().numpy(), phi(GRID))
     (grad,) = torch.autograd.grad(out.sum(), t, create_graph=True)
     (second,) = torch.autograd.grad(grad.sum(), t)
     scope = {"torch": torch, "x": t.detach(), "y": out.detach()}
-    assert torch.allclose(torch.as_tensor(eval(derivation.code["d1"], scope), dtype=torch.float64), grad.detach())
-    assert torch.allclose(torch.as_tensor(eval(derivation.code["d2"], scope), dtype=torch.float64), second)
+    code = derivation.code(rule.hyper)
+    assert torch.allclose(torch.as_tensor(eval(code["d1"], scope), dtype=torch.float64), grad.detach())
+    assert torch.allclose(torch.as_tensor(eval(code["d2"], scope), dtype=torch.float64), second)
 
 
 def test_cheaper_output_form_is_used_only_where_valid():
@@ -68,7 +73,8 @@ def test_derived_structure_facts():
     conv = derive(STRUCTURED[1]).tensors
     assert conv["weight"].block.kind == "operator"
     assert conv["bias"].block.kind == "dense"
-    assert linear["X"].jvp.spec == "ab,...cb->...ca"  # J v = v Wᵀ
+    assert linear["X"].jvp.spec == "...ab,...cb->...ca"  # J v = v Wᵀ
+    assert linear["weight"].couples_input and not linear["bias"].couples_input
 
 
 def test_linear_einsums_match_torch_autograd():

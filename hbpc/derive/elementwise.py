@@ -1,4 +1,14 @@
-"""Derive φ′ and φ″ of an elementwise rule, in ``x`` or, where cheaper, in ``y = φ(x)``."""
+"""Derive φ′ and φ″ of an elementwise rule and pick the form to emit.
+
+Candidates for each derivative: the expression in ``x``; rewritten in the output
+``y = φ(x)`` (often cheaper: σ′ = y(1−y)); rewritten through ``s = σ(a)`` for every
+exponential ``exp(k·a)`` (``exp(a) = s/(1−s)``), which keeps ``exp`` from overflowing.
+A candidate must agree with the ``x`` form on a probe grid (so a non-invertible φ
+cannot be rewritten in ``y``); among those, the one finite at the most extreme inputs,
+then the one with fewest operations, wins. Hyper-parameters stay symbols and are
+substituted when code is printed.
+"""
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -6,22 +16,26 @@ import sympy as sp
 
 from hbpc.rules.spec import x, y
 
-from .printer import torch_code
+from .printer import Sigmoid, Softplus, torch_code
 
-_PROBE = np.linspace(-4.0, 4.0, 41)
+_PROBE = np.linspace(-4.0, 4.0, 41) + 0.0123
+_EXTREME = np.array([-1000.0, -100.0, -40.0, 40.0, 100.0, 1000.0])
+_NUMPY = [{"Sigmoid": lambda a: 1 / (1 + np.exp(-a)), "Softplus": lambda a: np.logaddexp(0, a)}, "numpy", "scipy"]
+_W = sp.Wild("w")
 
 
 @dataclass(frozen=True)
 class ElementwiseDerivation:
-    """``d1 = φ′``, ``d2 = φ″`` as sympy expressions of ``var`` (``x`` or ``y``)."""
+    """``d1 = φ′``, ``d2 = φ″`` as sympy expressions of ``x`` and/or ``y`` and the rule's hyper-parameters."""
 
     phi: sp.Expr
     d1: sp.Expr
     d2: sp.Expr
 
-    @property
-    def code(self) -> dict:
-        return {"d1": torch_code(self.d1), "d2": torch_code(self.d2)}
+    def code(self, hyper: dict = None) -> dict:
+        """Torch code for φ′ and φ″ with hyper-parameter values substituted."""
+        values = hyper_values(hyper or {})
+        return {"d1": torch_code(self.d1.subs(values)), "d2": torch_code(self.d2.subs(values))}
 
     def uses(self, name: str) -> bool:
         """Whether φ′ or φ″ reads the input (``"x"``) or the output (``"y"``)."""
@@ -34,37 +48,71 @@ def almost_everywhere(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
 
 
-def _candidates_in_y(phi: sp.Expr, expr: sp.Expr) -> list:
+_INVERTIBLE_OPS = 8  # only small φ are inverted symbolically (sp.solve is slow on large ones)
+
+
+def _in_y(phi, expr) -> list:
     rewrites = [expr.subs(phi, y)]
+    if sp.count_ops(phi) > _INVERTIBLE_OPS or phi.has(sp.Piecewise, sp.Max, sp.Min, sp.Abs):
+        return rewrites
     try:
         rewrites += [sp.simplify(expr.subs(x, inverse)) for inverse in sp.solve(sp.Eq(phi, y), x)]
-    except (NotImplementedError, ValueError):
+    except (NotImplementedError, ValueError, TypeError):
         pass
-    forms = [form for r in rewrites for form in (r, sp.expand(r), sp.factor(r))]
-    return [form for form in forms if x not in form.free_symbols]
+    return rewrites
 
 
-def _agrees(phi: sp.Expr, in_x: sp.Expr, in_y: sp.Expr) -> bool:
-    """The rewrite is valid where it matters: equal on a probe grid (catches non-invertible φ)."""
-    fx = sp.lambdify(x, in_x, "numpy")
-    fy = sp.lambdify(y, in_y, "numpy")
-    phi_values = sp.lambdify(x, phi, "numpy")(_PROBE)
-    with np.errstate(all="ignore"):
-        a = np.broadcast_to(np.asarray(fx(_PROBE), dtype=float), _PROBE.shape)
-        b = np.broadcast_to(np.asarray(fy(phi_values), dtype=float), _PROBE.shape)
-    return bool(np.allclose(a, b, atol=1e-9, equal_nan=False))
+def _through_sigmoid(expr) -> list:
+    """``expr`` with ``log(1 + exp(a))`` as softplus and every ``exp(k·a)`` as ``(σ(a) / (1 − σ(a)))^k``."""
+    s = sp.Dummy("s")
+    expr = expr.replace(sp.log(1 + sp.exp(_W)), Softplus(_W))
+    candidates = [expr]
+    for base in {e.args[0] for e in expr.atoms(sp.exp)}:
+        def as_sigmoid(e, base=base):
+            ratio = sp.cancel(e.args[0] / base)
+            return (s / (1 - s)) ** ratio if ratio.is_Integer else e
+
+        rewritten = sp.factor(sp.cancel(expr.replace(lambda e: isinstance(e, sp.exp), as_sigmoid)))
+        if s in rewritten.free_symbols:
+            candidates.append(rewritten.subs(s, Sigmoid(base)))
+    return candidates
 
 
-def cheapest(phi: sp.Expr, expr: sp.Expr) -> sp.Expr:
-    """``expr`` or an equivalent expression in ``y``, whichever has fewer operations."""
-    best = expr
-    for candidate in _candidates_in_y(phi, expr):
-        if sp.count_ops(candidate) < sp.count_ops(best) and _agrees(phi, expr, candidate):
-            best = candidate
-    return best
+def hyper_values(hyper: dict) -> dict:
+    """``{symbol: value}``; integral floats become integers so code reads ``x`` rather than ``1.0*x``."""
+    return {sp.Symbol(k, real=True): (sp.Integer(int(v)) if float(v).is_integer() else sp.Float(v))
+            for k, v in hyper.items() if isinstance(v, (int, float))}
+
+
+def _evaluate(expr, phi, points, hyper):
+    values = hyper_values(hyper)
+    f = sp.lambdify((x, y), expr.subs(values), _NUMPY)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        phi_values = sp.lambdify(x, phi.subs(values), _NUMPY)(points)
+        out = f(points, np.broadcast_to(np.asarray(phi_values, dtype=float), points.shape))
+        return np.broadcast_to(np.asarray(out, dtype=float), points.shape)
+
+
+def best_form(phi, expr, hyper) -> sp.Expr:
+    """The emitted form of ``expr``: valid, then finite at extreme inputs, then cheapest."""
+    reference = _evaluate(expr, phi, _PROBE, hyper)
+    candidates = [expr]
+    for rewrite in _in_y(phi, expr) + _through_sigmoid(expr):
+        for form in (rewrite, sp.expand(rewrite), sp.factor(rewrite)):
+            if x in form.free_symbols and y in form.free_symbols:
+                continue
+            if np.allclose(_evaluate(form, phi, _PROBE, hyper), reference, atol=1e-9, rtol=1e-9):
+                candidates.append(form)
+
+    def cost(form):
+        blowups = int(np.sum(~np.isfinite(_evaluate(form, phi, _EXTREME, hyper))))
+        return blowups, sp.count_ops(form), len(sp.srepr(form))
+
+    return min(candidates, key=cost)
 
 
 def derive_elementwise(rule) -> ElementwiseDerivation:
     d1 = almost_everywhere(sp.diff(rule.phi, x))
     d2 = almost_everywhere(sp.diff(d1, x))
-    return ElementwiseDerivation(rule.phi, cheapest(rule.phi, d1), cheapest(rule.phi, d2))
+    return ElementwiseDerivation(rule.phi, best_form(rule.phi, d1, rule.hyper), best_form(rule.phi, d2, rule.hyper))

@@ -8,12 +8,63 @@ import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
 
 
+class Sigmoid(sp.Function):
+    """σ(a) = 1/(1 + exp(−a)), only used to print derived expressions stably (never differentiated)."""
+
+
+class Softplus(sp.Function):
+    """log(1 + exp(a)), only used to print derived expressions stably (never differentiated)."""
+
+
+def _like(expr) -> str:
+    """A tensor variable of ``expr`` whose dtype and device constants must follow."""
+    return str(sorted(expr.free_symbols, key=str)[0])
+
+
 class TorchCodePrinter(TorchPrinter):
     """sympy's TorchPrinter with the conventions of generated hbpc code."""
 
+    def _print_Sigmoid(self, expr):
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_sign(self, expr):
+        return f"torch.sign({self._print(expr.args[0])})"
+
+    def _print_Abs(self, expr):
+        return f"torch.abs({self._print(expr.args[0])})"
+
+    def _print_DiracDelta(self, expr):
+        return "0"
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Basic) and expr.is_number and expr.is_real and not (
+                expr.is_Rational and abs(expr.q) < 1000 and abs(expr.p) < 1000):
+            return repr(float(expr))
+        return super()._print(expr, **kwargs)
+
     def _print_Heaviside(self, expr):
         arg = self._print(expr.args[0])
-        return f"({arg} > 0).to({arg}.dtype)"
+        return f"({arg} > 0).to({_like(expr)}.dtype)"
+
+    def _print_Min(self, expr):
+        numbers = [a for a in expr.args if a.is_number]
+        tensors = [self._print(a) for a in expr.args if not a.is_number]
+        if len(numbers) == 1 and len(tensors) == 1:
+            return f"torch.clamp({tensors[0]}, max={self._print(numbers[0])})"
+        return "torch.minimum({}, {})".format(self._print(expr.args[0]), self._print(sp.Min(*expr.args[1:])))
+
+    def _print_Piecewise(self, expr):
+        like = _like(expr)
+        out = self._branch(expr.args[-1].expr, like)
+        for branch in reversed(expr.args[:-1]):
+            out = f"torch.where({self._print(branch.cond)}, {self._branch(branch.expr, like)}, {out})"
+        return out
+
+    def _branch(self, value, like):
+        return f"{like}.new_tensor({self._print(value)})" if value.is_number else self._print(value)
+
+    def _print_Softplus(self, expr):
+        return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
 
     def _print_Max(self, expr):
         numbers = [a for a in expr.args if a.is_number]

@@ -11,6 +11,7 @@ from math import prod
 import sympy as sp
 
 from hbpc.derive import derive
+from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.printer import torch_code
 from hbpc.rules.spec import Elementwise, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
@@ -48,11 +49,12 @@ def _fmt(template: str, node, input_var: str) -> str:
 def elementwise_code(name, node, input_var) -> NodeCode:
     rule, derivation = node["rule"], derive(node["rule"])
     out = f"a_{name}"
-    rename = {X_SYMBOL: sp.Symbol(input_var), Y_SYMBOL: sp.Symbol(out)}
-    d1 = torch_code(derivation.d1.subs(rename))
-    d2 = derivation.d2.subs(rename)
+    rename = {X_SYMBOL: sp.Symbol(input_var, real=True), Y_SYMBOL: sp.Symbol(out, real=True)}
+    values = hyper_values(node["hyper"])
+    d1 = torch_code(derivation.d1.subs(values).subs(rename))
+    d2 = derivation.d2.subs(values).subs(rename)
     code = NodeCode()
-    code.forward = [f"{out} = {rule.forward}({input_var})", f"self.{name}_d1 = {d1}"]
+    code.forward = [f"{out} = {_fmt(rule.forward, node, input_var)}", f"self.{name}_d1 = {d1}"]
     code.input_grad = f"g_{input_var[2:]} = g_{name} * self.{name}_d1"
     if d2 != 0:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")

@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE
+from hbpc.rules.spec import Elementwise
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
 
@@ -95,6 +96,28 @@ def _functional_call(key, node, module):
         bound["kernel_size"] = shapes["weight"][2:]
     attrs = SimpleNamespace(**{k: v for k, v in bound.items() if not isinstance(v, fx.Node)})
     return _module_hyper(key, attrs), params, shapes
+
+
+# Options that select another rule: (key, option, value) -> key.
+_VARIANTS = {("gelu", "approximate", "tanh"): "gelu_tanh"}
+_VARIANT_OPTIONS = {"gelu": {"approximate": "none"}}
+
+
+def _variant(key, hyper):
+    for option, value in hyper.items():
+        if (key, option, value) in _VARIANTS:
+            return _VARIANTS[(key, option, value)]
+    return key
+
+
+def _elementwise_hyper(rule, node, modules):
+    """Hyper-parameter values of an activation from the module's attributes or the call's arguments."""
+    names = {**rule.hyper, **_VARIANT_OPTIONS.get(rule.key, {})}
+    if node.op == "call_module":
+        module = modules[node.target]
+        return {name: getattr(module, name, default) for name, default in names.items()}
+    given = {**dict(zip(names, node.args[1:])), **node.kwargs}
+    return {name: given.get(name, default) for name, default in names.items()}
 
 
 def _op_name(node, modules):
@@ -207,7 +230,10 @@ def _lower_nodes(module, example_input):
             problems.append(f"only chains are supported, but {where} does not consume the previous node alone")
             continue
         hyper, params, param_shapes = {}, {}, {}
-        if node.op == "call_module":
+        if isinstance(rule, Elementwise):
+            hyper = _elementwise_hyper(rule, node, modules)
+            rule = TABLE.get(_variant(rule.key, hyper), rule)
+        elif node.op == "call_module":
             try:
                 hyper = _module_hyper(rule.key, modules[node.target])
             except ValueError as error:
