@@ -5,13 +5,15 @@ sympy derives φ′ and φ″; hbpc emits them in ``x``, in the output ``y`` or 
 """
 from sympy import Abs, Max, Min, Piecewise, Rational, erf, exp, log, pi, sqrt, tanh
 
-from .spec import Elementwise, alpha, beta, max_val, min_val, negative_slope, x
+from .spec import Elementwise, alpha, beta, max_val, min_val, negative_slope, scale, shift, x
 
 F = "torch.nn.functional"
 SELU_ALPHA = Rational("1.6732632423543772848170429916717")
 SELU_SCALE = Rational("1.0507009873554804934193349852946")
 
 ELEMENTWISE = [
+    Elementwise("scale", scale * x, "{x} * {scale}", {"scale": 1.0}),
+    Elementwise("shift", x + shift, "{x} + {shift}", {"shift": 0.0}),
     Elementwise("relu", Max(0, x), "torch.relu({x})"),
     Elementwise("sigmoid", 1 / (1 + exp(-x)), "torch.sigmoid({x})"),
     Elementwise("tanh", tanh(x), "torch.tanh({x})"),

@@ -21,7 +21,8 @@ import sympy as sp
 
 x, y = sp.symbols("x y", real=True)
 # Hyper-parameters of elementwise rules, named like the torch arguments they come from.
-alpha, negative_slope, beta, min_val, max_val = sp.symbols("alpha negative_slope beta min_val max_val", real=True)
+alpha, negative_slope, beta, min_val, max_val, scale, shift = sp.symbols(
+    "alpha negative_slope beta min_val max_val scale shift", real=True)
 n, o, i, g, c, k, l = sp.symbols("n o i g c k l", integer=True)
 K = sp.Symbol("K", positive=True, integer=True)
 W, b, X, P = (sp.IndexedBase(name) for name in ("W", "b", "X", "P"))
@@ -76,6 +77,7 @@ class Selection:
 
     ``primitive`` names the pair of generated helpers ``<primitive>_jvp`` /
     ``<primitive>_vjp``; ``forward`` computes the output and what the primitive records.
+    Selections with several inputs (``add``, ``cat``) read them as ``{x0}``, ``{x1}``, ... or ``{xs}``.
     """
 
     key: str

@@ -29,10 +29,10 @@ CASES = {
                 super().__init__()
                 self.fc = nn.Linear(3, 2)
             def forward(self, x):
-                return F.gelu(self.fc(x))
+                return F.softmax(self.fc(x), dim=1)
         model = M()
         example_input = torch.zeros(2, 3)
-        """), ["unsupported op 'gelu'", "node `gelu`", "model.py:10", "supported ops: avg_pool2d, conv2d"]),
+        """), ["unsupported op 'softmax'", "node `softmax`", "model.py:10", "supported ops: add, avg_pool2d, cat"]),
     "control-flow": (textwrap.dedent("""
         class M(nn.Module):
             def __init__(self):
@@ -45,16 +45,26 @@ CASES = {
         model = M()
         example_input = torch.zeros(2, 3)
         """), ["torch.fx could not trace the model", "data-dependent Python control flow"]),
-    "residual-not-yet": (textwrap.dedent("""
+    "product-of-tensors": (textwrap.dedent("""
         class M(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.fc = nn.Linear(3, 3)
             def forward(self, x):
-                return torch.relu(self.fc(x)) + x
+                return torch.relu(self.fc(x)) * x
         model = M()
         example_input = torch.zeros(2, 3)
-        """), ["unsupported op 'add'"]),
+        """), ["unsupported op 'mul'", "model.py:10"]),
+    "broadcast-add": (textwrap.dedent("""
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(3, 1)
+            def forward(self, x):
+                return self.fc(x) + x
+        model = M()
+        example_input = torch.zeros(2, 3)
+        """), ["only the sum of two tensors of equal shape is supported"]),
     "unsupported-loss": ("model = nn.Linear(3, 2)\nexample_input = torch.zeros(2, 3)\nloss_fn = nn.L1Loss()\n",
                          ["unsupported loss 'l1loss'", "cross_entropy, mse"]),
     "loss-option": ("model = nn.Linear(3, 2)\nexample_input = torch.zeros(2, 3)\n"
@@ -106,8 +116,8 @@ def test_missing_output_folder(tmp_path, capsys):
 
 
 def test_unknown_rule_name(capsys):
-    assert main(["rules", "gelu"]) == 2
-    assert "no rule named 'gelu'" in capsys.readouterr().err
+    assert main(["rules", "softmax"]) == 2
+    assert "no rule named 'softmax'" in capsys.readouterr().err
 
 
 def test_loss_override_on_command_line(tmp_path, capsys):

@@ -62,104 +62,179 @@ def _loss_lines(graph, last):
     return lines, methods
 
 
-def _block_product(graph, order, index, role, codes):
-    """Straight-line code for one exact diagonal-block product."""
-    name = order[index]
-    param = graph.nodes[name]["params"][role]
-    downstream = order[index + 1:]
-    body = [f"t_{name} = self._{name}_{role}_jvp(v, self.{name}_X)"]
-    previous = name
-    for node in downstream:
-        body.append(f"t_{node} = self._{node}_jvp(t_{previous})")
-        previous = node
-    body.append(f"u_{previous} = self._loss_hessian_product(t_{previous})")
-    for node in reversed(downstream):
-        before = order[order.index(node) - 1]
-        line = f"u_{before} = self._{node}_vjp(u_{node})"
-        if codes[node].residual:
-            line += f" + residual_product({codes[node].residual}, t_{before}, curvature)"
-        body.append(line)
-    body.append(f"return self._{name}_{role}_vjp(u_{name}, self.{name}_X)")
-    doc = f"C_θθ v for θ = {param}: J_θᵀ H J_θ v with H by the exact backward recursion (V, *θ) -> (V, *θ)"
-    return [f"def _block_product_{name}_{role}(self, v, curvature):", f'    """{doc}"""', *_indent(body, 1), ""]
-
-
 def _sum(terms):
     return " + ".join(terms)
 
 
+def _input_vars(graph, name):
+    return ["x" if i == "x" else f"a_{i}" for i in graph.nodes[name]["inputs"]]
+
+
+def _backward(graph, order, codes, plan):
+    """The gradient pass: g at each tensor with a parameter upstream, summed over its consumers."""
+    contributions, lines = {}, []
+    for name in reversed(order):
+        if name not in plan.upstream:
+            continue
+        if name != order[-1]:
+            lines.append(f"g_{name} = {_sum(contributions[name])}")
+        lines += codes[name].backward
+        for i, source in enumerate(graph.nodes[name]["inputs"]):
+            if source in plan.upstream:
+                contributions.setdefault(source, []).append(codes[name].vjp(f"g_{name}")[i])
+    return lines
+
+
+def _product(graph, order, codes, active, second_order, loss_product):
+    """Straight-line code for C v restricted to the parameters in ``active``, reusing forward_backward's cache.
+
+    Forward: t_out = Σ_i J_i t_i + Σ_θ J_θ v_θ. Backward: u_in = Σ_consumers J_iᵀ u_out, plus second-order terms:
+    ``second_order`` is ``None`` (GGN), ``"hessian"`` (every residual R t_in and the parameter-input cross terms
+    J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or ``"curvature"`` (residuals under the runtime ``curvature`` mode;
+    cross terms, which only tied weights create in a diagonal block, only for ``"hessian"``).
+    """
+    tangent, lines = set(), []
+    for name in order:
+        node = graph.nodes[name]
+        tangents = [f"t_{i}" if i in tangent else None for i in node["inputs"]]
+        terms = [codes[name].jvp(tangents)] if any(tangents) else []
+        terms += [f"self._{name}_{role}_jvp(v[{param!r}], self.{name}_X)"
+                  for role, param in node["params"].items() if param in active]
+        if terms:
+            lines.append(f"t_{name} = {_sum(terms)}")
+            tangent.add(name)
+    last = order[-1]
+    lines.append(f"u_{last} = {loss_product.format(t=f't_{last}')}")
+    mode = "'hessian'" if second_order == "hessian" else "curvature"
+    cross = (lambda term: term) if second_order == "hessian" else (lambda term: f"({term} if curvature == 'hessian' else 0)")
+    contributions, out = {}, {}
+    for name in reversed(order):
+        if name not in tangent:
+            continue
+        node, code = graph.nodes[name], codes[name]
+        if name != last:
+            lines.append(f"u_{name} = {_sum(contributions[name])}")
+        inputs = node["inputs"]
+        input_tangent = f"t_{inputs[0]}" if inputs[0] in tangent else None
+        for role, param in node["params"].items():
+            if param not in active:
+                continue
+            terms = [f"self._{name}_{role}_vjp(u_{name}, self.{name}_X)"]
+            if second_order and role in code.cross_terms and input_tangent:
+                terms.append(cross(f"self._{name}_{role}_vjp(self.{name}_g, self._{name}_view({input_tangent}))"))
+            out.setdefault(param, []).extend(terms)
+        for i, source in enumerate(inputs):
+            if source not in tangent:
+                continue
+            terms = [code.vjp(f"u_{name}")[i]]
+            if second_order and code.residual:
+                terms.append(f"residual_product({code.residual}, t_{source}, {mode})")
+            if second_order and "weight" in code.cross_terms and node["params"]["weight"] in active:
+                terms.append(cross(f"self._{name}_vjp(self.{name}_g, v[{node['params']['weight']!r}])"))
+            contributions.setdefault(source, []).append(_sum(terms))
+    lines += [f"out[{param!r}] = {_sum(terms)}" for param, terms in out.items()]
+    return ["out = {}", *lines]
+
+
+def _parameter_uses(graph, order):
+    """{parameter name: [(node, role), ...]} in graph order; a tied parameter has several uses."""
+    uses = {}
+    for name in order:
+        for role, param in graph.nodes[name]["params"].items():
+            uses.setdefault(param, []).append((name, role))
+    return uses
+
+
+def _block_product(graph, order, codes, param, method):
+    body = ["v = {" + repr(param) + ": v}",
+            *_product(graph, order, codes, {param}, "curvature", "self._loss_hessian_product({t})"),
+            f"return out[{param!r}]"]
+    doc = f"C_θθ v for θ = {param}: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"
+    return [f"def {method}(self, v, curvature):", f'    """{doc}"""', *_indent(body, 1), ""]
+
+
 _FULL_PRODUCTS = {
     "ggn": ("ggn_vector_product(self, vs)", "G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton)",
-            "self._loss_hessian_product({t})"),
+            None, "self._loss_hessian_product({t})"),
     "hessian": ("hessian_vector_product(self, vs)",
                 "H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term",
-                "self._loss_hessian_product({t})"),
+                "hessian", "self._loss_hessian_product({t})"),
     "fisher": ("fisher_mc_vector_product(self, vs, samples=1, generator=None)",
                "F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call",
-               "self._loss_fisher_product({t}, samples, generator)"),
+               None, "self._loss_fisher_product({t}, samples, generator)"),
 }
 
 
 def _full_product(graph, order, codes, kind):
-    """Straight-line code for a full-network product, reusing the linearization of forward_backward.
-
-    Forward: t_out = J_x t_in + Σ_θ J_θ v_θ. Backward: u_in = J_xᵀ u_out (+ second-order terms for the Hessian:
-    R t_in at nonlinear nodes, J_xᵀ(g; W ← v_W) and J_θᵀ(g; X ← t_in) where ∂²Y/∂X∂θ ≠ 0).
-    """
-    signature, doc, loss_product = _FULL_PRODUCTS[kind]
-    second_order = kind == "hessian"
-    body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS)"]
-    tangent = {}
-    previous = None
-    for name in order:
-        node = graph.nodes[name]
-        terms = [f"self._{name}_jvp({previous})"] if previous else []
-        terms += [f"self._{name}_{role}_jvp(v[{param!r}], self.{name}_X)" for role, param in node["params"].items()]
-        if terms:
-            body.append(f"t_{name} = {_sum(terms)}")
-            tangent[name] = f"t_{name}"
-            previous = f"t_{name}"
-    last = order[-1]
-    body.append(f"u_{last} = {loss_product.format(t=f't_{last}')}")
-    body.append("out = {}")
-    for index in range(len(order) - 1, -1, -1):
-        name, node = order[index], graph.nodes[order[index]]
-        before = tangent.get(order[index - 1]) if index > 0 else None
-        for role, param in node["params"].items():
-            terms = [f"self._{name}_{role}_vjp(u_{name}, self.{name}_X)"]
-            if second_order and role in codes[name].cross_terms and before:
-                terms.append(f"self._{name}_{role}_vjp(self.{name}_g, self._{name}_view({before}))")
-            body.append(f"out[{param!r}] = {_sum(terms)}")
-        if before is None:
-            break
-        terms = [f"self._{name}_vjp(u_{name})"]
-        if second_order and codes[name].residual:
-            terms.append(f"residual_product({codes[name].residual}, {before}, 'hessian')")
-        if second_order and "weight" in codes[name].cross_terms:
-            terms.append(f"self._{name}_vjp(self.{name}_g, v[{node['params']['weight']!r}])")
-        body.append(f"u_{order[index - 1]} = {_sum(terms)}")
-    body.append("return from_vectors(out, PARAMETERS, single)")
+    signature, doc, second_order, loss_product = _FULL_PRODUCTS[kind]
+    active = set(_parameter_uses(graph, order))
+    body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS)",
+            *_product(graph, order, codes, active, second_order, loss_product),
+            "return from_vectors(out, PARAMETERS, single)"]
     return ["@torch.no_grad()", f"def {signature}:", f'    """{doc}; vs is a list shaped like the parameters,'
             ' optionally with a leading V."""', *_indent(body, 1), ""]
 
 
+def _pair(a, b, position):
+    """The variable holding the cross curvature of tensors a and b, and whether it must be transposed."""
+    first, second = sorted((a, b), key=position.__getitem__)
+    return f"S_{first}__{second}", first != a
+
+
+def _accumulate(lines, defined, variable, expression):
+    lines.append(f"{variable} = {variable} + {expression}" if variable in defined else f"{variable} = {expression}")
+    defined.add(variable)
+
+
 def _blocks_method(graph, order, codes, plan):
-    first = next(i for i, n in enumerate(order) if graph.nodes[n]["params"])
-    body = ["check_curvature(curvature)", "self._check_ready()", "self._check_memory()",
-            "blocks = {}", "S = self._loss_hessian_sum()"]
-    for index in range(len(order) - 1, first - 1, -1):
-        name = order[index]
-        node = graph.nodes[name]
-        for role, method in codes[name].blocks.items():
-            body.append(f"blocks[{node['params'][role]!r}] = self.{method}(S, average_parameter_jacobian)")
-        if index > first:
-            if codes[name].input_curvature is None:
-                raise NotImplementedError(f"no HBP input curvature for {name}")
-            body.append(f"S = {codes[name].input_curvature}  # S at the input of {name}")
+    """HBP over the graph: a backward sweep keeping S for every pair of tensors on the frontier."""
+    position = {name: k for k, name in enumerate(order)}
+    body = ["check_curvature(curvature)", "self._check_ready()", "self._check_memory()", "blocks = {}",
+            f"S_{order[-1]} = self._loss_hessian_sum()"]
+    defined, frontier, seen = {f"S_{order[-1]}"}, [order[-1]], set()
+    for name in reversed(order):
+        if name not in plan.upstream:
+            continue
+        node, code = graph.nodes[name], codes[name]
+        frontier.remove(name)
+        for role, method in code.blocks.items():
+            param, block = node["params"][role], f"self.{method}(S_{name}, average_parameter_jacobian)"
+            body.append(f"blocks[{param!r}] = " + (f"SumBlock([blocks[{param!r}], {block}])" if param in seen else block))
+            seen.add(param)
+        active = [(i, source) for i, source in enumerate(node["inputs"]) if source in plan.upstream]
+        if not active:
+            continue
+        body.append(f"S = S_{name}  # at the output of {name}; propagate to its inputs")
+        for i, source in active:
+            _accumulate(body, defined, f"S_{source}", code.input_curvature[i])
+        for (i, a), (j, b) in ((p, q) for k, p in enumerate(active) for q in active[k + 1:]):
+            term = code.cross(i, j)
+            if a == b:
+                _accumulate(body, defined, f"S_{a}", f"{term} + ({term}).T")
+            else:
+                variable, flip = _pair(a, b, position)
+                _accumulate(body, defined, variable, f"({term}).T" if flip else term)
+        for other in frontier:
+            variable, flip = _pair(name, other, position)
+            if variable not in defined:
+                continue
+            matrix = f"{variable}.T" if flip else variable
+            for i, source in active:
+                term = code.mean_vjp(i, matrix)  # E[J_i]ᵀ S_(name, other): (d_source, d_other)
+                if source == other:
+                    _accumulate(body, defined, f"S_{other}", f"{term} + ({term}).T")
+                else:
+                    target, target_flip = _pair(source, other, position)
+                    _accumulate(body, defined, target, f"({term}).T" if target_flip else term)
+        frontier += [source for _, source in active if source not in frontier]
+        dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
+        body.append("del " + ", ".join(v for v in dead if v in defined))
+        defined -= set(dead)
     body.append("return {name: blocks[name] for name in PARAMETERS}")
     doc = ("HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.\n\n"
            "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n);\n"
-           "        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ].\n        ")
+           "        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ]. Where the graph branches,\n"
+           "        S is kept for every pair of live tensors (cross terms use E[J]); a tied parameter sums its uses.\n        ")
     return ["@torch.no_grad()",
             "def blocks(self, curvature=\"ggn\", average_input_jacobian=True, average_parameter_jacobian=True):",
             f'    """{doc}"""', *_indent(body, 1), ""]
@@ -168,37 +243,23 @@ def _blocks_method(graph, order, codes, plan):
 def emit(graph, plan, source_name: str, digest: str) -> str:
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
-    codes, inputs = {}, {}
-    previous = "x"
-    for name in order:
-        inputs[name] = previous
-        codes[name] = node_code(name, graph.nodes[name], previous, plans[name])
-        previous = f"a_{name}"
+    codes = {name: node_code(name, graph.nodes[name], _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last)
-
-    params = {graph.nodes[n]["params"][r]: graph.nodes[n]["param_shapes"][r]
-              for n in order for r in graph.nodes[n]["params"]}
+    uses = _parameter_uses(graph, order)
+    params = {param: graph.nodes[name]["param_shapes"][role] for param, ((name, role), *_) in uses.items()}
     forward = [line for name in order for line in codes[name].forward]
-    backward = []
-    for name in reversed(order):
-        backward += codes[name].backward
-        if plans[name].needs_input_grad:
-            backward.append(codes[name].input_grad)
     fb_body = [
         "self._check_input(x)", "N = self.N = x.shape[0]", "with torch.no_grad():",
-        *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *backward], 1),
+        *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
         "self._ready = True", "return loss",
     ]
-    products = []
-    for index, name in enumerate(order):
-        for role in graph.nodes[name]["params"]:
-            products += _block_product(graph, order, index, role, codes)
-    product_map = ", ".join(f"{graph.nodes[n]['params'][r]!r}: self._block_product_{n}_{r}"
-                            for n in order for r in graph.nodes[n]["params"])
-
-    graph_doc = "\n".join(f"    a_{n} = {graph.nodes[n]['op']}({inputs[n]})    "
-                          f"# {graph.nodes[n]['x_shape']} -> {graph.nodes[n]['y_shape']}" for n in order)
+    methods = {param: f"_block_product_{name}_{role}" for param, ((name, role), *_) in uses.items()}
+    products = [line for param, method in methods.items() for line in _block_product(graph, order, codes, param, method)]
+    product_map = ", ".join(f"{param!r}: self.{method}" for param, method in methods.items())
+    graph_doc = "\n".join(f"    a_{n} = {graph.nodes[n]['op']}({', '.join(_input_vars(graph, n))})    "
+                          f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
+                          for n in order)
     loss = f"{graph.graph['loss']} ({graph.graph['reduction']})"
     header = [
         f"# Generated by hbpc {__version__} from {source_name}. Do not edit: recompile instead.",

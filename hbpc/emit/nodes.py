@@ -18,16 +18,30 @@ from hbpc.rules.spec import Elementwise, Selection, Structured, x as X_SYMBOL, y
 
 @dataclass
 class NodeCode:
-    """Everything the module assembler needs from one node."""
+    """Everything the module assembler needs from one node.
+
+    ``jvp(tangents)`` and ``vjp(u)`` return code: the output tangent from the inputs' tangents
+    (``None`` where an input has none), and one input cotangent per input. ``input_curvature[i]``
+    is code for ``S`` at input ``i`` given ``S`` at the output; ``mean_vjp(i, M)`` is code for
+    ``E[J_i]ᵀ M`` for a ``(d_y, k)`` matrix ``M`` (the cross terms of HBP over a graph).
+    """
 
     forward: list = field(default_factory=list)
-    input_grad: str = None        # g_<input> from g_<node>, emitted only where an earlier node has parameters
+    jvp: object = None
+    vjp: object = None
     backward: list = field(default_factory=list)
     methods: list = field(default_factory=list)
     residual: str = None          # attribute holding the residual coefficient r = g ⊙ φ″, if any
-    input_curvature: str = None   # expression for S_x given S, average, curvature
+    input_curvature: list = field(default_factory=list)
+    mean_vjp: object = None
     blocks: dict = field(default_factory=dict)  # role -> method name taking (S, average)
     cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
+    cross: object = None  # multi-input nodes: (i, j) -> code for E[J_i]ᵀ S E[J_j]
+
+
+def _single_input(code, name):
+    code.jvp = lambda tangents: f"self._{name}_jvp({tangents[0]})"
+    code.vjp = lambda u: [f"self._{name}_vjp({u})"]
 
 
 def param_code(name: str) -> str:
@@ -38,24 +52,27 @@ def _method(signature: str, doc: str, body: list) -> list:
     return [f"def {signature}:", f'    """{doc}"""', *("    " + line for line in body), ""]
 
 
-def _fmt(template: str, node, input_var: str) -> str:
+def _fmt(template: str, node, input_vars: list) -> str:
     values = {key: repr(value) for key, value in node["hyper"].items()}
     values.update({role: param_code(name) for role, name in node["params"].items()})
     values.setdefault("bias", "None")
-    values.update(x=input_var, y_shape=repr(node["y_shape"]))
+    values.update({f"x{i}": var for i, var in enumerate(input_vars)})
+    values.update(x=input_vars[0], xs=", ".join(input_vars), y_shape=repr(node["y_shape"]))
     return template.format(**values)
 
 
-def elementwise_code(name, node, input_var) -> NodeCode:
+def elementwise_code(name, node, input_vars) -> NodeCode:
     rule, derivation = node["rule"], derive(node["rule"])
+    input_var = input_vars[0]
     out = f"a_{name}"
     rename = {X_SYMBOL: sp.Symbol(input_var, real=True), Y_SYMBOL: sp.Symbol(out, real=True)}
     values = hyper_values(node["hyper"])
-    d1 = torch_code(derivation.d1.subs(values).subs(rename))
+    d1_expr = derivation.d1.subs(values).subs(rename)
+    d1 = f"torch.full_like({input_var}, {torch_code(d1_expr)})" if d1_expr.is_number else torch_code(d1_expr)
     d2 = derivation.d2.subs(values).subs(rename)
     code = NodeCode()
-    code.forward = [f"{out} = {_fmt(rule.forward, node, input_var)}", f"self.{name}_d1 = {d1}"]
-    code.input_grad = f"g_{input_var[2:]} = g_{name} * self.{name}_d1"
+    code.forward = [f"{out} = {_fmt(rule.forward, node, input_vars)}", f"self.{name}_d1 = {d1}"]
+    _single_input(code, name)
     if d2 != 0:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")
         code.residual = f"self.{name}_r"
@@ -63,35 +80,67 @@ def elementwise_code(name, node, input_var) -> NodeCode:
     code.methods += _method(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
     code.methods += _method(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"
-    code.input_curvature = f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"
+    code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
+    code.mean_vjp = lambda i, M: f"self.{name}_d1.flatten(1).mean(0)[:, None] * {M}"
     return code
 
 
 _SELECTION_PRIMITIVES = {
-    "take": ("take_jvp(v, self.{n}_idx)", "take_vjp(u, self.{n}_idx, {x_shape})",
-             "take_input_curvature(S, self.{n}_idx, {x_shape}, average_input_jacobian)"),
-    "pad": ("pad_jvp(v, {padding})", "pad_vjp(u, {padding})", None),
-    "reshape": ("reshape_to(v, {x_shape}, {y_shape})", "reshape_to(u, {y_shape}, {x_shape})", None),
+    "take": ("take_jvp(v, self.{n}_idx)", "take_vjp(u, self.{n}_idx, {x_shape})"),
+    "pad": ("pad_jvp(v, {padding})", "pad_vjp(u, {padding})"),
+    "reshape": ("reshape_to(v, {x_shape}, {y_shape})", "reshape_to(u, {y_shape}, {x_shape})"),
+    "identity": ("v", "u"),
 }
 
 
-def selection_code(name, node, input_var) -> NodeCode:
+def selection_code(name, node, input_vars) -> NodeCode:
     rule = node["rule"]
-    jvp, vjp, curvature = _SELECTION_PRIMITIVES[rule.primitive]
-    values = dict(n=name, x_shape=repr(node["x_shape"]), y_shape=repr(node["y_shape"]),
-                  padding=repr(node["hyper"].get("padding")))
+    if rule.primitive in ("add", "cat"):
+        return _multi_input_code(name, node, input_vars)
+    jvp, vjp = _SELECTION_PRIMITIVES[rule.primitive]
+    x_shape, y_shape = repr(node["x_shape"]), repr(node["y_shape"])
+    values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
     code = NodeCode()
-    forward = _fmt(rule.forward, node, input_var)
+    forward = _fmt(rule.forward, node, input_vars)
     if rule.primitive == "take":
         code.forward = [f"a_{name}, self.{name}_idx = {forward}"]
+        code.input_curvature = [f"take_input_curvature(S, self.{name}_idx, {x_shape}, average_input_jacobian)"]
+        code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, self.{name}_idx, {x_shape})"
     else:
         code.forward = [f"a_{name} = {forward}"]
-    code.input_grad = f"g_{input_var[2:]} = self._{name}_vjp(g_{name})"
+        code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {x_shape}, {y_shape})"]
+        code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {y_shape})"
+    _single_input(code, name)
     code.methods += _method(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
                             [f"return {jvp.format(**values)}"])
     code.methods += _method(f"_{name}_vjp(self, u)", f"Jᵀ u for {rule.key}", [f"return {vjp.format(**values)}"])
-    code.input_curvature = (curvature.format(**values) if curvature else
-                            f"sandwich_independent(S, self._{name}_vjp, {values['x_shape']}, {values['y_shape']})")
+    return code
+
+
+def _multi_input_code(name, node, input_vars) -> NodeCode:
+    """``add`` (Jᵢ = I) and ``cat`` (Jᵢ selects input i's slice): linear and sample-independent."""
+    rule, y_shape, x_shapes = node["rule"], node["y_shape"], node["x_shapes"]
+    code = NodeCode()
+    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
+    if rule.primitive == "add":
+        code.jvp = lambda tangents: " + ".join(t for t in tangents if t)
+        code.vjp = lambda u: [u] * len(input_vars)
+        code.input_curvature = ["S"] * len(input_vars)
+        code.mean_vjp = lambda i, M: M
+        code.cross = lambda i, j: "S"
+        return code
+    axis = node["hyper"]["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
+    offsets = [sum(shape[axis] for shape in x_shapes[:i]) for i in range(len(x_shapes))]
+    for i, (offset, shape) in enumerate(zip(offsets, x_shapes)):
+        code.methods += _method(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
+                                [f"return u.narrow({axis}, {offset}, {shape[axis]})"])
+    code.jvp = lambda tangents: f"cat_tangents([{', '.join(t or 'None' for t in tangents)}], {x_shapes!r}, {axis})"
+    code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
+    code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
+                            for i, shape in enumerate(x_shapes)]
+    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp{i}, {y_shape!r})"
+    code.cross = lambda i, j: (f"cross_independent(S, self._{name}_vjp{i}, self._{name}_vjp{j}, "
+                               f"{x_shapes[i]!r}, {x_shapes[j]!r}, {y_shape!r})")
     return code
 
 
@@ -135,14 +184,15 @@ def _formula(derivation) -> str:
     return str(derivation.jacobian).replace("\n", " ")
 
 
-def structured_code(name, node, input_var, caches_view) -> NodeCode:
+def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     rule, derivation = node["rule"], derive(node["rule"])
+    input_var = input_vars[0]
     views, constants = _view_shapes(node)
     x_rank, y_rank = len(node["x_shape"]), len(node["y_shape"])
     names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
     expr = f"Y[{', '.join(map(str, rule.out))}] = {rule.expr}"
     code = NodeCode()
-    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_var)}"]
+    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
     if caches_view:
         code.forward.append(f"self.{name}_X = self._{name}_view({input_var})")
         code.backward.append(f"self.{name}_g = g_{name}")
@@ -165,7 +215,7 @@ def structured_code(name, node, input_var, caches_view) -> NodeCode:
         f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
         [f"lead = lead_shape(u, {y_rank})", f"u = u.reshape(*lead, *{views['Y']!r})", *weight,
          f"X = {vjp}", f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
-    code.input_grad = f"g_{input_var[2:]} = self._{name}_vjp(g_{name})"
+    _single_input(code, name)
 
     for role, param in node["params"].items():
         tensor = derivation.tensors[role]
@@ -186,8 +236,10 @@ def structured_code(name, node, input_var, caches_view) -> NodeCode:
         code.blocks[role] = f"_{name}_{role}_block"
         if tensor.couples_input:
             code.cross_terms.append(role)
-    code.input_curvature = (f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"
-                            if not jx.sample_dependent else None)
+    if jx.sample_dependent:
+        raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
+    code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"]
+    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {node['y_shape']!r})"
     return code
 
 
@@ -222,12 +274,12 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
          f"return OperatorBlock(product, {full!r}, S)"])
 
 
-def node_code(name, node, input_var, node_plan) -> NodeCode:
+def node_code(name, node, input_vars, node_plan) -> NodeCode:
     rule = node["rule"]
     if isinstance(rule, Elementwise):
-        return elementwise_code(name, node, input_var)
+        return elementwise_code(name, node, input_vars)
     if isinstance(rule, Selection):
-        return selection_code(name, node, input_var)
+        return selection_code(name, node, input_vars)
     if isinstance(rule, Structured):
-        return structured_code(name, node, input_var, node_plan.caches_input_view)
+        return structured_code(name, node, input_vars, node_plan.caches_input_view)
     raise TypeError(f"no emitter for {rule!r}")

@@ -117,11 +117,39 @@ def batch_mean(X, average):
     return X.mean(0, keepdim=True) if average else X
 
 
+def transpose_matrix(M, vjp, y_shape):
+    """Jᵀ M for a sample-independent linear map and a (d_y, k) matrix M: (d_x, k)."""
+    k = M.shape[1]
+    return vjp(M.T.reshape(k, 1, *y_shape)).reshape(k, -1).T.contiguous()
+
+
+def cross_independent(S, vjp_a, vjp_b, xa_shape, xb_shape, y_shape):
+    """J_aᵀ S J_b for two sample-independent linear maps out of the same output: (d_xa, d_xb)."""
+    S_Jb = transpose_matrix(S, vjp_b, y_shape).T  # (d_y, d_xb), S symmetric
+    return transpose_matrix(S_Jb, vjp_a, y_shape)
+
+
 def sandwich_independent(S, vjp, x_shape, y_shape):
-    """S_x = Jᵀ S J for a sample-independent linear map, from two vjps: (d_x, d_x)."""
-    d_x, d_y = numel(x_shape), numel(y_shape)
-    SJ = vjp(S.reshape(d_y, 1, *y_shape)).reshape(d_y, d_x)
-    return vjp(SJ.T.reshape(d_x, 1, *y_shape)).reshape(d_x, d_x)
+    """S_x = Jᵀ S J for a sample-independent linear map: (d_x, d_x)."""
+    return cross_independent(S, vjp, vjp, x_shape, x_shape, y_shape)
+
+
+def take_mean_transpose(M, idx, x_shape):
+    """E[P]ᵀ M for a recorded selection (the mean of the per-sample selection matrices): (d_x, k)."""
+    N, d_y = idx.shape[0], M.shape[0]
+    plane = x_shape[-2] * x_shape[-1]
+    channel = torch.arange(x_shape[0], device=idx.device).reshape(1, -1, 1) * plane
+    cols = (idx.flatten(2) + channel).reshape(N, d_y)
+    out = M.new_zeros(numel(x_shape), M.shape[1])
+    return out.index_add_(0, cols.flatten(), M.repeat(N, 1)) / N
+
+
+def cat_tangents(tangents, x_shapes, axis):
+    """torch.cat of input tangents along ``axis`` (from the end), zeros for inputs without one."""
+    like = next(t for t in tangents if t is not None)
+    lead = lead_shape(like, len(x_shapes[tangents.index(like)]))
+    parts = [t if t is not None else like.new_zeros(*lead, *shape) for t, shape in zip(tangents, x_shapes)]
+    return torch.cat(parts, axis)
 
 
 def elementwise_input_curvature(S, d1, r, average, curvature):
@@ -253,6 +281,17 @@ def as_vectors(vs, shapes):
 def from_vectors(out, shapes, single):
     """Inverse of ``as_vectors``: a list in parameter order."""
     return [out[name].squeeze(0) if single else out[name] for name in shapes]
+
+
+class SumBlock(Block):
+    """The sum of blocks (a parameter used at several nodes)."""
+
+    def __init__(self, blocks):
+        super().__init__(blocks[0].param_shape, blocks[0]._like)
+        self.blocks = blocks
+
+    def _matmat(self, V):
+        return sum(block._matmat(V) for block in self.blocks)
 
 
 def with_vectors(product, param_shape):

@@ -206,54 +206,121 @@ def _param_roles(module):
     return {role: p for role, p in module.named_parameters(recurse=False)}
 
 
+def _is_tensor(arg) -> bool:
+    return isinstance(arg, fx.Node) and arg.op != "get_attr" and isinstance(arg.meta.get("tensor_meta"), TensorMetadata)
+
+
+def _scalar_op(op, node):
+    """``x * c``, ``c * x``, ``x / c``, ``-x``, ``x + c``, ``x - c`` as the elementwise ``scale`` / ``shift`` rules."""
+    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if op == "neg":
+        return "scale", {"scale": -1.0}
+    if len(numbers) != 1 or len(node.args) != 2:
+        return None
+    c = float(numbers[0])
+    tensor_first = _is_tensor(node.args[0])
+    if op == "mul":
+        return "scale", {"scale": c}
+    if op in ("truediv", "div") and tensor_first and c != 0:
+        return "scale", {"scale": 1.0 / c}
+    if op == "add":
+        return "shift", {"shift": c}
+    if op == "sub" and tensor_first:
+        return "shift", {"shift": -c}
+    return None
+
+
+def _cat_dim(node):
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim
+
+
+def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
+    """(rule, hyper, params, param_shapes) of one fx node; raises ValueError for unsupported options."""
+    hyper, params, param_shapes = {}, {}, {}
+    if op in ("mul", "truediv", "div", "add", "sub", "neg") and len(tensor_args) == 1:
+        scalar = _scalar_op(op, node)
+        if scalar is None:
+            raise ValueError(f"'{op}' with these arguments is not supported")
+        key, hyper = scalar
+        return TABLE[key], hyper, params, param_shapes
+    if rule is None:
+        raise KeyError(op)
+    if isinstance(rule, Elementwise):
+        hyper = _elementwise_hyper(rule, node, modules)
+        rule = TABLE.get(_variant(rule.key, hyper), rule)
+    elif rule.key == "cat":
+        tensors = node.args[0]
+        if not all(_is_tensor(a) for a in tensors):
+            raise ValueError("torch.cat of non-tensors is not supported")
+        dim = _cat_dim(node)
+        if dim == 0 or dim == -len(tensor_args[0].meta["tensor_meta"].shape):
+            raise ValueError("torch.cat along the batch dimension is not supported")
+        hyper = {"dim": dim if dim > 0 else dim + len(tensor_args[0].meta["tensor_meta"].shape)}
+    elif node.op == "call_module":
+        hyper = _module_hyper(rule.key, modules[node.target])
+        roles = _param_roles(modules[node.target])
+        params = {role: param_names[id(p)] for role, p in roles.items()}
+        param_shapes = {role: tuple(p.shape) for role, p in roles.items()}
+    elif rule.key in _FUNCTIONAL_ARGS:
+        hyper, params, param_shapes = _functional_call(rule.key, node, module)
+    arity = len(tensor_args)
+    if rule.key == "add" and (arity != 2 or tensor_args[0].meta["tensor_meta"].shape
+                              != tensor_args[1].meta["tensor_meta"].shape):
+        raise ValueError("only the sum of two tensors of equal shape is supported (no broadcasting)")
+    if rule.key not in ("add", "cat") and arity != 1:
+        raise ValueError(f"'{op}' with {arity} tensor inputs is not supported")
+    return rule, hyper, params, param_shapes
+
+
 def _lower_nodes(module, example_input):
+    """IR nodes in topological order; ``inputs`` names the producing IR nodes (``"x"`` for the model input)."""
     modules = dict(module.named_modules())
     param_names = {id(p): name for name, p in module.named_parameters()}
-    taken, problems, ir_nodes = set(), [], []
-    previous = None
+    taken, problems, ir_nodes, names = set(), [], [], {}
     for node in module.graph.nodes:
+        if node.op == "placeholder":
+            names[node] = "x"
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         op = _op_name(node, modules)
         meta = node.meta.get("tensor_meta")
         if op in _SHAPE_ONLY and not isinstance(meta, TensorMetadata):
             continue  # sizes feed reshapes, whose target shape comes from shape propagation
-        rule = TABLE.get(op)
         where = f"node `{node.name}` ({_describe(node, modules)}) at {_source(node)}"
-        expected, previous = previous, node
-        if rule is None:
+        tensor_args = [a for a in node.all_input_nodes if _is_tensor(a)]
+        try:
+            rule, hyper, params, param_shapes = _lower_node(node, op, TABLE.get(op), tensor_args, modules, module,
+                                                            param_names)
+        except KeyError:
             problems.append(f"unsupported op '{op}': {where}")
             continue
-        tensor_args = [a for a in node.all_input_nodes
-                       if a.op != "get_attr" and isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
-        if len(tensor_args) != 1 or (expected is not None and tensor_args[0] is not expected):
-            problems.append(f"only chains are supported, but {where} does not consume the previous node alone")
+        except ValueError as error:
+            problems.append(f"{error}: {where}")
             continue
-        hyper, params, param_shapes = {}, {}, {}
-        if isinstance(rule, Elementwise):
-            hyper = _elementwise_hyper(rule, node, modules)
-            rule = TABLE.get(_variant(rule.key, hyper), rule)
-        elif node.op == "call_module":
-            try:
-                hyper = _module_hyper(rule.key, modules[node.target])
-            except ValueError as error:
-                problems.append(f"{error}: {where}")
-                continue
-            roles = _param_roles(modules[node.target])
-            params = {role: param_names[id(p)] for role, p in roles.items()}
-            param_shapes = {role: tuple(p.shape) for role, p in roles.items()}
-        elif rule.key in _FUNCTIONAL_ARGS:
-            try:
-                hyper, params, param_shapes = _functional_call(rule.key, node, module)
-            except ValueError as error:
-                problems.append(f"{error}: {where}")
-                continue
-        x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:])
-        y_shape = tuple(meta.shape[1:])
-        ir_nodes.append(dict(name=_identifier(node.name, rule.key, taken), op=rule.key, rule=rule, hyper=hyper,
-                             x_shape=x_shape, y_shape=y_shape, params=params, param_shapes=param_shapes, source=_source(node),
-                             fx_name=node.name))
+        if any(a not in names for a in tensor_args):
+            continue  # an input already failed to lower; it is reported
+        name = _identifier(node.name, rule.key, taken)
+        names[node] = name
+        ir_nodes.append(dict(name=name, op=rule.key, rule=rule, hyper=hyper,
+                             inputs=[names[a] for a in tensor_args],
+                             x_shapes=[tuple(a.meta["tensor_meta"].shape[1:]) for a in tensor_args],
+                             x_shape=tuple(tensor_args[0].meta["tensor_meta"].shape[1:]), y_shape=tuple(meta.shape[1:]),
+                             params=params, param_shapes=param_shapes, source=_source(node), fx_name=node.name))
+    output = next(n for n in module.graph.nodes if n.op == "output").args[0]
+    if not problems and (not isinstance(output, fx.Node) or output not in names):
+        problems.append("the model must return a single tensor computed by supported ops")
+    elif not problems:
+        _check_single_output(ir_nodes, names[output])
     return ir_nodes, problems
+
+
+def _check_single_output(ir_nodes, output):
+    used = {i for n in ir_nodes for i in n["inputs"]}
+    dangling = [n["name"] for n in ir_nodes if n["name"] not in used and n["name"] != output]
+    if dangling or ir_nodes[-1]["name"] != output:
+        raise HbpcError(f"nodes {dangling} compute values that do not reach the output", "the model's forward",
+                        "remove unused computations")
 
 
 def _loss_key(loss_fn, loss):
@@ -295,8 +362,9 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
                        reduction=reduction, order=[n["name"] for n in ir_nodes], model=type(model).__name__)
     for attrs in ir_nodes:
         graph.add_node(attrs["name"], **attrs)
-    for a, b in zip(ir_nodes, ir_nodes[1:]):
-        graph.add_edge(a["name"], b["name"])
+        for position, source in enumerate(attrs["inputs"]):
+            if source != "x":
+                graph.add_edge(source, attrs["name"], position=position)
     out_shape = ir_nodes[-1]["y_shape"]
     if loss_rule.target == "class" and len(out_shape) != 1:
         raise HbpcError(f"{loss_rule.key} needs logits of shape (N, C), the model returns (N, {out_shape})",
@@ -308,7 +376,7 @@ def graph_hash(graph: nx.DiGraph) -> str:
     """A short digest of everything the generated code depends on."""
     payload = {
         "input": graph.graph["input_shape"], "loss": graph.graph["loss"], "reduction": graph.graph["reduction"],
-        "nodes": [[graph.nodes[name][key] for key in ("op", "hyper", "x_shape", "y_shape", "params")]
+        "nodes": [[graph.nodes[name][key] for key in ("op", "hyper", "inputs", "x_shapes", "y_shape", "params")]
                   for name in graph.graph["order"]],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]

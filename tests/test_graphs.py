@@ -1,0 +1,143 @@
+"""Graphs, not chains: residuals, scaling, cat, reused modules and tied weights, against autograd (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import hbpc
+from test_full_products import _true_ggn, _true_hessian
+
+
+class Residual(nn.Module):
+    """x -> fc_in -> tanh -> [h + 0.5 * fc2(sigmoid(fc1(h)))] -> relu... -> fc_out: a ResNet-style block."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.fc1, self.fc2, self.fc_out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc_in(x))
+        h = h + 0.5 * self.fc2(torch.sigmoid(self.fc1(h)))
+        return self.fc_out(F.softplus(h) / 2 - 1)
+
+
+class ConvResidual(nn.Module):
+    """A convolutional residual block with a shared activation module used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.act = nn.Tanh()
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv0(x))
+        h = self.act(h + self.conv2(self.act(self.conv1(h))))
+        return self.fc(h.flatten(1))
+
+
+class Concat(nn.Module):
+    """Two branches concatenated along features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 2), nn.Linear(3, 4), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.sigmoid(self.a(x)), torch.tanh(self.b(x))], dim=1))
+
+
+class Tied(nn.Module):
+    """The same Linear applied twice (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.shared, self.fc_out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc_in(x))
+        h = torch.sigmoid(self.shared(h))
+        h = torch.sigmoid(self.shared(h))
+        return self.fc_out(h)
+
+
+MODELS = {"residual": (Residual, (3,)), "conv-residual": (ConvResidual, (1, 4, 4)), "concat": (Concat, (3,)),
+          "tied": (Tied, (3,))}
+LOSSES = {"ce-mean": nn.CrossEntropyLoss(), "mse-sum": nn.MSELoss(reduction="sum")}
+
+
+def _setup(key, loss_key, N):
+    cls, shape = MODELS[key]
+    torch.manual_seed(0)
+    model = cls().double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N, *shape, generator=generator, dtype=torch.float64)
+    loss_fn = LOSSES[loss_key]
+    t = (torch.randint(3, (N,), generator=generator) if loss_key.startswith("ce")
+         else torch.randn(N, 3, generator=generator, dtype=torch.float64))
+    curvature = hbpc.compile_model(model, x, loss_fn).Curvature(model)
+    curvature.forward_backward(x, t)
+    return model, x, t, loss_fn, curvature
+
+
+def _slices(model):
+    offsets, start = {}, 0
+    for name, p in model.named_parameters():
+        offsets[name] = slice(start, start + p.numel())
+        start += p.numel()
+    return offsets
+
+
+@pytest.mark.parametrize("loss_key", LOSSES)
+@pytest.mark.parametrize("key", MODELS)
+def test_gradient_and_products_are_exact_on_graphs(key, loss_key):
+    model, x, t, loss_fn, curvature = _setup(key, loss_key, 3)
+    grads = torch.autograd.grad(loss_fn(model(x), t), list(model.parameters()))
+    assert all(torch.allclose(p.grad, 2 * g) or torch.allclose(p.grad, g) for p, g in zip(model.parameters(), grads))
+    H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
+    for curvature_name, truth in (("hessian", H), ("ggn", G)):
+        products = curvature.block_products(curvature_name)
+        for name, where in _slices(model).items():
+            p = dict(model.named_parameters())[name]
+            basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
+            block = products[name](basis).reshape(p.numel(), -1)
+            assert torch.allclose(block, truth[where, where], atol=1e-10), (curvature_name, name)
+    shapes = [p.shape for p in model.parameters()]
+    vs = [torch.randn(2, *s, dtype=torch.float64) for s in shapes]
+    flat = torch.cat([v.reshape(2, -1) for v in vs], 1)
+    for product, truth in ((curvature.hessian_vector_product, H), (curvature.ggn_vector_product, G)):
+        out = torch.cat([o.reshape(2, -1) for o in product(vs)], 1)
+        assert torch.allclose(out, flat @ truth.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("flags", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("key", ["residual", "conv-residual", "concat"])
+def test_hbp_blocks_are_exact_at_batch_size_one_on_graphs(key, flags):
+    model, x, t, loss_fn, curvature = _setup(key, "ce-mean", 1)
+    H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
+    for curvature_name, truth in (("hessian", H), ("ggn", G)):
+        blocks = curvature.blocks(curvature_name, *flags)
+        for name, where in _slices(model).items():
+            assert torch.allclose(blocks[name].to_dense(), truth[where, where], atol=1e-10), (curvature_name, name)
+
+
+def test_tied_weights_sum_the_per_use_blocks():
+    model, x, t, loss_fn, curvature = _setup("tied", "ce-mean", 1)
+    G = _true_ggn(model, loss_fn, x, t)
+    blocks = curvature.blocks("ggn")
+    where = _slices(model)["shared.weight"]
+    dense = blocks["shared.weight"].to_dense()
+    assert type(blocks["shared.weight"]).__name__ == "SumBlock"
+    assert torch.allclose(dense, dense.T)
+    assert not torch.allclose(dense, G[where, where])  # cross-use terms J_1ᵀ H J_2 are not in HBP blocks
+    exact = curvature.block_products("ggn")["shared.weight"]
+    basis = torch.eye(16, dtype=torch.float64).reshape(16, 4, 4)
+    assert torch.allclose(exact(basis).reshape(16, 16), G[where, where], atol=1e-10)
+
+
+def test_residual_block_generated_code_reads_like_the_model():
+    source = hbpc.compiler.compile_source(Residual(), torch.zeros(2, 3))
+    assert "a_add = a_tanh + a_mul" in source
+    assert "a_mul = a_fc2 * 0.5" in source
