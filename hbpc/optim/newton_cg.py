@@ -9,6 +9,12 @@ generated ``Curvature``), one step solves the damped Newton system and moves::
 (``α → 1``). Since ``(1 - α) B + α I = (1 - α)(B + λ I)`` with ``λ = α / (1 - α)``,
 ``solver="direct"`` calls ``block.solve(-g, λ) / (1 - α)``.
 
+Full curvature (``source="full"``, Martens 2010): one CG solve over all parameters at once,
+``[(1 - α) A + α I] d = -g`` with ``g`` and ``d`` stacking every parameter (``(n,)``) and ``A`` the
+full GGN ``G = Jᵀ ∇²_z L J`` or Hessian ``∇²L`` restricted to the optimized parameters (the
+principal submatrix; parameters without a gradient stay fixed). Each parameter then moves by its
+group's ``lr`` times its part of ``d``.
+
 Indefinite curvature (``hessian`` mode): CG stops at the first direction with
 ``pᵀ[(1 - α) B + α I] p <= 0`` and the step uses the last CG iterate, which is a
 descent direction; if CG had made no iteration yet, it uses ``d = -g``. A direct
@@ -26,11 +32,15 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from hbpc.linalg.operators import full_operator
 from hbpc.optim.cg import cg, inner
 
 CURVATURE_MODES = ("hessian", "ggn", "pch-abs", "pch-clip")
-SOURCES = ("blocks", "block_products")
+SOURCES = ("blocks", "block_products", "full")
 SOLVERS = ("cg", "direct")
+FULL_MODES = ("ggn", "hessian")
+FULL = "full"  # StepStats.params key of the joint solve
+SHARED = ("alpha", "cg_tol", "cg_atol", "cg_maxiter")  # one value for all groups when source="full"
 
 BOOST, DECAY = 3.0 / 2.0, 2.0 / 3.0
 RHO_LOW, RHO_HIGH = 0.25, 0.75
@@ -56,11 +66,13 @@ class ParamStats:
 
 @dataclass
 class StepStats:
-    """Statistics of the latest ``NewtonCG.step``, keyed by parameter name.
+    """Statistics of the latest ``NewtonCG.step``, keyed by parameter name (``source="full"``: one
+    entry, ``"full"``, for the joint solve).
 
     ``loss`` is the loss before the step (``None`` without a closure). With
     adaptive damping, ``loss_after`` is the loss after the step, ``predicted``
-    the model's change ``Σ_θ [gᵀs + ½ sᵀ B s]`` for the step ``s = lr · d``, and
+    the model's change ``Σ_θ [gᵀs + ½ sᵀ B s]`` (``source="full"``: ``gᵀs + ½ sᵀ A s``
+    over all parameters) for the step ``s = lr · d``, and
     ``rho = (loss_after - loss) / predicted`` the reduction ratio.
     """
 
@@ -155,12 +167,16 @@ class NewtonCG(torch.optim.Optimizer):
     * ``source="blocks"`` uses ``curvature.blocks(curvature_mode,
       average_input_jacobian, average_parameter_jacobian)[name]`` (products via
       ``block @ v``); ``source="block_products"`` uses the exact diagonal-block
-      products ``curvature.block_products(curvature_mode)[name]``.
+      products ``curvature.block_products(curvature_mode)[name]``; ``source="full"``
+      solves one system over all parameters with ``curvature.ggn_vector_product``
+      or ``hessian_vector_product`` (``curvature_mode`` ``"ggn"`` or ``"hessian"``;
+      all groups share α and the CG settings, ``lr`` may differ).
     * ``solver="cg"`` runs CG on the damped product; ``solver="direct"`` (blocks
       only) uses ``block.solve``.
     * ``adaptive_damping=True`` adapts α after every step with the reduction
       ratio ``ρ = (L(θ + s) - L(θ)) / Σ_θ [gᵀs + ½ sᵀ B s]``, ``s = lr · d``, of the
-      undamped block-diagonal quadratic model (Martens 2010): ``ρ < 1/4`` boosts
+      undamped block-diagonal quadratic model (Martens 2010; for ``source="full"``
+      the full model ``gᵀs + ½ sᵀ A s``): ``ρ < 1/4`` boosts
       ``λ = α / (1 - α)`` by 3/2, ``ρ > 3/4`` shrinks it by 2/3. The new α is
       written into each group's ``"alpha"``. This needs ``step(closure)``: the
       closure is called a second time after the update to measure ``L(θ + s)``
@@ -189,7 +205,9 @@ class NewtonCG(torch.optim.Optimizer):
         check_choice("curvature_mode", curvature_mode, CURVATURE_MODES)
         check_choice("solver", solver, SOLVERS)
         if solver == "direct" and source != "blocks":
-            raise ValueError('solver="direct" needs source="blocks": block products have no solve()')
+            raise ValueError('solver="direct" needs source="blocks": block products and full products have no solve()')
+        if source == "full" and curvature_mode not in FULL_MODES:
+            raise ValueError(f'source="full" needs curvature_mode "ggn" or "hessian", got {curvature_mode!r}')
         self.curvature = curvature
         self.source = source
         self.curvature_mode = curvature_mode
@@ -207,6 +225,8 @@ class NewtonCG(torch.optim.Optimizer):
         params = param_group["params"]
         group = {**param_group, "params": [params] if isinstance(params, Tensor) else list(params)}
         check_group({**self.defaults, **group}, self.adaptive_damping)
+        if self.source == "full":
+            check_shared(self.param_groups, {**self.defaults, **group})
         names = parameter_names(self.curvature.model, group["params"])
         super().add_param_group(group)
         self.names.update(names)
@@ -235,26 +255,48 @@ class NewtonCG(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        operators = self.curvature_source()
         stats = StepStats(loss=None if loss is None else float(loss))
-        predicted, steps = 0.0, []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                name = self.names[p]
-                g = p.grad.detach()
-                d, stats.params[name] = self.direction(operators[name], g, group)
-                s = group["lr"] * d
-                if self.adaptive_damping:
-                    predicted += quadratic_model(as_product(operators[name], self.source), g, s)
-                steps.append((p, s))
+        active = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        solve = self.full_steps if self.source == "full" else self.block_steps
+        steps, predicted = solve(active, stats)
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s)
         if self.adaptive_damping:
             self.adapt(closure, stats, predicted)
         self.last_stats = stats
         return loss
+
+    def block_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        """``[(p, lr · d)]`` from one solve per block, and the block-diagonal model's predicted change."""
+        operators = self.curvature_source()
+        predicted, steps = 0.0, []
+        for group, p in active:
+            name = self.names[p]
+            g = p.grad.detach()
+            d, stats.params[name] = self.direction(operators[name], g, group)
+            s = group["lr"] * d
+            if self.adaptive_damping:
+                predicted += quadratic_model(as_product(operators[name], self.source), g, s)
+            steps.append((p, s))
+        return steps, predicted
+
+    def full_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        """``[(p, lr · d)]`` from one CG solve ``[(1 - α) A + α I] d = -g`` over all ``active`` parameters.
+
+        ``A`` is the full GGN or Hessian on the stacked parameters, ``(n, n)``; also returns the
+        full model's predicted change ``gᵀs + ½ sᵀ A s``.
+        """
+        if not active:
+            return [], 0.0
+        params = [p for _, p in active]
+        A = full_operator(self.curvature, self.curvature_mode, [self.names[p] for p in params])
+        g = A.flatten([p.grad.detach() for p in params])
+        shared = active[0][0]  # α and the CG settings are the same in every group (check_shared)
+        d, stats.params[FULL] = solve_cg(A.matvec, g, shared["alpha"], shared["cg_tol"], shared["cg_atol"],
+                                         shared["cg_maxiter"])
+        steps = [group["lr"] * t for (group, _), t in zip(active, A.unflatten(d))]
+        predicted = quadratic_model(A.matvec, g, A.flatten(steps)) if self.adaptive_damping else 0.0
+        return list(zip(params, steps)), predicted
 
     def adapt(self, closure: Callable[[], Tensor], stats: StepStats, predicted: float) -> None:
         """Measure ``L(θ + s)`` with the closure, set ``ρ`` and update every group's α."""
@@ -291,6 +333,15 @@ def check_group(group: dict, adaptive_damping: bool) -> None:
         raise ValueError("adaptive_damping=True needs alpha > 0: the damping rule scales alpha/(1-alpha)")
     if group["lr"] <= 0.0:
         raise ValueError(f"lr={group['lr']} must be positive")
+
+
+def check_shared(groups: list[dict], group: dict) -> None:
+    """``source="full"`` solves one system: a new group must share α and the CG settings with the others."""
+    for other in groups:
+        different = [key for key in SHARED if other[key] != group[key]]
+        if different:
+            raise ValueError(f'source="full" solves one system for all parameters, so every group needs the '
+                             f'same {", ".join(different)} (only lr may differ)')
 
 
 def parameter_names(model: torch.nn.Module, params: list[Tensor]) -> dict[Tensor, str]:

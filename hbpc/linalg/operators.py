@@ -1,0 +1,199 @@
+"""Curvature products of a generated ``Curvature`` as symmetric linear operators.
+
+A ``CurvatureOperator`` is an ``n × n`` symmetric matrix ``A`` over some parameters
+``θ_1, …, θ_P`` (``n = Σ_p numel(θ_p)``), known only through products. Vectors come in two forms:
+
+* flat: ``v = [vec(θ_1); …; vec(θ_P)]`` (row-major ``vec``), shape ``(n,)``; ``k`` vectors are
+  the columns of an ``(n, k)`` matrix;
+* parameter lists: ``[t_1, …, t_P]`` with ``t_p`` shaped like ``θ_p``; ``k`` vectors have a
+  leading dimension, ``t_p`` of shape ``(k, *θ_p.shape)``.
+
+Either way, ``k`` vectors cost one call of the generated product (its leading ``V`` dimension).
+Dtype and device are the parameters'. Constructors, for ``curvature`` after ``forward_backward``:
+
+| constructor | ``A`` |
+|---|---|
+| ``full_operator`` | ``G = Jᵀ ∇²_z L J``, ``H = ∇²L`` or the MC Fisher, over all parameters |
+| ``block_product_operator`` | ``diag(C_θ1θ1, …)``, the exact diagonal blocks (``block_products``) |
+| ``hbp_block_operator`` | ``diag(B_θ1, …)``, the HBP blocks (``blocks``) |
+
+``params`` (a name or a list of names, default all in ``model.named_parameters()`` order) picks the
+parameters and their order. For ``full_operator`` a subset gives the principal submatrix ``A_SS``;
+for the block-diagonal operators, one name gives that block alone. Products and full products read
+the cache of the latest ``forward_backward``; ``hbp_block_operator`` keeps the blocks of the batch
+it was built on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hbpc.linalg.sampling import Seed, as_generator
+
+Product = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+Vectors = Tensor | Sequence[Tensor]
+
+FULL_PRODUCTS = {
+    "ggn": "ggn_vector_product",
+    "hessian": "hessian_vector_product",
+    "fisher-mc": "fisher_mc_vector_product",
+}
+
+
+class CurvatureOperator:
+    """Symmetric ``A`` of shape ``(n, n)`` from ``product: {name: (k, *θ)} -> {name: (k, *θ)}``.
+
+    ``names`` and ``shapes`` fix the flat layout; ``A @ v`` takes ``(n,)`` or ``(n, k)``.
+    """
+
+    def __init__(self, product: Product, shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device):
+        self.product = product
+        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        self.names = list(self.shapes)
+        self.sizes = [math.prod(shape) for shape in self.shapes.values()]
+        self.shape = (sum(self.sizes), sum(self.sizes))
+        self.dtype, self.device = dtype, device
+
+    def __repr__(self) -> str:
+        return f"CurvatureOperator(shape={self.shape}, params={self.names}, dtype={self.dtype})"
+
+    def split(self, V: Tensor) -> dict[str, Tensor]:
+        """Columns to parameters: ``(n, k) -> {name: (k, *θ)}``."""
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
+        pieces = torch.split(V.T, self.sizes, dim=1)
+        return {name: piece.reshape(-1, *shape) for (name, shape), piece in zip(self.shapes.items(), pieces)}
+
+    def join(self, vs: dict[str, Tensor]) -> Tensor:
+        """Parameters to columns: ``{name: (k, *θ)} -> (n, k)``."""
+        return torch.cat([vs[name].reshape(vs[name].shape[0], -1) for name in self.names], dim=1).T
+
+    def flatten(self, vs: Sequence[Tensor]) -> Tensor:
+        """A list shaped like the parameters -> ``(n,)``."""
+        return self.join({name: v.unsqueeze(0) for name, v in zip(self.names, self.checked(vs))})[:, 0]
+
+    def unflatten(self, v: Tensor) -> list[Tensor]:
+        """``(n,) -> `` a list shaped like the parameters."""
+        return [t.squeeze(0) for t in self.split(v.unsqueeze(1)).values()]
+
+    def checked(self, vs: Sequence[Tensor]) -> list[Tensor]:
+        """``vs`` as a list, after checking it has one tensor per parameter."""
+        vs = list(vs)
+        if len(vs) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} tensors (one per parameter {self.names}), got {len(vs)}")
+        return vs
+
+    @torch.no_grad()
+    def matmat(self, V: Vectors) -> Vectors:
+        """``A V`` for ``(n, k) -> (n, k)``, or a list of ``(k, *θ) ->`` a list of ``(k, *θ)``; one product call."""
+        if isinstance(V, Tensor):
+            return self.join(self.product(self.split(V)))
+        out = self.product(dict(zip(self.names, self.checked(V))))
+        return [out[name] for name in self.names]
+
+    def matvec(self, v: Vectors) -> Vectors:
+        """``A v`` for ``(n,) -> (n,)``, or a list shaped like the parameters -> the same."""
+        if isinstance(v, Tensor):
+            return self.matmat(v.unsqueeze(1)).squeeze(1)
+        return [t.squeeze(0) for t in self.matmat([t.unsqueeze(0) for t in self.checked(v)])]
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        """``A v`` for ``v`` of shape ``(n,)`` or ``(n, k)``."""
+        return self.matvec(v) if v.dim() == 1 else self.matmat(v)
+
+    def to_dense(self) -> Tensor:
+        """The ``(n, n)`` matrix, from one product with ``k = n`` (small operators only)."""
+        return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+
+
+def parameter_shapes(curvature, params: str | Sequence[str] | None) -> dict[str, torch.Size]:
+    """``{name: θ.shape}`` for ``params`` (a name, names, or ``None`` for all, in model order)."""
+    shapes = {name: p.shape for name, p in curvature.model.named_parameters()}
+    names = list(shapes) if params is None else [params] if isinstance(params, str) else list(params)
+    unknown = [name for name in names if name not in shapes]
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown}; the curvature's model has {list(shapes)}")
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"params must name distinct parameters, at least one, got {names}")
+    return {name: shapes[name] for name in names}
+
+
+def operator_for(curvature, product: Product, params) -> CurvatureOperator:
+    """A ``CurvatureOperator`` over ``params`` with the dtype and device of the model's parameters."""
+    like = next(curvature.model.parameters())
+    return CurvatureOperator(product, parameter_shapes(curvature, params), like.dtype, like.device)
+
+
+def check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{what}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def full_operator(
+    curvature, curvature_mode: str = "ggn", params=None, samples: int = 1, generator: Seed = None
+) -> CurvatureOperator:
+    """``G = Jᵀ ∇²_z L J`` (``"ggn"``), ``H = ∇²L`` (``"hessian"``) or ``F = Jᵀ (1/S Σ_s s sᵀ) J`` (``"fisher-mc"``).
+
+    ``"fisher-mc"`` (cross-entropy only) draws ``samples`` labels per sample from ``generator`` on
+    every product call: the ``k`` columns of one ``matmat`` share the draw, separate calls do not.
+    For a subset ``S`` of parameters the operator is ``A_SS`` (zeros for the others' entries of ``v``).
+    """
+    check_choice("curvature_mode", curvature_mode, tuple(FULL_PRODUCTS))
+    method = getattr(curvature, FULL_PRODUCTS[curvature_mode])
+    if curvature_mode == "fisher-mc":
+        device = next(curvature.model.parameters()).device
+        method = functools.partial(method, samples=samples, generator=as_generator(generator, device))
+    every = {name: p for name, p in curvature.model.named_parameters()}
+
+    def product(vs: dict[str, Tensor]) -> dict[str, Tensor]:
+        k = next(iter(vs.values())).shape[0]
+        padded = [vs[name] if name in vs else p.new_zeros(k, *p.shape) for name, p in every.items()]
+        return dict(zip(every, method(padded)))
+
+    return operator_for(curvature, product, params)
+
+
+def block_product_operator(curvature, curvature_mode: str = "ggn", params=None) -> CurvatureOperator:
+    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curvature.block_products(curvature_mode)``."""
+    products = curvature.block_products(curvature_mode)
+    return operator_for(curvature, lambda vs: {name: products[name](v) for name, v in vs.items()}, params)
+
+
+def hbp_block_operator(
+    curvature,
+    curvature_mode: str = "ggn",
+    average_input_jacobian: bool = True,
+    average_parameter_jacobian: bool = True,
+    params=None,
+) -> CurvatureOperator:
+    """``diag(B_θ)`` over ``params``: the HBP blocks ``curvature.blocks(...)``, formed once here."""
+    blocks = curvature.blocks(curvature_mode, average_input_jacobian, average_parameter_jacobian)
+    return operator_for(curvature, lambda vs: {name: blocks[name] @ v for name, v in vs.items()}, params)
+
+
+def to_scipy(operator: CurvatureOperator):
+    """``operator`` as a ``scipy.sparse.linalg.LinearOperator`` on float64 numpy arrays.
+
+    ``matmat`` of an ``(n, k)`` array is one product call; ``rmatvec = matvec`` (``A`` is symmetric).
+    """
+    from scipy.sparse.linalg import LinearOperator
+
+    n = operator.shape[0]
+
+    def matmat(X: np.ndarray) -> np.ndarray:
+        V = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64).reshape(n, -1))
+        return operator.matmat(V.to(dtype=operator.dtype, device=operator.device)).to("cpu", torch.float64).numpy()
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        return matmat(x).reshape(-1)
+
+    return LinearOperator(
+        operator.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np.float64
+    )
