@@ -9,11 +9,12 @@ from hbpc.errors import HbpcError
 
 def _compile(args):
     from hbpc.compiler import compile_source, write_atomically
-    from hbpc.export import load_model_file
+    from hbpc.export import load_model_file, load_rules_file
 
+    rules = load_rules_file(args.rules) if args.rules else []
     spec = load_model_file(args.model)
     name = spec.path.rsplit("/", 1)[-1]
-    text = compile_source(spec.model, spec.example_input, spec.loss_fn, args.loss, source_name=name)
+    text = compile_source(spec.model, spec.example_input, spec.loss_fn, args.loss, source_name=name, rules=rules)
     write_atomically(args.output, text)
     print(f"wrote {args.output}")
 
@@ -98,6 +99,7 @@ def parser():
     comp.add_argument("model")
     comp.add_argument("-o", "--output", required=True)
     comp.add_argument("--loss", help="override loss_fn: cross_entropy or mse, optionally ':sum' (e.g. mse:sum)")
+    comp.add_argument("--rules", help="a Python file with extra rules (see README: 'Adding an activation')")
     comp.set_defaults(run=_compile)
     rules = commands.add_parser("rules", help="list the rule table, or show one rule's derivation")
     rules.add_argument("name", nargs="?")

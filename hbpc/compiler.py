@@ -7,14 +7,16 @@ from pathlib import Path
 
 from hbpc.emit import emit
 from hbpc.errors import HbpcError
-from hbpc.export import export, graph_hash
+from hbpc.export import export, graph_hash, load_rules_file
 from hbpc.plan import plan
+from hbpc.rules import extended
 
 
-def compile_source(model, example_input, loss_fn=None, loss=None, source_name="<model>") -> str:
-    """The text of the generated module for ``model``."""
-    graph = export(model, example_input, loss_fn, loss)
-    return emit(graph, plan(graph), source_name, graph_hash(graph))
+def compile_source(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=()) -> str:
+    """The text of the generated module for ``model``; ``rules`` adds user rules to the table."""
+    with extended(list(rules)):
+        graph = export(model, example_input, loss_fn, loss)
+        return emit(graph, plan(graph), source_name, graph_hash(graph))
 
 
 def write_atomically(path, text: str):
@@ -45,9 +47,14 @@ def import_generated(path, name=None):
     return module
 
 
-def compile_model(model, example_input, loss_fn=None, path=None, loss=None):
-    """Compile ``model`` and return the imported generated module (also written to ``path`` if given)."""
-    text = compile_source(model, example_input, loss_fn, loss, source_name=type(model).__name__)
+def compile_model(model, example_input, loss_fn=None, path=None, loss=None, rules=()):
+    """Compile ``model`` and return the imported generated module (also written to ``path`` if given).
+
+    ``rules`` is a list of extra rules, or the path of a rules file (as ``hbpc compile --rules``).
+    """
+    if isinstance(rules, (str, os.PathLike)):
+        rules = load_rules_file(rules)
+    text = compile_source(model, example_input, loss_fn, loss, source_name=type(model).__name__, rules=rules)
     if path is not None:
         write_atomically(path, text)
         return import_generated(path)

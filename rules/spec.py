@@ -39,13 +39,13 @@ class Elementwise:
     """``y = φ(x)`` applied entrywise.
 
     ``forward`` is torch code computing φ, with ``{x}`` and ``{name}`` for each
-    hyper-parameter; ``hyper`` maps hyper-parameter names (symbols in φ, or torch-only
-    options such as softplus' ``threshold``) to their torch defaults.
+    hyper-parameter (``None``: print φ itself); ``hyper`` maps hyper-parameter names
+    (symbols in φ, or torch-only options such as softplus' ``threshold``) to their torch defaults.
     """
 
     key: str
     phi: sp.Expr
-    forward: str
+    forward: str = None
     hyper: dict = field(default_factory=dict)
     aliases: tuple = ()
 

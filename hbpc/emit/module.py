@@ -1,4 +1,5 @@
 """Assemble the generated ``curv_model.py`` from node code, the loss derivation and the plan."""
+import re
 from math import prod
 from pathlib import Path
 
@@ -18,6 +19,17 @@ def _indent(lines, depth):
     return [(_INDENT * depth + line) if line else "" for line in lines]
 
 
+def _needed(shared, code):
+    """The CSE lines ``code`` depends on, directly or through later lines."""
+    kept, wanted = [], set(re.findall(r"\bs\d+\b", code))
+    for line in reversed(shared):
+        target, expression = line.split(" = ", 1)
+        if target in wanted:
+            kept.insert(0, line)
+            wanted |= set(re.findall(r"\bs\d+\b", expression))
+    return kept
+
+
 def _loss_lines(graph, last):
     rule = graph.graph["loss_rule"]
     derivation = derive(rule)
@@ -29,14 +41,14 @@ def _loss_lines(graph, last):
               else "target.reshape(N, -1).to(z.dtype)")
     lines = [f"z = a_{last}.reshape(N, -1)", f"C = {classes}", f"t = {target}"]
     lines += [f"{name} = {code}" for name, code in derivation.intermediates.items()]
-    lines += shared
+    lines += _needed(shared, exprs["value"] + " " + exprs["grad"])
     lines += [f"scale = {scale}", f"loss = scale * ({exprs['value']}).sum()",
               f"g_{last} = (scale * ({exprs['grad']})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
               "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
     lines += [f"self.loss_{name} = {name}" for name in derivation.intermediates]
     restore = ["z, t, scale = self.loss_z, self.loss_t, self.loss_scale"]
     restore += [f"{name} = self.loss_{name}" for name in derivation.intermediates]
-    hvp = restore + shared + [f"return scale * ({exprs['hvp']})"]
+    hvp = restore + _needed(shared, exprs["hvp"]) + [f"return scale * ({exprs['hvp']})"]
     doc = f"ℓ(z, t) = {rule.ell};  Hv = {derivation.hessian_product}"
     if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
         fisher = [

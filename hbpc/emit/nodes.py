@@ -71,7 +71,9 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     d1 = f"torch.full_like({input_var}, {torch_code(d1_expr)})" if d1_expr.is_number else torch_code(d1_expr)
     d2 = derivation.d2.subs(values).subs(rename)
     code = NodeCode()
-    code.forward = [f"{out} = {_fmt(rule.forward, node, input_vars)}", f"self.{name}_d1 = {d1}"]
+    forward = (_fmt(rule.forward, node, input_vars) if rule.forward
+               else torch_code(rule.phi.subs(values).subs(rename)))
+    code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {d1}"]
     _single_input(code, name)
     if d2 != 0:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")

@@ -57,3 +57,29 @@ def load_model_file(path) -> ModelSpec:
         raise HbpcError(f"`loss_fn` must be an nn.Module such as nn.CrossEntropyLoss(), got {type(loss_fn).__name__}",
                         path, "set `loss_fn = nn.CrossEntropyLoss()` or `nn.MSELoss()`, or remove it")
     return ModelSpec(model, example, loss_fn, path)
+
+
+def load_rules_file(path) -> list:
+    """User rules: every rule object a Python file defines at module level (e.g. in a ``RULES`` list)."""
+    from hbpc.rules.spec import Elementwise, Loss, Selection, Structured
+
+    kinds = (Elementwise, Loss, Selection, Structured)
+    path = str(Path(path).resolve())
+    if not Path(path).is_file():
+        raise HbpcError(f"rules file {path} does not exist", fix="pass a Python file defining rules, e.g. RULES = [...]")
+    try:
+        namespace = runpy.run_path(path, run_name="hbpc_rules")
+    except SyntaxError as error:
+        raise HbpcError(f"rules file has a syntax error: {error.msg}", f"{path}:{error.lineno}",
+                        "fix the Python syntax") from None
+    except Exception as error:
+        raise HbpcError(f"rules file raised {type(error).__name__}: {error}", _last_user_frame(error, path),
+                        "make the rules file importable on its own") from None
+    found = [value for value in namespace.values() if isinstance(value, kinds)]
+    found += [rule for value in namespace.values() if isinstance(value, (list, tuple))
+              for rule in value if isinstance(rule, kinds)]
+    unique = list({id(rule): rule for rule in found}.values())
+    if not unique:
+        raise HbpcError("rules file defines no rules", path,
+                        "define e.g. RULES = [Elementwise('swish', x / (1 + exp(-x)))] with hbpc.rules.spec")
+    return unique

@@ -150,6 +150,10 @@ def _source(node) -> str:
 class _SourceTracer(fx.Tracer):
     """An fx tracer that records the user's ``file:line`` for every node (cheaper than stack traces)."""
 
+    def is_leaf_module(self, module, qualified_name):
+        """Standard torch modules, and user modules whose class name has a rule (``--rules``), are leaves."""
+        return super().is_leaf_module(module, qualified_name) or type(module).__name__.lower() in TABLE
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         frame = sys._getframe(1)
