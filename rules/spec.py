@@ -21,12 +21,12 @@ import sympy as sp
 
 x, y = sp.symbols("x y", real=True)
 # Hyper-parameters of elementwise rules, named like the torch arguments they come from.
-alpha, negative_slope, beta, min_val, max_val, scale, shift = sp.symbols(
-    "alpha negative_slope beta min_val max_val scale shift", real=True)
+alpha, negative_slope, beta, min_val, max_val, scale, shift, delta = sp.symbols(
+    "alpha negative_slope beta min_val max_val scale shift delta", real=True)
 n, o, i, g, c, k, l = sp.symbols("n o i g c k l", integer=True)
 K = sp.Symbol("K", positive=True, integer=True)
 W, b, X, P = (sp.IndexedBase(name) for name in ("W", "b", "X", "P"))
-z, t = sp.IndexedBase("z"), sp.IndexedBase("t")
+z, t = sp.IndexedBase("z", real=True), sp.IndexedBase("t", real=True)
 
 
 def Σ(expr, *indices):
@@ -90,13 +90,15 @@ class Selection:
 class Loss:
     """A per-sample loss ``ℓ(z, t)`` of logits ``z[k]`` and target ``t[k]``.
 
-    ``target`` is ``"class"`` (integer labels, ``t`` is their one-hot) or
-    ``"dense"`` (``t`` has the shape of ``z``). ``L = scale · Σ_n ℓ(z_n, t_n)``
-    with ``scale`` given per reduction as a function of ``N`` and ``C``.
+    ``target`` is ``"class"`` (integer labels, ``t`` is their one-hot, label-smoothed
+    if the loss has ``label_smoothing``) or ``"dense"`` (``t`` has the shape of ``z``).
+    ``L = scale · Σ_n ℓ(z_n, t_n)`` with ``scale`` given per reduction as a function
+    of ``N`` and ``C``; ``hyper`` names loss attributes (symbols in ℓ) and their defaults.
     """
 
     key: str
     ell: sp.Expr
     target: str
     scale: dict = field(default_factory=dict)
+    hyper: dict = field(default_factory=dict)
     aliases: tuple = ()

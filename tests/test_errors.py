@@ -66,9 +66,10 @@ CASES = {
         example_input = torch.zeros(2, 3)
         """), ["only the sum of two tensors of equal shape is supported"]),
     "unsupported-loss": ("model = nn.Linear(3, 2)\nexample_input = torch.zeros(2, 3)\nloss_fn = nn.L1Loss()\n",
-                         ["unsupported loss 'l1loss'", "cross_entropy, mse"]),
+                         ["unsupported loss 'l1loss'", "bce_with_logits, cross_entropy, huber, mse"]),
     "loss-option": ("model = nn.Linear(3, 2)\nexample_input = torch.zeros(2, 3)\n"
-                    "loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)\n", ["label_smoothing is not supported"]),
+                    "loss_fn = nn.CrossEntropyLoss(weight=torch.ones(2))\n",
+                    ["CrossEntropyLoss with weight is not supported", "use CrossEntropyLoss() without weight"]),
     "loss-not-module": ("model = nn.Linear(3, 2)\nexample_input = torch.zeros(2, 3)\nloss_fn = 'mse'\n",
                         ["`loss_fn` must be an nn.Module"]),
     "ceil-mode": ("model = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten())\n"

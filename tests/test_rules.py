@@ -91,7 +91,7 @@ def test_linear_einsums_match_torch_autograd():
 
 def _loss_code(rule, z, t, v):
     derivation = derive(rule)
-    shared, code = derivation.code()
+    shared, code = derivation.code(rule.hyper)
     scope = {"torch": torch, "z": z, "t": t, "v": v}
     for name, expr in derivation.intermediates.items():
         scope[name] = eval(expr, scope)
@@ -101,15 +101,25 @@ def _loss_code(rule, z, t, v):
     return {key: eval(expr, scope) for key, expr in code.items()}
 
 
+F = torch.nn.functional
+TORCH_LOSSES = {  # ℓ summed over samples, as torch computes it
+    "cross_entropy": lambda z, t: F.cross_entropy(z, t, reduction="sum"),
+    "mse": lambda z, t: F.mse_loss(z, t, reduction="sum"),
+    "bce_with_logits": lambda z, t: F.binary_cross_entropy_with_logits(z, t, reduction="sum"),
+    "huber": lambda z, t: F.huber_loss(z, t, reduction="sum", delta=1.0),
+    "smooth_l1": lambda z, t: F.smooth_l1_loss(z, t, reduction="sum", beta=1.0),
+}
+
+
 @pytest.mark.parametrize("rule", LOSSES, ids=[r.key for r in LOSSES])
 def test_loss_derivations_match_autograd(rule):
     z = (torch.randn(4, 5, dtype=torch.float64) * 3).requires_grad_(True)
     if rule.target == "class":
         t = torch.nn.functional.one_hot(torch.randint(5, (4,)), 5).double()
-        ell = torch.nn.functional.cross_entropy(z, t.argmax(1), reduction="sum")
+        ell = TORCH_LOSSES[rule.key](z, t.argmax(1))
     else:
-        t = torch.randn(4, 5, dtype=torch.float64)
-        ell = ((z - t) ** 2).sum()
+        t = torch.rand(4, 5, dtype=torch.float64) if rule.key == "bce_with_logits" else torch.randn(4, 5).double()
+        ell = TORCH_LOSSES[rule.key](z, t)
     v = torch.randn(4, 5, dtype=torch.float64)
     out = _loss_code(rule, z.detach(), t, v)
     (grad,) = torch.autograd.grad(ell, z, create_graph=True)

@@ -46,7 +46,7 @@ def test_cli_compiles_with_user_rules_and_products_are_exact(tmp_path):
 
 def test_without_the_rules_file_the_op_is_named_as_unsupported(tmp_path, capsys):
     assert main(["compile", str(MODEL), "-o", str(tmp_path / "out.py")]) == 2
-    assert "unsupported op 'mul'" in capsys.readouterr().err
+    assert "unsupported loss 'logcoshloss'" in capsys.readouterr().err
 
 
 def test_python_api_takes_a_rules_path():

@@ -37,6 +37,18 @@ def _walk(expr, summed):
         yield expr, summed
 
 
+def _common_deltas(piecewise):
+    """``Piecewise((a·δ, c), (b·δ, True)) → ([δ], Piecewise((a, c), (b, True)))`` (sympy folds it back inside a Sum)."""
+    branches = [(sp.factor_terms(e), c) for e, c in piecewise.args]
+    nonzero = [e for e, _ in branches if e != 0]  # a zero branch is a multiple of any delta
+    shared = set.intersection(*({f for f in sp.Mul.make_args(e) if isinstance(f, sp.KroneckerDelta)}
+                                for e in nonzero)) if nonzero else set()
+    if not shared:
+        return [], piecewise
+    common = sp.Mul(*shared)
+    return list(shared), sp.Piecewise(*((sp.cancel(e / common), c) for e, c in branches))
+
+
 def _term(product, summed) -> Term:
     factors, deltas, coeff = [], [], sp.S.One
     for f in sp.Mul.make_args(product):
@@ -46,6 +58,10 @@ def _term(product, summed) -> Term:
             factors += [f.base] * int(f.exp)
         elif isinstance(f, sp.KroneckerDelta):
             deltas.append(f)
+        elif isinstance(f, sp.Piecewise):
+            shared, rest = _common_deltas(f)
+            deltas += shared
+            coeff *= rest
         else:
             coeff *= f
     return Term(coeff, tuple(factors), frozenset(summed), tuple(deltas))

@@ -10,6 +10,7 @@ import sympy as sp
 
 from hbpc.rules.spec import t, z
 
+from .elementwise import _through_sigmoid, almost_everywhere, hyper_values
 from .indexed import _unique_bound, resolve_deltas
 from .printer import torch_lines
 
@@ -28,9 +29,11 @@ class LossDerivation:
     hessian_product: sp.Expr
     intermediates: dict
 
-    def code(self) -> tuple[list[str], dict]:
-        """CSE'd torch lines and ``{value, grad, hvp}`` expressions in ``z, t, v, lse``."""
-        return torch_lines({"value": self.value, "grad": self.grad, "hvp": self.hessian_product}, "s")
+    def code(self, hyper: dict = None) -> tuple[list[str], dict]:
+        """CSE'd torch lines and ``{value, grad, hvp}`` expressions in ``z, t, v, lse`` with hyper-parameter values."""
+        values = hyper_values(hyper or {})
+        exprs = {"value": self.value, "grad": self.grad, "hvp": self.hessian_product}
+        return torch_lines({name: expr.subs(values) for name, expr in exprs.items()}, "s")
 
 
 def _is_sum_of_exp(e) -> bool:
@@ -71,12 +74,20 @@ def pull_out_constants(expr):
     return sp.expand(expr).replace(sp.Sum, split)
 
 
+def without_overflow(expr):
+    """Logistic terms through σ and softplus (``log(1 + exp(a))``, ``exp(a)/(1 + exp(a))``) when that removes exp."""
+    for candidate in _through_sigmoid(expr):
+        if not candidate.atoms(sp.exp):
+            return candidate
+    return expr
+
+
 def derive_loss(rule) -> LossDerivation:
-    grad = resolve_deltas(sp.diff(rule.ell, z[_j]))
-    hessian = sp.diff(grad, z[_i])
+    grad = resolve_deltas(almost_everywhere(sp.diff(rule.ell, z[_j])))
+    hessian = almost_everywhere(sp.diff(grad, z[_i]))
     hvp = resolve_deltas(sp.Sum(hessian * _v[_j], (_j, 0, sp.oo)))
-    exprs = [pull_out_constants(stabilize(e)) for e in (rule.ell, grad, hvp)]
-    exprs[0] = stabilize(rule.ell)
+    exprs = [pull_out_constants(without_overflow(stabilize(e))) for e in (rule.ell, grad, hvp)]
+    exprs[0] = without_overflow(stabilize(rule.ell))
     atoms = set().union(*(e.free_symbols | {a.base for a in e.atoms(sp.Indexed)} for e in exprs))
     intermediates = {}
     if LSE in atoms or SOFTMAX in atoms:

@@ -17,8 +17,10 @@ class Softplus(sp.Function):
 
 
 def _like(expr) -> str:
-    """A tensor variable of ``expr`` whose dtype and device constants must follow."""
-    return str(sorted(expr.free_symbols, key=str)[0])
+    """A tensor variable of ``expr`` whose dtype and device constants must follow (never an index)."""
+    tensors = {str(a.base.label) for a in expr.atoms(sp.Indexed)}
+    tensors |= {str(s) for s in expr.free_symbols if not s.is_integer and not isinstance(s, sp.Indexed)}
+    return sorted(tensors)[0]
 
 
 class TorchCodePrinter(TorchPrinter):

@@ -35,10 +35,14 @@ def _loss_lines(graph, last):
     derivation = derive(rule)
     N, C = sp.symbols("N C", positive=True, integer=True)
     scale = torch_code(sp.nsimplify(rule.scale[graph.graph["reduction"]](N, C)))
-    shared, exprs = derivation.code()
+    hyper = graph.graph["loss_hyper"]
+    shared, exprs = derivation.code(hyper)
     classes = prod(graph.nodes[last]["y_shape"])
+    smoothing = hyper.get("label_smoothing", 0.0)
     target = (f"torch.nn.functional.one_hot(target, {classes}).to(z.dtype)" if rule.target == "class"
               else "target.reshape(N, -1).to(z.dtype)")
+    if smoothing:
+        target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
     lines = [f"z = a_{last}.reshape(N, -1)", f"C = {classes}", f"t = {target}"]
     lines += [f"{name} = {code}" for name, code in derivation.intermediates.items()]
     lines += _needed(shared, exprs["value"] + " " + exprs["grad"])

@@ -277,7 +277,7 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     return rule, hyper, params, param_shapes
 
 
-def _lower_nodes(module, example_input):
+def _lower_nodes(module, example_input, absorb_log_softmax=False):
     """IR nodes in topological order; ``inputs`` names the producing IR nodes (``"x"`` for the model input)."""
     modules = dict(module.named_modules())
     param_names = {id(p): name for name, p in module.named_parameters()}
@@ -293,6 +293,11 @@ def _lower_nodes(module, example_input):
             continue  # sizes feed reshapes, whose target shape comes from shape propagation
         where = f"node `{node.name}` ({_describe(node, modules)}) at {_source(node)}"
         tensor_args = [a for a in node.all_input_nodes if _is_tensor(a)]
+        if absorb_log_softmax and op in ("log_softmax", "logsoftmax") and node.users and all(
+                u.op == "output" for u in node.users):
+            names[node] = node.name
+            ir_nodes.append(dict(name=node.name, op="log_softmax", fx_name=node.name, inputs=[names[tensor_args[0]]]))
+            continue
         try:
             rule, hyper, params, param_shapes = _lower_node(node, op, TABLE.get(op), tensor_args, modules, module,
                                                             param_names)
@@ -314,7 +319,7 @@ def _lower_nodes(module, example_input):
     output = next(n for n in module.graph.nodes if n.op == "output").args[0]
     if not problems and (not isinstance(output, fx.Node) or output not in names):
         problems.append("the model must return a single tensor computed by supported ops")
-    elif not problems:
+    elif not problems and not absorb_log_softmax:
         _check_single_output(ir_nodes, names[output])
     return ir_nodes, problems
 
@@ -327,26 +332,45 @@ def _check_single_output(ir_nodes, output):
                         "remove unused computations")
 
 
+_NLL_AFTER_LOG_SOFTMAX = "nllloss"
+
+
 def _loss_key(loss_fn, loss):
+    """(rule, reduction, hyper) of the loss; ``--loss`` (``key`` or ``key:reduction``) overrides ``loss_fn``."""
     if loss is not None:
-        key, reduction = loss, "mean"
-        if ":" in loss:
-            key, reduction = loss.split(":", 1)
+        key, _, reduction = loss.partition(":")
+        reduction, options = reduction or "mean", {}
     else:
         loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         key, reduction = type(loss_fn).__name__.lower(), getattr(loss_fn, "reduction", "mean")
-        if isinstance(loss_fn, nn.CrossEntropyLoss):
-            if loss_fn.weight is not None or loss_fn.ignore_index != -100 or loss_fn.label_smoothing:
-                raise HbpcError("CrossEntropyLoss with weight, ignore_index or label_smoothing is not supported",
-                                "loss_fn", "use nn.CrossEntropyLoss() with default options")
-    rule = LOSS_TABLE.get(key)
+        options = {name: getattr(loss_fn, name) for name in ("weight", "pos_weight", "ignore_index")
+                   if getattr(loss_fn, name, None) is not None}
+        if options.get("ignore_index", -100) == -100:
+            options.pop("ignore_index", None)
+        if options:
+            raise HbpcError(f"{type(loss_fn).__name__} with {', '.join(options)} is not supported", "loss_fn",
+                            f"use {type(loss_fn).__name__}() without {', '.join(options)}")
+    rule = LOSS_TABLE.get("cross_entropy" if key == _NLL_AFTER_LOG_SOFTMAX else key)
     if rule is None:
-        supported = ", ".join(sorted({r.key for r in LOSS_TABLE.values()}))
+        supported = ", ".join(sorted({r.key for r in LOSS_TABLE.values()} | {"nll_loss after log_softmax"}))
         raise HbpcError(f"unsupported loss '{key}'", "loss_fn / --loss", f"use one of: {supported}")
     if reduction not in rule.scale:
         raise HbpcError(f"unsupported reduction '{reduction}' for loss '{rule.key}'", "loss_fn / --loss",
                         f"use one of: {', '.join(rule.scale)}")
-    return rule, reduction
+    hyper = {name: float(getattr(loss_fn, name, default)) if loss is None else default
+             for name, default in rule.hyper.items()}
+    return rule, reduction, hyper, key == _NLL_AFTER_LOG_SOFTMAX
+
+
+def _absorb_log_softmax(ir_nodes, module):
+    """NLLLoss after a final log_softmax over classes is cross-entropy of the log_softmax's input."""
+    output = next(n for n in module.graph.nodes if n.op == "output").args[0]
+    name = getattr(output, "name", None)
+    last = ir_nodes[-1] if ir_nodes else None
+    if last is None or last["fx_name"] != name or last["op"] != "log_softmax":
+        raise HbpcError("NLLLoss is supported only after a final log_softmax over classes", "loss_fn",
+                        "end the model with nn.LogSoftmax(dim=1) / F.log_softmax(x, dim=1), or use CrossEntropyLoss")
+    return ir_nodes[:-1]
 
 
 def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: str = None) -> nx.DiGraph:
@@ -354,16 +378,18 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
     if example_input.dim() < 2:
         raise HbpcError(f"example_input has shape {tuple(example_input.shape)}, but the first dimension must be "
                         "the batch", "example_input", "add a batch dimension, e.g. x.unsqueeze(0)")
+    loss_rule, reduction, loss_hyper, after_log_softmax = _loss_key(loss_fn, loss)
     module = _trace(model, example_input)
-    ir_nodes, problems = _lower_nodes(module, example_input)
+    ir_nodes, problems = _lower_nodes(module, example_input, absorb_log_softmax=after_log_softmax)
     if problems:
         raise HbpcError("the model uses ops hbpc cannot compile:\n    " + "\n    ".join(problems),
                         fix=f"supported ops: {_supported_list()}")
+    if after_log_softmax:
+        ir_nodes = _absorb_log_softmax(ir_nodes, module)
     if not ir_nodes:
         raise HbpcError("the model has no ops", type(model).__name__, "compile a model with at least one layer")
-    loss_rule, reduction = _loss_key(loss_fn, loss)
     graph = nx.DiGraph(input_shape=tuple(example_input.shape[1:]), loss=loss_rule.key, loss_rule=loss_rule,
-                       reduction=reduction, order=[n["name"] for n in ir_nodes], model=type(model).__name__)
+                       reduction=reduction, loss_hyper=loss_hyper, order=[n["name"] for n in ir_nodes], model=type(model).__name__)
     for attrs in ir_nodes:
         graph.add_node(attrs["name"], **attrs)
         for position, source in enumerate(attrs["inputs"]):
@@ -380,6 +406,7 @@ def graph_hash(graph: nx.DiGraph) -> str:
     """A short digest of everything the generated code depends on."""
     payload = {
         "input": graph.graph["input_shape"], "loss": graph.graph["loss"], "reduction": graph.graph["reduction"],
+        "loss_hyper": graph.graph["loss_hyper"],
         "nodes": [[graph.nodes[name][key] for key in ("op", "hyper", "inputs", "x_shapes", "y_shape", "params")]
                   for name in graph.graph["order"]],
     }
