@@ -52,7 +52,7 @@ SELECTIONS = [
               aliases=("maxpool2d",)),
     Selection("pad", "pad", "torch.nn.functional.pad({x}, {padding})", aliases=("zeropad2d",)),
     Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})", aliases=("flatten", "view")),
-    Selection("identity", "identity", "{x}", aliases=("dropout", "dropout2d")),
+    Selection("identity", "identity", "{x}", aliases=("dropout", "dropout1d", "dropout2d", "dropout3d")),
     Selection("add", "add", "{x0} + {x1}"),
     Selection("cat", "cat", "torch.cat([{xs}], {dim})"),
 ]

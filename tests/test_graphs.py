@@ -141,3 +141,24 @@ def test_residual_block_generated_code_reads_like_the_model():
     source = hbpc.compiler.compile_source(Residual(), torch.zeros(2, 3))
     assert "a_add = a_tanh + a_mul" in source
     assert "a_mul = a_fc2 * 0.5" in source
+
+
+def test_eval_mode_dropout_identity_and_adaptive_pooling_compile_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Dropout(0.3), nn.Identity(), nn.Sigmoid(),
+                          nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    x, t = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    curvature = hbpc.compile_model(model, x, loss_fn).Curvature(model)
+    curvature.forward_backward(x, t)
+    H = _true_hessian(model, loss_fn, x, t)
+    shapes = [p.shape for p in model.parameters()]
+    vs = [torch.randn(*s, dtype=torch.float64) for s in shapes]
+    out = torch.cat([o.flatten() for o in curvature.hessian_vector_product(vs)])
+    assert torch.allclose(out, H @ torch.cat([v.flatten() for v in vs]), atol=1e-10)
+
+
+def test_training_mode_dropout_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 2)).train()
+    with pytest.raises(hbpc.HbpcError, match="dropout in training mode is random.*call model.eval"):
+        hbpc.compile_model(model, torch.zeros(2, 3))

@@ -59,7 +59,22 @@ def _module_hyper(key, module):
                 "padding": _pair(module.padding)}
     if key == "pad":
         return {"padding": tuple(module.padding)}
+    if key == "identity" and getattr(module, "training", False) and getattr(module, "p", 0) > 0:
+        raise ValueError("dropout in training mode is random, so it has no curvature; call model.eval() before "
+                         "compiling and training with curvature")
     return {}
+
+
+def _adaptive_as_avg_pool(node, module, x_shape):
+    """AdaptiveAvgPool2d whose output size divides the input: an avg_pool2d with kernel = stride = in / out."""
+    size = module.output_size if node.op == "call_module" else (node.kwargs.get("output_size") or node.args[1])
+    out = _pair(size)
+    out = tuple(x if o is None else o for o, x in zip(out, x_shape[-2:]))
+    if any(x % o for x, o in zip(x_shape[-2:], out)):
+        raise ValueError(f"adaptive average pooling from {x_shape[-2:]} to {out} has uneven windows; only output "
+                         "sizes that divide the input size are supported")
+    kernel = tuple(x // o for x, o in zip(x_shape[-2:], out))
+    return {"kernel_size": kernel, "stride": kernel, "padding": (0, 0)}
 
 
 # Positional parameters of the functional forms, named like the module attributes they stand for.
@@ -248,8 +263,18 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
             raise ValueError(f"'{op}' with these arguments is not supported")
         key, hyper = scalar
         return TABLE[key], hyper, params, param_shapes
+    if op in ("adaptiveavgpool2d", "adaptive_avg_pool2d"):
+        module_or_none = modules.get(node.target) if node.op == "call_module" else None
+        x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
+        return TABLE["avg_pool2d"], _adaptive_as_avg_pool(node, module_or_none, x_shape), params, param_shapes
     if rule is None:
         raise KeyError(op)
+    if rule.key == "identity" and node.op == "call_function":
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        if training and p > 0:
+            raise ValueError("dropout in training mode is random, so it has no curvature; pass training=False "
+                             "(e.g. training=self.training with model.eval())")
     if isinstance(rule, Elementwise):
         hyper = _elementwise_hyper(rule, node, modules)
         rule = TABLE.get(_variant(rule.key, hyper), rule)
