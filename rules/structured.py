@@ -1,8 +1,9 @@
 """Maps linear in their input, in index notation, and structural selections.
 
-``X`` is the input seen through ``input_view``: ``"reshape"`` (the input itself)
-or ``"patches"`` (``unfold``: ``X[n, g, c, k, l]`` is input channel ``c`` of group
-``g`` at kernel offset ``k`` of output location ``l``).
+``X`` is the input seen through ``input_view``: ``"reshape"`` (the input itself),
+``"patches"`` (``unfold``: ``X[n, g, c, k, l]`` is input channel ``c`` of group
+``g`` at kernel offset ``k`` of output location ``l``) or ``"standardize"``
+(eval-mode normalisation with the running statistics: ``X = (x − μ_c) / sqrt(σ²_c + ε)``).
 """
 from .spec import Selection, Structured, K, P, W, X, b, c, g, i, k, l, n, o, Σ
 
@@ -28,6 +29,13 @@ def _pool_views(h, x_shape, y_shape):
     return {"X": (x_shape[0], kernel, y_shape[1] * y_shape[2]), "Y": (y_shape[0], y_shape[1] * y_shape[2])}
 
 
+def _norm_views(h, x_shape, y_shape):
+    channels, locations = x_shape[0], 1
+    for size in x_shape[1:]:
+        locations *= size
+    return {"X": (channels, locations), "Y": (channels, locations), "W": (channels,), "b": (channels,)}
+
+
 STRUCTURED = [
     Structured(
         "linear", out=(n, o), expr=Σ(W[o, i] * X[n, i], i) + b[o],
@@ -38,6 +46,12 @@ STRUCTURED = [
         "conv2d", out=(n, g, o, l), expr=Σ(W[g, o, c, k] * X[n, g, c, k, l], c, k) + b[g, o],
         params={"weight": W, "bias": b}, views=_conv_views, input_view="patches",
         forward="torch.nn.functional.conv2d({x}, {weight}, {bias}, {stride}, {padding}, {dilation}, {groups})",
+    ),
+    Structured(
+        "batch_norm", out=(n, c, l), expr=W[c] * X[n, c, l] + b[c],
+        params={"weight": W, "bias": b}, views=_norm_views, input_view="standardize",
+        forward="torch.nn.functional.batch_norm({x}, {running_mean}, {running_var}, {weight}, {bias}, False, 0.0, {eps})",
+        aliases=("batchnorm1d", "batchnorm2d"),
     ),
     Structured(
         "avg_pool2d", out=(n, c, l), expr=Σ(X[n, c, k, l], k) / K,

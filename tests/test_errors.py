@@ -32,7 +32,7 @@ CASES = {
                 return F.softmax(self.fc(x), dim=1)
         model = M()
         example_input = torch.zeros(2, 3)
-        """), ["unsupported op 'softmax'", "node `softmax`", "model.py:10", "supported ops: add, avg_pool2d, cat"]),
+        """), ["unsupported op 'softmax'", "node `softmax`", "model.py:10", "supported ops: add, avg_pool2d, batch_norm, cat"]),
     "control-flow": (textwrap.dedent("""
         class M(nn.Module):
             def __init__(self):

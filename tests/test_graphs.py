@@ -162,3 +162,44 @@ def test_training_mode_dropout_is_refused_with_the_fix():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 2)).train()
     with pytest.raises(hbpc.HbpcError, match="dropout in training mode is random.*call model.eval"):
         hbpc.compile_model(model, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_eval_mode_batch_norm_is_exact(dims):
+    torch.manual_seed(0)
+    if dims == 2:
+        layers = [nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)]
+        x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    else:
+        layers = [nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Sigmoid(), nn.Linear(5, 3)]
+        x = torch.randn(3, 4, dtype=torch.float64)
+    model = nn.Sequential(*layers).double()
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, *x.shape[1:], dtype=torch.float64))  # non-trivial running statistics
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    t, loss_fn = torch.tensor([0, 2, 1]), nn.CrossEntropyLoss()
+    curvature = hbpc.compile_model(model, x, loss_fn).Curvature(model)
+    curvature.forward_backward(x, t)
+    H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
+    vs = [torch.randn(*p.shape, dtype=torch.float64) for p in model.parameters()]
+    flat = torch.cat([v.flatten() for v in vs])
+    for product, truth in ((curvature.hessian_vector_product, H), (curvature.ggn_vector_product, G)):
+        assert torch.allclose(torch.cat([o.flatten() for o in product(vs)]), truth @ flat, atol=1e-10)
+    curvature.forward_backward(x[:1], t[:1])
+    H1 = _true_hessian(model, loss_fn, x[:1], t[:1])
+    blocks, start = curvature.blocks("hessian", False, False), 0
+    for name, p in model.named_parameters():
+        where = slice(start, start + p.numel())
+        start += p.numel()
+        assert torch.allclose(blocks[name].to_dense(), H1[where, where], atol=1e-10), name
+
+
+def test_training_mode_batch_norm_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    with pytest.raises(hbpc.HbpcError, match="couples the samples; call model.eval"):
+        hbpc.compile_model(model, torch.zeros(2, 3))

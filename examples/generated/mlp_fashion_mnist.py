@@ -346,6 +346,10 @@ class Curvature:
             )
         self.model = model
         self.p = dict(model.named_parameters())
+        self.buffers = dict(model.named_buffers())
+        missing_buffers = sorted(set([]) - set(self.buffers))
+        if missing_buffers:
+            raise ValueError(f"model lacks the buffers {missing_buffers}; recompile with hbpc")
         self._ready = False
 
     def _check_input(self, x):

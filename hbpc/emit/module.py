@@ -9,7 +9,7 @@ from hbpc import __version__
 from hbpc.derive import derive
 from hbpc.derive.printer import torch_code
 
-from .nodes import node_code, param_code
+from .nodes import node_code, param_code, tangent_view
 
 PRELUDE = (Path(__file__).with_name("prelude.py")).read_text()
 _INDENT = "    "
@@ -137,7 +137,7 @@ def _product(graph, order, codes, active, second_order, loss_product):
                 continue
             terms = [f"self._{name}_{role}_vjp(u_{name}, self.{name}_X)"]
             if second_order and role in code.cross_terms and input_tangent:
-                terms.append(cross(f"self._{name}_{role}_vjp(self.{name}_g, self._{name}_view({input_tangent}))"))
+                terms.append(cross(f"self._{name}_{role}_vjp(self.{name}_g, self.{tangent_view(name, node)}({input_tangent}))"))
             out.setdefault(param, []).extend(terms)
         for i, source in enumerate(inputs):
             if source not in tangent:
@@ -263,6 +263,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last)
     uses = _parameter_uses(graph, order)
+    buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
     params = {param: graph.nodes[name]["param_shapes"][role] for param, ((name, role), *_) in uses.items()}
     forward = [line for name in order for line in codes[name].forward]
     fb_body = [
@@ -315,6 +316,10 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "        )",
             "    self.model = model",
             "    self.p = dict(model.named_parameters())",
+            "    self.buffers = dict(model.named_buffers())",
+            f"    missing_buffers = sorted(set({buffers!r}) - set(self.buffers))",
+            "    if missing_buffers:",
+            "        raise ValueError(f\"model lacks the buffers {missing_buffers}; recompile with hbpc\")",
             "    self._ready = False",
             "",
             "def _check_input(self, x):",

@@ -55,6 +55,7 @@ def _method(signature: str, doc: str, body: list) -> list:
 def _fmt(template: str, node, input_vars: list) -> str:
     values = {key: repr(value) for key, value in node["hyper"].items()}
     values.update({role: param_code(name) for role, name in node["params"].items()})
+    values.update({role: f"self.buffers[{name!r}]" for role, name in node.get("buffers", {}).items()})
     values.setdefault("bias", "None")
     values.update({f"x{i}": var for i, var in enumerate(input_vars)})
     values.update(x=input_vars[0], xs=", ".join(input_vars), y_shape=repr(node["y_shape"]))
@@ -162,13 +163,35 @@ def _patch_args(node):
     return f"{h['kernel_size']!r}, {h['stride']!r}, {h['padding']!r}, {h.get('dilation', (1, 1))!r}"
 
 
-def _input_view(node, views, tensor) -> str:
-    if node["rule"].input_view == "patches":
+def tangent_view(name, node) -> str:
+    """The method mapping an input tangent to the rule's ``X`` (the view itself unless it is affine)."""
+    return f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
+
+
+def _buffer(node, role) -> str:
+    return f"self.buffers[{node['buffers'][role]!r}]"
+
+
+def _rstd(node) -> str:
+    """1/sqrt(running_var + eps) as a (C, 1) column."""
+    return f"({_buffer(node, 'running_var')} + {node['hyper']['eps']!r}).rsqrt()[:, None]"
+
+
+def _input_view(node, views, tensor, tangent=False) -> str:
+    """The input as the rule's ``X``; for the affine ``standardize`` view a tangent drops the shift."""
+    view = node["rule"].input_view
+    if view == "patches":
         return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, *{views['X']!r})"
+    if view == "standardize":
+        flat = f"{tensor}.reshape(*lead, *{views['X']!r})"
+        centred = flat if tangent else f"({flat} - {_buffer(node, 'running_mean')}[:, None])"
+        return f"{centred} * {_rstd(node)}"
     return f"{tensor}.reshape(*lead, *{views['X']!r})"
 
 
 def _input_view_adjoint(node, views, tensor) -> str:
+    if node["rule"].input_view == "standardize":
+        return f"({tensor} * {_rstd(node)}).reshape(*lead, *{node['x_shape']!r})"
     if node["rule"].input_view == "patches":
         c, h, w = node["x_shape"]
         k = node["hyper"]["kernel_size"]
@@ -200,6 +223,9 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.backward.append(f"self.{name}_g = g_{name}")
     code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
                             [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
+    if rule.input_view == "standardize":
+        code.methods += _method(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
+                                [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
 
     jx = derivation.tensors["X"]
     jvp = _coeff(jx.jvp, constants).code(names, f"(lead[-1], *{views['Y']!r})")
@@ -211,7 +237,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     signature = ", W=None" if weight else ""
     code.methods += _method(
         f"_{name}_jvp(self, v{signature})", f"J v, derived from {expr}",
-        [f"lead = lead_shape(v, {x_rank})", f"v = self._{name}_view(v)", *weight, f"Y = {jvp}",
+        [f"lead = lead_shape(v, {x_rank})", f"v = self.{tangent_view(name, node)}(v)", *weight, f"Y = {jvp}",
          f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"])
     code.methods += _method(
         f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),

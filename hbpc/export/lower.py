@@ -59,6 +59,13 @@ def _module_hyper(key, module):
                 "padding": _pair(module.padding)}
     if key == "pad":
         return {"padding": tuple(module.padding)}
+    if key == "batch_norm":
+        if module.training:
+            raise ValueError("BatchNorm in training mode normalises with batch statistics, which couples the "
+                             "samples; call model.eval() before compiling (hbpc compiles the eval-mode map)")
+        if not module.affine or not module.track_running_stats:
+            raise ValueError("BatchNorm needs affine=True and track_running_stats=True")
+        return {"eps": module.eps}
     if key == "identity" and getattr(module, "training", False) and getattr(module, "p", 0) > 0:
         raise ValueError("dropout in training mode is random, so it has no curvature; call model.eval() before "
                          "compiling and training with curvature")
@@ -291,6 +298,10 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
         roles = _param_roles(modules[node.target])
         params = {role: param_names[id(p)] for role, p in roles.items()}
         param_shapes = {role: tuple(p.shape) for role, p in roles.items()}
+        buffers = {role: f"{node.target}.{role}" for role, b in modules[node.target].named_buffers(recurse=False)
+                   if role in ("running_mean", "running_var")}
+        if buffers:
+            hyper = {**hyper, "buffers": buffers}
     elif rule.key in _FUNCTIONAL_ARGS:
         hyper, params, param_shapes = _functional_call(rule.key, node, module)
     arity = len(tensor_args)
@@ -336,7 +347,8 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
             continue  # an input already failed to lower; it is reported
         name = _identifier(node.name, rule.key, taken)
         names[node] = name
-        ir_nodes.append(dict(name=name, op=rule.key, rule=rule, hyper=hyper,
+        buffers = hyper.pop("buffers", {})
+        ir_nodes.append(dict(name=name, op=rule.key, rule=rule, hyper=hyper, buffers=buffers,
                              inputs=[names[a] for a in tensor_args],
                              x_shapes=[tuple(a.meta["tensor_meta"].shape[1:]) for a in tensor_args],
                              x_shape=tuple(tensor_args[0].meta["tensor_meta"].shape[1:]), y_shape=tuple(meta.shape[1:]),
