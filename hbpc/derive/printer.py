@@ -49,11 +49,15 @@ class TorchCodePrinter(TorchPrinter):
         return f"({arg} > 0).to({_like(expr)}.dtype)"
 
     def _print_Min(self, expr):
+        return self._extremum(expr, "max", "torch.minimum", sp.Min)
+
+    def _extremum(self, expr, bound, pairwise, kind):
+        """Max/Min of a tensor and a number as ``torch.clamp``, of tensors as ``torch.maximum``/``minimum``."""
         numbers = [a for a in expr.args if a.is_number]
         tensors = [self._print(a) for a in expr.args if not a.is_number]
         if len(numbers) == 1 and len(tensors) == 1:
-            return f"torch.clamp({tensors[0]}, max={self._print(numbers[0])})"
-        return "torch.minimum({}, {})".format(self._print(expr.args[0]), self._print(sp.Min(*expr.args[1:])))
+            return f"torch.clamp({tensors[0]}, {bound}={self._print(numbers[0])})"
+        return f"{pairwise}({self._print(expr.args[0])}, {self._print(kind(*expr.args[1:]))})"
 
     def _print_Piecewise(self, expr):
         like = _like(expr)
@@ -69,11 +73,7 @@ class TorchCodePrinter(TorchPrinter):
         return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
 
     def _print_Max(self, expr):
-        numbers = [a for a in expr.args if a.is_number]
-        tensors = [self._print(a) for a in expr.args if not a.is_number]
-        if len(numbers) == 1 and len(tensors) == 1:
-            return f"torch.clamp({tensors[0]}, min={self._print(numbers[0])})"
-        return "torch.maximum({}, {})".format(self._print(expr.args[0]), self._print(sp.Max(*expr.args[1:])))
+        return self._extremum(expr, "min", "torch.maximum", sp.Max)
 
     def _print_Indexed(self, expr):
         return self._print(expr.base.label)

@@ -23,19 +23,24 @@ def _last_user_frame(error: BaseException, path: str) -> str:
     return f"{path}:{frames[-1].lineno}" if frames else path
 
 
-def load_model_file(path) -> ModelSpec:
-    """Execute ``path`` in a fresh namespace and check it follows the model.py contract."""
+def _run_file(path, what: str, expected: str) -> tuple:
+    """(resolved path, namespace) of a user's Python file, with its failures as one clear error."""
     path = str(Path(path).resolve())
     if not Path(path).is_file():
-        raise HbpcError(f"model file {path} does not exist", fix="pass the path of a Python file defining `model`")
+        raise HbpcError(f"{what} file {path} does not exist", fix=f"pass the path of a Python file defining {expected}")
     try:
-        namespace = runpy.run_path(path, run_name="hbpc_model")
+        return path, runpy.run_path(path, run_name=f"hbpc_{what}")
     except SyntaxError as error:
-        raise HbpcError(f"model file has a syntax error: {error.msg}", f"{path}:{error.lineno}",
+        raise HbpcError(f"{what} file has a syntax error: {error.msg}", f"{path}:{error.lineno}",
                         "fix the Python syntax") from None
     except Exception as error:  # the user's file may raise anything
-        raise HbpcError(f"model file raised {type(error).__name__}: {error}", _last_user_frame(error, path),
-                        "make the file importable on its own") from None
+        raise HbpcError(f"{what} file raised {type(error).__name__}: {error}", _last_user_frame(error, path),
+                        f"make the {what} file importable on its own") from None
+
+
+def load_model_file(path) -> ModelSpec:
+    """Execute ``path`` in a fresh namespace and check it follows the model.py contract."""
+    path, namespace = _run_file(path, "model", "`model`")
     model = namespace.get("model")
     if model is None and callable(namespace.get("build_model")):
         try:
@@ -64,17 +69,7 @@ def load_rules_file(path) -> list:
     from hbpc.rules.spec import Elementwise, Loss, Selection, Structured
 
     kinds = (Elementwise, Loss, Selection, Structured)
-    path = str(Path(path).resolve())
-    if not Path(path).is_file():
-        raise HbpcError(f"rules file {path} does not exist", fix="pass a Python file defining rules, e.g. RULES = [...]")
-    try:
-        namespace = runpy.run_path(path, run_name="hbpc_rules")
-    except SyntaxError as error:
-        raise HbpcError(f"rules file has a syntax error: {error.msg}", f"{path}:{error.lineno}",
-                        "fix the Python syntax") from None
-    except Exception as error:
-        raise HbpcError(f"rules file raised {type(error).__name__}: {error}", _last_user_frame(error, path),
-                        "make the rules file importable on its own") from None
+    path, namespace = _run_file(path, "rules", "rules, e.g. RULES = [...]")
     found = [value for value in namespace.values() if isinstance(value, kinds)]
     found += [rule for value in namespace.values() if isinstance(value, (list, tuple))
               for rule in value if isinstance(rule, kinds)]
