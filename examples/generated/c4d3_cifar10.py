@@ -1079,20 +1079,19 @@ class Curvature:
     def _conv2d0_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 3, 9, 1024))"""
         lead = lead_shape(x, 3)
-        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 3, 9, 1024))
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, 1, 3, 9, 1024)
 
-    def _conv2d0_jvp(self, v, W=None):
+    def _conv2d0_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d0_view(v)
-        W = reshape_to(self.p['0.weight'] if W is None else W, (16, 3, 3, 3), (1, 16, 3, 9))
+        W = reshape_to(self.p['0.weight'], (16, 3, 3, 3), (1, 16, 3, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 16, 1024), (16, 32, 32))
 
     def _conv2d0_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 16, 1024))
+        u = u.reshape(*lead, 1, 16, 1024)
         W = reshape_to(self.p['0.weight'] if W is None else W, (16, 3, 3, 3), (1, 16, 3, 9))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1102,11 +1101,11 @@ class Curvature:
         """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (16, 3, 3, 3), (1, 16, 3, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
+        return Y.reshape(*Y.shape[:-3], 16, 32, 32)
 
     def _conv2d0_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 0.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
+        u = u.reshape(*lead_shape(u, 3), 1, 16, 1024)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 16, 3, 9), (16, 3, 3, 3))
 
@@ -1123,18 +1122,18 @@ class Curvature:
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 16, 1024)))
-        return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 16, 1024))
+        return Y.reshape(*Y.shape[:-3], 16, 32, 32)
 
     def _conv2d0_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 0.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
+        u = u.reshape(*lead_shape(u, 3), 1, 16, 1024)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 16), (16,))
 
     def _conv2d0_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 16, 1024), *(1, 16, 1024))
+        S = S.reshape(1, 16, 1024, 1, 16, 1024)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
@@ -1149,20 +1148,19 @@ class Curvature:
     def _conv2d2_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 9, 1024))"""
         lead = lead_shape(x, 3)
-        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 1024))
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, 1, 16, 9, 1024)
 
-    def _conv2d2_jvp(self, v, W=None):
+    def _conv2d2_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d2_view(v)
-        W = reshape_to(self.p['2.weight'] if W is None else W, (16, 16, 3, 3), (1, 16, 16, 9))
+        W = reshape_to(self.p['2.weight'], (16, 16, 3, 3), (1, 16, 16, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 16, 1024), (16, 32, 32))
 
     def _conv2d2_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 16, 1024))
+        u = u.reshape(*lead, 1, 16, 1024)
         W = reshape_to(self.p['2.weight'] if W is None else W, (16, 16, 3, 3), (1, 16, 16, 9))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1172,11 +1170,11 @@ class Curvature:
         """J_θ v for θ = 2.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (16, 16, 3, 3), (1, 16, 16, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
+        return Y.reshape(*Y.shape[:-3], 16, 32, 32)
 
     def _conv2d2_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 2.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
+        u = u.reshape(*lead_shape(u, 3), 1, 16, 1024)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 16, 16, 9), (16, 16, 3, 3))
 
@@ -1193,18 +1191,18 @@ class Curvature:
     def _conv2d2_bias_jvp(self, v, X):
         """J_θ v for θ = 2.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 16, 1024)))
-        return Y.reshape(*Y.shape[:-3], *(16, 32, 32))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 16, 1024))
+        return Y.reshape(*Y.shape[:-3], 16, 32, 32)
 
     def _conv2d2_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 2.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 16, 1024))
+        u = u.reshape(*lead_shape(u, 3), 1, 16, 1024)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 16), (16,))
 
     def _conv2d2_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 2.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 16, 1024), *(1, 16, 1024))
+        S = S.reshape(1, 16, 1024, 1, 16, 1024)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
@@ -1227,20 +1225,19 @@ class Curvature:
     def _conv2d5_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 9, 256))"""
         lead = lead_shape(x, 3)
-        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 16, 9, 256))
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, 1, 16, 9, 256)
 
-    def _conv2d5_jvp(self, v, W=None):
+    def _conv2d5_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d5_view(v)
-        W = reshape_to(self.p['5.weight'] if W is None else W, (32, 16, 3, 3), (1, 32, 16, 9))
+        W = reshape_to(self.p['5.weight'], (32, 16, 3, 3), (1, 32, 16, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 32, 256), (32, 16, 16))
 
     def _conv2d5_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 32, 256))
+        u = u.reshape(*lead, 1, 32, 256)
         W = reshape_to(self.p['5.weight'] if W is None else W, (32, 16, 3, 3), (1, 32, 16, 9))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1250,11 +1247,11 @@ class Curvature:
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (32, 16, 3, 3), (1, 32, 16, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
+        return Y.reshape(*Y.shape[:-3], 32, 16, 16)
 
     def _conv2d5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
+        u = u.reshape(*lead_shape(u, 3), 1, 32, 256)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 32, 16, 9), (32, 16, 3, 3))
 
@@ -1271,18 +1268,18 @@ class Curvature:
     def _conv2d5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (32,), (1, 32))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 32, 256)))
-        return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 32, 256))
+        return Y.reshape(*Y.shape[:-3], 32, 16, 16)
 
     def _conv2d5_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
+        u = u.reshape(*lead_shape(u, 3), 1, 32, 256)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 32), (32,))
 
     def _conv2d5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 32, 256), *(1, 32, 256))
+        S = S.reshape(1, 32, 256, 1, 32, 256)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(32, 32), (32,))
 
@@ -1297,20 +1294,19 @@ class Curvature:
     def _conv2d7_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 32, 9, 256))"""
         lead = lead_shape(x, 3)
-        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, *(1, 32, 9, 256))
+        return patches(x, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(*lead, 1, 32, 9, 256)
 
-    def _conv2d7_jvp(self, v, W=None):
+    def _conv2d7_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d7_view(v)
-        W = reshape_to(self.p['7.weight'] if W is None else W, (32, 32, 3, 3), (1, 32, 32, 9))
+        W = reshape_to(self.p['7.weight'], (32, 32, 3, 3), (1, 32, 32, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 32, 256), (32, 16, 16))
 
     def _conv2d7_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 32, 256))
+        u = u.reshape(*lead, 1, 32, 256)
         W = reshape_to(self.p['7.weight'] if W is None else W, (32, 32, 3, 3), (1, 32, 32, 9))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1320,11 +1316,11 @@ class Curvature:
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (32, 32, 3, 3), (1, 32, 32, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
+        return Y.reshape(*Y.shape[:-3], 32, 16, 16)
 
     def _conv2d7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
+        u = u.reshape(*lead_shape(u, 3), 1, 32, 256)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 32, 32, 9), (32, 32, 3, 3))
 
@@ -1341,18 +1337,18 @@ class Curvature:
     def _conv2d7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (32,), (1, 32))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 32, 256)))
-        return Y.reshape(*Y.shape[:-3], *(32, 16, 16))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 32, 256))
+        return Y.reshape(*Y.shape[:-3], 32, 16, 16)
 
     def _conv2d7_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 32, 256))
+        u = u.reshape(*lead_shape(u, 3), 1, 32, 256)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 32), (32,))
 
     def _conv2d7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 32, 256), *(1, 32, 256))
+        S = S.reshape(1, 32, 256, 1, 32, 256)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(32, 32), (32,))
 
@@ -1383,41 +1379,40 @@ class Curvature:
     def _linear11_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(2048,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(2048,))
+        return x.reshape(*lead, 2048)
 
-    def _linear11_jvp(self, v, W=None):
+    def _linear11_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear11_view(v)
-        W = reshape_to(self.p['11.weight'] if W is None else W, (512, 2048), (512, 2048))
+        W = reshape_to(self.p['11.weight'], (512, 2048), (512, 2048))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (512,), (512,))
 
     def _linear11_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(512,))
+        u = u.reshape(*lead, 512)
         W = reshape_to(self.p['11.weight'] if W is None else W, (512, 2048), (512, 2048))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(2048,))
+        return X.reshape(*lead, 2048)
 
     def _linear11_weight_jvp(self, v, X):
         """J_θ v for θ = 11.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (512, 2048), (512, 2048))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(512,))
+        return Y.reshape(*Y.shape[:-1], 512)
 
     def _linear11_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 11.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(512,))
+        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (512, 2048), (512, 2048))
 
     def _linear11_weight_block(self, S, average):
         """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear11_X, average)
-        S = S.reshape(*(512,), *(512,))
+        S = S.reshape(512, 512)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(2048, 2048), (512, 2048))
@@ -1425,18 +1420,18 @@ class Curvature:
     def _linear11_bias_jvp(self, v, X):
         """J_θ v for θ = 11.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (512,), (512,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(512,)))
-        return Y.reshape(*Y.shape[:-1], *(512,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 512))
+        return Y.reshape(*Y.shape[:-1], 512)
 
     def _linear11_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 11.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(512,))
+        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (512,), (512,))
 
     def _linear11_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(512,), *(512,))
+        S = S.reshape(512, 512)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
 
@@ -1451,41 +1446,40 @@ class Curvature:
     def _linear13_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(512,))
+        return x.reshape(*lead, 512)
 
-    def _linear13_jvp(self, v, W=None):
+    def _linear13_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear13_view(v)
-        W = reshape_to(self.p['13.weight'] if W is None else W, (64, 512), (64, 512))
+        W = reshape_to(self.p['13.weight'], (64, 512), (64, 512))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (64,), (64,))
 
     def _linear13_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(64,))
+        u = u.reshape(*lead, 64)
         W = reshape_to(self.p['13.weight'] if W is None else W, (64, 512), (64, 512))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(512,))
+        return X.reshape(*lead, 512)
 
     def _linear13_weight_jvp(self, v, X):
         """J_θ v for θ = 13.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (64, 512), (64, 512))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(64,))
+        return Y.reshape(*Y.shape[:-1], 64)
 
     def _linear13_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 13.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(64,))
+        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (64, 512), (64, 512))
 
     def _linear13_weight_block(self, S, average):
         """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear13_X, average)
-        S = S.reshape(*(64,), *(64,))
+        S = S.reshape(64, 64)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(512, 512), (64, 512))
@@ -1493,18 +1487,18 @@ class Curvature:
     def _linear13_bias_jvp(self, v, X):
         """J_θ v for θ = 13.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (64,), (64,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(64,)))
-        return Y.reshape(*Y.shape[:-1], *(64,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 64))
+        return Y.reshape(*Y.shape[:-1], 64)
 
     def _linear13_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 13.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(64,))
+        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (64,), (64,))
 
     def _linear13_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(64,), *(64,))
+        S = S.reshape(64, 64)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
@@ -1519,41 +1513,40 @@ class Curvature:
     def _linear15_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(64,))
+        return x.reshape(*lead, 64)
 
-    def _linear15_jvp(self, v, W=None):
+    def _linear15_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear15_view(v)
-        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 64), (10, 64))
+        W = reshape_to(self.p['15.weight'], (10, 64), (10, 64))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (10,), (10,))
 
     def _linear15_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(10,))
+        u = u.reshape(*lead, 10)
         W = reshape_to(self.p['15.weight'] if W is None else W, (10, 64), (10, 64))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(64,))
+        return X.reshape(*lead, 64)
 
     def _linear15_weight_jvp(self, v, X):
         """J_θ v for θ = 15.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (10, 64), (10, 64))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear15_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 15.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (10, 64), (10, 64))
 
     def _linear15_weight_block(self, S, average):
         """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear15_X, average)
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(64, 64), (10, 64))
@@ -1561,17 +1554,17 @@ class Curvature:
     def _linear15_bias_jvp(self, v, X):
         """J_θ v for θ = 15.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (10,), (10,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear15_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 15.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (10,), (10,))
 
     def _linear15_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

@@ -691,20 +691,19 @@ class Curvature:
     def _conv2d0_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 1, 25, 576))"""
         lead = lead_shape(x, 3)
-        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 1, 25, 576))
+        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 1, 25, 576)
 
-    def _conv2d0_jvp(self, v, W=None):
+    def _conv2d0_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d0_view(v)
-        W = reshape_to(self.p['0.weight'] if W is None else W, (8, 1, 5, 5), (1, 8, 1, 25))
+        W = reshape_to(self.p['0.weight'], (8, 1, 5, 5), (1, 8, 1, 25))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 8, 576), (8, 24, 24))
 
     def _conv2d0_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 8, 576))
+        u = u.reshape(*lead, 1, 8, 576)
         W = reshape_to(self.p['0.weight'] if W is None else W, (8, 1, 5, 5), (1, 8, 1, 25))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -714,11 +713,11 @@ class Curvature:
         """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (8, 1, 5, 5), (1, 8, 1, 25))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(8, 24, 24))
+        return Y.reshape(*Y.shape[:-3], 8, 24, 24)
 
     def _conv2d0_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 0.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 8, 576))
+        u = u.reshape(*lead_shape(u, 3), 1, 8, 576)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 8, 1, 25), (8, 1, 5, 5))
 
@@ -735,18 +734,18 @@ class Curvature:
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (8,), (1, 8))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 8, 576)))
-        return Y.reshape(*Y.shape[:-3], *(8, 24, 24))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 8, 576))
+        return Y.reshape(*Y.shape[:-3], 8, 24, 24)
 
     def _conv2d0_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 0.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 8, 576))
+        u = u.reshape(*lead_shape(u, 3), 1, 8, 576)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 8), (8,))
 
     def _conv2d0_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 8, 576), *(1, 8, 576))
+        S = S.reshape(1, 8, 576, 1, 8, 576)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(8, 8), (8,))
 
@@ -769,20 +768,19 @@ class Curvature:
     def _conv2d3_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 8, 25, 64))"""
         lead = lead_shape(x, 3)
-        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 8, 25, 64))
+        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 8, 25, 64)
 
-    def _conv2d3_jvp(self, v, W=None):
+    def _conv2d3_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d3_view(v)
-        W = reshape_to(self.p['3.weight'] if W is None else W, (16, 8, 5, 5), (1, 16, 8, 25))
+        W = reshape_to(self.p['3.weight'], (16, 8, 5, 5), (1, 16, 8, 25))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 16, 64), (16, 8, 8))
 
     def _conv2d3_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 16, 64))
+        u = u.reshape(*lead, 1, 16, 64)
         W = reshape_to(self.p['3.weight'] if W is None else W, (16, 8, 5, 5), (1, 16, 8, 25))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -792,11 +790,11 @@ class Curvature:
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (16, 8, 5, 5), (1, 16, 8, 25))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(16, 8, 8))
+        return Y.reshape(*Y.shape[:-3], 16, 8, 8)
 
     def _conv2d3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 16, 64))
+        u = u.reshape(*lead_shape(u, 3), 1, 16, 64)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 16, 8, 25), (16, 8, 5, 5))
 
@@ -813,18 +811,18 @@ class Curvature:
     def _conv2d3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 16, 64)))
-        return Y.reshape(*Y.shape[:-3], *(16, 8, 8))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 16, 64))
+        return Y.reshape(*Y.shape[:-3], 16, 8, 8)
 
     def _conv2d3_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 16, 64))
+        u = u.reshape(*lead_shape(u, 3), 1, 16, 64)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 16), (16,))
 
     def _conv2d3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 16, 64), *(1, 16, 64))
+        S = S.reshape(1, 16, 64, 1, 16, 64)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
@@ -855,41 +853,40 @@ class Curvature:
     def _linear7_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(256,))
+        return x.reshape(*lead, 256)
 
-    def _linear7_jvp(self, v, W=None):
+    def _linear7_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear7_view(v)
-        W = reshape_to(self.p['7.weight'] if W is None else W, (10, 256), (10, 256))
+        W = reshape_to(self.p['7.weight'], (10, 256), (10, 256))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (10,), (10,))
 
     def _linear7_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(10,))
+        u = u.reshape(*lead, 10)
         W = reshape_to(self.p['7.weight'] if W is None else W, (10, 256), (10, 256))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(256,))
+        return X.reshape(*lead, 256)
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (10, 256), (10, 256))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (10, 256), (10, 256))
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear7_X, average)
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
@@ -897,17 +894,17 @@ class Curvature:
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (10,), (10,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear7_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (10,), (10,))
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

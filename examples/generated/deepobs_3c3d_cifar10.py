@@ -1063,20 +1063,19 @@ class Curvature:
     def _conv2d0_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 3, 25, 784))"""
         lead = lead_shape(x, 3)
-        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 3, 25, 784))
+        return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 3, 25, 784)
 
-    def _conv2d0_jvp(self, v, W=None):
+    def _conv2d0_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d0_view(v)
-        W = reshape_to(self.p['0.weight'] if W is None else W, (64, 3, 5, 5), (1, 64, 3, 25))
+        W = reshape_to(self.p['0.weight'], (64, 3, 5, 5), (1, 64, 3, 25))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 64, 784), (64, 28, 28))
 
     def _conv2d0_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 64, 784))
+        u = u.reshape(*lead, 1, 64, 784)
         W = reshape_to(self.p['0.weight'] if W is None else W, (64, 3, 5, 5), (1, 64, 3, 25))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1086,11 +1085,11 @@ class Curvature:
         """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (64, 3, 5, 5), (1, 64, 3, 25))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(64, 28, 28))
+        return Y.reshape(*Y.shape[:-3], 64, 28, 28)
 
     def _conv2d0_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 0.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 64, 784))
+        u = u.reshape(*lead_shape(u, 3), 1, 64, 784)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 64, 3, 25), (64, 3, 5, 5))
 
@@ -1107,18 +1106,18 @@ class Curvature:
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (64,), (1, 64))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 64, 784)))
-        return Y.reshape(*Y.shape[:-3], *(64, 28, 28))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 64, 784))
+        return Y.reshape(*Y.shape[:-3], 64, 28, 28)
 
     def _conv2d0_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 0.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 64, 784))
+        u = u.reshape(*lead_shape(u, 3), 1, 64, 784)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 64), (64,))
 
     def _conv2d0_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 64, 784), *(1, 64, 784))
+        S = S.reshape(1, 64, 784, 1, 64, 784)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
@@ -1149,20 +1148,19 @@ class Curvature:
     def _conv2d4_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 64, 9, 144))"""
         lead = lead_shape(x, 3)
-        return patches(x, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 64, 9, 144))
+        return patches(x, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 64, 9, 144)
 
-    def _conv2d4_jvp(self, v, W=None):
+    def _conv2d4_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d4_view(v)
-        W = reshape_to(self.p['4.weight'] if W is None else W, (96, 64, 3, 3), (1, 96, 64, 9))
+        W = reshape_to(self.p['4.weight'], (96, 64, 3, 3), (1, 96, 64, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 96, 144), (96, 12, 12))
 
     def _conv2d4_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 96, 144))
+        u = u.reshape(*lead, 1, 96, 144)
         W = reshape_to(self.p['4.weight'] if W is None else W, (96, 64, 3, 3), (1, 96, 64, 9))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1172,11 +1170,11 @@ class Curvature:
         """J_θ v for θ = 4.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (96, 64, 3, 3), (1, 96, 64, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(96, 12, 12))
+        return Y.reshape(*Y.shape[:-3], 96, 12, 12)
 
     def _conv2d4_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 4.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 96, 144))
+        u = u.reshape(*lead_shape(u, 3), 1, 96, 144)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 96, 64, 9), (96, 64, 3, 3))
 
@@ -1193,18 +1191,18 @@ class Curvature:
     def _conv2d4_bias_jvp(self, v, X):
         """J_θ v for θ = 4.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (96,), (1, 96))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 96, 144)))
-        return Y.reshape(*Y.shape[:-3], *(96, 12, 12))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 96, 144))
+        return Y.reshape(*Y.shape[:-3], 96, 12, 12)
 
     def _conv2d4_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 4.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 96, 144))
+        u = u.reshape(*lead_shape(u, 3), 1, 96, 144)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 96), (96,))
 
     def _conv2d4_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 4.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 96, 144), *(1, 96, 144))
+        S = S.reshape(1, 96, 144, 1, 96, 144)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(96, 96), (96,))
 
@@ -1243,20 +1241,19 @@ class Curvature:
     def _conv2d9_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 96, 9, 36))"""
         lead = lead_shape(x, 3)
-        return patches(x, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, *(1, 96, 9, 36))
+        return patches(x, (3, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 96, 9, 36)
 
-    def _conv2d9_jvp(self, v, W=None):
+    def _conv2d9_jvp(self, v):
         """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        lead = lead_shape(v, 3)
         v = self._conv2d9_view(v)
-        W = reshape_to(self.p['9.weight'] if W is None else W, (128, 96, 3, 3), (1, 128, 96, 9))
+        W = reshape_to(self.p['9.weight'], (128, 96, 3, 3), (1, 128, 96, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
         return reshape_to(Y, (1, 128, 36), (128, 6, 6))
 
     def _conv2d9_vjp(self, u, W=None):
         """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 3)
-        u = u.reshape(*lead, *(1, 128, 36))
+        u = u.reshape(*lead, 1, 128, 36)
         W = reshape_to(self.p['9.weight'] if W is None else W, (128, 96, 3, 3), (1, 128, 96, 9))
         X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
         lead = lead_shape(X, 4)
@@ -1266,11 +1263,11 @@ class Curvature:
         """J_θ v for θ = 9.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
         v = reshape_to(v, (128, 96, 3, 3), (1, 128, 96, 9))
         Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], *(128, 6, 6))
+        return Y.reshape(*Y.shape[:-3], 128, 6, 6)
 
     def _conv2d9_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 9.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 128, 36))
+        u = u.reshape(*lead_shape(u, 3), 1, 128, 36)
         G = torch.einsum("...abcd,...abefd->...bcef", u, X)
         return reshape_to(G, (1, 128, 96, 9), (128, 96, 3, 3))
 
@@ -1287,18 +1284,18 @@ class Curvature:
     def _conv2d9_bias_jvp(self, v, X):
         """J_θ v for θ = 9.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
         v = reshape_to(v, (128,), (1, 128))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, *(1, 128, 36)))
-        return Y.reshape(*Y.shape[:-3], *(128, 6, 6))
+        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 128, 36))
+        return Y.reshape(*Y.shape[:-3], 128, 6, 6)
 
     def _conv2d9_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 9.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), *(1, 128, 36))
+        u = u.reshape(*lead_shape(u, 3), 1, 128, 36)
         G = torch.einsum("...abcd->...bc", u)
         return reshape_to(G, (1, 128), (128,))
 
     def _conv2d9_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1, 128, 36), *(1, 128, 36))
+        S = S.reshape(1, 128, 36, 1, 128, 36)
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(128, 128), (128,))
 
@@ -1337,41 +1334,40 @@ class Curvature:
     def _linear14_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1152,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(1152,))
+        return x.reshape(*lead, 1152)
 
-    def _linear14_jvp(self, v, W=None):
+    def _linear14_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear14_view(v)
-        W = reshape_to(self.p['14.weight'] if W is None else W, (512, 1152), (512, 1152))
+        W = reshape_to(self.p['14.weight'], (512, 1152), (512, 1152))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (512,), (512,))
 
     def _linear14_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(512,))
+        u = u.reshape(*lead, 512)
         W = reshape_to(self.p['14.weight'] if W is None else W, (512, 1152), (512, 1152))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(1152,))
+        return X.reshape(*lead, 1152)
 
     def _linear14_weight_jvp(self, v, X):
         """J_θ v for θ = 14.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (512, 1152), (512, 1152))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(512,))
+        return Y.reshape(*Y.shape[:-1], 512)
 
     def _linear14_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 14.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(512,))
+        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (512, 1152), (512, 1152))
 
     def _linear14_weight_block(self, S, average):
         """B = A ⊗ B for θ = 14.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear14_X, average)
-        S = S.reshape(*(512,), *(512,))
+        S = S.reshape(512, 512)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(1152, 1152), (512, 1152))
@@ -1379,18 +1375,18 @@ class Curvature:
     def _linear14_bias_jvp(self, v, X):
         """J_θ v for θ = 14.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (512,), (512,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(512,)))
-        return Y.reshape(*Y.shape[:-1], *(512,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 512))
+        return Y.reshape(*Y.shape[:-1], 512)
 
     def _linear14_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 14.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(512,))
+        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (512,), (512,))
 
     def _linear14_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 14.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(512,), *(512,))
+        S = S.reshape(512, 512)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
 
@@ -1405,41 +1401,40 @@ class Curvature:
     def _linear16_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(512,))
+        return x.reshape(*lead, 512)
 
-    def _linear16_jvp(self, v, W=None):
+    def _linear16_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear16_view(v)
-        W = reshape_to(self.p['16.weight'] if W is None else W, (256, 512), (256, 512))
+        W = reshape_to(self.p['16.weight'], (256, 512), (256, 512))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (256,), (256,))
 
     def _linear16_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(256,))
+        u = u.reshape(*lead, 256)
         W = reshape_to(self.p['16.weight'] if W is None else W, (256, 512), (256, 512))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(512,))
+        return X.reshape(*lead, 512)
 
     def _linear16_weight_jvp(self, v, X):
         """J_θ v for θ = 16.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (256, 512), (256, 512))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(256,))
+        return Y.reshape(*Y.shape[:-1], 256)
 
     def _linear16_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 16.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(256,))
+        u = u.reshape(*lead_shape(u, 1), 256)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (256, 512), (256, 512))
 
     def _linear16_weight_block(self, S, average):
         """B = A ⊗ B for θ = 16.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear16_X, average)
-        S = S.reshape(*(256,), *(256,))
+        S = S.reshape(256, 256)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
@@ -1447,18 +1442,18 @@ class Curvature:
     def _linear16_bias_jvp(self, v, X):
         """J_θ v for θ = 16.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (256,), (256,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(256,)))
-        return Y.reshape(*Y.shape[:-1], *(256,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 256))
+        return Y.reshape(*Y.shape[:-1], 256)
 
     def _linear16_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 16.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(256,))
+        u = u.reshape(*lead_shape(u, 1), 256)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (256,), (256,))
 
     def _linear16_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 16.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(256,), *(256,))
+        S = S.reshape(256, 256)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(256, 256), (256,))
 
@@ -1473,41 +1468,40 @@ class Curvature:
     def _linear18_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(256,))
+        return x.reshape(*lead, 256)
 
-    def _linear18_jvp(self, v, W=None):
+    def _linear18_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear18_view(v)
-        W = reshape_to(self.p['18.weight'] if W is None else W, (10, 256), (10, 256))
+        W = reshape_to(self.p['18.weight'], (10, 256), (10, 256))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (10,), (10,))
 
     def _linear18_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(10,))
+        u = u.reshape(*lead, 10)
         W = reshape_to(self.p['18.weight'] if W is None else W, (10, 256), (10, 256))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(256,))
+        return X.reshape(*lead, 256)
 
     def _linear18_weight_jvp(self, v, X):
         """J_θ v for θ = 18.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (10, 256), (10, 256))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear18_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 18.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (10, 256), (10, 256))
 
     def _linear18_weight_block(self, S, average):
         """B = A ⊗ B for θ = 18.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear18_X, average)
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
@@ -1515,17 +1509,17 @@ class Curvature:
     def _linear18_bias_jvp(self, v, X):
         """J_θ v for θ = 18.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (10,), (10,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear18_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 18.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (10,), (10,))
 
     def _linear18_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 18.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

@@ -1125,41 +1125,40 @@ class Curvature:
     def _linear1_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(3072,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(3072,))
+        return x.reshape(*lead, 3072)
 
-    def _linear1_jvp(self, v, W=None):
+    def _linear1_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear1_view(v)
-        W = reshape_to(self.p['1.weight'] if W is None else W, (1024, 3072), (1024, 3072))
+        W = reshape_to(self.p['1.weight'], (1024, 3072), (1024, 3072))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (1024,), (1024,))
 
     def _linear1_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(1024,))
+        u = u.reshape(*lead, 1024)
         W = reshape_to(self.p['1.weight'] if W is None else W, (1024, 3072), (1024, 3072))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(3072,))
+        return X.reshape(*lead, 3072)
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (1024, 3072), (1024, 3072))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(1024,))
+        return Y.reshape(*Y.shape[:-1], 1024)
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(1024,))
+        u = u.reshape(*lead_shape(u, 1), 1024)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (1024, 3072), (1024, 3072))
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
-        S = S.reshape(*(1024,), *(1024,))
+        S = S.reshape(1024, 1024)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(1024, 1024), B.reshape(3072, 3072), (1024, 3072))
@@ -1167,18 +1166,18 @@ class Curvature:
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (1024,), (1024,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(1024,)))
-        return Y.reshape(*Y.shape[:-1], *(1024,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 1024))
+        return Y.reshape(*Y.shape[:-1], 1024)
 
     def _linear1_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(1024,))
+        u = u.reshape(*lead_shape(u, 1), 1024)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (1024,), (1024,))
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(1024,), *(1024,))
+        S = S.reshape(1024, 1024)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(1024, 1024), (1024,))
 
@@ -1193,41 +1192,40 @@ class Curvature:
     def _linear3_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1024,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(1024,))
+        return x.reshape(*lead, 1024)
 
-    def _linear3_jvp(self, v, W=None):
+    def _linear3_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear3_view(v)
-        W = reshape_to(self.p['3.weight'] if W is None else W, (512, 1024), (512, 1024))
+        W = reshape_to(self.p['3.weight'], (512, 1024), (512, 1024))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (512,), (512,))
 
     def _linear3_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(512,))
+        u = u.reshape(*lead, 512)
         W = reshape_to(self.p['3.weight'] if W is None else W, (512, 1024), (512, 1024))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(1024,))
+        return X.reshape(*lead, 1024)
 
     def _linear3_weight_jvp(self, v, X):
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (512, 1024), (512, 1024))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(512,))
+        return Y.reshape(*Y.shape[:-1], 512)
 
     def _linear3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(512,))
+        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (512, 1024), (512, 1024))
 
     def _linear3_weight_block(self, S, average):
         """B = A ⊗ B for θ = 3.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear3_X, average)
-        S = S.reshape(*(512,), *(512,))
+        S = S.reshape(512, 512)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(1024, 1024), (512, 1024))
@@ -1235,18 +1233,18 @@ class Curvature:
     def _linear3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (512,), (512,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(512,)))
-        return Y.reshape(*Y.shape[:-1], *(512,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 512))
+        return Y.reshape(*Y.shape[:-1], 512)
 
     def _linear3_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(512,))
+        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (512,), (512,))
 
     def _linear3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(512,), *(512,))
+        S = S.reshape(512, 512)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
 
@@ -1261,41 +1259,40 @@ class Curvature:
     def _linear5_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(512,))
+        return x.reshape(*lead, 512)
 
-    def _linear5_jvp(self, v, W=None):
+    def _linear5_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear5_view(v)
-        W = reshape_to(self.p['5.weight'] if W is None else W, (256, 512), (256, 512))
+        W = reshape_to(self.p['5.weight'], (256, 512), (256, 512))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (256,), (256,))
 
     def _linear5_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(256,))
+        u = u.reshape(*lead, 256)
         W = reshape_to(self.p['5.weight'] if W is None else W, (256, 512), (256, 512))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(512,))
+        return X.reshape(*lead, 512)
 
     def _linear5_weight_jvp(self, v, X):
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (256, 512), (256, 512))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(256,))
+        return Y.reshape(*Y.shape[:-1], 256)
 
     def _linear5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(256,))
+        u = u.reshape(*lead_shape(u, 1), 256)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (256, 512), (256, 512))
 
     def _linear5_weight_block(self, S, average):
         """B = A ⊗ B for θ = 5.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear5_X, average)
-        S = S.reshape(*(256,), *(256,))
+        S = S.reshape(256, 256)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
@@ -1303,18 +1300,18 @@ class Curvature:
     def _linear5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (256,), (256,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(256,)))
-        return Y.reshape(*Y.shape[:-1], *(256,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 256))
+        return Y.reshape(*Y.shape[:-1], 256)
 
     def _linear5_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(256,))
+        u = u.reshape(*lead_shape(u, 1), 256)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (256,), (256,))
 
     def _linear5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(256,), *(256,))
+        S = S.reshape(256, 256)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(256, 256), (256,))
 
@@ -1329,41 +1326,40 @@ class Curvature:
     def _linear7_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(256,))
+        return x.reshape(*lead, 256)
 
-    def _linear7_jvp(self, v, W=None):
+    def _linear7_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear7_view(v)
-        W = reshape_to(self.p['7.weight'] if W is None else W, (128, 256), (128, 256))
+        W = reshape_to(self.p['7.weight'], (128, 256), (128, 256))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (128,), (128,))
 
     def _linear7_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(128,))
+        u = u.reshape(*lead, 128)
         W = reshape_to(self.p['7.weight'] if W is None else W, (128, 256), (128, 256))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(256,))
+        return X.reshape(*lead, 256)
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (128, 256), (128, 256))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(128,))
+        return Y.reshape(*Y.shape[:-1], 128)
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(128,))
+        u = u.reshape(*lead_shape(u, 1), 128)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (128, 256), (128, 256))
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear7_X, average)
-        S = S.reshape(*(128,), *(128,))
+        S = S.reshape(128, 128)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(128, 128), B.reshape(256, 256), (128, 256))
@@ -1371,18 +1367,18 @@ class Curvature:
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (128,), (128,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(128,)))
-        return Y.reshape(*Y.shape[:-1], *(128,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 128))
+        return Y.reshape(*Y.shape[:-1], 128)
 
     def _linear7_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(128,))
+        u = u.reshape(*lead_shape(u, 1), 128)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (128,), (128,))
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(128,), *(128,))
+        S = S.reshape(128, 128)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(128, 128), (128,))
 
@@ -1397,41 +1393,40 @@ class Curvature:
     def _linear9_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(128,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(128,))
+        return x.reshape(*lead, 128)
 
-    def _linear9_jvp(self, v, W=None):
+    def _linear9_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear9_view(v)
-        W = reshape_to(self.p['9.weight'] if W is None else W, (64, 128), (64, 128))
+        W = reshape_to(self.p['9.weight'], (64, 128), (64, 128))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (64,), (64,))
 
     def _linear9_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(64,))
+        u = u.reshape(*lead, 64)
         W = reshape_to(self.p['9.weight'] if W is None else W, (64, 128), (64, 128))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(128,))
+        return X.reshape(*lead, 128)
 
     def _linear9_weight_jvp(self, v, X):
         """J_θ v for θ = 9.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (64, 128), (64, 128))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(64,))
+        return Y.reshape(*Y.shape[:-1], 64)
 
     def _linear9_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 9.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(64,))
+        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (64, 128), (64, 128))
 
     def _linear9_weight_block(self, S, average):
         """B = A ⊗ B for θ = 9.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear9_X, average)
-        S = S.reshape(*(64,), *(64,))
+        S = S.reshape(64, 64)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
@@ -1439,18 +1434,18 @@ class Curvature:
     def _linear9_bias_jvp(self, v, X):
         """J_θ v for θ = 9.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (64,), (64,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(64,)))
-        return Y.reshape(*Y.shape[:-1], *(64,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 64))
+        return Y.reshape(*Y.shape[:-1], 64)
 
     def _linear9_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 9.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(64,))
+        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (64,), (64,))
 
     def _linear9_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(64,), *(64,))
+        S = S.reshape(64, 64)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
@@ -1465,41 +1460,40 @@ class Curvature:
     def _linear11_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(64,))
+        return x.reshape(*lead, 64)
 
-    def _linear11_jvp(self, v, W=None):
+    def _linear11_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear11_view(v)
-        W = reshape_to(self.p['11.weight'] if W is None else W, (32, 64), (32, 64))
+        W = reshape_to(self.p['11.weight'], (32, 64), (32, 64))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (32,), (32,))
 
     def _linear11_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(32,))
+        u = u.reshape(*lead, 32)
         W = reshape_to(self.p['11.weight'] if W is None else W, (32, 64), (32, 64))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(64,))
+        return X.reshape(*lead, 64)
 
     def _linear11_weight_jvp(self, v, X):
         """J_θ v for θ = 11.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (32, 64), (32, 64))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(32,))
+        return Y.reshape(*Y.shape[:-1], 32)
 
     def _linear11_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 11.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(32,))
+        u = u.reshape(*lead_shape(u, 1), 32)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (32, 64), (32, 64))
 
     def _linear11_weight_block(self, S, average):
         """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear11_X, average)
-        S = S.reshape(*(32,), *(32,))
+        S = S.reshape(32, 32)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(32, 32), B.reshape(64, 64), (32, 64))
@@ -1507,18 +1501,18 @@ class Curvature:
     def _linear11_bias_jvp(self, v, X):
         """J_θ v for θ = 11.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (32,), (32,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(32,)))
-        return Y.reshape(*Y.shape[:-1], *(32,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 32))
+        return Y.reshape(*Y.shape[:-1], 32)
 
     def _linear11_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 11.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(32,))
+        u = u.reshape(*lead_shape(u, 1), 32)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (32,), (32,))
 
     def _linear11_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(32,), *(32,))
+        S = S.reshape(32, 32)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(32, 32), (32,))
 
@@ -1533,41 +1527,40 @@ class Curvature:
     def _linear13_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(32,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(32,))
+        return x.reshape(*lead, 32)
 
-    def _linear13_jvp(self, v, W=None):
+    def _linear13_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear13_view(v)
-        W = reshape_to(self.p['13.weight'] if W is None else W, (16, 32), (16, 32))
+        W = reshape_to(self.p['13.weight'], (16, 32), (16, 32))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (16,), (16,))
 
     def _linear13_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(16,))
+        u = u.reshape(*lead, 16)
         W = reshape_to(self.p['13.weight'] if W is None else W, (16, 32), (16, 32))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(32,))
+        return X.reshape(*lead, 32)
 
     def _linear13_weight_jvp(self, v, X):
         """J_θ v for θ = 13.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (16, 32), (16, 32))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(16,))
+        return Y.reshape(*Y.shape[:-1], 16)
 
     def _linear13_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 13.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(16,))
+        u = u.reshape(*lead_shape(u, 1), 16)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (16, 32), (16, 32))
 
     def _linear13_weight_block(self, S, average):
         """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear13_X, average)
-        S = S.reshape(*(16,), *(16,))
+        S = S.reshape(16, 16)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(16, 16), B.reshape(32, 32), (16, 32))
@@ -1575,18 +1568,18 @@ class Curvature:
     def _linear13_bias_jvp(self, v, X):
         """J_θ v for θ = 13.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (16,), (16,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(16,)))
-        return Y.reshape(*Y.shape[:-1], *(16,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 16))
+        return Y.reshape(*Y.shape[:-1], 16)
 
     def _linear13_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 13.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(16,))
+        u = u.reshape(*lead_shape(u, 1), 16)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (16,), (16,))
 
     def _linear13_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(16,), *(16,))
+        S = S.reshape(16, 16)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
@@ -1601,41 +1594,40 @@ class Curvature:
     def _linear15_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(16,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(16,))
+        return x.reshape(*lead, 16)
 
-    def _linear15_jvp(self, v, W=None):
+    def _linear15_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear15_view(v)
-        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 16), (10, 16))
+        W = reshape_to(self.p['15.weight'], (10, 16), (10, 16))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (10,), (10,))
 
     def _linear15_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(10,))
+        u = u.reshape(*lead, 10)
         W = reshape_to(self.p['15.weight'] if W is None else W, (10, 16), (10, 16))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(16,))
+        return X.reshape(*lead, 16)
 
     def _linear15_weight_jvp(self, v, X):
         """J_θ v for θ = 15.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (10, 16), (10, 16))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear15_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 15.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (10, 16), (10, 16))
 
     def _linear15_weight_block(self, S, average):
         """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear15_X, average)
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(16, 16), (10, 16))
@@ -1643,17 +1635,17 @@ class Curvature:
     def _linear15_bias_jvp(self, v, X):
         """J_θ v for θ = 15.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (10,), (10,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear15_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 15.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (10,), (10,))
 
     def _linear15_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

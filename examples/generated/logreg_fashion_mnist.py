@@ -509,41 +509,40 @@ class Curvature:
     def _linear1_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(784,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(784,))
+        return x.reshape(*lead, 784)
 
-    def _linear1_jvp(self, v, W=None):
+    def _linear1_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear1_view(v)
-        W = reshape_to(self.p['1.weight'] if W is None else W, (10, 784), (10, 784))
+        W = reshape_to(self.p['1.weight'], (10, 784), (10, 784))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (10,), (10,))
 
     def _linear1_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(10,))
+        u = u.reshape(*lead, 10)
         W = reshape_to(self.p['1.weight'] if W is None else W, (10, 784), (10, 784))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(784,))
+        return X.reshape(*lead, 784)
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (10, 784), (10, 784))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (10, 784), (10, 784))
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(784, 784), (10, 784))
@@ -551,17 +550,17 @@ class Curvature:
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (10,), (10,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear1_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (10,), (10,))
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

@@ -645,41 +645,40 @@ class Curvature:
     def _linear1_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(784,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(784,))
+        return x.reshape(*lead, 784)
 
-    def _linear1_jvp(self, v, W=None):
+    def _linear1_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear1_view(v)
-        W = reshape_to(self.p['1.weight'] if W is None else W, (128, 784), (128, 784))
+        W = reshape_to(self.p['1.weight'], (128, 784), (128, 784))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (128,), (128,))
 
     def _linear1_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(128,))
+        u = u.reshape(*lead, 128)
         W = reshape_to(self.p['1.weight'] if W is None else W, (128, 784), (128, 784))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(784,))
+        return X.reshape(*lead, 784)
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (128, 784), (128, 784))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(128,))
+        return Y.reshape(*Y.shape[:-1], 128)
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(128,))
+        u = u.reshape(*lead_shape(u, 1), 128)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (128, 784), (128, 784))
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
-        S = S.reshape(*(128,), *(128,))
+        S = S.reshape(128, 128)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(128, 128), B.reshape(784, 784), (128, 784))
@@ -687,18 +686,18 @@ class Curvature:
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (128,), (128,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(128,)))
-        return Y.reshape(*Y.shape[:-1], *(128,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 128))
+        return Y.reshape(*Y.shape[:-1], 128)
 
     def _linear1_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(128,))
+        u = u.reshape(*lead_shape(u, 1), 128)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (128,), (128,))
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(128,), *(128,))
+        S = S.reshape(128, 128)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(128, 128), (128,))
 
@@ -713,41 +712,40 @@ class Curvature:
     def _linear3_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(128,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(128,))
+        return x.reshape(*lead, 128)
 
-    def _linear3_jvp(self, v, W=None):
+    def _linear3_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear3_view(v)
-        W = reshape_to(self.p['3.weight'] if W is None else W, (64, 128), (64, 128))
+        W = reshape_to(self.p['3.weight'], (64, 128), (64, 128))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (64,), (64,))
 
     def _linear3_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(64,))
+        u = u.reshape(*lead, 64)
         W = reshape_to(self.p['3.weight'] if W is None else W, (64, 128), (64, 128))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(128,))
+        return X.reshape(*lead, 128)
 
     def _linear3_weight_jvp(self, v, X):
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (64, 128), (64, 128))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(64,))
+        return Y.reshape(*Y.shape[:-1], 64)
 
     def _linear3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(64,))
+        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (64, 128), (64, 128))
 
     def _linear3_weight_block(self, S, average):
         """B = A ⊗ B for θ = 3.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear3_X, average)
-        S = S.reshape(*(64,), *(64,))
+        S = S.reshape(64, 64)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
@@ -755,18 +753,18 @@ class Curvature:
     def _linear3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (64,), (64,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(64,)))
-        return Y.reshape(*Y.shape[:-1], *(64,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 64))
+        return Y.reshape(*Y.shape[:-1], 64)
 
     def _linear3_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(64,))
+        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (64,), (64,))
 
     def _linear3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(64,), *(64,))
+        S = S.reshape(64, 64)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
 
@@ -781,41 +779,40 @@ class Curvature:
     def _linear5_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
         lead = lead_shape(x, 1)
-        return x.reshape(*lead, *(64,))
+        return x.reshape(*lead, 64)
 
-    def _linear5_jvp(self, v, W=None):
+    def _linear5_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        lead = lead_shape(v, 1)
         v = self._linear5_view(v)
-        W = reshape_to(self.p['5.weight'] if W is None else W, (10, 64), (10, 64))
+        W = reshape_to(self.p['5.weight'], (10, 64), (10, 64))
         Y = torch.einsum("...ab,...cb->...ca", W, v)
         return reshape_to(Y, (10,), (10,))
 
     def _linear5_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
         lead = lead_shape(u, 1)
-        u = u.reshape(*lead, *(10,))
+        u = u.reshape(*lead, 10)
         W = reshape_to(self.p['5.weight'] if W is None else W, (10, 64), (10, 64))
         X = torch.einsum("...ab,...ca->...cb", W, u)
         lead = lead_shape(X, 1)
-        return X.reshape(*lead, *(64,))
+        return X.reshape(*lead, 64)
 
     def _linear5_weight_jvp(self, v, X):
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
         v = reshape_to(v, (10, 64), (10, 64))
         Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab,...ac->...cb", X, u)
         return reshape_to(G, (10, 64), (10, 64))
 
     def _linear5_weight_block(self, S, average):
         """B = A ⊗ B for θ = 5.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear5_X, average)
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(64, 64), (10, 64))
@@ -823,17 +820,17 @@ class Curvature:
     def _linear5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
         v = reshape_to(v, (10,), (10,))
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, *(10,)))
-        return Y.reshape(*Y.shape[:-1], *(10,))
+        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        return Y.reshape(*Y.shape[:-1], 10)
 
     def _linear5_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), *(10,))
+        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
         return reshape_to(G, (10,), (10,))
 
     def _linear5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
-        S = S.reshape(*(10,), *(10,))
+        S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))

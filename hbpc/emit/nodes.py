@@ -44,6 +44,11 @@ def _single_input(code, name):
     code.vjp = lambda u: [f"self._{name}_vjp({u})"]
 
 
+def _dims(shape) -> str:
+    """``(1, 8, 25)`` as ``1, 8, 25`` for reshape arguments."""
+    return ", ".join(map(str, shape))
+
+
 def param_code(name: str) -> str:
     return f"self.p[{name!r}]"
 
@@ -181,23 +186,23 @@ def _input_view(node, views, tensor, tangent=False) -> str:
     """The input as the rule's ``X``; for the affine ``standardize`` view a tangent drops the shift."""
     view = node["rule"].input_view
     if view == "patches":
-        return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, *{views['X']!r})"
+        return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {_dims(views['X'])})"
     if view == "standardize":
-        flat = f"{tensor}.reshape(*lead, *{views['X']!r})"
+        flat = f"{tensor}.reshape(*lead, {_dims(views['X'])})"
         centred = flat if tangent else f"({flat} - {_buffer(node, 'running_mean')}[:, None])"
         return f"{centred} * {_rstd(node)}"
-    return f"{tensor}.reshape(*lead, *{views['X']!r})"
+    return f"{tensor}.reshape(*lead, {_dims(views['X'])})"
 
 
 def _input_view_adjoint(node, views, tensor) -> str:
     if node["rule"].input_view == "standardize":
-        return f"({tensor} * {_rstd(node)}).reshape(*lead, *{node['x_shape']!r})"
+        return f"({tensor} * {_rstd(node)}).reshape(*lead, {_dims(node['x_shape'])})"
     if node["rule"].input_view == "patches":
         c, h, w = node["x_shape"]
         k = node["hyper"]["kernel_size"]
         flat = f"{tensor}.reshape(*lead, {c * k[0] * k[1]}, {views['X'][-1]})"
         return f"patches_adjoint({flat}, {node['x_shape']!r}, {_patch_args(node)})"
-    return f"{tensor}.reshape(*lead, *{node['x_shape']!r})"
+    return f"{tensor}.reshape(*lead, {_dims(node['x_shape'])})"
 
 
 def _param_view(node, views, role) -> str:
@@ -228,20 +233,21 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
                                 [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
 
     jx = derivation.tensors["X"]
-    jvp = _coeff(jx.jvp, constants).code(names, f"(lead[-1], *{views['Y']!r})")
-    vjp = _coeff(jx.vjp, constants).code(names, f"(lead[-1], *{views['X']!r})")
+    jvp = _coeff(jx.jvp, constants).code(names, f"(lead[-1], {_dims(views['Y'])})")
+    vjp = _coeff(jx.vjp, constants).code(names, f"(lead[-1], {_dims(views['X'])})")
     weight = []
     if "weight" in node["params"]:
         shape, view = node["param_shapes"]["weight"], tuple(views["W"])
         weight = [f"W = reshape_to({param_code(node['params']['weight'])} if W is None else W, {shape!r}, {view!r})"]
     signature = ", W=None" if weight else ""
     code.methods += _method(
-        f"_{name}_jvp(self, v{signature})", f"J v, derived from {expr}",
-        [f"lead = lead_shape(v, {x_rank})", f"v = self.{tangent_view(name, node)}(v)", *weight, f"Y = {jvp}",
+        f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
+        [f"v = self.{tangent_view(name, node)}(v)", *[w.replace(" if W is None else W", "") for w in weight],
+         *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
          f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"])
     code.methods += _method(
         f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
-        [f"lead = lead_shape(u, {y_rank})", f"u = u.reshape(*lead, *{views['Y']!r})", *weight,
+        [f"lead = lead_shape(u, {y_rank})", f"u = u.reshape(*lead, {_dims(views['Y'])})", *weight,
          f"X = {vjp}", f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
     _single_input(code, name)
 
@@ -249,15 +255,15 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         tensor = derivation.tensors[role]
         shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
         full = node["param_shapes"][role]
-        p_jvp = _coeff(tensor.jvp, constants).code(names, f"(self.N, *{views['Y']!r})")
+        p_jvp = _coeff(tensor.jvp, constants).code(names, f"(self.N, {_dims(views['Y'])})")
         p_vjp = _coeff(tensor.vjp, constants).code(names, repr(shape))
         code.methods += _method(
             f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
             [f"v = reshape_to(v, {full!r}, {shape!r})", f"Y = {p_jvp}",
-             f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], *{node['y_shape']!r})"])
+             f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {_dims(node['y_shape'])})"])
         code.methods += _method(
             f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
-            [f"u = u.reshape(*lead_shape(u, {y_rank}), *{views['Y']!r})", f"G = {p_vjp}",
+            [f"u = u.reshape(*lead_shape(u, {y_rank}), {_dims(views['Y'])})", f"G = {p_vjp}",
              f"return reshape_to(G, {shape!r}, {full!r})"])
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
@@ -276,7 +282,7 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
     full = node["param_shapes"][role]
     size = prod(full)
     signature = f"_{name}_{role}_block(self, S, average)"
-    reshape_s = f"S = S.reshape(*{y_view!r}, *{y_view!r})"
+    reshape_s = f"S = S.reshape({_dims(y_view)}, {_dims(y_view)})"
     if block.kind == "dense":
         return _method(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
                        [reshape_s, f"B = {block.matrix.code(names)}",
