@@ -13,6 +13,8 @@ def _compile(args):
     from hbpc.compiler import compile_source, write_atomically
     from hbpc.export import load_model_file, load_rules_file
 
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise HbpcError("the output path is the model file itself", args.output, "pass another -o, e.g. curv_model.py")
     rules = load_rules_file(args.rules) if args.rules else []
     spec = load_model_file(args.model)
     name = spec.path.rsplit("/", 1)[-1]
@@ -119,9 +121,11 @@ def _rules(args):
     from hbpc.rules import LOSS_TABLE, OPS, TABLE
 
     if args.name is None:
-        for rule in [*OPS, *{id(r): r for r in LOSS_TABLE.values()}.values()]:
+        rules = [*OPS, *{id(r): r for r in LOSS_TABLE.values()}.values()]
+        width = max(len(rule.key) for rule in rules) + 2
+        for rule in rules:
             aliases = f"  (also: {', '.join(rule.aliases)})" if rule.aliases else ""
-            print(f"{rule.key:<16}{type(rule).__name__.lower():<13}{aliases}")
+            print(f"{rule.key:<{width}}{type(rule).__name__.lower():<13}{aliases}")
         return
     rule = TABLE.get(args.name) or LOSS_TABLE.get(args.name)
     if rule is None:

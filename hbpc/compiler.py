@@ -24,6 +24,8 @@ def write_atomically(path, text: str):
     path = Path(path)
     if not path.parent.is_dir():
         raise HbpcError(f"output folder {path.parent} does not exist", str(path), "create the folder or pick another -o")
+    if path.is_dir():
+        raise HbpcError(f"output path {path} is a folder", str(path), "pass a file name, e.g. -o curv_model.py")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
@@ -32,6 +34,9 @@ def write_atomically(path, text: str):
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise HbpcError(f"cannot write {path}: {error.strerror}", str(path), "choose a writable output path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

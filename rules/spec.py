@@ -11,8 +11,8 @@ Index conventions (used by every index-notation rule):
 ``i``  input feature
 ``g``  convolution group
 ``c``  input channel (within a group)
-``k``  kernel offset (flattened ``kh*kw``)
-``l``  output location (flattened ``h'*w'``)
+``k``  kernel offset (flattened ``kh*kw``; ``k`` or ``kd*kh*kw`` in 1D / 3D)
+``l``  output location (flattened ``h'*w'``; likewise)
 =====  =====================================================
 """
 from dataclasses import dataclass, field

@@ -2,9 +2,12 @@
 
 ``X`` is the input seen through ``input_view``: ``"reshape"`` (the input itself),
 ``"patches"`` (``unfold``: ``X[n, g, c, k, l]`` is input channel ``c`` of group
-``g`` at kernel offset ``k`` of output location ``l``) or ``"standardize"``
+``g`` at kernel offset ``k`` of output location ``l``), ``"transposed_patches"`` (the same for a
+transposed convolution: the patches of the zero-inserted, padded input, kernel offsets reversed) or ``"standardize"``
 (eval-mode normalisation with the running statistics: ``X = (x − μ_c) / sqrt(σ²_c + ε)``).
 """
+from math import prod
+
 from .spec import Selection, Structured, K, P, W, X, b, c, g, i, k, l, n, o, Σ
 
 
@@ -13,8 +16,8 @@ def _linear_views(h, x_shape, y_shape):
 
 
 def _conv_views(h, x_shape, y_shape):
-    groups, kernel = h["groups"], h["kernel_size"][0] * h["kernel_size"][1]
-    locations = y_shape[1] * y_shape[2]
+    groups, kernel = h["groups"], prod(h["kernel_size"])
+    locations = prod(y_shape[1:])
     c_in, c_out = x_shape[0] // groups, y_shape[0] // groups
     return {
         "X": (groups, c_in, kernel, locations),
@@ -24,9 +27,20 @@ def _conv_views(h, x_shape, y_shape):
     }
 
 
+def _conv_transpose_views(h, x_shape, y_shape):
+    groups, kernel, locations = h["groups"], prod(h["kernel_size"]), prod(y_shape[1:])
+    c_in, c_out = x_shape[0] // groups, y_shape[0] // groups
+    return {
+        "X": (groups, c_in, kernel, locations),
+        "Y": (groups, c_out, locations),
+        "W": (groups, c_in, c_out, kernel),
+        "b": (groups, c_out),
+    }
+
+
 def _pool_views(h, x_shape, y_shape):
-    kernel = h["kernel_size"][0] * h["kernel_size"][1]
-    return {"X": (x_shape[0], kernel, y_shape[1] * y_shape[2]), "Y": (y_shape[0], y_shape[1] * y_shape[2])}
+    kernel, locations = prod(h["kernel_size"]), prod(y_shape[1:])
+    return {"X": (x_shape[0], kernel, locations), "Y": (y_shape[0], locations)}
 
 
 def _norm_views(h, x_shape, y_shape):
@@ -48,6 +62,38 @@ STRUCTURED = [
         forward="torch.nn.functional.conv2d({x}, {weight}, {bias}, {stride}, {padding}, {dilation}, {groups})",
     ),
     Structured(
+        "conv1d", out=(n, g, o, l), expr=Σ(W[g, o, c, k] * X[n, g, c, k, l], c, k) + b[g, o],
+        params={"weight": W, "bias": b}, views=_conv_views, input_view="patches",
+        forward="torch.nn.functional.conv1d({x}, {weight}, {bias}, {stride}, {padding}, {dilation}, {groups})",
+    ),
+    Structured(
+        "conv3d", out=(n, g, o, l), expr=Σ(W[g, o, c, k] * X[n, g, c, k, l], c, k) + b[g, o],
+        params={"weight": W, "bias": b}, views=_conv_views, input_view="patches",
+        forward="torch.nn.functional.conv3d({x}, {weight}, {bias}, {stride}, {padding}, {dilation}, {groups})",
+    ),
+    Structured(
+        # X: the input with stride − 1 zeros between entries, padded, as patches with the kernel offsets reversed
+        "conv_transpose2d", out=(n, g, o, l), expr=Σ(W[g, c, o, k] * X[n, g, c, k, l], c, k) + b[g, o],
+        params={"weight": W, "bias": b}, views=_conv_transpose_views, input_view="transposed_patches",
+        forward="torch.nn.functional.conv_transpose2d({x}, {weight}, {bias}, {stride}, {padding}, {output_padding}, "
+                "{groups}, {dilation})",
+        aliases=("convtranspose2d",),
+    ),
+    Structured(
+        "conv_transpose1d", out=(n, g, o, l), expr=Σ(W[g, c, o, k] * X[n, g, c, k, l], c, k) + b[g, o],
+        params={"weight": W, "bias": b}, views=_conv_transpose_views, input_view="transposed_patches",
+        forward="torch.nn.functional.conv_transpose1d({x}, {weight}, {bias}, {stride}, {padding}, {output_padding}, "
+                "{groups}, {dilation})",
+        aliases=("convtranspose1d",),
+    ),
+    Structured(
+        "conv_transpose3d", out=(n, g, o, l), expr=Σ(W[g, c, o, k] * X[n, g, c, k, l], c, k) + b[g, o],
+        params={"weight": W, "bias": b}, views=_conv_transpose_views, input_view="transposed_patches",
+        forward="torch.nn.functional.conv_transpose3d({x}, {weight}, {bias}, {stride}, {padding}, {output_padding}, "
+                "{groups}, {dilation})",
+        aliases=("convtranspose3d",),
+    ),
+    Structured(
         "batch_norm", out=(n, c, l), expr=W[c] * X[n, c, l] + b[c],
         params={"weight": W, "bias": b}, views=_norm_views, input_view="standardize",
         forward="torch.nn.functional.batch_norm({x}, {running_mean}, {running_var}, {weight}, {bias}, False, 0.0, {eps})",
@@ -59,11 +105,29 @@ STRUCTURED = [
         constants=lambda h: {K: h["kernel_size"][0] * h["kernel_size"][1]},
         forward="torch.nn.functional.avg_pool2d({x}, {kernel_size}, {stride}, {padding})", aliases=("avgpool2d",),
     ),
+    Structured(
+        "avg_pool1d", out=(n, c, l), expr=Σ(X[n, c, k, l], k) / K,
+        params={}, views=_pool_views, input_view="patches",
+        constants=lambda h: {K: h["kernel_size"][0]},
+        forward="torch.nn.functional.avg_pool1d({x}, {kernel_size}, {stride}, {padding})", aliases=("avgpool1d",),
+    ),
+    Structured(
+        "avg_pool3d", out=(n, c, l), expr=Σ(X[n, c, k, l], k) / K,
+        params={}, views=_pool_views, input_view="patches",
+        constants=lambda h: {K: prod(h["kernel_size"])},
+        forward="torch.nn.functional.avg_pool3d({x}, {kernel_size}, {stride}, {padding})", aliases=("avgpool3d",),
+    ),
 ]
 
 SELECTIONS = [
     Selection("max_pool2d", "take", "max_pool2d_with_indices({x}, {kernel_size}, {stride}, {padding}, {dilation})",
               aliases=("maxpool2d",)),
+    Selection("max_pool1d", "take",
+              "torch.nn.functional.max_pool1d({x}, {kernel_size}, {stride}, {padding}, {dilation}, return_indices=True)",
+              aliases=("maxpool1d",)),
+    Selection("max_pool3d", "take",
+              "torch.nn.functional.max_pool3d({x}, {kernel_size}, {stride}, {padding}, {dilation}, return_indices=True)",
+              aliases=("maxpool3d",)),
     Selection("pad", "pad", "torch.nn.functional.pad({x}, {padding})", aliases=("zeropad2d",)),
     Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})", aliases=("flatten", "view")),
     Selection("identity", "identity", "{x}", aliases=("dropout", "dropout1d", "dropout2d", "dropout3d")),

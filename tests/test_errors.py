@@ -32,7 +32,7 @@ CASES = {
                 return F.softmax(self.fc(x), dim=1)
         model = M()
         example_input = torch.zeros(2, 3)
-        """), ["unsupported op 'softmax'", "node `softmax`", "model.py:10", "supported ops: add, avg_pool2d, batch_norm, cat"]),
+        """), ["unsupported op 'softmax'", "node `softmax`", "model.py:10", "supported ops: add, avg_pool1d, avg_pool2d, avg_pool3d, batch_norm, cat"]),
     "control-flow": (textwrap.dedent("""
         class M(nn.Module):
             def __init__(self):
@@ -44,7 +44,7 @@ CASES = {
                 return self.fc(-x)
         model = M()
         example_input = torch.zeros(2, 3)
-        """), ["torch.fx could not trace the model", "data-dependent Python control flow"]),
+        """), ["torch.fx could not trace the model", "no Python control flow on tensor values", "model.py:10"]),
     "product-of-tensors": (textwrap.dedent("""
         class M(nn.Module):
             def __init__(self):

@@ -122,8 +122,9 @@ def reshape_to(t, old_shape, new_shape):
 
 
 def accumulate_grad(param, grad):
-    """param.grad += grad, as loss.backward() does."""
-    param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None)."""
+    if param.requires_grad:
+        param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
 
 
 def numel(shape):
@@ -285,6 +286,39 @@ class KroneckerBlock(Block):
         return (Qa @ (rotated / (la[:, None] * lb[None, :] + damping)) @ Qb.T).reshape(rhs.shape)
 
 
+class KroneckerGramBlock(KroneckerBlock):
+    """B_θ = A ⊗ R Rᵀ with a thin root R (b, r), r < b, as for the rank-one x̄ x̄ᵀ.
+
+    Products cost O(a² r + a b r) instead of O(a² b + a b²); ``solve`` needs only A's
+    eigendecomposition and R's thin SVD (B = U diag(s²) Uᵀ, zero on U's complement).
+    """
+
+    def __init__(self, A, R, param_shape):
+        Block.__init__(self, param_shape, A)
+        self.A, self.R = A, R
+
+    @property
+    def B(self):
+        return self.R @ self.R.T
+
+    @property
+    def kronecker_factors(self):
+        return self.A, self.B
+
+    def _matmat(self, V):
+        X = V.reshape(-1, self.A.shape[0], self.R.shape[0])
+        return (self.A @ (X @ self.R) @ self.R.T).reshape(V.shape)
+
+    @torch.no_grad()
+    def solve(self, rhs, damping):
+        la, Qa = torch.linalg.eigh(self.A)
+        U, s, _ = torch.linalg.svd(self.R, full_matrices=False)
+        X = rhs.reshape(-1, self.A.shape[0], self.R.shape[0])
+        XU = X @ U
+        inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
+        return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape)
+
+
 class OperatorBlock(Block):
     """B_θ known only through its product v -> B_θ v on tensors shaped (V, *θ)."""
 
@@ -333,7 +367,8 @@ def with_vectors(product, param_shape):
     return apply
 
 
-PARAMETERS = {'1.weight': (1024, 3072), '1.bias': (1024,), '3.weight': (512, 1024), '3.bias': (512,), '5.weight': (256, 512), '5.bias': (256,), '7.weight': (128, 256), '7.bias': (128,), '9.weight': (64, 128), '9.bias': (64,), '11.weight': (32, 64), '11.bias': (32,), '13.weight': (16, 32), '13.bias': (16,), '15.weight': (10, 16), '15.bias': (10,)}
+PARAMETERS = {'1.weight': (1024, 3072), '1.bias': (1024,), '3.weight': (512, 1024), '3.bias': (512,), '5.weight': (256, 512), '5.bias': (256,), '7.weight': (128, 256), '7.bias': (128,), '9.weight': (64, 128), '9.bias': (64,), '11.weight': (32, 64), '11.bias': (32,), '13.weight': (16, 32), '13.bias': (16,), '15.weight': (10, 16), '15.bias': (10,)}  # the ones the loss depends on
+ARCHITECTURE = {'1.weight': (1024, 3072), '1.bias': (1024,), '3.weight': (512, 1024), '3.bias': (512,), '5.weight': (256, 512), '5.bias': (256,), '7.weight': (128, 256), '7.bias': (128,), '9.weight': (64, 128), '9.bias': (64,), '11.weight': (32, 64), '11.bias': (32,), '13.weight': (16, 32), '13.bias': (16,), '15.weight': (10, 16), '15.bias': (10,)}
 INPUT_SHAPE = (3, 32, 32)
 GRAPH_HASH = '58fa48dd0e0abcb6'
 
@@ -346,13 +381,13 @@ class Curvature:
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match."""
         found = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        if found != PARAMETERS:
-            missing = sorted(set(PARAMETERS) - set(found))
-            extra = sorted(set(found) - set(PARAMETERS))
-            wrong = sorted(n for n in set(found) & set(PARAMETERS) if found[n] != PARAMETERS[n])
+        if found != ARCHITECTURE:
+            missing = sorted(set(ARCHITECTURE) - set(found))
+            extra = sorted(set(found) - set(ARCHITECTURE))
+            wrong = sorted(n for n in set(found) & set(ARCHITECTURE) if found[n] != ARCHITECTURE[n])
             raise ValueError(
                 f"model does not match the compiled architecture: missing {missing}, unexpected {extra}, "
-                f"wrong shape {[(n, found[n], PARAMETERS[n]) for n in wrong]}; recompile with hbpc"
+                f"wrong shape {[(n, found[n], ARCHITECTURE[n]) for n in wrong]}; recompile with hbpc"
             )
         self.model = model
         self.p = dict(model.named_parameters())
@@ -365,7 +400,7 @@ class Curvature:
     def _check_input(self, x):
         if tuple(x.shape[1:]) != INPUT_SHAPE:
             raise ValueError(f"input has per-sample shape {tuple(x.shape[1:])}, expected {INPUT_SHAPE}")
-        dtype = next(iter(self.p.values())).dtype
+        dtype = next(iter(self.p.values())).dtype if self.p else x.dtype
         if x.dtype != dtype:
             raise ValueError(f"input dtype {x.dtype} differs from the parameters' {dtype}")
         if not torch.isfinite(x).all():
@@ -376,7 +411,7 @@ class Curvature:
             raise RuntimeError("call forward_backward(x, target) before asking for curvature")
 
     def _check_memory(self):
-        needed = 1048576 * next(iter(self.p.values())).element_size()
+        needed = 1048576 * self.loss_z.element_size()
         if needed > self.memory_limit:
             raise MemoryError(
                 f"blocks() needs {needed / 2**30:.2f} GiB for the curvature at the inputs of linear3, more than "
@@ -1098,12 +1133,13 @@ class Curvature:
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
         lse = self.loss_lse
         softmax = self.loss_softmax
-        return scale * ((v - (softmax*v).sum(-1, keepdim=True))*softmax)
+        return (scale * ((v - (softmax*v).sum(-1, keepdim=True))*softmax) + 0 * v)
 
     def _loss_hessian_sum(self):
         """S_z = Σ_n ∇²_{z_n} L: (C, C)."""
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
-        return self._loss_hessian_product(eye[:, None, :].expand(10, self.N, 10)).sum(1)
+        basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
+        return self._loss_hessian_product(basis).sum(1).reshape(10, 10)
 
     def _loss_fisher_product(self, v, samples, generator):
         """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
@@ -1112,7 +1148,7 @@ class Curvature:
         softmax = self.loss_softmax
         labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
         s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
-        return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))
+        return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))
 
     def _reshape0_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
@@ -1160,6 +1196,9 @@ class Curvature:
         X = batch_mean(self.linear1_X, average)
         S = S.reshape(1024, 1024)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 3072:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 3072).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(1024, 1024), R, (1024, 3072))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(1024, 1024), B.reshape(3072, 3072), (1024, 3072))
 
@@ -1227,6 +1266,9 @@ class Curvature:
         X = batch_mean(self.linear3_X, average)
         S = S.reshape(512, 512)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 1024:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 1024).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(512, 512), R, (512, 1024))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(1024, 1024), (512, 1024))
 
@@ -1294,6 +1336,9 @@ class Curvature:
         X = batch_mean(self.linear5_X, average)
         S = S.reshape(256, 256)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 512:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 512).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(256, 256), R, (256, 512))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
 
@@ -1361,6 +1406,9 @@ class Curvature:
         X = batch_mean(self.linear7_X, average)
         S = S.reshape(128, 128)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 256:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 256).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(128, 128), R, (128, 256))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(128, 128), B.reshape(256, 256), (128, 256))
 
@@ -1428,6 +1476,9 @@ class Curvature:
         X = batch_mean(self.linear9_X, average)
         S = S.reshape(64, 64)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 128:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 128).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(64, 64), R, (64, 128))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
 
@@ -1495,6 +1546,9 @@ class Curvature:
         X = batch_mean(self.linear11_X, average)
         S = S.reshape(32, 32)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 64:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 64).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(32, 32), R, (32, 64))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(32, 32), B.reshape(64, 64), (32, 64))
 
@@ -1562,6 +1616,9 @@ class Curvature:
         X = batch_mean(self.linear13_X, average)
         S = S.reshape(16, 16)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 32:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 32).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(16, 16), R, (16, 32))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(16, 16), B.reshape(32, 32), (16, 32))
 
@@ -1629,6 +1686,9 @@ class Curvature:
         X = batch_mean(self.linear15_X, average)
         S = S.reshape(10, 10)
         A = torch.einsum("...ab->...ab", S)
+        if X.shape[0] < 16:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], 16).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 16))
         B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(16, 16), (10, 16))
 

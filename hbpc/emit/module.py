@@ -9,14 +9,19 @@ from hbpc import __version__
 from hbpc.derive import derive
 from hbpc.derive.printer import torch_code
 
-from .nodes import node_code, param_code, tangent_view
+from .nodes import doc_safe, node_code, param_code, tangent_view
 
 PRELUDE = (Path(__file__).with_name("prelude.py")).read_text()
+PRELUDE_ND = (Path(__file__).with_name("prelude_nd.py")).read_text()
 _INDENT = "    "
 
 
 def _indent(lines, depth):
     return [(_INDENT * depth + line) if line else "" for line in lines]
+
+
+def _shape_args(shape) -> str:
+    return ", ".join(map(str, shape))
 
 
 def _needed(shared, code):
@@ -52,14 +57,19 @@ def _loss_lines(graph, last):
     lines += [f"self.loss_{name} = {name}" for name in derivation.intermediates]
     restore = ["z, t, scale = self.loss_z, self.loss_t, self.loss_scale"]
     restore += [f"{name} = self.loss_{name}" for name in derivation.intermediates]
-    hvp = restore + _needed(shared, exprs["hvp"]) + [f"return scale * ({exprs['hvp']})"]
+    rank = len(graph.nodes[last]["y_shape"])
+    flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
+    unflatten = ".reshape(shape)" if rank > 1 else ""
+    hvp = restore + flatten + _needed(shared, exprs["hvp"]) + [f"return (scale * ({exprs['hvp']}) + 0 * v){unflatten}"]
     doc = f"ℓ(z, t) = {rule.ell};  Hv = {derivation.hessian_product}"
     if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
         fisher = [
             *restore,
+            *flatten,
             "labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # ∇_z ℓ(z, ŷ)",
-            "return scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v))",
+            "return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))"
+            + unflatten,
         ]
         fisher_method = ["def _loss_fisher_product(self, v, samples, generator):",
                          '    """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""',
@@ -72,7 +82,8 @@ def _loss_lines(graph, last):
         "def _loss_hessian_sum(self):",
         '    """S_z = Σ_n ∇²_{z_n} L: (C, C)."""',
         f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
-        f"    return self._loss_hessian_product(eye[:, None, :].expand({classes}, self.N, {classes})).sum(1)", "",
+        f"    basis = eye[:, None, :].expand({classes}, self.N, {classes}).reshape({classes}, self.N, {_shape_args(graph.nodes[last]['y_shape'])})",
+        f"    return self._loss_hessian_product(basis).sum(1).reshape({classes}, {classes})", "",
         *fisher_method,
     ]
     return lines, methods
@@ -166,7 +177,7 @@ def _block_product(graph, order, codes, param, method):
             *_product(graph, order, codes, {param}, "curvature", "self._loss_hessian_product({t})"),
             f"return out[{param!r}]"]
     doc = f"C_θθ v for θ = {param}: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"
-    return [f"def {method}(self, v, curvature):", f'    """{doc}"""', *_indent(body, 1), ""]
+    return [f"def {method}(self, v, curvature):", f'    """{doc_safe(doc)}"""', *_indent(body, 1), ""]
 
 
 _FULL_PRODUCTS = {
@@ -264,7 +275,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     loss_lines, loss_methods = _loss_lines(graph, last)
     uses = _parameter_uses(graph, order)
     buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
-    params = {param: graph.nodes[name]["param_shapes"][role] for param, ((name, role), *_) in uses.items()}
+    params = {param: shape for param, shape in graph.graph["architecture"].items() if param in uses}  # model order
     forward = [line for name in order for line in codes[name].forward]
     fb_body = [
         "self._check_input(x)", "N = self.N = x.shape[0]", "with torch.no_grad():",
@@ -292,7 +303,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         '"""',
     ]
     cls = [
-        f"PARAMETERS = {{{', '.join(f'{k!r}: {v!r}' for k, v in params.items())}}}",
+        f"PARAMETERS = {{{', '.join(f'{k!r}: {v!r}' for k, v in params.items())}}}  # the ones the loss depends on",
+        f"ARCHITECTURE = {{{', '.join(f'{k!r}: {v!r}' for k, v in graph.graph['architecture'].items())}}}",
         f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
         f"GRAPH_HASH = {digest!r}",
         "",
@@ -306,13 +318,13 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "def __init__(self, model):",
             '    """Bind to a model of the compiled architecture; names and shapes must match."""',
             "    found = {name: tuple(p.shape) for name, p in model.named_parameters()}",
-            "    if found != PARAMETERS:",
-            "        missing = sorted(set(PARAMETERS) - set(found))",
-            "        extra = sorted(set(found) - set(PARAMETERS))",
-            "        wrong = sorted(n for n in set(found) & set(PARAMETERS) if found[n] != PARAMETERS[n])",
+            "    if found != ARCHITECTURE:",
+            "        missing = sorted(set(ARCHITECTURE) - set(found))",
+            "        extra = sorted(set(found) - set(ARCHITECTURE))",
+            "        wrong = sorted(n for n in set(found) & set(ARCHITECTURE) if found[n] != ARCHITECTURE[n])",
             "        raise ValueError(",
             "            f\"model does not match the compiled architecture: missing {missing}, unexpected {extra}, \"",
-            "            f\"wrong shape {[(n, found[n], PARAMETERS[n]) for n in wrong]}; recompile with hbpc\"",
+            "            f\"wrong shape {[(n, found[n], ARCHITECTURE[n]) for n in wrong]}; recompile with hbpc\"",
             "        )",
             "    self.model = model",
             "    self.p = dict(model.named_parameters())",
@@ -325,7 +337,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "def _check_input(self, x):",
             "    if tuple(x.shape[1:]) != INPUT_SHAPE:",
             "        raise ValueError(f\"input has per-sample shape {tuple(x.shape[1:])}, expected {INPUT_SHAPE}\")",
-            "    dtype = next(iter(self.p.values())).dtype",
+            "    dtype = next(iter(self.p.values())).dtype if self.p else x.dtype",
             "    if x.dtype != dtype:",
             "        raise ValueError(f\"input dtype {x.dtype} differs from the parameters' {dtype}\")",
             "    if not torch.isfinite(x).all():",
@@ -336,7 +348,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "        raise RuntimeError(\"call forward_backward(x, target) before asking for curvature\")",
             "",
             "def _check_memory(self):",
-            f"    needed = {plan.hbp_entries} * next(iter(self.p.values())).element_size()",
+            f"    needed = {plan.hbp_entries} * self.loss_z.element_size()",
             "    if needed > self.memory_limit:",
             "        raise MemoryError(",
             f"            f\"blocks() needs {{needed / 2**30:.2f}} GiB for the curvature at {plan.hbp_largest}, more than \"",
@@ -366,5 +378,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         ], 1),
     ]
     prelude = PRELUDE.replace("import torch\n", "", 1).strip()
+    if any("patches_nd" in line or "transposed_patches" in line for line in cls):  # 3D conv / pool, conv_transpose
+        prelude += "\n\n\n" + PRELUDE_ND.strip()
     text = "\n".join([*header, "import torch", "", prelude, "", "", *cls])
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"

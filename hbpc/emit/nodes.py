@@ -53,8 +53,13 @@ def param_code(name: str) -> str:
     return f"self.p[{name!r}]"
 
 
+def doc_safe(text: str) -> str:
+    """Text that cannot end a docstring or start an escape, whatever parameter names it quotes."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
 def _method(signature: str, doc: str, body: list) -> list:
-    return [f"def {signature}:", f'    """{doc}"""', *("    " + line for line in body), ""]
+    return [f"def {signature}:", f'    """{doc_safe(doc)}"""', *("    " + line for line in body), ""]
 
 
 def _fmt(template: str, node, input_vars: list) -> str:
@@ -107,11 +112,24 @@ def selection_code(name, node, input_vars) -> NodeCode:
         return _multi_input_code(name, node, input_vars)
     jvp, vjp = _SELECTION_PRIMITIVES[rule.primitive]
     x_shape, y_shape = repr(node["x_shape"]), repr(node["y_shape"])
+    spatial = len(node["x_shape"]) - 1
+    flat = rule.primitive == "take" and spatial != 2
+    if flat:  # 1D or 3D: the selection on (C, 1, numel(spatial)), the recorded indices get a unit row axis
+        x_shape = repr((node["x_shape"][0], 1, prod(node["x_shape"][1:])))
+        view = "{t}" if spatial == 1 else f"{{t}}.flatten(-{spatial})"
+        as_2d = view + ".unsqueeze(-2)"
+        jvp = ("take_jvp(" + as_2d.format(t="v") + ", self.{n}_idx)"
+               + f".reshape(*v.shape[:-{spatial + 1}], *{node['y_shape']!r})")
+        vjp = ("take_vjp(" + as_2d.format(t="u") + ", self.{n}_idx, {x_shape})"
+               + f".reshape(*u.shape[:-{spatial + 1}], *{node['x_shape']!r})")
     values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
     code = NodeCode()
     forward = _fmt(rule.forward, node, input_vars)
     if rule.primitive == "take":
         code.forward = [f"a_{name}, self.{name}_idx = {forward}"]
+        if flat:
+            index = f"self.{name}_idx" if spatial == 1 else f"self.{name}_idx.flatten(-{spatial})"
+            code.forward.append(f"self.{name}_idx = {index}.unsqueeze(-2)")
         code.input_curvature = [f"take_input_curvature(S, self.{name}_idx, {x_shape}, average_input_jacobian)"]
         code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, self.{name}_idx, {x_shape})"
     else:
@@ -163,9 +181,43 @@ def _coeff(einsum, constants):
                             einsum.broadcast)
 
 
-def _patch_args(node):
+def _is_1d(node) -> bool:
+    """A one-dimensional conv/pool: run as its two-dimensional form on the input viewed as (C, 1, L)."""
+    return len(node["hyper"].get("kernel_size", (0, 0))) == 1
+
+
+def _is_3d(node) -> bool:
+    return len(node["hyper"].get("kernel_size", (0, 0))) == 3
+
+
+def _nd_args(node):
     h = node["hyper"]
-    return f"{h['kernel_size']!r}, {h['stride']!r}, {h['padding']!r}, {h.get('dilation', (1, 1))!r}"
+    return (f"{h['kernel_size']!r}, {h['stride']!r}, {h['padding']!r}, "
+            f"{h.get('dilation', (1,) * len(h['kernel_size']))!r}")
+
+
+def _transposed_args(node):
+    """Arguments of ``transposed_patches``; a 1D transposed convolution runs as the 2D one on (C, 1, L)."""
+    h = node["hyper"]
+    values = [h[key] for key in ("kernel_size", "stride", "padding", "output_padding", "dilation")]
+    if _is_1d(node):
+        values = [(unit, *value) for unit, value in zip((1, 1, 0, 0, 1), values)]
+    return ", ".join(map(repr, values))
+
+
+def _as_2d(node):
+    """(kernel_size, stride, padding, dilation, x_shape) of the node's two-dimensional form."""
+    h = node["hyper"]
+    if not _is_1d(node):
+        return h["kernel_size"], h["stride"], h["padding"], h.get("dilation", (1, 1)), node["x_shape"]
+    c, length = node["x_shape"]
+    dilation = h.get("dilation", (1,))
+    return ((1, *h["kernel_size"]), (1, *h["stride"]), (0, *h["padding"]), (1, *dilation), (c, 1, length))
+
+
+def _patch_args(node):
+    kernel_size, stride, padding, dilation, _ = _as_2d(node)
+    return f"{kernel_size!r}, {stride!r}, {padding!r}, {dilation!r}"
 
 
 def tangent_view(name, node) -> str:
@@ -185,7 +237,13 @@ def _rstd(node) -> str:
 def _input_view(node, views, tensor, tangent=False) -> str:
     """The input as the rule's ``X``; for the affine ``standardize`` view a tangent drops the shift."""
     view = node["rule"].input_view
+    if view == "transposed_patches":
+        tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
+        return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {_dims(views['X'])})"
+    if view == "patches" and _is_3d(node):
+        return f"patches_nd({tensor}, {_nd_args(node)}).reshape(*lead, {_dims(views['X'])})"
     if view == "patches":
+        tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
         return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {_dims(views['X'])})"
     if view == "standardize":
         flat = f"{tensor}.reshape(*lead, {_dims(views['X'])})"
@@ -197,11 +255,19 @@ def _input_view(node, views, tensor, tangent=False) -> str:
 def _input_view_adjoint(node, views, tensor) -> str:
     if node["rule"].input_view == "standardize":
         return f"({tensor} * {_rstd(node)}).reshape(*lead, {_dims(node['x_shape'])})"
+    if node["rule"].input_view == "transposed_patches":
+        flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
+        x_shape = _as_2d(node)[-1]
+        adjoint = f"transposed_patches_adjoint({flat}, {x_shape!r}, {_transposed_args(node)})"
+        return f"{adjoint}.reshape(*lead, {_dims(node['x_shape'])})" if _is_1d(node) else adjoint
+    if node["rule"].input_view == "patches" and _is_3d(node):
+        flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
+        return f"patches_nd_adjoint({flat}, {node['x_shape']!r}, {_nd_args(node)})"
     if node["rule"].input_view == "patches":
-        c, h, w = node["x_shape"]
-        k = node["hyper"]["kernel_size"]
-        flat = f"{tensor}.reshape(*lead, {c * k[0] * k[1]}, {views['X'][-1]})"
-        return f"patches_adjoint({flat}, {node['x_shape']!r}, {_patch_args(node)})"
+        k, _, _, _, x_shape = _as_2d(node)
+        flat = f"{tensor}.reshape(*lead, {x_shape[0] * k[0] * k[1]}, {views['X'][-1]})"
+        folded = f"patches_adjoint({flat}, {x_shape!r}, {_patch_args(node)})"
+        return f"{folded}.reshape(*lead, {_dims(node['x_shape'])})" if _is_1d(node) else folded
     return f"{tensor}.reshape(*lead, {_dims(node['x_shape'])})"
 
 
@@ -277,6 +343,21 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     return code
 
 
+def _is_gram(einsum) -> bool:
+    """Whether the factor is Σ_n X[n, i] X[n, j] (a Gram matrix over samples)."""
+    inputs, output = einsum.spec.replace("...", "").split("->")
+    first, second = inputs.split(",") if "," in inputs else ("", "")
+    return (einsum.operands == ("X", "X") and len(first) == len(second) == 2 and first[0] == second[0]
+            and output == first[1] + second[1])
+
+
+def _gram_root(a, b, full) -> list:
+    """Fewer samples than inputs (always so for x̄ x̄ᵀ): keep B's root X / sqrt(N) instead of B."""
+    return [f"if X.shape[0] < {b}:  # B = R Rᵀ has rank <= N",
+            f"    R = X.reshape(X.shape[0], {b}).T / X.shape[0] ** 0.5",
+            f"    return KroneckerGramBlock(A.reshape({a}, {a}), R, {full!r})"]
+
+
 def _block_method(name, node, role, param, block, views, shape, names) -> list:
     y_view = tuple(views["Y"])
     full = node["param_shapes"][role]
@@ -295,6 +376,7 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
             signature,
             f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
             [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
+             *(_gram_root(a, size // a, full) if _is_gram(b_factor) else []),
              f"B = {b_factor.code(names)} / X.shape[0]",
              f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
     return _method(

@@ -95,8 +95,9 @@ def reshape_to(t, old_shape, new_shape):
 
 
 def accumulate_grad(param, grad):
-    """param.grad += grad, as loss.backward() does."""
-    param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None)."""
+    if param.requires_grad:
+        param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
 
 
 def numel(shape):
@@ -256,6 +257,39 @@ class KroneckerBlock(Block):
         X = rhs.reshape(-1, self.A.shape[0], self.B.shape[0])
         rotated = Qa.T @ X @ Qb
         return (Qa @ (rotated / (la[:, None] * lb[None, :] + damping)) @ Qb.T).reshape(rhs.shape)
+
+
+class KroneckerGramBlock(KroneckerBlock):
+    """B_θ = A ⊗ R Rᵀ with a thin root R (b, r), r < b, as for the rank-one x̄ x̄ᵀ.
+
+    Products cost O(a² r + a b r) instead of O(a² b + a b²); ``solve`` needs only A's
+    eigendecomposition and R's thin SVD (B = U diag(s²) Uᵀ, zero on U's complement).
+    """
+
+    def __init__(self, A, R, param_shape):
+        Block.__init__(self, param_shape, A)
+        self.A, self.R = A, R
+
+    @property
+    def B(self):
+        return self.R @ self.R.T
+
+    @property
+    def kronecker_factors(self):
+        return self.A, self.B
+
+    def _matmat(self, V):
+        X = V.reshape(-1, self.A.shape[0], self.R.shape[0])
+        return (self.A @ (X @ self.R) @ self.R.T).reshape(V.shape)
+
+    @torch.no_grad()
+    def solve(self, rhs, damping):
+        la, Qa = torch.linalg.eigh(self.A)
+        U, s, _ = torch.linalg.svd(self.R, full_matrices=False)
+        X = rhs.reshape(-1, self.A.shape[0], self.R.shape[0])
+        XU = X @ U
+        inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
+        return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape)
 
 
 class OperatorBlock(Block):

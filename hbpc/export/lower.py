@@ -40,23 +40,38 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def _single(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _triple(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value, value)
+
+
 def _module_hyper(key, module):
     """Hyper-parameters of a module form, refusing options the rules do not cover."""
-    if key == "conv2d":
+    size = {"1d": _single, "3d": _triple}.get(key[-2:], _pair)
+    if key in ("conv2d", "conv1d", "conv3d"):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             raise ValueError("only numeric zero padding is supported (not padding='same'/'valid' or padding_mode)")
-        return {"kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride),
-                "padding": _pair(module.padding), "dilation": _pair(module.dilation), "groups": module.groups}
-    if key == "max_pool2d":
+        return {"kernel_size": size(module.kernel_size), "stride": size(module.stride),
+                "padding": size(module.padding), "dilation": size(module.dilation), "groups": module.groups}
+    if key in ("conv_transpose2d", "conv_transpose1d", "conv_transpose3d"):
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError("only numeric zero padding is supported (not padding_mode)")
+        return {"kernel_size": size(module.kernel_size), "stride": size(module.stride),
+                "padding": size(module.padding), "output_padding": size(module.output_padding),
+                "dilation": size(module.dilation), "groups": module.groups}
+    if key in ("max_pool2d", "max_pool1d", "max_pool3d"):
         if module.ceil_mode or module.return_indices:
             raise ValueError("ceil_mode=True and return_indices=True are not supported")
-        return {"kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride or module.kernel_size),
-                "padding": _pair(module.padding), "dilation": _pair(module.dilation)}
-    if key == "avg_pool2d":
-        if module.ceil_mode or not module.count_include_pad or module.divisor_override:
+        return {"kernel_size": size(module.kernel_size), "stride": size(module.stride or module.kernel_size),
+                "padding": size(module.padding), "dilation": size(module.dilation)}
+    if key in ("avg_pool2d", "avg_pool1d", "avg_pool3d"):
+        if module.ceil_mode or not module.count_include_pad or getattr(module, "divisor_override", None):
             raise ValueError("only ceil_mode=False, count_include_pad=True, divisor_override=None are supported")
-        return {"kernel_size": _pair(module.kernel_size), "stride": _pair(module.stride or module.kernel_size),
-                "padding": _pair(module.padding)}
+        return {"kernel_size": size(module.kernel_size), "stride": size(module.stride or module.kernel_size),
+                "padding": size(module.padding)}
     if key == "pad":
         return {"padding": tuple(module.padding)}
     if key == "batch_norm":
@@ -88,14 +103,35 @@ def _adaptive_as_avg_pool(node, module, x_shape):
 _FUNCTIONAL_ARGS = {
     "linear": ("input", "weight", "bias"),
     "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv3d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose2d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "conv_transpose3d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "conv_transpose1d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
     "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "max_pool1d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "max_pool3d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     "avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    "avg_pool1d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    "avg_pool3d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
     "pad": ("input", "padding", "mode", "value"),
 }
 _FUNCTIONAL_DEFAULTS = {
     "conv2d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
+    "conv1d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
+    "conv3d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
+    "conv_transpose2d": dict(bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                             padding_mode="zeros"),
+    "conv_transpose3d": dict(bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                             padding_mode="zeros"),
+    "conv_transpose1d": dict(bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                             padding_mode="zeros"),
     "max_pool2d": dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False),
+    "max_pool1d": dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False),
+    "max_pool3d": dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False),
     "avg_pool2d": dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
+    "avg_pool1d": dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True),
+    "avg_pool3d": dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
     "pad": dict(mode="constant", value=None),
     "linear": dict(bias=None),
 }
@@ -113,8 +149,11 @@ def _functional_call(key, node, module):
         if isinstance(arg, fx.Node):
             if arg.op != "get_attr":
                 raise ValueError(f"the {role} must be a parameter of the model")
-            params[role], shapes[role] = arg.target, tuple(module.get_parameter(arg.target).shape)
-    if key == "conv2d":
+            try:
+                params[role], shapes[role] = arg.target, tuple(module.get_parameter(arg.target).shape)
+            except AttributeError:
+                raise ValueError(f"the {role} `{arg.target}` is not a parameter (a buffer or constant)") from None
+    if key.startswith("conv"):
         bound["kernel_size"] = shapes["weight"][2:]
     attrs = SimpleNamespace(**{k: v for k, v in bound.items() if not isinstance(v, fx.Node)})
     return _module_hyper(key, attrs), params, shapes
@@ -207,21 +246,42 @@ def _trace(model, example_input):
     tracer = _SourceTracer()
     try:
         graph = tracer.trace(model)
+        module = fx.GraphModule(tracer.root, graph)
     except Exception as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise HbpcError(f"torch.fx could not trace the model: {type(error).__name__}: {message}",
-                        type(model).__name__ + ".forward",
-                        "remove data-dependent Python control flow from forward (if/for on tensor values)") from None
-    module = fx.GraphModule(tracer.root, graph)
+        cause = _root_cause(error)
+        raise HbpcError(f"torch.fx could not trace the model: {type(cause).__name__}: {_first_line(cause)}",
+                        _user_location(error, model),
+                        "make forward traceable: no Python control flow on tensor values, module names that are "
+                        "valid Python identifiers, and no errors on example_input") from None
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(module).propagate(example_input)
     except Exception as error:
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise HbpcError(f"the model's forward pass failed on example_input: {type(error).__name__}: {message}",
-                        type(model).__name__ + ".forward",
+        cause = _root_cause(error)
+        raise HbpcError(f"the model's forward pass failed on example_input: {type(cause).__name__}: "
+                        f"{_first_line(cause)}", _user_location(error, model),
                         "check example_input's shape (batch first) and dtype against the model") from None
     return module
+
+
+def _root_cause(error):
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _first_line(error) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _user_location(error, model) -> str:
+    """The deepest ``file:line`` of the traceback outside torch and hbpc, else ``Model.forward``."""
+    import traceback
+
+    frames = [f for e in (error, _root_cause(error)) for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and not f.filename.startswith(_HBPC_DIR) and not f.filename.startswith("<")]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else type(model).__name__ + ".forward"
 
 
 def _supported_list() -> str:
@@ -362,6 +422,8 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
 
 
 def _check_single_output(ir_nodes, output):
+    if not ir_nodes:
+        raise HbpcError("the model has no ops", "the model's forward", "compile a model with at least one layer")
     used = {i for n in ir_nodes for i in n["inputs"]}
     dangling = [n["name"] for n in ir_nodes if n["name"] not in used and n["name"] != output]
     if dangling or ir_nodes[-1]["name"] != output:
@@ -425,7 +487,9 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
         ir_nodes = _absorb_log_softmax(ir_nodes, module)
     if not ir_nodes:
         raise HbpcError("the model has no ops", type(model).__name__, "compile a model with at least one layer")
+    architecture = {name: tuple(p.shape) for name, p in model.named_parameters()}
     graph = nx.DiGraph(input_shape=tuple(example_input.shape[1:]), loss=loss_rule.key, loss_rule=loss_rule,
+                       architecture=architecture,
                        reduction=reduction, loss_hyper=loss_hyper, order=[n["name"] for n in ir_nodes], model=type(model).__name__)
     for attrs in ir_nodes:
         graph.add_node(attrs["name"], **attrs)
