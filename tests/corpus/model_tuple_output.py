@@ -1,0 +1,20 @@
+# forward returns a tuple; the loss needs one tensor.
+# expect: the model must return a single tensor
+# expect: M.forward
+# xfail: the message has no location, and its fix lists the supported ops instead of saying "return one tensor"
+import torch
+from torch import nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, torch.sigmoid(y)
+
+
+model = M()
+example_input = torch.zeros(2, 3)

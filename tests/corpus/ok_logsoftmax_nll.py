@@ -1,0 +1,10 @@
+# LogSoftmax + NLLLoss is cross-entropy.
+# outcome: compiles
+# ggn: logits
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(dim=1))
+example_input = torch.randn(3, 3)
+loss_fn = nn.NLLLoss(reduction="sum")
