@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 FASHION = /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo fashion-mnist clean golden
+.PHONY: install test demo fashion-mnist clean golden fuzz bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,28 @@ fashion-mnist:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1) || \
 	  echo "note: could not install dataset-fashion-mnist; the demo uses sklearn digits instead"
 
+# Tutorial 2 (sigmoid FCNN, HBP Newton-CG vs SGD and Adam): out/demo/curves.png and curves.csv.
 demo: install fashion-mnist
-	$(VENV)/bin/hbpc compile examples/models/fcnn_fashion_mnist.py -o examples/generated/fcnn_fashion_mnist.py
-	$(PY) examples/02_sequential.py --steps 300 --out out/demo
+	mkdir -p out/demo
+	$(VENV)/bin/hbpc compile examples/models/fcnn_fashion_mnist.py -o out/demo/curv_fcnn.py
+	$(PY) examples/02_sequential.py --compiled out/demo/curv_fcnn.py --steps 300 --out out/demo
 
 golden: install
 	$(PY) -m pytest tests/test_golden.py --update-golden
+
+# The long architecture-fuzzing profile (`make test` runs 20 models); FUZZ_SEED=n draws a different sequence.
+FUZZ_EXAMPLES ?= 500
+fuzz: install
+	HBPC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(if $(FUZZ_SEED),HBPC_FUZZ_SEED=$(FUZZ_SEED)) \
+	  $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-show-statistics
+
+# Benchmarks against BackPACK, curvlinops and torch.func (~15 min): prints and writes bench/RESULTS.md.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml bench/install.py
+	$(PY) bench/install.py
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

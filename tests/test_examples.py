@@ -1,0 +1,80 @@
+"""Smoke tests of the two tutorials: a few steps on tiny data, then the CSV, PNG and printed summary."""
+
+import csv
+import importlib.util
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+OPTIMIZERS = 3  # Newton-CG, SGD, Adam
+STEPS = 3
+
+
+def load(name: str):
+    """Import ``examples/<name>.py`` (the file names start with digits, so not importable by name)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def examples_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """A uint8 IDX file: magic 00 00 08 ndim, the sizes as big-endian uint32, then the bytes."""
+    path.write_bytes(struct.pack(f">BBBB{array.ndim}I", 0, 0, 8, array.ndim, *array.shape) + array.tobytes())
+
+
+def fake_fashion_mnist(folder: Path) -> Path:
+    """Random 28x28 images in Fashion-MNIST's file layout: 256 for training, 64 for testing."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 256), ("t10k", 64)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+    return folder
+
+
+def check_outputs(out: Path, printed: str) -> None:
+    """The curves of three optimizers in CSV and PNG, and one final accuracy per optimizer printed."""
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "curves.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    names = list(dict.fromkeys(row["optimizer"] for row in rows))
+    assert len(names) == OPTIMIZERS and names[0].startswith("Newton-CG")
+    for name in names:
+        steps = [int(row["step"]) for row in rows if row["optimizer"] == name]
+        assert steps == [0, 2, STEPS]
+    summary = printed[printed.index("final test accuracy:"):].splitlines()[1:]
+    assert [line.split("  ")[1].strip() for line in summary] == names
+    assert all(re.search(r"  [01]\.\d{4}  \(test loss", line) for line in summary)
+
+
+def run(example, data_dir: Path, out: Path, *extra) -> None:
+    example.main(["--data-dir", str(data_dir), "--steps", str(STEPS), "--eval-every", "2", "--batch-size", "64",
+                  "--out", str(out), *extra])
+
+
+def test_single_layer_compiles_and_trains(examples_on_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(load("01_single_layer"), fake_fashion_mnist(tmp_path / "fashion"), out)
+    printed = capsys.readouterr().out
+    check_outputs(out, printed)
+    assert (out / "curv_logreg.py").is_file()
+    assert "falling back" not in printed
+
+
+def test_sequential_falls_back_to_digits(examples_on_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    compiled = EXAMPLES / "generated" / "fcnn_fashion_mnist.py"
+    run(load("02_sequential"), tmp_path / "missing", out, "--compiled", str(compiled))
+    printed = capsys.readouterr().out
+    check_outputs(out, printed)
+    assert "Fashion-MNIST not found" in printed and "falling back to scikit-learn's 8x8 digits" in printed
