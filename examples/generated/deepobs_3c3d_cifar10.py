@@ -342,9 +342,15 @@ def as_vectors(vs, shapes):
     return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
 
 
-def from_vectors(out, shapes, single):
-    """Inverse of ``as_vectors``: a list in parameter order."""
-    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+def from_vectors(out, v, single):
+    """Inverse of ``as_vectors``: a list in parameter order; parameters the loss ignores get zeros."""
+    full = [out[name] if name in out else torch.zeros_like(v[name]) for name in v]
+    return [t.squeeze(0) if single else t for t in full]
+
+
+def zero_product(v, curvature):
+    """The curvature block of a parameter the loss does not depend on."""
+    return torch.zeros_like(v)
 
 
 class SumBlock(Block):
@@ -593,7 +599,8 @@ class Curvature:
         del S_sigmoid1
         blocks['0.weight'] = self._conv2d0_weight_block(S_conv2d0, average_parameter_jacobian)
         blocks['0.bias'] = self._conv2d0_bias_block(S_conv2d0, average_parameter_jacobian)
-        return {name: blocks[name] for name in PARAMETERS}
+        return {name: blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z)  # unused: 0
+        for name, shape in PARAMETERS.items()}
 
     def block_products(self, curvature="ggn"):
         """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v."""
@@ -956,7 +963,7 @@ class Curvature:
         out['4.bias'] = self._conv2d4_bias_vjp(u_conv2d4, self.conv2d4_X)
         out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
         out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
-        return from_vectors(out, PARAMETERS, single)
+        return from_vectors(out, v, single)
 
     @torch.no_grad()
     def hessian_vector_product(self, vs):
@@ -1014,7 +1021,7 @@ class Curvature:
         out['4.bias'] = self._conv2d4_bias_vjp(u_conv2d4, self.conv2d4_X)
         out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
         out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
-        return from_vectors(out, PARAMETERS, single)
+        return from_vectors(out, v, single)
 
     @torch.no_grad()
     def fisher_mc_vector_product(self, vs, samples=1, generator=None):
@@ -1072,7 +1079,7 @@ class Curvature:
         out['4.bias'] = self._conv2d4_bias_vjp(u_conv2d4, self.conv2d4_X)
         out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
         out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
-        return from_vectors(out, PARAMETERS, single)
+        return from_vectors(out, v, single)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""

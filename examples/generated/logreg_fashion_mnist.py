@@ -325,9 +325,15 @@ def as_vectors(vs, shapes):
     return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
 
 
-def from_vectors(out, shapes, single):
-    """Inverse of ``as_vectors``: a list in parameter order."""
-    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+def from_vectors(out, v, single):
+    """Inverse of ``as_vectors``: a list in parameter order; parameters the loss ignores get zeros."""
+    full = [out[name] if name in out else torch.zeros_like(v[name]) for name in v]
+    return [t.squeeze(0) if single else t for t in full]
+
+
+def zero_product(v, curvature):
+    """The curvature block of a parameter the loss does not depend on."""
+    return torch.zeros_like(v)
 
 
 class SumBlock(Block):
@@ -447,7 +453,8 @@ class Curvature:
         S_linear1 = self._loss_hessian_sum()
         blocks['1.weight'] = self._linear1_weight_block(S_linear1, average_parameter_jacobian)
         blocks['1.bias'] = self._linear1_bias_block(S_linear1, average_parameter_jacobian)
-        return {name: blocks[name] for name in PARAMETERS}
+        return {name: blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z)  # unused: 0
+        for name, shape in PARAMETERS.items()}
 
     def block_products(self, curvature="ggn"):
         """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v."""
@@ -486,7 +493,7 @@ class Curvature:
         u_linear1 = self._loss_hessian_product(t_linear1)
         out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
         out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
-        return from_vectors(out, PARAMETERS, single)
+        return from_vectors(out, v, single)
 
     @torch.no_grad()
     def hessian_vector_product(self, vs):
@@ -498,7 +505,7 @@ class Curvature:
         u_linear1 = self._loss_hessian_product(t_linear1)
         out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
         out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
-        return from_vectors(out, PARAMETERS, single)
+        return from_vectors(out, v, single)
 
     @torch.no_grad()
     def fisher_mc_vector_product(self, vs, samples=1, generator=None):
@@ -510,7 +517,7 @@ class Curvature:
         u_linear1 = self._loss_fisher_product(t_linear1, samples, generator)
         out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
         out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
-        return from_vectors(out, PARAMETERS, single)
+        return from_vectors(out, v, single)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""

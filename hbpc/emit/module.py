@@ -197,7 +197,7 @@ def _full_product(graph, order, codes, kind):
     active = set(_parameter_uses(graph, order))
     body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS)",
             *_product(graph, order, codes, active, second_order, loss_product),
-            "return from_vectors(out, PARAMETERS, single)"]
+            "return from_vectors(out, v, single)"]
     return ["@torch.no_grad()", f"def {signature}:", f'    """{doc}; vs is a list shaped like the parameters,'
             ' optionally with a leading V."""', *_indent(body, 1), ""]
 
@@ -257,7 +257,8 @@ def _blocks_method(graph, order, codes, plan):
         dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
         body.append("del " + ", ".join(v for v in dead if v in defined))
         defined -= set(dead)
-    body.append("return {name: blocks[name] for name in PARAMETERS}")
+    body.append("return {name: blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z)  # unused: 0"
+                "\n        for name, shape in PARAMETERS.items()}")
     doc = ("HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.\n\n"
            "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n);\n"
            "        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ]. Where the graph branches,\n"
@@ -275,7 +276,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     loss_lines, loss_methods = _loss_lines(graph, last)
     uses = _parameter_uses(graph, order)
     buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
-    params = {param: shape for param, shape in graph.graph["architecture"].items() if param in uses}  # model order
+    params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
     fb_body = [
         "self._check_input(x)", "N = self.N = x.shape[0]", "with torch.no_grad():",
@@ -284,7 +285,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     ]
     methods = {param: f"_block_product_{name}_{role}" for param, ((name, role), *_) in uses.items()}
     products = [line for param, method in methods.items() for line in _block_product(graph, order, codes, param, method)]
-    product_map = ", ".join(f"{param!r}: self.{method}" for param, method in methods.items())
+    product_map = ", ".join(f"{param!r}: self.{methods[param]}" if param in methods else f"{param!r}: zero_product"
+                            for param in params)
     graph_doc = "\n".join(f"    a_{n} = {graph.nodes[n]['op']}({', '.join(_input_vars(graph, n))})    "
                           f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
                           for n in order)

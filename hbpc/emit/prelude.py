@@ -312,9 +312,15 @@ def as_vectors(vs, shapes):
     return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
 
 
-def from_vectors(out, shapes, single):
-    """Inverse of ``as_vectors``: a list in parameter order."""
-    return [out[name].squeeze(0) if single else out[name] for name in shapes]
+def from_vectors(out, v, single):
+    """Inverse of ``as_vectors``: a list in parameter order; parameters the loss ignores get zeros."""
+    full = [out[name] if name in out else torch.zeros_like(v[name]) for name in v]
+    return [t.squeeze(0) if single else t for t in full]
+
+
+def zero_product(v, curvature):
+    """The curvature block of a parameter the loss does not depend on."""
+    return torch.zeros_like(v)
 
 
 class SumBlock(Block):

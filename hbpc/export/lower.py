@@ -73,6 +73,8 @@ def _module_hyper(key, module):
         return {"kernel_size": size(module.kernel_size), "stride": size(module.stride or module.kernel_size),
                 "padding": size(module.padding)}
     if key == "pad":
+        if any(p < 0 for p in module.padding):
+            raise ValueError("negative padding (cropping) is not supported")
         return {"padding": tuple(module.padding)}
     if key == "batch_norm":
         if module.training:
@@ -152,7 +154,8 @@ def _functional_call(key, node, module):
             try:
                 params[role], shapes[role] = arg.target, tuple(module.get_parameter(arg.target).shape)
             except AttributeError:
-                raise ValueError(f"the {role} `{arg.target}` is not a parameter (a buffer or constant)") from None
+                raise ValueError(f"the {role} must be a parameter of the model (`{arg.target}` is a buffer or "
+                                 "constant)") from None
     if key.startswith("conv"):
         bound["kernel_size"] = shapes["weight"][2:]
     attrs = SimpleNamespace(**{k: v for k, v in bound.items() if not isinstance(v, fx.Node)})
@@ -364,6 +367,9 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
             hyper = {**hyper, "buffers": buffers}
     elif rule.key in _FUNCTIONAL_ARGS:
         hyper, params, param_shapes = _functional_call(rule.key, node, module)
+    if rule.key == "linear" and len(tensor_args[0].meta["tensor_meta"].shape) != 2:
+        shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
+        raise ValueError(f"linear needs inputs of shape (N, features), got {shape}; flatten the input first")
     arity = len(tensor_args)
     if rule.key == "add" and (arity != 2 or tensor_args[0].meta["tensor_meta"].shape
                               != tensor_args[1].meta["tensor_meta"].shape):

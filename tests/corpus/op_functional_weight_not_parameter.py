@@ -1,7 +1,6 @@
 # F.linear with a buffer as weight: a constant, not a parameter.
 # expect: the weight must be a parameter of the model
 # expect: {here}
-# xfail: a bare AttributeError ("`weight` is not an nn.Parameter", from module.get_parameter in _functional_call) escapes as a traceback
 import torch
 import torch.nn.functional as F
 from torch import nn

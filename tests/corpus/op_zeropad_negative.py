@@ -1,7 +1,6 @@
 # ZeroPad2d with negative padding crops the image.
 # expect: negative padding
 # expect: self.1
-# xfail: compiles, and the generated forward_backward then fails (a shape error in the pad Jacobian)
 import torch
 from torch import nn
 
