@@ -249,7 +249,7 @@ def _trace(model, example_input):
     tracer = _SourceTracer()
     try:
         graph = tracer.trace(model)
-        module = fx.GraphModule(tracer.root, graph)
+        module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:
         cause = _root_cause(error)
         raise HbpcError(f"torch.fx could not trace the model: {type(cause).__name__}: {_first_line(cause)}",
@@ -420,7 +420,11 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
                              x_shape=tuple(tensor_args[0].meta["tensor_meta"].shape[1:]), y_shape=tuple(meta.shape[1:]),
                              params=params, param_shapes=param_shapes, source=_source(node), fx_name=node.name))
     output = next(n for n in module.graph.nodes if n.op == "output").args[0]
-    if not problems and (not isinstance(output, fx.Node) or output not in names):
+    if not isinstance(output, fx.Node):
+        raise HbpcError(f"the model must return a single tensor, not a {type(output).__name__}",
+                        f"{type(module).__name__}.forward",
+                        "return one tensor (the logits) from forward")
+    if not problems and output not in names:
         problems.append("the model must return a single tensor computed by supported ops")
     elif not problems and not absorb_log_softmax:
         _check_single_output(ir_nodes, names[output])

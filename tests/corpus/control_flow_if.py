@@ -1,8 +1,7 @@
 # Data-dependent control flow cannot be traced.
 # expect: torch.fx could not trace the model
-# expect: data-dependent Python control flow
+# expect: no Python control flow on tensor values
 # expect: {here}
-# xfail: trace errors name only `M.forward`, not the file:line of the data-dependent branch
 import torch
 from torch import nn
 

@@ -1,7 +1,6 @@
 # forward returns a tuple; the loss needs one tensor.
 # expect: the model must return a single tensor
 # expect: M.forward
-# xfail: the message has no location, and its fix lists the supported ops instead of saying "return one tensor"
 import torch
 from torch import nn
 
