@@ -538,7 +538,9 @@ class Curvature:
         lse = self.loss_lse
         softmax = self.loss_softmax
         labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
-        s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # ∇_z ℓ(z, ŷ)
+        t = torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # (N, S, C) sampled targets
+        softmax = softmax[:, None, :]
+        s = softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
         return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))
 
     def _reshape0_jvp(self, v):

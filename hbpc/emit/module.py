@@ -67,7 +67,11 @@ def _loss_lines(graph, last):
             *restore,
             *flatten,
             "labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)",
-            f"s = softmax[:, None, :] - torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # ∇_z ℓ(z, ŷ)",
+            f"t = torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # (N, S, C) sampled targets",
+            *[f"{name} = {name}[:, None, :]" for name in ("z", *derivation.intermediates)
+              if re.search(rf"\b{name}\b", exprs["grad"])],
+            *_needed(shared, exprs["grad"]),
+            f"s = {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
             "return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))"
             + unflatten,
         ]
