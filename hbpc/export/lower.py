@@ -256,15 +256,30 @@ def _trace(model, example_input):
                         _user_location(error, model),
                         "make forward traceable: no Python control flow on tensor values, module names that are "
                         "valid Python identifiers, and no errors on example_input") from None
+    inputs = [node.name for node in module.graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        raise HbpcError(f"the model's forward pass failed on example_input: forward takes the inputs "
+                        f"({', '.join(inputs)}), example_input is one tensor", f"{type(model).__name__}.forward",
+                        "compile a model whose forward takes one tensor (wrap the others into the model)")
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(module).propagate(example_input)
     except Exception as error:
         cause = _root_cause(error)
         raise HbpcError(f"the model's forward pass failed on example_input: {type(cause).__name__}: "
-                        f"{_first_line(cause)}", _user_location(error, model),
+                        f"{_first_line(cause)}", _failing_node(error, module) or _user_location(error, model),
                         "check example_input's shape (batch first) and dtype against the model") from None
     return module
+
+
+def _failing_node(error, module):
+    """``node `_0` (module self.0)`` for the node ShapeProp was running when it failed, if it says."""
+    match = re.search(r"node=%?(\w+)", str(error))
+    nodes = {node.name: node for node in module.graph.nodes}
+    if match is None or match.group(1) not in nodes:
+        return None
+    node = nodes[match.group(1)]
+    return f"node `{node.name}` at {_source(node)}"
 
 
 def _root_cause(error):

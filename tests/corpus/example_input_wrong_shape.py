@@ -2,7 +2,6 @@
 # expect: the model's forward pass failed on example_input: RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x5 and 3x4)
 # expect: self.0
 # expect: check example_input's shape (batch first) and dtype against the model
-# xfail: the message is the last line of torch's ShapeProp wrapper ("Use tlparse to see full graph. (https://...)"), not the cause, and where is only `Sequential.forward`
 import torch
 from torch import nn
 
