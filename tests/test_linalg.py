@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.sparse.linalg import LinearOperator
-from torch.func import functional_call, jacrev
 
 from conftest import compiled
 from hbpc.linalg import (
@@ -28,6 +27,7 @@ from hbpc.linalg import (
 )
 from models import SETTINGS
 from reference import hbp_blocks, recursion_blocks
+from test_full_products import _true_ggn, _true_hessian
 
 BY_ID = {setting.id: setting for setting in SETTINGS}
 CE, MSE = "linear-sigmoid-linear_ce-mean", "linear-tanh-linear_mse-sum"
@@ -44,32 +44,9 @@ def bound(setting_id, N=3):
     return setting, model, x, t, curvature
 
 
-def true_hessian(model, loss_fn, x, t):
-    """``∇²L`` on the flattened parameters, ``(n, n)``."""
-    names, shapes = zip(*[(name, p.shape) for name, p in model.named_parameters()])
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def loss(theta):
-        pieces = torch.split(theta, [s.numel() for s in shapes])
-        params = {name: piece.reshape(s) for name, piece, s in zip(names, pieces, shapes)}
-        return loss_fn(functional_call(model, params, (x,)), t)
-
-    return torch.autograd.functional.hessian(loss, flat)
-
-
-def true_ggn(model, loss_fn, x, t):
-    """``Jᵀ ∇²_z L J`` on the flattened parameters, ``(n, n)``."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    z = model(x).detach()
-    jac = jacrev(lambda ps: functional_call(model, ps, (x,)))(params)
-    J = torch.cat([jac[name].reshape(z.numel(), -1) for name in params], dim=1)
-    Hz = torch.autograd.functional.hessian(lambda out: loss_fn(out.reshape(z.shape), t), z.flatten())
-    return J.T @ Hz @ J
-
-
 def dense(mode, setting, x, t):
     """The dense full ``mode`` (``"ggn"`` or ``"hessian"``) matrix of a fresh copy of the model."""
-    reference = true_ggn if mode == "ggn" else true_hessian
+    reference = _true_ggn if mode == "ggn" else _true_hessian
     return reference(setting.build(), setting.loss_fn(), x, t)
 
 
