@@ -20,6 +20,15 @@ def _flat_loss(model, loss_fn, x, t):
     return loss, flat, names, shapes
 
 
+def parameter_slices(model):
+    """``{name: slice}`` of each parameter in the flattened parameter vector (model order)."""
+    slices, start = {}, 0
+    for name, p in model.named_parameters():
+        slices[name] = slice(start, start + p.numel())
+        start += p.numel()
+    return slices
+
+
 def _true_hessian(model, loss_fn, x, t):
     loss, flat, _, _ = _flat_loss(model, loss_fn, x, t)
     return torch.autograd.functional.hessian(loss, flat)

@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hbpc
-from test_full_products import _true_ggn, _true_hessian
+from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
 
 class Residual(nn.Module):
@@ -82,14 +82,6 @@ def _setup(key, loss_key, N):
     return model, x, t, loss_fn, curvature
 
 
-def _slices(model):
-    offsets, start = {}, 0
-    for name, p in model.named_parameters():
-        offsets[name] = slice(start, start + p.numel())
-        start += p.numel()
-    return offsets
-
-
 @pytest.mark.parametrize("loss_key", LOSSES)
 @pytest.mark.parametrize("key", MODELS)
 def test_gradient_and_products_are_exact_on_graphs(key, loss_key):
@@ -99,7 +91,7 @@ def test_gradient_and_products_are_exact_on_graphs(key, loss_key):
     H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
     for curvature_name, truth in (("hessian", H), ("ggn", G)):
         products = curvature.block_products(curvature_name)
-        for name, where in _slices(model).items():
+        for name, where in parameter_slices(model).items():
             p = dict(model.named_parameters())[name]
             basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
             block = products[name](basis).reshape(p.numel(), -1)
@@ -119,7 +111,7 @@ def test_hbp_blocks_are_exact_at_batch_size_one_on_graphs(key, flags):
     H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
     for curvature_name, truth in (("hessian", H), ("ggn", G)):
         blocks = curvature.blocks(curvature_name, *flags)
-        for name, where in _slices(model).items():
+        for name, where in parameter_slices(model).items():
             assert torch.allclose(blocks[name].to_dense(), truth[where, where], atol=1e-10), (curvature_name, name)
 
 
@@ -127,7 +119,7 @@ def test_tied_weights_sum_the_per_use_blocks():
     model, x, t, loss_fn, curvature = _setup("tied", "ce-mean", 1)
     G = _true_ggn(model, loss_fn, x, t)
     blocks = curvature.blocks("ggn")
-    where = _slices(model)["shared.weight"]
+    where = parameter_slices(model)["shared.weight"]
     dense = blocks["shared.weight"].to_dense()
     assert type(blocks["shared.weight"]).__name__ == "SumBlock"
     assert torch.allclose(dense, dense.T)
@@ -192,10 +184,8 @@ def test_eval_mode_batch_norm_is_exact(dims):
         assert torch.allclose(torch.cat([o.flatten() for o in product(vs)]), truth @ flat, atol=1e-10)
     curvature.forward_backward(x[:1], t[:1])
     H1 = _true_hessian(model, loss_fn, x[:1], t[:1])
-    blocks, start = curvature.blocks("hessian", False, False), 0
-    for name, p in model.named_parameters():
-        where = slice(start, start + p.numel())
-        start += p.numel()
+    blocks = curvature.blocks("hessian", False, False)
+    for name, where in parameter_slices(model).items():
         assert torch.allclose(blocks[name].to_dense(), H1[where, where], atol=1e-10), name
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import hbpc
-from test_full_products import _true_ggn, _true_hessian
+from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
 LOSSES = {
     "ce-mean": (nn.CrossEntropyLoss(), "class"), "ce-sum": (nn.CrossEntropyLoss(reduction="sum"), "class"),
@@ -53,10 +53,9 @@ def test_loss_gradient_and_curvature_are_exact(key):
     flat = torch.cat([v.reshape(3, -1) for v in vs], 1)
     for product, truth in ((curvature.hessian_vector_product, H), (curvature.ggn_vector_product, G)):
         assert torch.allclose(torch.cat([o.reshape(3, -1) for o in product(vs)], 1), flat @ truth.T, atol=1e-10)
-    start = 0
-    for name, p in model.named_parameters():
-        where = slice(start, start + p.numel())
-        start += p.numel()
+    params = dict(model.named_parameters())
+    for name, where in parameter_slices(model).items():
+        p = params[name]
         basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
         block = curvature.block_products("hessian")[name](basis).reshape(p.numel(), -1)
         assert torch.allclose(block, H[where, where], atol=1e-10), name
@@ -67,10 +66,8 @@ def test_hbp_blocks_are_exact_at_batch_size_one(key):
     model, x, t, loss_fn, curvature = _setup(key, 1)
     curvature.forward_backward(x, t)
     H = _true_hessian(model, loss_fn, x, t)
-    blocks, start = curvature.blocks("hessian"), 0
-    for name, p in model.named_parameters():
-        where = slice(start, start + p.numel())
-        start += p.numel()
+    blocks = curvature.blocks("hessian")
+    for name, where in parameter_slices(model).items():
         assert torch.allclose(blocks[name].to_dense(), H[where, where], atol=1e-10), name
 
 

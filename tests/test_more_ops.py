@@ -6,7 +6,7 @@ from torch import nn
 
 import hbpc
 from reference import hbp_blocks, recursion_blocks
-from test_full_products import _true_ggn, _true_hessian
+from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
 
 class Functional1d(nn.Module):
@@ -128,11 +128,7 @@ def _setup(key, loss_key, N):
 
 
 def _blocks_of(matrix, model):
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = matrix[start:start + p.numel(), start:start + p.numel()]
-        start += p.numel()
-    return out
+    return {name: matrix[where, where] for name, where in parameter_slices(model).items()}
 
 
 @pytest.mark.parametrize("loss_key", list(LOSSES))
