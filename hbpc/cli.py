@@ -82,7 +82,7 @@ def _show(expr, latex):
 def describe_rule(rule, latex=False) -> str:
     """Forward expression, derived derivatives and emitted torch code of one rule."""
     from hbpc.derive import derive
-    from hbpc.rules.spec import Elementwise, Loss, Selection, Structured
+    from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structured
 
     derivation = derive(rule)
     lines = [f"{rule.key}  ({type(rule).__name__.lower()})"]
@@ -104,6 +104,17 @@ def describe_rule(rule, latex=False) -> str:
                       f"  linear: {tensor.linear} (∂²Y/∂{name}² = 0)   sample-dependent Jacobian: {tensor.sample_dependent}"]
             if tensor.block is not None:
                 lines.append(f"  HBP block: {tensor.block.kind}")
+    elif isinstance(rule, Normalization):
+        defaults = f"   defaults: {rule.hyper}" if rule.hyper else ""
+        lines.append(f"forward   y = {_show(rule.phi, latex)}   (torch: {rule.forward}){defaults}")
+        lines += [f"          {_show(sp.Eq(s, definition), latex)}   (over the normalized entries of a sample)"
+                  for s, definition in rule.statistics]
+        for which, name in (("jvp", "J v"), ("vjp", "Jᵀ u"), ("residual", "R t")):
+            shared, code = derivation.code(which, rule.hyper)
+            lines += [f"{name:<10}{_show(getattr(derivation, which), latex)}",
+                      *(f"  code    {line}" for line in shared), f"  code    {code}"]
+        lines += ["R t       is the residual product, R = Σ_i g_i ∂²y_i/∂x² with g the gradient at the output",
+                  f"weight and bias: the structured rules {', '.join(dict.fromkeys(rule.affine.values()))}"]
     elif isinstance(rule, Loss):
         shared, code = derivation.code()
         lines += [f"ℓ(z, t)   {_show(rule.ell, latex)}", f"∂ℓ/∂z     {_show(derivation.grad, latex)}",

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 from .elementwise import ELEMENTWISE
 from .losses import LOSSES
+from .normalization import AFFINE, NORMALIZATIONS
 from .structured import SELECTIONS, STRUCTURED
 
 
@@ -13,7 +14,7 @@ def _keyed(rules):
     return {name: rule for rule in rules for name in (rule.key, *rule.aliases)}
 
 
-OPS = [*ELEMENTWISE, *STRUCTURED, *SELECTIONS]
+OPS = [*ELEMENTWISE, *STRUCTURED, *NORMALIZATIONS, *AFFINE, *SELECTIONS]
 TABLE = _keyed(OPS)
 LOSS_TABLE = _keyed(LOSSES)
 

@@ -1,4 +1,4 @@
-"""The vocabulary of the rule table: symbols and the four kinds of rule.
+"""The vocabulary of the rule table: symbols and the five kinds of rule.
 
 A rule states an op's mathematics and nothing else. Derivatives, linearity,
 sample dependence and Kronecker structure are derived by ``hbpc.derive``.
@@ -8,8 +8,8 @@ Index conventions (used by every index-notation rule):
 =====  =====================================================
 ``n``  sample index (the batch dimension)
 ``o``  output feature / channel
-``i``  input feature
-``g``  convolution group
+``i``  input feature; for normalizations, a normalized entry
+``g``  convolution group; for normalizations, a group of normalized entries
 ``c``  input channel (within a group)
 ``k``  kernel offset (flattened ``kh*kw``; ``k`` or ``kd*kh*kw`` in 1D / 3D)
 ``l``  output location (flattened ``h'*w'``; likewise)
@@ -21,8 +21,8 @@ import sympy as sp
 
 x, y = sp.symbols("x y", real=True)
 # Hyper-parameters of elementwise rules, named like the torch arguments they come from.
-alpha, negative_slope, beta, min_val, max_val, scale, shift, delta = sp.symbols(
-    "alpha negative_slope beta min_val max_val scale shift delta", real=True)
+alpha, negative_slope, beta, min_val, max_val, scale, shift, delta, eps = sp.symbols(
+    "alpha negative_slope beta min_val max_val scale shift delta eps", real=True)
 n, o, i, g, c, k, l = sp.symbols("n o i g c k l", integer=True)
 K = sp.Symbol("K", positive=True, integer=True)
 W, b, X, P = (sp.IndexedBase(name) for name in ("W", "b", "X", "P"))
@@ -32,6 +32,10 @@ z, t = sp.IndexedBase("z", real=True), sp.IndexedBase("t", real=True)
 def Σ(expr, *indices):
     """``Sum(expr, (idx, 0, ∞))`` over each index; ranges come from shapes at compile time."""
     return sp.Sum(expr, *((idx, 0, sp.oo) for idx in indices))
+
+
+class Mean(sp.Function):
+    """The mean over one sample's normalized entries of a per-entry expression (a per-sample statistic)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,26 @@ class Elementwise:
     phi: sp.Expr
     forward: str = None
     hyper: dict = field(default_factory=dict)
+    aliases: tuple = ()
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``y = φ(x, s₁, …)`` per entry, with per-sample statistics ``s_k = Mean(h_k)`` of the normalized entries.
+
+    ``x`` is one entry of a group of normalized entries (for layer norm: the trailing
+    ``normalized_shape`` dimensions of a sample), ``statistics`` an ordered tuple of pairs
+    ``(s_k, Mean(h_k))`` whose ``h_k`` read ``x`` and earlier statistics. ``forward`` and ``hyper``
+    are as for ``Elementwise``. ``affine`` maps the parameter roles an op may carry (a sorted tuple,
+    e.g. ``("bias", "weight")``) to the Structured rule applied after the normalization.
+    """
+
+    key: str
+    statistics: tuple
+    phi: sp.Expr
+    forward: str
+    hyper: dict = field(default_factory=dict)
+    affine: dict = field(default_factory=dict)
     aliases: tuple = ()
 
 

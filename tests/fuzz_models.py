@@ -148,6 +148,11 @@ def make_layer(kind: str, o: dict) -> nn.Module:
         return nn.Flatten()
     if kind == "activation":
         return eval(o["code"], {"nn": nn})  # one of the fixed strings in OTHER_ACTIVATIONS
+    if kind == "layernorm":
+        module = nn.LayerNorm(o["shape"], eps=o["eps"], elementwise_affine=o["affine"], bias=o["bias"])
+        for p in module.parameters():  # random, not ones and zeros, so that the affine part matters
+            nn.init.normal_(p, 1.0 if p is module.weight else 0.0, 0.5)
+        return module
     return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[kind]()
 
 
@@ -165,6 +170,8 @@ def layer_code(kind: str, o: dict) -> str:
         return f"nn.ZeroPad2d({o['padding']})"
     if kind == "activation":
         return o["code"]
+    if kind == "layernorm":
+        return f"nn.LayerNorm({o['shape']}, eps={o['eps']}, elementwise_affine={o['affine']}, bias={o['bias']})"
     return {"flatten": "nn.Flatten()", "relu": "nn.ReLU()", "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()"}[kind]
 
 
@@ -248,9 +255,9 @@ def _draw_layer(ch, shape):
     # Repeated entries weigh the draw (and hypothesis shrinks towards the first one).
     if image:
         kinds = ["conv2d", "relu", "maxpool2d", "avgpool2d", "zeropad2d", "sigmoid", "tanh", "conv2d", "maxpool2d",
-                 "activation", "conv2d", "zeropad2d", "flatten"]
+                 "activation", "conv2d", "zeropad2d", "flatten", "layernorm"]
     else:
-        kinds = ["linear", "relu", "sigmoid", "tanh", "linear", "activation", "flatten"]
+        kinds = ["linear", "relu", "sigmoid", "tanh", "linear", "activation", "flatten", "layernorm"]
     kind = ch.choice(kinds)
     options = {}
     if kind == "linear":
@@ -270,6 +277,9 @@ def _draw_layer(ch, shape):
         options = {"code": ch.choice(ch.choice(list(OTHER_ACTIVATIONS.values())))}
     elif kind == "zeropad2d":
         options = {"padding": ch.int(0, 2) if ch.bool() else tuple(ch.int(0, 2) for _ in range(4))}
+    elif kind == "layernorm":  # over the trailing 1 to 3 dimensions, with weight and bias, weight only or neither
+        options = {"shape": shape[-ch.int(1, len(shape)):], "eps": ch.choice([1e-5, 0.1]), "affine": ch.bool(),
+                   "bias": ch.bool()}
     out = _out_shape(kind, options, shape)
     if out is None or 0 in out or prod(out) > MAX_FEATURES:
         return None, shape

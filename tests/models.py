@@ -111,6 +111,26 @@ class MethodTanh(nn.Module):
         return torch.tanh(x)
 
 
+def layer_norm(*args, **kwargs) -> nn.LayerNorm:
+    """`nn.LayerNorm` with its affine parameters (if any) drawn at random rather than ones and zeros."""
+    module = nn.LayerNorm(*args, **kwargs)
+    for p in module.parameters():
+        nn.init.normal_(p, 1.0 if p is module.weight else 0.0, 0.5)
+    return module
+
+
+class FunctionalLayerNorm(nn.Module):
+    """`(N, 5) -> (N, 3)`: `F.layer_norm` over the last dimension, without affine parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 4)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.sigmoid(F.layer_norm(self.fc1(x), (4,), eps=1e-3)))
+
+
 class MethodRelu(nn.Module):
     """Elementwise `x.relu()`."""
 
@@ -346,6 +366,40 @@ SETTINGS = [
         num_classes=2,
         loss="mse",
         reduction="sum",
+    ),
+    Setting(
+        id="linear-layernorm-tanh-linear_ce-mean",
+        layers=lambda: [nn.Linear(6, 4), layer_norm(4), nn.Tanh(), nn.Linear(4, 3)],
+        input_shape=(6,),
+        num_classes=3,
+    ),
+    Setting(
+        id="linear-layernorm-nobias-sigmoid-linear_mse-sum",
+        layers=lambda: [nn.Linear(6, 5), layer_norm(5, eps=0.1, bias=False), nn.Sigmoid(), nn.Linear(5, 3)],
+        input_shape=(6,),
+        num_classes=3,
+        loss="mse",
+        reduction="sum",
+    ),
+    Setting(
+        id="linear-layernorm-noaffine-tanh-linear_ce-sum",
+        layers=lambda: [nn.Linear(6, 4), layer_norm(4, elementwise_affine=False), nn.Tanh(), nn.Linear(4, 3)],
+        input_shape=(6,),
+        num_classes=3,
+        reduction="sum",
+    ),
+    Setting(
+        id="conv-layernorm2d-tanh-flatten-linear_mse-mean",
+        layers=lambda: [nn.Conv2d(2, 3, 3), layer_norm((3, 3)), nn.Tanh(), nn.Flatten(), nn.Linear(27, 2)],
+        input_shape=(2, 5, 5),
+        num_classes=2,
+        loss="mse",
+    ),
+    Setting(
+        id="functional-layernorm_ce-mean",
+        layers=lambda: [FunctionalLayerNorm()],
+        input_shape=(5,),
+        num_classes=3,
     ),
 ]
 

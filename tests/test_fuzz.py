@@ -1,7 +1,7 @@
 """Property-based architecture fuzzing: random chain models against the autograd references.
 
 hypothesis draws tiny `nn.Sequential` chains from every supported op (Linear, Conv2d with random
-kernel, stride, padding, dilation, groups and bias, MaxPool2d, AvgPool2d, ZeroPad2d, Flatten, ReLU,
+kernel, stride, padding, dilation, groups and bias, MaxPool2d, AvgPool2d, ZeroPad2d, Flatten, LayerNorm (with and without weight and bias), ReLU,
 Sigmoid, Tanh and the other elementwise rules: ELU, SELU, LeakyReLU, Softplus, GELU, SiLU, Mish,
 LogSigmoid, Softsign, Hardtanh, Identity), input sizes and losses (CrossEntropyLoss with and
 without label smoothing, MSELoss, BCEWithLogitsLoss, HuberLoss, SmoothL1Loss; mean / sum). Each model is compiled with `hbpc.compile_model` and checked in float64 by

@@ -11,10 +11,11 @@ from pathlib import Path
 import sympy as sp
 
 from hbpc import __version__
-from hbpc.rules.spec import Elementwise, Loss, Selection, Structured, X, n
+from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structured, X, n
 
 from .elementwise import ElementwiseDerivation, derive_elementwise
 from .loss import LossDerivation, derive_loss
+from .normalization import NormalizationDerivation, derive_normalization
 from .structured import StructuredDerivation, derive_structured
 
 _MEMO = {}
@@ -30,6 +31,8 @@ def _derive_now(rule):
         return derive_structured(rule, X, n)
     if isinstance(rule, Loss):
         return derive_loss(rule)
+    if isinstance(rule, Normalization):
+        return derive_normalization(rule)
     if isinstance(rule, Selection):
         return None
     raise TypeError(f"not a rule: {rule!r}")
@@ -37,7 +40,7 @@ def _derive_now(rule):
 
 def _fingerprint(rule) -> str:
     math = [type(rule).__name__, rule.key]
-    for name in ("phi", "expr", "ell", "out", "params", "input_view", "primitive"):
+    for name in ("phi", "statistics", "expr", "ell", "out", "params", "input_view", "primitive"):
         if hasattr(rule, name):
             math.append(sp.srepr(getattr(rule, name)) if name != "input_view" else getattr(rule, name))
     text = "\n".join(map(str, math)) + __version__ + _SOURCES
@@ -50,7 +53,7 @@ def _cache_file(rule) -> Path:
 
 
 def derive(rule):
-    """The derivation of one rule: Elementwise-, Structured- or LossDerivation (None for selections)."""
+    """The derivation of one rule: Elementwise-, Structured-, Normalization- or LossDerivation (None for selections)."""
     key = (type(rule).__name__, rule.key, id(rule))
     if key in _MEMO:
         return _MEMO[key]
@@ -67,4 +70,4 @@ def derive(rule):
     return _MEMO[key]
 
 
-__all__ = ["derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation"]
+__all__ = ["derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation", "NormalizationDerivation"]

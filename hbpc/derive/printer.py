@@ -2,7 +2,8 @@
 
 Scalar rules print symbols as tensor names. Index-notation rules over a
 per-sample vector (losses) put every index on the last axis: ``z[k]`` prints
-as ``z`` and ``Σ_k f(z[k])`` as ``(f(z)).sum(-1, keepdim=True)``.
+as ``z`` and ``Σ_k f(z[k])`` as ``(f(z)).sum(-1, keepdim=True)``; likewise a normalization's
+``Mean(f(x))`` prints as ``(f(x)).mean(-1, keepdim=True)``.
 """
 import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
@@ -80,6 +81,10 @@ class TorchCodePrinter(TorchPrinter):
 
     def _print_Sum(self, expr):
         return f"({self._print(expr.function)}).sum(-1, keepdim=True)"
+
+    def _print_Mean(self, expr):
+        argument = self._print(expr.args[0])
+        return f"{argument if expr.args[0].is_Symbol else f'({argument})'}.mean(-1, keepdim=True)"
 
     def _print_Pow(self, expr):
         base, exp = expr.args

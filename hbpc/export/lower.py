@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE
-from hbpc.rules.spec import Elementwise
+from hbpc.rules.spec import Elementwise, Normalization
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
 
@@ -83,6 +83,12 @@ def _module_hyper(key, module):
         if not module.affine or not module.track_running_stats:
             raise ValueError("BatchNorm needs affine=True and track_running_stats=True")
         return {"eps": module.eps}
+    if key == "layer_norm":
+        shape = _single(getattr(module, "normalized_shape", None))
+        if not all(isinstance(size, int) for size in shape):
+            raise ValueError("layer_norm needs normalized_shape as constant sizes, e.g. (C,), not sizes read from a "
+                             "tensor's shape")
+        return {"normalized_shape": shape, "eps": float(module.eps)}
     if key == "identity" and getattr(module, "training", False) and getattr(module, "p", 0) > 0:
         raise ValueError("dropout in training mode is random, so it has no curvature; call model.eval() before "
                          "compiling and training with curvature")
@@ -117,6 +123,7 @@ _FUNCTIONAL_ARGS = {
     "avg_pool1d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
     "avg_pool3d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
     "pad": ("input", "padding", "mode", "value"),
+    "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
 }
 _FUNCTIONAL_DEFAULTS = {
     "conv2d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
@@ -136,6 +143,7 @@ _FUNCTIONAL_DEFAULTS = {
     "avg_pool3d": dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
     "pad": dict(mode="constant", value=None),
     "linear": dict(bias=None),
+    "layer_norm": dict(weight=None, bias=None, eps=1e-5),
 }
 
 
@@ -385,6 +393,9 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     if rule.key == "linear" and len(tensor_args[0].meta["tensor_meta"].shape) != 2:
         shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
         raise ValueError(f"linear needs inputs of shape (N, features), got {shape}; flatten the input first")
+    per_sample_dims = len(tensor_args[0].meta["tensor_meta"].shape) - 1
+    if isinstance(rule, Normalization) and len(hyper["normalized_shape"]) > per_sample_dims:
+        raise ValueError(f"{rule.key} over the batch dimension couples the samples; normalize per-sample dimensions")
     arity = len(tensor_args)
     if rule.key == "add" and (arity != 2 or tensor_args[0].meta["tensor_meta"].shape
                               != tensor_args[1].meta["tensor_meta"].shape):
@@ -392,6 +403,18 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     if rule.key not in ("add", "cat") and arity != 1:
         raise ValueError(f"'{op}' with {arity} tensor inputs is not supported")
     return rule, hyper, params, param_shapes
+
+
+def _with_affine(ir_node, taken):
+    """A normalization with a weight and/or bias as two IR nodes: the normalization, then its ``affine`` rule."""
+    rule = ir_node["rule"]
+    if not isinstance(rule, Normalization) or not ir_node["params"]:
+        return [ir_node]
+    affine = TABLE[rule.affine[tuple(sorted(ir_node["params"]))]]
+    name, shape = _identifier(f"{ir_node['name']}_affine", affine.key, taken), ir_node["y_shape"]
+    return [{**ir_node, "params": {}, "param_shapes": {}},
+            {**ir_node, "name": name, "op": affine.key, "rule": affine, "inputs": [ir_node["name"]], "x_shape": shape,
+             "x_shapes": [shape], "hyper": {"normalized_shape": ir_node["hyper"]["normalized_shape"]}}]
 
 
 def _lower_nodes(module, example_input, absorb_log_softmax=False):
@@ -427,13 +450,13 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
         if any(a not in names for a in tensor_args):
             continue  # an input already failed to lower; it is reported
         name = _identifier(node.name, rule.key, taken)
-        names[node] = name
         buffers = hyper.pop("buffers", {})
-        ir_nodes.append(dict(name=name, op=rule.key, rule=rule, hyper=hyper, buffers=buffers,
+        ir_nodes += _with_affine(dict(name=name, op=rule.key, rule=rule, hyper=hyper, buffers=buffers,
                              inputs=[names[a] for a in tensor_args],
                              x_shapes=[tuple(a.meta["tensor_meta"].shape[1:]) for a in tensor_args],
                              x_shape=tuple(tensor_args[0].meta["tensor_meta"].shape[1:]), y_shape=tuple(meta.shape[1:]),
-                             params=params, param_shapes=param_shapes, source=_source(node), fx_name=node.name))
+                             params=params, param_shapes=param_shapes, source=_source(node), fx_name=node.name), taken)
+        names[node] = ir_nodes[-1]["name"]
     output = next(n for n in module.graph.nodes if n.op == "output").args[0]
     if not isinstance(output, fx.Node):
         raise HbpcError(f"the model must return a single tensor, not a {type(output).__name__}",

@@ -1,0 +1,86 @@
+"""Code for a normalization node: the forward pass with its statistics, the derived products and HBP.
+
+Inside the node's methods a per-sample tensor is seen as ``(G, D)``: ``D = numel(normalized_shape)``
+normalized entries on the last axis (where the derived ``Mean`` reduces), ``G`` groups before them.
+The Jacobian and the residual ``R_n = Σ_i g_{n,i} ∂²y_{n,i}/∂x_n²`` are full ``D × D`` matrices per
+sample and group: products use the derived expressions, HBP and the ``pch-*`` modes form the
+matrices by applying those products to the identity.
+"""
+from math import prod
+
+from hbpc.derive import derive
+from hbpc.derive.elementwise import hyper_values
+from hbpc.derive.printer import torch_code
+
+from .nodes import NodeCode, _dims, _fmt, _method, _single_input
+
+
+def _statistics_method(name, node, derivation, groups, entries) -> list:
+    """``_<node>_statistics(x, y)``: the cached tensors the products read, statistics as the rule defines them."""
+    reads = [str(s) for s in derivation.reads()]
+    values = hyper_values(node["hyper"])
+    names = [str(s) for s, _ in derivation.statistics]
+    needed = max((names.index(r) + 1 for r in reads if r in names), default=0)
+    lines = [f"{s} = {torch_code(definition.subs(values))}" for s, definition in derivation.statistics[:needed]]
+    definitions = ", ".join(f"{s} = {definition}" for s, definition in derivation.statistics)
+    return _method(f"_{name}_statistics(self, x, y)",
+                   f"{', '.join(reads)} over each group of {entries} normalized entries, with {definitions}",
+                   [f"x, y = x.reshape(-1, {groups}, {entries}), y.reshape(-1, {groups}, {entries})", *lines,
+                    f"return {', '.join(reads)}"])
+
+
+def _product_method(name, node, derivation, which, argument, doc, groups, entries) -> list:
+    """A method applying one derived product to ``argument`` (*lead, *x) per group of entries; ``doc`` names it."""
+    expr = getattr(derivation, which)
+    cached = [str(s) for s in derivation.reads() if s in expr.free_symbols] + (["g"] if which == "residual" else [])
+    shared, out = derivation.code(which, node["hyper"])
+    return _method(
+        f"_{name}_{which}(self, {argument})", doc.format(expr=expr),
+        [*([f"{', '.join(cached)} = {', '.join(f'self.{name}_{c}' for c in cached)}"] if cached else []),
+         f"lead = lead_shape({argument}, {len(node['x_shape'])})",
+         f"{argument} = {argument}.reshape(*lead, {groups}, {entries})", *shared,
+         f"return ({out}).reshape(*lead, {_dims(node['y_shape'])})"])
+
+
+def normalization_code(name, node, input_vars, upstream) -> NodeCode:
+    """The node's code; without a parameter ``upstream`` of it nothing needs its derivatives: only the forward."""
+    rule, derivation = node["rule"], derive(node["rule"])
+    x_shape = node["x_shape"]
+    entries = prod(node["hyper"]["normalized_shape"])
+    groups = prod(x_shape) // entries
+    reads = [f"self.{name}_{s}" for s in derivation.reads()]
+    like = reads[0] if reads else f"self.{name}_g"
+    code = NodeCode(forward=[f"a_{name} = {_fmt(rule.forward, node, input_vars)}"])
+    _single_input(code, name)
+    if not upstream:
+        return code
+    if reads:
+        targets = f"{', '.join(reads)}{',' * (len(reads) == 1)}"
+        code.forward.append(f"{targets} = self._{name}_statistics({input_vars[0]}, a_{name})")
+    code.forward.append(f"self.{name}_modes = {{}}  # mode(R_n) per curvature, formed when a pch product needs it")
+    code.backward = [f"self.{name}_g = g_{name}.reshape(-1, {groups}, {entries})"]
+    code.residual_product = lambda t, mode: f"self._{name}_residual_product({t}, {mode})"
+    code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals().sum(0), "
+                            "average_input_jacobian, curvature)"]
+    code.mean_vjp = lambda i, M: f"grouped_mean_transpose(self._{name}_jacobians(), {M})"
+    statistics = ", ".join(f"{s} = {definition}" for s, definition in derivation.statistics)
+    args = (groups, entries)
+    code.methods += [
+        *(_statistics_method(name, node, derivation, *args) if reads else []),
+        *_product_method(name, node, derivation, "jvp", "v",
+                         f"J v = {{expr}}, derived from y = {rule.phi} with {statistics}", *args),
+        *_product_method(name, node, derivation, "vjp", "u", "Jᵀ u = {expr} (derived)", *args),
+        *_product_method(name, node, derivation, "residual", "t",
+                         "R t = {expr} (derived), R = Σ_i g_i ∂²y_i/∂x², g the gradient at the output", *args),
+        *_method(f"_{name}_jacobians(self)", "J_n per sample and group, (N, G, D, D): J v on the identity",
+                 [f"return grouped_matrices(self._{name}_jvp, {like}, {x_shape!r}, {groups})"]),
+        *_method(f"_{name}_residuals(self)", "R_n per sample and group, (N, G, D, D): R t on the identity",
+                 [f"return grouped_matrices(self._{name}_residual, {like}, {x_shape!r}, {groups})"]),
+        *_method(f"_{name}_residual_product(self, t, curvature)",
+                 "mode(R) t: R t (hessian), 0 (ggn), or through each R_n's eigendecomposition (pch-abs, pch-clip)",
+                 ["if curvature == 'hessian':", f"    return self._{name}_residual(t)", "if curvature == 'ggn':",
+                  "    return 0", f"if curvature not in self.{name}_modes:",
+                  f"    self.{name}_modes[curvature] = matrix_residual(self._{name}_residuals(), curvature)",
+                  f"return grouped_product(self.{name}_modes[curvature], t, {x_shape!r})"]),
+    ]
+    return code

@@ -1,0 +1,22 @@
+# F.layer_norm with normalized_shape read from the tensor's shape: the sizes are not constants when traced.
+# expect: layer_norm needs normalized_shape as constant sizes, e.g. (C,)
+# expect: {here}
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = F.layer_norm(h, h.shape[-1:])  # here
+        return self.out(h)
+
+
+model = Model()
+example_input = torch.zeros(2, 3)
