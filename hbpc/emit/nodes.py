@@ -13,7 +13,7 @@ import sympy as sp
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.printer import torch_code
-from hbpc.rules.spec import Elementwise, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
 
 @dataclass
@@ -32,11 +32,29 @@ class NodeCode:
     backward: list = field(default_factory=list)
     methods: list = field(default_factory=list)
     residual: str = None          # attribute holding the residual coefficient r = g ⊙ φ″, if any
+    residual_product: object = None  # (t, mode) -> code for mode(R) t, if the node has a residual
     input_curvature: list = field(default_factory=list)
     mean_vjp: object = None
     blocks: dict = field(default_factory=dict)  # role -> method name taking (S, average)
     cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
     cross: object = None  # multi-input nodes: (i, j) -> code for E[J_i]ᵀ S E[J_j]
+    curvature_temporaries: list = None  # per input: entries input_curvature[i] allocates besides S and its result
+    block_factor_entries: list = field(default_factory=list)  # code: entries of the factors blocks() keeps besides S
+
+
+CHUNK_ENTRIES = 2**22  # the chunk_entries default of the prelude's chunked helpers
+
+
+def sandwich_temporaries(d_x, d_y) -> int:
+    """Entries ``sandwich_independent`` holds besides S and S_x: S J, and a chunk of rows in and out (at most
+    chunk_entries, at least one row) with as much again for the vjp's workspace."""
+    return d_y * d_x + 4 * max(d_x + d_y, min(CHUNK_ENTRIES, max(d_x, d_y) * (d_x + d_y)))
+
+
+def take_temporaries(d_x, d_y) -> int:
+    """Entries ``take_input_curvature`` holds besides S and S_x: E[P] and E[P]ᵀ S (average), or a chunk of samples'
+    d_y² entries (at least one sample, at most chunk_entries or S_x's size) as values and two int64 index tensors."""
+    return max(2 * d_y * d_x, 5 * max(d_y * d_y, min(CHUNK_ENTRIES, d_x * d_x)))
 
 
 def _single_input(code, name):
@@ -89,11 +107,13 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     if d2 != 0:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")
         code.residual = f"self.{name}_r"
+        code.residual_product = lambda t, mode: f"residual_product(self.{name}_r, {t}, {mode})"
     doc = f"φ = {rule.phi},  φ′ = {derivation.d1},  φ″ = {derivation.d2}"
     code.methods += _method(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
     code.methods += _method(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"
     code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
+    code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
     code.mean_vjp = lambda i, M: f"self.{name}_d1.flatten(1).mean(0)[:, None] * {M}"
     return code
 
@@ -123,6 +143,7 @@ def selection_code(name, node, input_vars) -> NodeCode:
         vjp = ("take_vjp(" + as_2d.format(t="u") + ", self.{n}_idx, {x_shape})"
                + f".reshape(*u.shape[:-{spatial + 1}], *{node['x_shape']!r})")
     values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
+    d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
     code = NodeCode()
     forward = _fmt(rule.forward, node, input_vars)
     if rule.primitive == "take":
@@ -131,10 +152,16 @@ def selection_code(name, node, input_vars) -> NodeCode:
             index = f"self.{name}_idx" if spatial == 1 else f"self.{name}_idx.flatten(-{spatial})"
             code.forward.append(f"self.{name}_idx = {index}.unsqueeze(-2)")
         code.input_curvature = [f"take_input_curvature(S, self.{name}_idx, {x_shape}, average_input_jacobian)"]
+        code.curvature_temporaries = [take_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, self.{name}_idx, {x_shape})"
+    elif rule.primitive in ("reshape", "identity"):  # J = I on the flattened sample: S_x = S
+        code.forward = [f"a_{name} = {forward}"]
+        code.input_curvature, code.curvature_temporaries = ["S"], [0]
+        code.mean_vjp = lambda i, M: M
     else:
         code.forward = [f"a_{name} = {forward}"]
         code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {x_shape}, {y_shape})"]
+        code.curvature_temporaries = [sandwich_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {y_shape})"
     _single_input(code, name)
     code.methods += _method(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
@@ -152,6 +179,7 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
         code.jvp = lambda tangents: " + ".join(t for t in tangents if t)
         code.vjp = lambda u: [u] * len(input_vars)
         code.input_curvature = ["S"] * len(input_vars)
+        code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
         code.cross = lambda i, j: "S"
         return code
@@ -164,6 +192,7 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
     code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
                             for i, shape in enumerate(x_shapes)]
+    code.curvature_temporaries = [sandwich_temporaries(prod(shape), prod(y_shape)) for shape in x_shapes]
     code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp{i}, {y_shape!r})"
     code.cross = lambda i, j: (f"cross_independent(S, self._{name}_vjp{i}, self._{name}_vjp{j}, "
                                f"{x_shapes[i]!r}, {x_shapes[j]!r}, {y_shape!r})")
@@ -220,9 +249,52 @@ def _patch_args(node):
     return f"{kernel_size!r}, {stride!r}, {padding!r}, {dilation!r}"
 
 
-def tangent_view(name, node) -> str:
-    """The method mapping an input tangent to the rule's ``X`` (the view itself unless it is affine)."""
-    return f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
+def tangent_view(name, node, tangent) -> str:
+    """Code for an input tangent as the rule's ``X`` (the view itself unless it is affine; the tangent itself
+    where a convolution is lowered to torch's kernels, which read the input unfolded)."""
+    if convolution_lowering(node) or _view_is_input(node):
+        return tangent
+    method = f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
+    return f"self.{method}({tangent})"
+
+
+def _view_is_input(node) -> bool:
+    """Whether the rule's ``X`` is the input itself (a reshape to the same per-sample shape)."""
+    return node["rule"].input_view == "reshape" and tuple(_view_shapes(node)[0]["X"]) == tuple(node["x_shape"])
+
+
+def cached_input_view(name, node) -> str:
+    """Code for the cached input as the rule's ``X`` (a lowered convolution caches the input itself)."""
+    return f"self._{name}_view(self.{name}_X)" if convolution_lowering(node) else f"self.{name}_X"
+
+
+# The derived input jvp of a convolution over unfolded patches: Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l]
+# (transposed: W[g, c, o, k]). Einsum spec and operands -> whether the map is the transposed convolution.
+_CONVOLUTION_JVPS = {
+    ("...abcd,...eacdf->...eabf", ("W", "v")): False,
+    ("...abcd,...eabdf->...eacf", ("W", "v")): True,
+}
+
+
+def convolution_lowering(node):
+    """``conv_options(...)`` code when torch's convolution kernels should compute the node's derived map, else None.
+
+    A lowering choice, not a second derivation: it applies only where the derived input jvp is the convolution
+    contraction over the patches view, and only where the patches hold more entries than the input (they
+    cost K× its memory and an unfold/fold per product); 1×1 kernels keep the einsums, whose patches are the input.
+    """
+    rule = node["rule"]
+    if rule.input_view not in ("patches", "transposed_patches") or "weight" not in node["params"]:
+        return None
+    jvp = derive(rule).tensors["X"].jvp
+    transposed = _CONVOLUTION_JVPS.get((jvp.spec, jvp.operands))
+    views, _ = _view_shapes(node)
+    if transposed != (rule.input_view == "transposed_patches") or jvp.coeff != 1 or prod(views["X"]) <= prod(node["x_shape"]):
+        return None
+    h = node["hyper"]
+    output_padding = h.get("output_padding", (0,) * len(h["kernel_size"]))
+    return (f"conv_options(stride={h['stride']!r}, padding={h['padding']!r}, dilation={h['dilation']!r}, "
+            f"transposed={transposed}, output_padding={output_padding!r}, groups={h['groups']!r})")
 
 
 def _buffer(node, role) -> str:
@@ -284,63 +356,162 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     rule, derivation = node["rule"], derive(node["rule"])
     input_var = input_vars[0]
     views, constants = _view_shapes(node)
-    x_rank, y_rank = len(node["x_shape"]), len(node["y_shape"])
+    x_rank = len(node["x_shape"])
     names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
     expr = f"Y[{', '.join(map(str, rule.out))}] = {rule.expr}"
+    conv = convolution_lowering(node)
     code = NodeCode()
     code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
     if caches_view:
-        code.forward.append(f"self.{name}_X = self._{name}_view({input_var})")
+        view = input_var if conv or _view_is_input(node) else f"self._{name}_view({input_var})"
+        code.forward.append(f"self.{name}_X = {view}")
         code.backward.append(f"self.{name}_g = g_{name}")
-    code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
-                            [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
+    if not _view_is_input(node):
+        code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
+                                [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
     if rule.input_view == "standardize":
         code.methods += _method(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
                                 [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
 
     jx = derivation.tensors["X"]
-    jvp = _coeff(jx.jvp, constants).code(names, f"(lead[-1], {_dims(views['Y'])})")
-    vjp = _coeff(jx.vjp, constants).code(names, f"(lead[-1], {_dims(views['X'])})")
     weight = []
     if "weight" in node["params"]:
         shape, view = node["param_shapes"]["weight"], tuple(views["W"])
-        weight = [f"W = reshape_to({param_code(node['params']['weight'])} if W is None else W, {shape!r}, {view!r})"]
+        given = f"{param_code(node['params']['weight'])} if W is None else W"
+        weight = [f"W = {given}" if tuple(shape) == view else f"W = reshape_to({given}, {shape!r}, {view!r})"]
     signature = ", W=None" if weight else ""
-    code.methods += _method(
-        f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
-        [f"v = self.{tangent_view(name, node)}(v)", *[w.replace(" if W is None else W", "") for w in weight],
-         *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
-         f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"])
-    code.methods += _method(
-        f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
-        [f"lead = lead_shape(u, {y_rank})", f"u = u.reshape(*lead, {_dims(views['Y'])})", *weight,
-         f"X = {vjp}", f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
+    if conv:
+        code.methods += _conv_input_methods(name, node, conv, expr)
+    else:
+        code.methods += _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature)
     _single_input(code, name)
 
     for role, param in node["params"].items():
         tensor = derivation.tensors[role]
         shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
         full = node["param_shapes"][role]
-        p_jvp = _coeff(tensor.jvp, constants).code(names, f"(self.N, {_dims(views['Y'])})")
-        p_vjp = _coeff(tensor.vjp, constants).code(names, repr(shape))
-        code.methods += _method(
-            f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
-            [f"v = reshape_to(v, {full!r}, {shape!r})", f"Y = {p_jvp}",
-             f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {_dims(node['y_shape'])})"])
-        code.methods += _method(
-            f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
-            [f"u = u.reshape(*lead_shape(u, {y_rank}), {_dims(views['Y'])})", f"G = {p_vjp}",
-             f"return reshape_to(G, {shape!r}, {full!r})"])
+        if conv and role == "weight":
+            code.methods += _conv_weight_methods(name, param, conv, full, tensor)
+        else:
+            code.methods += _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names)
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
         code.blocks[role] = f"_{name}_{role}_block"
+        if tensor.block.kind == "kronecker":
+            code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
     if jx.sample_dependent:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
-    code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"]
+    code.input_curvature = [_sandwich_code(name, node, jx)]
+    code.curvature_temporaries = [_sandwich_temporaries(node, jx)]
     code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {node['y_shape']!r})"
     return code
+
+
+def _conv_input_methods(name, node, conv, expr) -> list:
+    weight = param_code(node["params"]["weight"])
+    lowered = "the einsum over unfolded patches, computed by torch's convolution"
+    return [
+        *_method(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
+                 [f"return conv_apply(v, {weight}, {conv})"]),
+        *_method(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
+                 [f"return conv_input_vjp(u, {weight} if W is None else W, {node['x_shape']!r}, {conv})"]),
+    ]
+
+
+def _conv_weight_methods(name, param, conv, full, tensor) -> list:
+    return [
+        *_method(f"_{name}_weight_jvp(self, v, X)",
+                 f"J_θ v = conv(X, v) for θ = {param}: ∂Y/∂θ = {_formula(tensor)}, X the input",
+                 [f"return conv_apply(X, v, {conv})"]),
+        *_method(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
+                 [f"return conv_weight_vjp(u, X, {full!r}, {conv})"]),
+    ]
+
+
+def _matrix_operand(name, letters, rows, cols) -> str:
+    """The operand as the (rows, cols) matrix of a matmul (``.mT`` where its letters run the other way)."""
+    return name if letters == rows + cols else f"{name}.mT"
+
+
+def product_code(einsum, names, out_shape) -> str:
+    """Code for a derived einsum; a plain matrix product ``...ik,...kj->...ij`` in any operand layout is emitted
+    as ``@`` (the same contraction and "..." broadcasting, without einsum's dispatch and permute copies)."""
+    inputs, out = einsum.spec.replace("...", "").split("->")
+    operands = inputs.split(",")
+    shared = set(operands[0]) & set(operands[1]) if len(operands) == 2 else set()
+    if (einsum.coeff != 1 or einsum.broadcast or len(shared) != 1 or len(out) != 2
+            or any(len(letters) != 2 for letters in operands)):
+        return einsum.code(names, out_shape)
+    (k,) = shared
+    i, j = out
+    first, second = (0, 1) if i in operands[0] else (1, 0)
+    if k in out or j not in operands[second]:
+        return einsum.code(names, out_shape)
+    left = _matrix_operand(names.get(einsum.operands[first], einsum.operands[first]), operands[first], i, k)
+    right = _matrix_operand(names.get(einsum.operands[second], einsum.operands[second]), operands[second], k, j)
+    return f"{left} @ {right}"
+
+
+def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature) -> list:
+    y_rank = len(node["y_shape"])
+    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {_dims(views['Y'])})")
+    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {_dims(views['X'])})")
+    y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
+    view_tangent = [] if _view_is_input(node) else [f"v = {tangent_view(name, node, 'v')}"]
+    view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast or not y_is_view else [])
+    view_u += [] if y_is_view else [f"u = u.reshape(*lead, {_dims(views['Y'])})"]
+    unview_x = (["return X"] if _view_is_input(node) else
+                [f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
+    return [
+        *_method(
+            f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
+            [*view_tangent, *[w.replace(" if W is None else W", "") for w in weight],
+             *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
+             "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"]),
+        *_method(
+            f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
+            [*view_u, *weight, f"X = {vjp}", *unview_x]),
+    ]
+
+
+def _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names) -> list:
+    shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
+    full = node["param_shapes"][role]
+    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {_dims(views['Y'])})")
+    p_vjp = product_code(_coeff(tensor.vjp, constants), names, repr(shape))
+    y_is_view, param_is_view = tuple(views["Y"]) == tuple(node["y_shape"]), shape == tuple(full)
+    return [
+        *_method(
+            f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
+            [*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]), f"Y = {p_jvp}",
+             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {_dims(node['y_shape'])})"]),
+        *_method(
+            f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
+            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {_dims(views['Y'])})"]),
+             f"G = {p_vjp}", "return G" if param_is_view else f"return reshape_to(G, {shape!r}, {full!r})"]),
+    ]
+
+
+def _jacobian_is_weight(node, jx) -> bool:
+    """Whether the derived input jvp is Y[n, o] = Σ_i W[o, i] v[n, i] on the flat input: the Jacobian is W itself."""
+    views, _ = _view_shapes(node)
+    return (node["rule"].input_view == "reshape" and (jx.jvp.spec, jx.jvp.operands) == ("...ab,...cb->...ca", ("W", "v"))
+            and jx.jvp.coeff == 1 and len(views["X"]) == len(views["Y"]) == 1)
+
+
+def _sandwich_code(name, node, jx) -> str:
+    """S_x = Jᵀ S J: two gemms with W where the Jacobian is the weight, else two passes of the vjp."""
+    if _jacobian_is_weight(node, jx):
+        return f"weight_sandwich(S, {param_code(node['params']['weight'])})"
+    return f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"
+
+
+def _sandwich_temporaries(node, jx) -> int:
+    """Entries ``_sandwich_code`` allocates besides S and S_x: Wᵀ S (d_x × d_y), or sandwich_independent's."""
+    d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
+    return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
 
 
 def _is_gram(einsum) -> bool:
@@ -358,6 +529,19 @@ def _gram_root(a, b, full) -> list:
             f"    return KroneckerGramBlock(A.reshape({a}, {a}), R, {full!r})"]
 
 
+def _kronecker_sizes(block, shape):
+    """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
+    split = len(block.factors[0].spec.split("->")[1].replace("...", "")) // 2
+    a = prod(shape[:split])
+    return a, prod(shape) // a
+
+
+def _kronecker_factor_entries(block, shape) -> str:
+    """Code for the entries of B (or of its root R, N × b, when there are fewer samples than b)."""
+    b = _kronecker_sizes(block, shape)[1]
+    return f"min(self.N, {b}) * {b}" if _is_gram(block.factors[1]) else str(b * b)
+
+
 def _block_method(name, node, role, param, block, views, shape, names) -> list:
     y_view = tuple(views["Y"])
     full = node["param_shapes"][role]
@@ -370,14 +554,13 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
                         f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
     if block.kind == "kronecker":
         a_factor, b_factor = block.factors
-        split = len(a_factor.spec.split("->")[1].replace("...", "")) // 2
-        a = prod(shape[:split])
+        a = _kronecker_sizes(block, shape)[0]
         return _method(
             signature,
             f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
             [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
              *(_gram_root(a, size // a, full) if _is_gram(b_factor) else []),
-             f"B = {b_factor.code(names)} / X.shape[0]",
+             f"B = {b_factor.code(names)}", "B /= X.shape[0]",
              f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
     return _method(
         signature, f"B v = E[J_θᵀ S J_θ] v for θ = {param} (E[J_θ]ᵀ S E[J_θ] when average), matrix-free",
@@ -398,4 +581,8 @@ def node_code(name, node, input_vars, node_plan) -> NodeCode:
         return selection_code(name, node, input_vars)
     if isinstance(rule, Structured):
         return structured_code(name, node, input_vars, node_plan.caches_input_view)
+    if isinstance(rule, Normalization):
+        from .normalization import normalization_code  # it builds on this module's helpers
+
+        return normalization_code(name, node, input_vars, any(node_plan.input_needs_grad))
     raise TypeError(f"no emitter for {rule!r}")
