@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 FASHION = /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo fashion-mnist clean golden fuzz bench
+.PHONY: install test demo fashion-mnist clean golden fuzz bench reproduce
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# The bench extra brings BackPACK and curvlinops, which the tests compare against.
+test: install $(VENV)/.bench-installed
 	$(PY) -m pytest
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the demo falls back to sklearn digits.
@@ -30,6 +31,10 @@ demo: install fashion-mnist
 	mkdir -p out/demo
 	$(VENV)/bin/hbpc compile examples/models/fcnn_fashion_mnist.py -o out/demo/curv_fcnn.py
 	$(PY) examples/02_sequential.py --compiled out/demo/curv_fcnn.py --steps 300 --out out/demo
+
+# The HBP paper's four experiments on Fashion-MNIST (~45 min on 2 cores; resumable): results/ figures and RESULTS.md.
+reproduce: install fashion-mnist
+	$(VENV)/bin/hbpc-experiments all --profile here
 
 golden: install
 	$(PY) -m pytest tests/test_golden.py --update-golden

@@ -34,6 +34,14 @@ def check_curvature(curvature):
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
 
 
+KRONECKER_KINDS = ("kfac", "kflr", "kfra")
+
+
+def check_kronecker_kind(kind):
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+
+
 def residual(r, curvature):
     """The residual term under a curvature mode: r (hessian), None (ggn), |r| (pch-abs), max(r, 0) (pch-clip)."""
     if curvature == "ggn":
@@ -114,9 +122,13 @@ def reshape_to(t, old_shape, new_shape):
 
 
 def accumulate_grad(param, grad):
-    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None)."""
+    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None).
+
+    grad is stored without a copy: the parameter vjps sum over samples, so it is a fresh tensor that
+    nothing else holds (never a view of a cached tensor, which a later in-place update of p.grad would change).
+    """
     if param.requires_grad:
-        param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+        param.grad = grad if param.grad is None else param.grad + grad
 
 
 def numel(shape):
@@ -149,9 +161,28 @@ def cross_independent(S, vjp_a, vjp_b, xa_shape, xb_shape, y_shape):
     return transpose_matrix(S_Jb, vjp_a, y_shape)
 
 
-def sandwich_independent(S, vjp, x_shape, y_shape):
-    """S_x = Jᵀ S J for a sample-independent linear map: (d_x, d_x)."""
-    return cross_independent(S, vjp, vjp, x_shape, x_shape, y_shape)
+def sandwich_independent(S, vjp, x_shape, y_shape, chunk_entries=2**22):
+    """S_x = Jᵀ S J for a sample-independent linear map and a symmetric S: (d_x, d_x).
+
+    Two passes of the vjp over rows, chunk_entries entries of rows in and out at a time: the rows of S give
+    S J (row i is Jᵀ S[i]), the rows of (S J)ᵀ give Jᵀ S J. Holds S J and S_x, no transposed copies.
+    """
+    d_x = numel(x_shape)
+    step = max(1, chunk_entries // (d_x + numel(y_shape)))
+
+    def rows_through(M):
+        out = M.new_empty(M.shape[0], d_x)
+        for start in range(0, M.shape[0], step):
+            rows = M[start:start + step]
+            out[start:start + step] = vjp(rows.reshape(rows.shape[0], 1, *y_shape)).reshape(rows.shape[0], d_x)
+        return out
+
+    return rows_through(rows_through(S).T)
+
+
+def weight_sandwich(S, W):
+    """S_x = Wᵀ S W for a map whose Jacobian is the weight W (d_y, d_x): two gemms."""
+    return W.T @ S @ W
 
 
 def take_mean_transpose(M, idx, x_shape):
@@ -175,16 +206,16 @@ def cat_tangents(tangents, x_shapes, axis):
 def elementwise_input_curvature(S, d1, r, average, curvature):
     """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d)."""
     d = d1.flatten(1)
-    M = torch.outer(d.mean(0), d.mean(0)) if average else d.T @ d / d.shape[0]
-    S_x = S * M
+    S_x = torch.outer(d.mean(0), d.mean(0)) if average else (d.T @ d).div_(d.shape[0])
+    S_x.mul_(S)
     if r is not None:
         modified = residual(r.flatten(1).sum(0), curvature)
         if modified is not None:
-            S_x = S_x + torch.diag(modified)
+            S_x.diagonal().add_(modified)
     return S_x
 
 
-def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
+def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**22):
     """S_x for a recorded selection P_n: E[P]ᵀ S E[P] (average) or (1/N) Σ_n P_nᵀ S P_n."""
     N, d_y, d_x = idx.shape[0], S.shape[0], numel(x_shape)
     plane = x_shape[-2] * x_shape[-1]
@@ -195,7 +226,7 @@ def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
         E = S.new_zeros(d_y, d_x).index_put_((rows, cols), S.new_full((N, d_y), 1.0 / N), accumulate=True)
         return E.T @ S @ E
     S_x = S.new_zeros(d_x, d_x)
-    step = max(1, chunk_entries // max(1, d_y * d_y))
+    step = max(1, min(chunk_entries, d_x * d_x) // max(1, d_y * d_y))  # index chunks no larger than S_x
     for start in range(0, N, step):
         c = cols[start:start + step]
         m = c.shape[0]
@@ -238,6 +269,18 @@ class Block:
         A = self.to_dense() + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
         return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape)
 
+    def part(self, start, stop):
+        """The diagonal sub-block of rows start:stop of θ's first dimension, acting on θ[start:stop]."""
+        rest = self.numel // self.param_shape[0]
+        first, last = start * rest, stop * rest
+
+        def product(v):
+            full = v.new_zeros(v.shape[0], self.numel)
+            full[:, first:last] = v.reshape(v.shape[0], -1)
+            return self._matmat(full)[:, first:last].reshape(v.shape)
+
+        return OperatorBlock(product, (stop - start, *self.param_shape[1:]), self._like)
+
 
 class DenseBlock(Block):
     """B_θ stored as a (numel, numel) matrix."""
@@ -251,6 +294,11 @@ class DenseBlock(Block):
 
     def to_dense(self):
         return self.matrix
+
+    def part(self, start, stop):
+        rest = self.numel // self.param_shape[0]
+        rows = slice(start * rest, stop * rest)
+        return DenseBlock(self.matrix[rows, rows], (stop - start, *self.param_shape[1:]))
 
 
 class KroneckerBlock(Block):
@@ -267,6 +315,19 @@ class KroneckerBlock(Block):
 
     def to_dense(self):
         return torch.kron(self.A, self.B)
+
+    def factor_rows(self, start, stop):
+        """A's rows covering θ[start:stop] when they align with A (always so for θ viewed (out, in)), else None."""
+        rest, b = self.numel // self.param_shape[0], self.numel // self.A.shape[0]
+        if (start * rest) % b or (stop * rest) % b:
+            return None
+        return slice(start * rest // b, stop * rest // b)
+
+    def part(self, start, stop):
+        rows = self.factor_rows(start, stop)
+        if rows is None:
+            return Block.part(self, start, stop)
+        return KroneckerBlock(self.A[rows, rows], self.B, (stop - start, *self.param_shape[1:]))
 
     @torch.no_grad()
     def solve(self, rhs, damping):
@@ -310,6 +371,12 @@ class KroneckerGramBlock(KroneckerBlock):
         inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
         return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape)
 
+    def part(self, start, stop):
+        rows = self.factor_rows(start, stop)
+        if rows is None:
+            return Block.part(self, start, stop)
+        return KroneckerGramBlock(self.A[rows, rows], self.R, (stop - start, *self.param_shape[1:]))
+
 
 class OperatorBlock(Block):
     """B_θ known only through its product v -> B_θ v on tensors shaped (V, *θ)."""
@@ -352,6 +419,91 @@ class SumBlock(Block):
     def _matmat(self, V):
         return sum(block._matmat(V) for block in self.blocks)
 
+    def part(self, start, stop):
+        return SumBlock([block.part(start, stop) for block in self.blocks])
+
+
+def check_split(split):
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int (sub-blocks per parameter), got {split!r}")
+
+
+def row_chunks(rows, parts):
+    """(start, stop) of torch.chunk(θ, parts, 0): ⌈rows/parts⌉ rows each, the last may be smaller."""
+    size = -(-rows // parts)
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def splittable(param_shape, parts):
+    return parts > 1 and len(param_shape) > 0 and param_shape[0] > 1
+
+
+class SplitBlock(Block):
+    """The block-diagonal part of B_θ over row chunks of θ (``split``): parts[j] = (start, stop, B_jj),
+    B_jj the diagonal sub-block acting on θ[start:stop]. Products and ``solve`` work chunk by chunk."""
+
+    def __init__(self, block, parts):
+        super().__init__(block.param_shape, block._like)
+        self.parts = [(start, stop, block.part(start, stop)) for start, stop in row_chunks(self.param_shape[0], parts)]
+
+    def _matmat(self, V):
+        X = V.reshape(V.shape[0], self.param_shape[0], -1)
+        out = [part._matmat(X[:, start:stop].reshape(V.shape[0], -1)) for start, stop, part in self.parts]
+        return torch.cat([o.reshape(V.shape[0], -1) for o in out], 1)
+
+    @torch.no_grad()
+    def solve(self, rhs, damping):
+        lead = rhs.shape[: rhs.dim() - len(self.param_shape)]
+        X = rhs.reshape(*lead, self.param_shape[0], -1)
+        out = [part.solve(X[..., start:stop, :].reshape(*lead, *part.param_shape), damping).reshape(*lead, stop - start, -1)
+               for start, stop, part in self.parts]
+        return torch.cat(out, -2).reshape(rhs.shape)
+
+
+def split_block(block, parts):
+    """``block`` itself for parts = 1 (or a parameter with one row), else its ``SplitBlock``."""
+    return SplitBlock(block, parts) if splittable(block.param_shape, parts) else block
+
+
+def part_product(product, param_shape, start, stop):
+    """v -> (C P v)[start:stop] for v shaped (V, *θ[start:stop]): the diagonal sub-block of a block product."""
+
+    def apply(v):
+        full = v.new_zeros(v.shape[0], *param_shape)
+        full[:, start:stop] = v
+        return product(full)[:, start:stop]
+
+    return apply
+
+
+class SplitProduct:
+    """v -> Σ_j P_j C P_j v, the block-diagonal part of a block product over row chunks of θ (one batched
+    product of split·V vectors); parts[j] = (start, stop, product of the sub-block on θ[start:stop])."""
+
+    def __init__(self, product, param_shape, parts):
+        self.product, self.param_shape = product, tuple(param_shape)
+        self.parts = [(start, stop, with_vectors(part_product(product, self.param_shape, start, stop),
+                                                 (stop - start, *self.param_shape[1:])))
+                      for start, stop in row_chunks(self.param_shape[0], parts)]
+
+    @torch.no_grad()
+    def __call__(self, v):
+        single = tuple(v.shape) == self.param_shape
+        v = v.unsqueeze(0) if single else v
+        masked = v.new_zeros(len(self.parts), *v.shape)
+        for j, (start, stop, _) in enumerate(self.parts):
+            masked[j, :, start:stop] = v[:, start:stop]
+        out = self.product(masked.reshape(-1, *self.param_shape)).reshape(masked.shape)
+        result = torch.cat([out[j, :, start:stop] for j, (start, stop, _) in enumerate(self.parts)], 1)
+        return result.squeeze(0) if single else result
+
+
+def split_product(product, param_shape, parts):
+    """``product`` (v -> C v on (V, *θ)) as a callable on θ or (V, *θ), split into row chunks if parts > 1."""
+    if splittable(param_shape, parts):
+        return SplitProduct(product, param_shape, parts)
+    return with_vectors(product, param_shape)
+
 
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
@@ -365,6 +517,64 @@ def with_vectors(product, param_shape):
     return apply
 
 
+# ---------------------------------------------------------------------------
+# Runtime helpers for convolutions lowered to torch's convolution kernels (copied by hbpc into the
+# generated modules that use them, after the shared prelude). The maps are the ones the rule's einsums
+# over unfolded patches derive, Y[n, g, o, l] = Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l] (transposed:
+# W[g, c, o, k]); the kernels compute them without materialising the patches.
+# A leading V on a weight or on a second operand is vectorised with torch.vmap.
+# ---------------------------------------------------------------------------
+
+
+def conv_options(stride, padding, dilation, transposed, output_padding, groups):
+    """The hyperparameters of ``torch.ops.aten.convolution``, as a tuple in its argument order."""
+    return stride, padding, dilation, transposed, output_padding, groups
+
+
+def _over_weights(function, W, dims):
+    """Apply function(w) to each weight of W (*V, *θ) with torch.vmap: (*V, *result)."""
+    lead = W.shape[: W.dim() - dims - 2]
+    out = torch.vmap(function)(W.reshape(-1, *W.shape[len(lead):]))
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def conv_apply(x, W, conv):
+    """conv(x, W) without bias: (*lead, C, *s) -> (*lead, C', *s'); W (*V, *θ) gives (*V, *lead, C', *s')."""
+    dims = len(conv[0])
+    if W.dim() > dims + 2:
+        return _over_weights(lambda w: conv_apply(x, w, conv), W, dims)
+    lead = lead_shape(x, dims + 1)
+    y = torch.ops.aten.convolution(x.reshape(-1, *x.shape[len(lead):]), W, None, *conv)
+    return y.reshape(*lead, *y.shape[1:])
+
+
+def conv_input_vjp(u, W, x_shape, conv):
+    """Jᵀ u, the input gradient of conv(·, W): (*lead, C', *s') -> (*lead, *x_shape); W (*V, *θ) gives (*V, *lead, *x)."""
+    dims = len(conv[0])
+    if W.dim() > dims + 2:
+        return _over_weights(lambda w: conv_input_vjp(u, w, x_shape, conv), W, dims)
+    lead = lead_shape(u, dims + 1)
+    flat = u.reshape(-1, *u.shape[len(lead):])
+    shape_only = flat.new_empty(1).expand(flat.shape[0], *x_shape)  # convolution_backward reads only its shape
+    grad = torch.ops.aten.convolution_backward(flat, shape_only, W, None, *conv, (True, False, False))[0]
+    return grad.reshape(*lead, *x_shape)
+
+
+def conv_weight_vjp(u, X, W_shape, conv):
+    """J_θᵀ u summed over samples: u (*V, N, C', *s'), X (*V, N, C, *s), either without V -> (*V, *W_shape)."""
+    sample_dims = len(conv[0]) + 2
+    u_lead, X_lead = u.dim() > sample_dims, X.dim() > sample_dims
+    if u_lead or X_lead:
+        function = torch.vmap(lambda u, X: conv_weight_vjp(u, X, W_shape, conv), in_dims=(0 if u_lead else None,
+                                                                                         0 if X_lead else None))
+        lead = (u if u_lead else X).shape[:-sample_dims]
+        out = function(u.reshape(-1, *u.shape[-sample_dims:]) if u_lead else u,
+                       X.reshape(-1, *X.shape[-sample_dims:]) if X_lead else X)
+        return out.reshape(*lead, *W_shape)
+    shape_only = u.new_empty(1).expand(W_shape)  # convolution_backward reads only its shape
+    return torch.ops.aten.convolution_backward(u, X, shape_only, None, *conv, (False, True, False))[1]
+
+
 PARAMETERS = {'0.weight': (8, 1, 5, 5), '0.bias': (8,), '3.weight': (16, 8, 5, 5), '3.bias': (16,), '7.weight': (10, 256), '7.bias': (10,)}  # the ones the loss depends on
 ARCHITECTURE = {'0.weight': (8, 1, 5, 5), '0.bias': (8,), '3.weight': (16, 8, 5, 5), '3.bias': (16,), '7.weight': (10, 256), '7.bias': (10,)}
 INPUT_SHAPE = (1, 28, 28)
@@ -374,7 +584,8 @@ GRAPH_HASH = '023f2ac9b1b6893a'
 class Curvature:
     """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products."""
 
-    memory_limit = 2 * 1024**3  # bytes blocks() may use for one per-sample curvature matrix
+    memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
+    factored_parameters = ('0.weight', '0.bias', '3.weight', '3.bias', '7.weight', '7.bias')  # kronecker_factors() keys
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match."""
@@ -401,15 +612,21 @@ class Curvature:
         dtype = next(iter(self.p.values())).dtype if self.p else x.dtype
         if x.dtype != dtype:
             raise ValueError(f"input dtype {x.dtype} differs from the parameters' {dtype}")
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
             raise ValueError("input contains NaN or Inf")
 
     def _check_ready(self):
         if not self._ready:
             raise RuntimeError("call forward_backward(x, target) before asking for curvature")
 
+    def blocks_memory(self):
+        """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step's temporaries)."""
+        self._check_ready()
+        return (44580964 + 5 * self.N * 100 + min(self.N, 256) * 256) * self.loss_z.element_size()
+
     def _check_memory(self):
-        needed = 21233664 * self.loss_z.element_size()
+        """Refuse blocks() before it allocates anything."""
+        needed = self.blocks_memory()
         if needed > self.memory_limit:
             raise MemoryError(
                 f"blocks() needs {needed / 2**30:.2f} GiB for the curvature at the inputs of max_pool2d2, more than "
@@ -423,18 +640,18 @@ class Curvature:
         with torch.no_grad():
             # forward
             a_conv2d0 = torch.nn.functional.conv2d(x, self.p['0.weight'], self.p['0.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d0_X = self._conv2d0_view(x)
+            self.conv2d0_X = x
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
             a_max_pool2d2, self.max_pool2d2_idx = max_pool2d_with_indices(a_sigmoid1, (2, 2), (2, 2), (0, 0), (1, 1))
             a_conv2d3 = torch.nn.functional.conv2d(a_max_pool2d2, self.p['3.weight'], self.p['3.bias'], (1, 1), (0, 0), (1, 1), 1)
-            self.conv2d3_X = self._conv2d3_view(a_max_pool2d2)
+            self.conv2d3_X = a_max_pool2d2
             a_sigmoid4 = torch.sigmoid(a_conv2d3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
             a_max_pool2d5, self.max_pool2d5_idx = max_pool2d_with_indices(a_sigmoid4, (2, 2), (2, 2), (0, 0), (1, 1))
             a_reshape6 = a_max_pool2d5.reshape(a_max_pool2d5.shape[0], *(256,))
             a_linear7 = torch.nn.functional.linear(a_reshape6, self.p['7.weight'], self.p['7.bias'])
-            self.linear7_X = self._linear7_view(a_reshape6)
+            self.linear7_X = a_reshape6
             # loss
             z = a_linear7.reshape(N, -1)
             C = 10
@@ -469,26 +686,19 @@ class Curvature:
         self._ready = True
         return loss
 
-    @torch.no_grad()
-    def blocks(self, curvature="ggn", average_input_jacobian=True, average_parameter_jacobian=True):
-        """HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.
+    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
+        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
 
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n);
-        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ]. Where the graph branches,
-        S is kept for every pair of live tensors (cross terms use E[J]); a tied parameter sums its uses.
+        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
+        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
         """
-        check_curvature(curvature)
-        self._check_ready()
-        self._check_memory()
-        blocks = {}
         S_linear7 = self._loss_hessian_sum()
-        blocks['7.weight'] = self._linear7_weight_block(S_linear7, average_parameter_jacobian)
-        blocks['7.bias'] = self._linear7_bias_block(S_linear7, average_parameter_jacobian)
+        visit('linear7', S_linear7)
         S = S_linear7  # at the output of linear7; propagate to its inputs
-        S_reshape6 = sandwich_independent(S, self._linear7_vjp, (256,), (10,))
+        S_reshape6 = weight_sandwich(S, self.p['7.weight'])
         del S_linear7
         S = S_reshape6  # at the output of reshape6; propagate to its inputs
-        S_max_pool2d5 = sandwich_independent(S, self._reshape6_vjp, (16, 4, 4), (256,))
+        S_max_pool2d5 = S
         del S_reshape6
         S = S_max_pool2d5  # at the output of max_pool2d5; propagate to its inputs
         S_sigmoid4 = take_input_curvature(S, self.max_pool2d5_idx, (16, 8, 8), average_input_jacobian)
@@ -496,8 +706,7 @@ class Curvature:
         S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
         S_conv2d3 = elementwise_input_curvature(S, self.sigmoid4_d1, self.sigmoid4_r, average_input_jacobian, curvature)
         del S_sigmoid4
-        blocks['3.weight'] = self._conv2d3_weight_block(S_conv2d3, average_parameter_jacobian)
-        blocks['3.bias'] = self._conv2d3_bias_block(S_conv2d3, average_parameter_jacobian)
+        visit('conv2d3', S_conv2d3)
         S = S_conv2d3  # at the output of conv2d3; propagate to its inputs
         S_max_pool2d2 = sandwich_independent(S, self._conv2d3_vjp, (8, 12, 12), (16, 8, 8))
         del S_conv2d3
@@ -507,19 +716,98 @@ class Curvature:
         S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
         S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self.sigmoid1_r, average_input_jacobian, curvature)
         del S_sigmoid1
-        blocks['0.weight'] = self._conv2d0_weight_block(S_conv2d0, average_parameter_jacobian)
-        blocks['0.bias'] = self._conv2d0_bias_block(S_conv2d0, average_parameter_jacobian)
-        return {name: blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z)  # unused: 0
-        for name, shape in PARAMETERS.items()}
+        visit('conv2d0', S_conv2d0)
 
-    def block_products(self, curvature="ggn"):
-        """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v."""
+    @torch.no_grad()
+    def blocks(self, curvature="ggn", average_input_jacobian=True, average_parameter_jacobian=True, split=1):
+        """HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.
+
+        S as in _hbp_sweep; B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ] with S at the
+        output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).
+        """
         check_curvature(curvature)
+        check_split(split)
+        self._check_ready()
+        self._check_memory()
+        methods = {  # node: [(parameter, block method)]
+            'conv2d0': [('0.weight', '_conv2d0_weight_block'), ('0.bias', '_conv2d0_bias_block')],
+            'conv2d3': [('3.weight', '_conv2d3_weight_block'), ('3.bias', '_conv2d3_bias_block')],
+            'linear7': [('7.weight', '_linear7_weight_block'), ('7.bias', '_linear7_bias_block')],
+        }
+        blocks = {}
+
+        def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses
+            for param, method in methods[node]:
+                block = getattr(self, method)(S, average_parameter_jacobian)
+                blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block
+
+        self._hbp_sweep(curvature, average_input_jacobian, visit)
+        return {name: split_block(blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z), split)
+                for name, shape in PARAMETERS.items()}  # a parameter the loss ignores: 0
+
+    def block_products(self, curvature="ggn", split=1):
+        """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v.
+
+        split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).
+        """
+        check_curvature(curvature)
+        check_split(split)
         self._check_ready()
         products = {'0.weight': self._block_product_conv2d0_weight, '0.bias': self._block_product_conv2d0_bias, '3.weight': self._block_product_conv2d3_weight, '3.bias': self._block_product_conv2d3_bias, '7.weight': self._block_product_linear7_weight, '7.bias': self._block_product_linear7_bias}
         return {
-            name: with_vectors(lambda v, f=f: f(v, curvature), PARAMETERS[name]) for name, f in products.items()
+            name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split)
+            for name, f in products.items()
         }
+
+    @torch.no_grad()
+    def kronecker_factors(self, kind="kflr", samples=1, generator=None):
+        """Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:
+        weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).
+
+        A = (1/N) Σ_n Σ_l x_l x_lᵀ over the input patches x_l of the output locations l (Linear: one).
+        G = Σ_(v,n) s sᵀ, s = Σ_l u[v, n, :, l], u square-root factors backpropagated from the loss:
+        kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),
+        S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP
+        recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.
+        """
+        check_kronecker_kind(kind)
+        self._check_ready()
+        if kind == 'kfra':
+            self._check_memory()
+            G = {}
+
+            def visit(node, S):  # S at the output of a node with parameters
+                if node in ('conv2d0', 'conv2d3', 'linear7'):
+                    G[node] = getattr(self, f'_{node}_curvature_factor')(S)
+
+            self._hbp_sweep('ggn', False, visit)
+        else:
+            u = self._loss_hessian_root() if kind == 'kflr' else self._loss_sampled_root(samples, generator)
+            G = self._root_backward(u)
+        return {
+            '0.weight': KroneckerBlock(G['conv2d0'], self._conv2d0_input_factor(), (8, 1, 5, 5)),
+            '0.bias': DenseBlock(G['conv2d0'], (8,)),
+            '3.weight': KroneckerBlock(G['conv2d3'], self._conv2d3_input_factor(), (16, 8, 5, 5)),
+            '3.bias': DenseBlock(G['conv2d3'], (16,)),
+            '7.weight': KroneckerBlock(G['linear7'], self._linear7_input_factor(), (10, 256)),
+            '7.bias': DenseBlock(G['linear7'], (10,)),
+        }
+
+    def _root_backward(self, u):
+        """Jᵀ u from the loss down to every Linear/Conv output; G = the node's root factor there"""
+        G = {}
+        u_linear7 = u
+        G['linear7'] = self._linear7_root_factor(u_linear7)
+        u_reshape6 = self._linear7_vjp(u_linear7)
+        u_max_pool2d5 = self._reshape6_vjp(u_reshape6)
+        u_sigmoid4 = self._max_pool2d5_vjp(u_max_pool2d5)
+        u_conv2d3 = self._sigmoid4_vjp(u_sigmoid4)
+        G['conv2d3'] = self._conv2d3_root_factor(u_conv2d3)
+        u_max_pool2d2 = self._conv2d3_vjp(u_conv2d3)
+        u_sigmoid1 = self._max_pool2d2_vjp(u_max_pool2d2)
+        u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1)
+        G['conv2d0'] = self._conv2d0_root_factor(u_conv2d0)
+        return G
 
     def _block_product_conv2d0_weight(self, v, curvature):
         """C_θθ v for θ = 0.weight: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
@@ -671,9 +959,9 @@ class Curvature:
         u_max_pool2d2 = self._conv2d3_vjp(u_conv2d3) + self._conv2d3_vjp(self.conv2d3_g, v['3.weight'])
         u_sigmoid1 = self._max_pool2d2_vjp(u_max_pool2d2)
         u_conv2d0 = self._sigmoid1_vjp(u_sigmoid1) + residual_product(self.sigmoid1_r, t_conv2d0, 'hessian')
-        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X) + self._linear7_weight_vjp(self.linear7_g, self._linear7_view(t_reshape6))
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X) + self._linear7_weight_vjp(self.linear7_g, t_reshape6)
         out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
-        out['3.weight'] = self._conv2d3_weight_vjp(u_conv2d3, self.conv2d3_X) + self._conv2d3_weight_vjp(self.conv2d3_g, self._conv2d3_view(t_max_pool2d2))
+        out['3.weight'] = self._conv2d3_weight_vjp(u_conv2d3, self.conv2d3_X) + self._conv2d3_weight_vjp(self.conv2d3_g, t_max_pool2d2)
         out['3.bias'] = self._conv2d3_bias_vjp(u_conv2d3, self.conv2d3_X)
         out['0.weight'] = self._conv2d0_weight_vjp(u_conv2d0, self.conv2d0_X)
         out['0.bias'] = self._conv2d0_bias_vjp(u_conv2d0, self.conv2d0_X)
@@ -722,16 +1010,34 @@ class Curvature:
         basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
         return self._loss_hessian_product(basis).sum(1).reshape(10, 10)
 
-    def _loss_fisher_product(self, v, samples, generator):
-        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+    def _loss_hessian_root(self):
+        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""
+        eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
+        basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
+        H = self._loss_hessian_product(basis).reshape(10, self.N, 10).transpose(0, 1)  # (N, C, C)
+        eigenvalues, Q = torch.linalg.eigh(H)
+        root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]
+        return root.permute(2, 0, 1).reshape(10, self.N, 10)
+
+    def _loss_sampled_gradients(self, samples, generator):
+        """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
         lse = self.loss_lse
         softmax = self.loss_softmax
         labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
         t = torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # (N, S, C) sampled targets
         softmax = softmax[:, None, :]
-        s = softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
+        return softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
+
+    def _loss_fisher_product(self, v, samples, generator):
+        """(c/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        s, scale = self._loss_sampled_gradients(samples, generator), self.loss_scale
         return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))
+
+    def _loss_sampled_root(self, samples, generator):
+        """√(c/S) s, the Monte Carlo square root of ∇²_z L per sample (E[u uᵀ] = ∇²_{z_n} L): (S, N, *z)."""
+        s = self._loss_sampled_gradients(samples, generator)
+        return (self.loss_scale / samples) ** 0.5 * s.permute(1, 0, 2).reshape(samples, self.N, 10)
 
     def _conv2d0_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 1, 25, 576))"""
@@ -739,32 +1045,20 @@ class Curvature:
         return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 1, 25, 576)
 
     def _conv2d0_jvp(self, v):
-        """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = self._conv2d0_view(v)
-        W = reshape_to(self.p['0.weight'], (8, 1, 5, 5), (1, 8, 1, 25))
-        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
-        return reshape_to(Y, (1, 8, 576), (8, 24, 24))
+        """J v = conv(v, W), derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)) (the einsum over unfolded patches, computed by torch's convolution)"""
+        return conv_apply(v, self.p['0.weight'], conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d0_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 3)
-        u = u.reshape(*lead, 1, 8, 576)
-        W = reshape_to(self.p['0.weight'] if W is None else W, (8, 1, 5, 5), (1, 8, 1, 25))
-        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
-        lead = lead_shape(X, 4)
-        return patches_adjoint(X.reshape(*lead, 25, 576), (1, 28, 28), (5, 5), (1, 1), (0, 0), (1, 1))
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)): the input gradient of conv; W replaces the weight if given"""
+        return conv_input_vjp(u, self.p['0.weight'] if W is None else W, (1, 28, 28), conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d0_weight_jvp(self, v, X):
-        """J_θ v for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = reshape_to(v, (8, 1, 5, 5), (1, 8, 1, 25))
-        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], 8, 24, 24)
+        """J_θ v = conv(X, v) for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)), X the input"""
+        return conv_apply(X, v, conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d0_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 0.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), 1, 8, 576)
-        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
-        return reshape_to(G, (1, 8, 1, 25), (8, 1, 5, 5))
+        """J_θᵀ u for θ = 0.weight: the weight gradient of conv (sums over samples)"""
+        return conv_weight_vjp(u, X, (8, 1, 5, 5), conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d0_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 0.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -794,6 +1088,20 @@ class Curvature:
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(8, 8), (8,))
 
+    def _conv2d0_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 25 inputs of each output location: (25, 25)"""
+        X = self._conv2d0_view(self.conv2d0_X).reshape(self.N, 25, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _conv2d0_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (8, 8)"""
+        s = u.reshape(*u.shape[:2], 8, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _conv2d0_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (8, 8)"""
+        return S.reshape(8, 576, 8, 576).sum((1, 3))
+
     def _sigmoid1_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
         return v * self.sigmoid1_d1
@@ -816,32 +1124,20 @@ class Curvature:
         return patches(x, (5, 5), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 8, 25, 64)
 
     def _conv2d3_jvp(self, v):
-        """J v, derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = self._conv2d3_view(v)
-        W = reshape_to(self.p['3.weight'], (16, 8, 5, 5), (1, 16, 8, 25))
-        Y = torch.einsum("...abcd,...eacdf->...eabf", W, v)
-        return reshape_to(Y, (1, 16, 64), (16, 8, 8))
+        """J v = conv(v, W), derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)) (the einsum over unfolded patches, computed by torch's convolution)"""
+        return conv_apply(v, self.p['3.weight'], conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d3_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 3)
-        u = u.reshape(*lead, 1, 16, 64)
-        W = reshape_to(self.p['3.weight'] if W is None else W, (16, 8, 5, 5), (1, 16, 8, 25))
-        X = torch.einsum("...abcd,...eabf->...eacdf", W, u)
-        lead = lead_shape(X, 4)
-        return patches_adjoint(X.reshape(*lead, 200, 64), (8, 12, 12), (5, 5), (1, 1), (0, 0), (1, 1))
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)): the input gradient of conv; W replaces the weight if given"""
+        return conv_input_vjp(u, self.p['3.weight'] if W is None else W, (8, 12, 12), conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d3_weight_jvp(self, v, X):
-        """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo))"""
-        v = reshape_to(v, (16, 8, 5, 5), (1, 16, 8, 25))
-        Y = torch.einsum("...abcd,...eacdf->...eabf", v, X)
-        return Y.reshape(*Y.shape[:-3], 16, 8, 8)
+        """J_θ v = conv(X, v) for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)), X the input"""
+        return conv_apply(X, v, conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d3_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 3.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 3), 1, 16, 64)
-        G = torch.einsum("...abcd,...abefd->...bcef", u, X)
-        return reshape_to(G, (1, 16, 8, 25), (16, 8, 5, 5))
+        """J_θᵀ u for θ = 3.weight: the weight gradient of conv (sums over samples)"""
+        return conv_weight_vjp(u, X, (16, 8, 5, 5), conv_options(stride=(1, 1), padding=(0, 0), dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1))
 
     def _conv2d3_weight_block(self, S, average):
         """B v = E[J_θᵀ S J_θ] v for θ = 3.weight (E[J_θ]ᵀ S E[J_θ] when average), matrix-free"""
@@ -871,6 +1167,20 @@ class Curvature:
         B = torch.einsum("...abcdef->...abde", S)
         return DenseBlock(B.reshape(16, 16), (16,))
 
+    def _conv2d3_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 200 inputs of each output location: (200, 200)"""
+        X = self._conv2d3_view(self.conv2d3_X).reshape(self.N, 200, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _conv2d3_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
+        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _conv2d3_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
+        return S.reshape(16, 64, 16, 64).sum((1, 3))
+
     def _sigmoid4_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
         return v * self.sigmoid4_d1
@@ -895,38 +1205,27 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (256,), (16, 4, 4))
 
-    def _linear7_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 256)
-
     def _linear7_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear7_view(v)
-        W = reshape_to(self.p['7.weight'], (10, 256), (10, 256))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (10,), (10,))
+        W = self.p['7.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear7_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 10)
-        W = reshape_to(self.p['7.weight'] if W is None else W, (10, 256), (10, 256))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 256)
+        W = self.p['7.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (10, 256), (10, 256))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 10)
+        Y = X @ v.mT
+        return Y
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 10)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (10, 256), (10, 256))
+        G = u.mT @ X
+        return G
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -936,23 +1235,36 @@ class Curvature:
         if X.shape[0] < 256:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 256).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(10, 10), R, (10, 256))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
 
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
-        return Y.reshape(*Y.shape[:-1], 10)
+        return Y
 
     def _linear7_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (10,), (10,))
+        return G
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
         S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))
+
+    def _linear7_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 256 inputs of each output location: (256, 256)"""
+        X = self.linear7_X.reshape(self.N, 256, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear7_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
+        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear7_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
+        return S.reshape(10, 1, 10, 1).sum((1, 3))

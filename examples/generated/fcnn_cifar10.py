@@ -42,6 +42,14 @@ def check_curvature(curvature):
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
 
 
+KRONECKER_KINDS = ("kfac", "kflr", "kfra")
+
+
+def check_kronecker_kind(kind):
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+
+
 def residual(r, curvature):
     """The residual term under a curvature mode: r (hessian), None (ggn), |r| (pch-abs), max(r, 0) (pch-clip)."""
     if curvature == "ggn":
@@ -122,9 +130,13 @@ def reshape_to(t, old_shape, new_shape):
 
 
 def accumulate_grad(param, grad):
-    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None)."""
+    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None).
+
+    grad is stored without a copy: the parameter vjps sum over samples, so it is a fresh tensor that
+    nothing else holds (never a view of a cached tensor, which a later in-place update of p.grad would change).
+    """
     if param.requires_grad:
-        param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+        param.grad = grad if param.grad is None else param.grad + grad
 
 
 def numel(shape):
@@ -157,9 +169,28 @@ def cross_independent(S, vjp_a, vjp_b, xa_shape, xb_shape, y_shape):
     return transpose_matrix(S_Jb, vjp_a, y_shape)
 
 
-def sandwich_independent(S, vjp, x_shape, y_shape):
-    """S_x = Jᵀ S J for a sample-independent linear map: (d_x, d_x)."""
-    return cross_independent(S, vjp, vjp, x_shape, x_shape, y_shape)
+def sandwich_independent(S, vjp, x_shape, y_shape, chunk_entries=2**22):
+    """S_x = Jᵀ S J for a sample-independent linear map and a symmetric S: (d_x, d_x).
+
+    Two passes of the vjp over rows, chunk_entries entries of rows in and out at a time: the rows of S give
+    S J (row i is Jᵀ S[i]), the rows of (S J)ᵀ give Jᵀ S J. Holds S J and S_x, no transposed copies.
+    """
+    d_x = numel(x_shape)
+    step = max(1, chunk_entries // (d_x + numel(y_shape)))
+
+    def rows_through(M):
+        out = M.new_empty(M.shape[0], d_x)
+        for start in range(0, M.shape[0], step):
+            rows = M[start:start + step]
+            out[start:start + step] = vjp(rows.reshape(rows.shape[0], 1, *y_shape)).reshape(rows.shape[0], d_x)
+        return out
+
+    return rows_through(rows_through(S).T)
+
+
+def weight_sandwich(S, W):
+    """S_x = Wᵀ S W for a map whose Jacobian is the weight W (d_y, d_x): two gemms."""
+    return W.T @ S @ W
 
 
 def take_mean_transpose(M, idx, x_shape):
@@ -183,16 +214,16 @@ def cat_tangents(tangents, x_shapes, axis):
 def elementwise_input_curvature(S, d1, r, average, curvature):
     """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d)."""
     d = d1.flatten(1)
-    M = torch.outer(d.mean(0), d.mean(0)) if average else d.T @ d / d.shape[0]
-    S_x = S * M
+    S_x = torch.outer(d.mean(0), d.mean(0)) if average else (d.T @ d).div_(d.shape[0])
+    S_x.mul_(S)
     if r is not None:
         modified = residual(r.flatten(1).sum(0), curvature)
         if modified is not None:
-            S_x = S_x + torch.diag(modified)
+            S_x.diagonal().add_(modified)
     return S_x
 
 
-def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
+def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**22):
     """S_x for a recorded selection P_n: E[P]ᵀ S E[P] (average) or (1/N) Σ_n P_nᵀ S P_n."""
     N, d_y, d_x = idx.shape[0], S.shape[0], numel(x_shape)
     plane = x_shape[-2] * x_shape[-1]
@@ -203,7 +234,7 @@ def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
         E = S.new_zeros(d_y, d_x).index_put_((rows, cols), S.new_full((N, d_y), 1.0 / N), accumulate=True)
         return E.T @ S @ E
     S_x = S.new_zeros(d_x, d_x)
-    step = max(1, chunk_entries // max(1, d_y * d_y))
+    step = max(1, min(chunk_entries, d_x * d_x) // max(1, d_y * d_y))  # index chunks no larger than S_x
     for start in range(0, N, step):
         c = cols[start:start + step]
         m = c.shape[0]
@@ -246,6 +277,18 @@ class Block:
         A = self.to_dense() + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
         return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape)
 
+    def part(self, start, stop):
+        """The diagonal sub-block of rows start:stop of θ's first dimension, acting on θ[start:stop]."""
+        rest = self.numel // self.param_shape[0]
+        first, last = start * rest, stop * rest
+
+        def product(v):
+            full = v.new_zeros(v.shape[0], self.numel)
+            full[:, first:last] = v.reshape(v.shape[0], -1)
+            return self._matmat(full)[:, first:last].reshape(v.shape)
+
+        return OperatorBlock(product, (stop - start, *self.param_shape[1:]), self._like)
+
 
 class DenseBlock(Block):
     """B_θ stored as a (numel, numel) matrix."""
@@ -259,6 +302,11 @@ class DenseBlock(Block):
 
     def to_dense(self):
         return self.matrix
+
+    def part(self, start, stop):
+        rest = self.numel // self.param_shape[0]
+        rows = slice(start * rest, stop * rest)
+        return DenseBlock(self.matrix[rows, rows], (stop - start, *self.param_shape[1:]))
 
 
 class KroneckerBlock(Block):
@@ -275,6 +323,19 @@ class KroneckerBlock(Block):
 
     def to_dense(self):
         return torch.kron(self.A, self.B)
+
+    def factor_rows(self, start, stop):
+        """A's rows covering θ[start:stop] when they align with A (always so for θ viewed (out, in)), else None."""
+        rest, b = self.numel // self.param_shape[0], self.numel // self.A.shape[0]
+        if (start * rest) % b or (stop * rest) % b:
+            return None
+        return slice(start * rest // b, stop * rest // b)
+
+    def part(self, start, stop):
+        rows = self.factor_rows(start, stop)
+        if rows is None:
+            return Block.part(self, start, stop)
+        return KroneckerBlock(self.A[rows, rows], self.B, (stop - start, *self.param_shape[1:]))
 
     @torch.no_grad()
     def solve(self, rhs, damping):
@@ -318,6 +379,12 @@ class KroneckerGramBlock(KroneckerBlock):
         inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
         return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape)
 
+    def part(self, start, stop):
+        rows = self.factor_rows(start, stop)
+        if rows is None:
+            return Block.part(self, start, stop)
+        return KroneckerGramBlock(self.A[rows, rows], self.R, (stop - start, *self.param_shape[1:]))
+
 
 class OperatorBlock(Block):
     """B_θ known only through its product v -> B_θ v on tensors shaped (V, *θ)."""
@@ -360,6 +427,91 @@ class SumBlock(Block):
     def _matmat(self, V):
         return sum(block._matmat(V) for block in self.blocks)
 
+    def part(self, start, stop):
+        return SumBlock([block.part(start, stop) for block in self.blocks])
+
+
+def check_split(split):
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int (sub-blocks per parameter), got {split!r}")
+
+
+def row_chunks(rows, parts):
+    """(start, stop) of torch.chunk(θ, parts, 0): ⌈rows/parts⌉ rows each, the last may be smaller."""
+    size = -(-rows // parts)
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def splittable(param_shape, parts):
+    return parts > 1 and len(param_shape) > 0 and param_shape[0] > 1
+
+
+class SplitBlock(Block):
+    """The block-diagonal part of B_θ over row chunks of θ (``split``): parts[j] = (start, stop, B_jj),
+    B_jj the diagonal sub-block acting on θ[start:stop]. Products and ``solve`` work chunk by chunk."""
+
+    def __init__(self, block, parts):
+        super().__init__(block.param_shape, block._like)
+        self.parts = [(start, stop, block.part(start, stop)) for start, stop in row_chunks(self.param_shape[0], parts)]
+
+    def _matmat(self, V):
+        X = V.reshape(V.shape[0], self.param_shape[0], -1)
+        out = [part._matmat(X[:, start:stop].reshape(V.shape[0], -1)) for start, stop, part in self.parts]
+        return torch.cat([o.reshape(V.shape[0], -1) for o in out], 1)
+
+    @torch.no_grad()
+    def solve(self, rhs, damping):
+        lead = rhs.shape[: rhs.dim() - len(self.param_shape)]
+        X = rhs.reshape(*lead, self.param_shape[0], -1)
+        out = [part.solve(X[..., start:stop, :].reshape(*lead, *part.param_shape), damping).reshape(*lead, stop - start, -1)
+               for start, stop, part in self.parts]
+        return torch.cat(out, -2).reshape(rhs.shape)
+
+
+def split_block(block, parts):
+    """``block`` itself for parts = 1 (or a parameter with one row), else its ``SplitBlock``."""
+    return SplitBlock(block, parts) if splittable(block.param_shape, parts) else block
+
+
+def part_product(product, param_shape, start, stop):
+    """v -> (C P v)[start:stop] for v shaped (V, *θ[start:stop]): the diagonal sub-block of a block product."""
+
+    def apply(v):
+        full = v.new_zeros(v.shape[0], *param_shape)
+        full[:, start:stop] = v
+        return product(full)[:, start:stop]
+
+    return apply
+
+
+class SplitProduct:
+    """v -> Σ_j P_j C P_j v, the block-diagonal part of a block product over row chunks of θ (one batched
+    product of split·V vectors); parts[j] = (start, stop, product of the sub-block on θ[start:stop])."""
+
+    def __init__(self, product, param_shape, parts):
+        self.product, self.param_shape = product, tuple(param_shape)
+        self.parts = [(start, stop, with_vectors(part_product(product, self.param_shape, start, stop),
+                                                 (stop - start, *self.param_shape[1:])))
+                      for start, stop in row_chunks(self.param_shape[0], parts)]
+
+    @torch.no_grad()
+    def __call__(self, v):
+        single = tuple(v.shape) == self.param_shape
+        v = v.unsqueeze(0) if single else v
+        masked = v.new_zeros(len(self.parts), *v.shape)
+        for j, (start, stop, _) in enumerate(self.parts):
+            masked[j, :, start:stop] = v[:, start:stop]
+        out = self.product(masked.reshape(-1, *self.param_shape)).reshape(masked.shape)
+        result = torch.cat([out[j, :, start:stop] for j, (start, stop, _) in enumerate(self.parts)], 1)
+        return result.squeeze(0) if single else result
+
+
+def split_product(product, param_shape, parts):
+    """``product`` (v -> C v on (V, *θ)) as a callable on θ or (V, *θ), split into row chunks if parts > 1."""
+    if splittable(param_shape, parts):
+        return SplitProduct(product, param_shape, parts)
+    return with_vectors(product, param_shape)
+
 
 def with_vectors(product, param_shape):
     """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
@@ -382,7 +534,8 @@ GRAPH_HASH = '58fa48dd0e0abcb6'
 class Curvature:
     """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products."""
 
-    memory_limit = 2 * 1024**3  # bytes blocks() may use for one per-sample curvature matrix
+    memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
+    factored_parameters = ('1.weight', '1.bias', '3.weight', '3.bias', '5.weight', '5.bias', '7.weight', '7.bias', '9.weight', '9.bias', '11.weight', '11.bias', '13.weight', '13.bias', '15.weight', '15.bias')  # kronecker_factors() keys
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match."""
@@ -409,18 +562,24 @@ class Curvature:
         dtype = next(iter(self.p.values())).dtype if self.p else x.dtype
         if x.dtype != dtype:
             raise ValueError(f"input dtype {x.dtype} differs from the parameters' {dtype}")
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
             raise ValueError("input contains NaN or Inf")
 
     def _check_ready(self):
         if not self._ready:
             raise RuntimeError("call forward_backward(x, target) before asking for curvature")
 
+    def blocks_memory(self):
+        """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step's temporaries)."""
+        self._check_ready()
+        return (2446692 + 5 * self.N * 100 + min(self.N, 3072) * 3072 + min(self.N, 1024) * 1024 + min(self.N, 512) * 512 + min(self.N, 256) * 256 + min(self.N, 128) * 128 + min(self.N, 64) * 64 + min(self.N, 32) * 32 + min(self.N, 16) * 16) * self.loss_z.element_size()
+
     def _check_memory(self):
-        needed = 1048576 * self.loss_z.element_size()
+        """Refuse blocks() before it allocates anything."""
+        needed = self.blocks_memory()
         if needed > self.memory_limit:
             raise MemoryError(
-                f"blocks() needs {needed / 2**30:.2f} GiB for the curvature at the inputs of linear3, more than "
+                f"blocks() needs {needed / 2**30:.2f} GiB for the curvature at the inputs of sigmoid2, more than "
                 f"memory_limit ({self.memory_limit / 2**30:.2f} GiB); use block_products() or raise memory_limit"
             )
 
@@ -432,35 +591,35 @@ class Curvature:
             # forward
             a_reshape0 = x.reshape(x.shape[0], *(3072,))
             a_linear1 = torch.nn.functional.linear(a_reshape0, self.p['1.weight'], self.p['1.bias'])
-            self.linear1_X = self._linear1_view(a_reshape0)
+            self.linear1_X = a_reshape0
             a_sigmoid2 = torch.sigmoid(a_linear1)
             self.sigmoid2_d1 = a_sigmoid2*(1 - a_sigmoid2)
             a_linear3 = torch.nn.functional.linear(a_sigmoid2, self.p['3.weight'], self.p['3.bias'])
-            self.linear3_X = self._linear3_view(a_sigmoid2)
+            self.linear3_X = a_sigmoid2
             a_sigmoid4 = torch.sigmoid(a_linear3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
             a_linear5 = torch.nn.functional.linear(a_sigmoid4, self.p['5.weight'], self.p['5.bias'])
-            self.linear5_X = self._linear5_view(a_sigmoid4)
+            self.linear5_X = a_sigmoid4
             a_sigmoid6 = torch.sigmoid(a_linear5)
             self.sigmoid6_d1 = a_sigmoid6*(1 - a_sigmoid6)
             a_linear7 = torch.nn.functional.linear(a_sigmoid6, self.p['7.weight'], self.p['7.bias'])
-            self.linear7_X = self._linear7_view(a_sigmoid6)
+            self.linear7_X = a_sigmoid6
             a_sigmoid8 = torch.sigmoid(a_linear7)
             self.sigmoid8_d1 = a_sigmoid8*(1 - a_sigmoid8)
             a_linear9 = torch.nn.functional.linear(a_sigmoid8, self.p['9.weight'], self.p['9.bias'])
-            self.linear9_X = self._linear9_view(a_sigmoid8)
+            self.linear9_X = a_sigmoid8
             a_sigmoid10 = torch.sigmoid(a_linear9)
             self.sigmoid10_d1 = a_sigmoid10*(1 - a_sigmoid10)
             a_linear11 = torch.nn.functional.linear(a_sigmoid10, self.p['11.weight'], self.p['11.bias'])
-            self.linear11_X = self._linear11_view(a_sigmoid10)
+            self.linear11_X = a_sigmoid10
             a_sigmoid12 = torch.sigmoid(a_linear11)
             self.sigmoid12_d1 = a_sigmoid12*(1 - a_sigmoid12)
             a_linear13 = torch.nn.functional.linear(a_sigmoid12, self.p['13.weight'], self.p['13.bias'])
-            self.linear13_X = self._linear13_view(a_sigmoid12)
+            self.linear13_X = a_sigmoid12
             a_sigmoid14 = torch.sigmoid(a_linear13)
             self.sigmoid14_d1 = a_sigmoid14*(1 - a_sigmoid14)
             a_linear15 = torch.nn.functional.linear(a_sigmoid14, self.p['15.weight'], self.p['15.bias'])
-            self.linear15_X = self._linear15_view(a_sigmoid14)
+            self.linear15_X = a_sigmoid14
             # loss
             z = a_linear15.reshape(N, -1)
             C = 10
@@ -522,88 +681,181 @@ class Curvature:
         self._ready = True
         return loss
 
-    @torch.no_grad()
-    def blocks(self, curvature="ggn", average_input_jacobian=True, average_parameter_jacobian=True):
-        """HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.
+    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
+        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
 
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n);
-        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ]. Where the graph branches,
-        S is kept for every pair of live tensors (cross terms use E[J]); a tied parameter sums its uses.
+        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
+        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
         """
-        check_curvature(curvature)
-        self._check_ready()
-        self._check_memory()
-        blocks = {}
         S_linear15 = self._loss_hessian_sum()
-        blocks['15.weight'] = self._linear15_weight_block(S_linear15, average_parameter_jacobian)
-        blocks['15.bias'] = self._linear15_bias_block(S_linear15, average_parameter_jacobian)
+        visit('linear15', S_linear15)
         S = S_linear15  # at the output of linear15; propagate to its inputs
-        S_sigmoid14 = sandwich_independent(S, self._linear15_vjp, (16,), (10,))
+        S_sigmoid14 = weight_sandwich(S, self.p['15.weight'])
         del S_linear15
         S = S_sigmoid14  # at the output of sigmoid14; propagate to its inputs
         S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self.sigmoid14_r, average_input_jacobian, curvature)
         del S_sigmoid14
-        blocks['13.weight'] = self._linear13_weight_block(S_linear13, average_parameter_jacobian)
-        blocks['13.bias'] = self._linear13_bias_block(S_linear13, average_parameter_jacobian)
+        visit('linear13', S_linear13)
         S = S_linear13  # at the output of linear13; propagate to its inputs
-        S_sigmoid12 = sandwich_independent(S, self._linear13_vjp, (32,), (16,))
+        S_sigmoid12 = weight_sandwich(S, self.p['13.weight'])
         del S_linear13
         S = S_sigmoid12  # at the output of sigmoid12; propagate to its inputs
         S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self.sigmoid12_r, average_input_jacobian, curvature)
         del S_sigmoid12
-        blocks['11.weight'] = self._linear11_weight_block(S_linear11, average_parameter_jacobian)
-        blocks['11.bias'] = self._linear11_bias_block(S_linear11, average_parameter_jacobian)
+        visit('linear11', S_linear11)
         S = S_linear11  # at the output of linear11; propagate to its inputs
-        S_sigmoid10 = sandwich_independent(S, self._linear11_vjp, (64,), (32,))
+        S_sigmoid10 = weight_sandwich(S, self.p['11.weight'])
         del S_linear11
         S = S_sigmoid10  # at the output of sigmoid10; propagate to its inputs
         S_linear9 = elementwise_input_curvature(S, self.sigmoid10_d1, self.sigmoid10_r, average_input_jacobian, curvature)
         del S_sigmoid10
-        blocks['9.weight'] = self._linear9_weight_block(S_linear9, average_parameter_jacobian)
-        blocks['9.bias'] = self._linear9_bias_block(S_linear9, average_parameter_jacobian)
+        visit('linear9', S_linear9)
         S = S_linear9  # at the output of linear9; propagate to its inputs
-        S_sigmoid8 = sandwich_independent(S, self._linear9_vjp, (128,), (64,))
+        S_sigmoid8 = weight_sandwich(S, self.p['9.weight'])
         del S_linear9
         S = S_sigmoid8  # at the output of sigmoid8; propagate to its inputs
         S_linear7 = elementwise_input_curvature(S, self.sigmoid8_d1, self.sigmoid8_r, average_input_jacobian, curvature)
         del S_sigmoid8
-        blocks['7.weight'] = self._linear7_weight_block(S_linear7, average_parameter_jacobian)
-        blocks['7.bias'] = self._linear7_bias_block(S_linear7, average_parameter_jacobian)
+        visit('linear7', S_linear7)
         S = S_linear7  # at the output of linear7; propagate to its inputs
-        S_sigmoid6 = sandwich_independent(S, self._linear7_vjp, (256,), (128,))
+        S_sigmoid6 = weight_sandwich(S, self.p['7.weight'])
         del S_linear7
         S = S_sigmoid6  # at the output of sigmoid6; propagate to its inputs
         S_linear5 = elementwise_input_curvature(S, self.sigmoid6_d1, self.sigmoid6_r, average_input_jacobian, curvature)
         del S_sigmoid6
-        blocks['5.weight'] = self._linear5_weight_block(S_linear5, average_parameter_jacobian)
-        blocks['5.bias'] = self._linear5_bias_block(S_linear5, average_parameter_jacobian)
+        visit('linear5', S_linear5)
         S = S_linear5  # at the output of linear5; propagate to its inputs
-        S_sigmoid4 = sandwich_independent(S, self._linear5_vjp, (512,), (256,))
+        S_sigmoid4 = weight_sandwich(S, self.p['5.weight'])
         del S_linear5
         S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
         S_linear3 = elementwise_input_curvature(S, self.sigmoid4_d1, self.sigmoid4_r, average_input_jacobian, curvature)
         del S_sigmoid4
-        blocks['3.weight'] = self._linear3_weight_block(S_linear3, average_parameter_jacobian)
-        blocks['3.bias'] = self._linear3_bias_block(S_linear3, average_parameter_jacobian)
+        visit('linear3', S_linear3)
         S = S_linear3  # at the output of linear3; propagate to its inputs
-        S_sigmoid2 = sandwich_independent(S, self._linear3_vjp, (1024,), (512,))
+        S_sigmoid2 = weight_sandwich(S, self.p['3.weight'])
         del S_linear3
         S = S_sigmoid2  # at the output of sigmoid2; propagate to its inputs
         S_linear1 = elementwise_input_curvature(S, self.sigmoid2_d1, self.sigmoid2_r, average_input_jacobian, curvature)
         del S_sigmoid2
-        blocks['1.weight'] = self._linear1_weight_block(S_linear1, average_parameter_jacobian)
-        blocks['1.bias'] = self._linear1_bias_block(S_linear1, average_parameter_jacobian)
-        return {name: blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z)  # unused: 0
-        for name, shape in PARAMETERS.items()}
+        visit('linear1', S_linear1)
 
-    def block_products(self, curvature="ggn"):
-        """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v."""
+    @torch.no_grad()
+    def blocks(self, curvature="ggn", average_input_jacobian=True, average_parameter_jacobian=True, split=1):
+        """HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.
+
+        S as in _hbp_sweep; B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ] with S at the
+        output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).
+        """
         check_curvature(curvature)
+        check_split(split)
+        self._check_ready()
+        self._check_memory()
+        methods = {  # node: [(parameter, block method)]
+            'linear1': [('1.weight', '_linear1_weight_block'), ('1.bias', '_linear1_bias_block')],
+            'linear3': [('3.weight', '_linear3_weight_block'), ('3.bias', '_linear3_bias_block')],
+            'linear5': [('5.weight', '_linear5_weight_block'), ('5.bias', '_linear5_bias_block')],
+            'linear7': [('7.weight', '_linear7_weight_block'), ('7.bias', '_linear7_bias_block')],
+            'linear9': [('9.weight', '_linear9_weight_block'), ('9.bias', '_linear9_bias_block')],
+            'linear11': [('11.weight', '_linear11_weight_block'), ('11.bias', '_linear11_bias_block')],
+            'linear13': [('13.weight', '_linear13_weight_block'), ('13.bias', '_linear13_bias_block')],
+            'linear15': [('15.weight', '_linear15_weight_block'), ('15.bias', '_linear15_bias_block')],
+        }
+        blocks = {}
+
+        def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses
+            for param, method in methods[node]:
+                block = getattr(self, method)(S, average_parameter_jacobian)
+                blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block
+
+        self._hbp_sweep(curvature, average_input_jacobian, visit)
+        return {name: split_block(blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z), split)
+                for name, shape in PARAMETERS.items()}  # a parameter the loss ignores: 0
+
+    def block_products(self, curvature="ggn", split=1):
+        """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v.
+
+        split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).
+        """
+        check_curvature(curvature)
+        check_split(split)
         self._check_ready()
         products = {'1.weight': self._block_product_linear1_weight, '1.bias': self._block_product_linear1_bias, '3.weight': self._block_product_linear3_weight, '3.bias': self._block_product_linear3_bias, '5.weight': self._block_product_linear5_weight, '5.bias': self._block_product_linear5_bias, '7.weight': self._block_product_linear7_weight, '7.bias': self._block_product_linear7_bias, '9.weight': self._block_product_linear9_weight, '9.bias': self._block_product_linear9_bias, '11.weight': self._block_product_linear11_weight, '11.bias': self._block_product_linear11_bias, '13.weight': self._block_product_linear13_weight, '13.bias': self._block_product_linear13_bias, '15.weight': self._block_product_linear15_weight, '15.bias': self._block_product_linear15_bias}
         return {
-            name: with_vectors(lambda v, f=f: f(v, curvature), PARAMETERS[name]) for name, f in products.items()
+            name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split)
+            for name, f in products.items()
         }
+
+    @torch.no_grad()
+    def kronecker_factors(self, kind="kflr", samples=1, generator=None):
+        """Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:
+        weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).
+
+        A = (1/N) Σ_n Σ_l x_l x_lᵀ over the input patches x_l of the output locations l (Linear: one).
+        G = Σ_(v,n) s sᵀ, s = Σ_l u[v, n, :, l], u square-root factors backpropagated from the loss:
+        kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),
+        S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP
+        recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.
+        """
+        check_kronecker_kind(kind)
+        self._check_ready()
+        if kind == 'kfra':
+            self._check_memory()
+            G = {}
+
+            def visit(node, S):  # S at the output of a node with parameters
+                if node in ('linear1', 'linear3', 'linear5', 'linear7', 'linear9', 'linear11', 'linear13', 'linear15'):
+                    G[node] = getattr(self, f'_{node}_curvature_factor')(S)
+
+            self._hbp_sweep('ggn', False, visit)
+        else:
+            u = self._loss_hessian_root() if kind == 'kflr' else self._loss_sampled_root(samples, generator)
+            G = self._root_backward(u)
+        return {
+            '1.weight': KroneckerBlock(G['linear1'], self._linear1_input_factor(), (1024, 3072)),
+            '1.bias': DenseBlock(G['linear1'], (1024,)),
+            '3.weight': KroneckerBlock(G['linear3'], self._linear3_input_factor(), (512, 1024)),
+            '3.bias': DenseBlock(G['linear3'], (512,)),
+            '5.weight': KroneckerBlock(G['linear5'], self._linear5_input_factor(), (256, 512)),
+            '5.bias': DenseBlock(G['linear5'], (256,)),
+            '7.weight': KroneckerBlock(G['linear7'], self._linear7_input_factor(), (128, 256)),
+            '7.bias': DenseBlock(G['linear7'], (128,)),
+            '9.weight': KroneckerBlock(G['linear9'], self._linear9_input_factor(), (64, 128)),
+            '9.bias': DenseBlock(G['linear9'], (64,)),
+            '11.weight': KroneckerBlock(G['linear11'], self._linear11_input_factor(), (32, 64)),
+            '11.bias': DenseBlock(G['linear11'], (32,)),
+            '13.weight': KroneckerBlock(G['linear13'], self._linear13_input_factor(), (16, 32)),
+            '13.bias': DenseBlock(G['linear13'], (16,)),
+            '15.weight': KroneckerBlock(G['linear15'], self._linear15_input_factor(), (10, 16)),
+            '15.bias': DenseBlock(G['linear15'], (10,)),
+        }
+
+    def _root_backward(self, u):
+        """Jᵀ u from the loss down to every Linear/Conv output; G = the node's root factor there"""
+        G = {}
+        u_linear15 = u
+        G['linear15'] = self._linear15_root_factor(u_linear15)
+        u_sigmoid14 = self._linear15_vjp(u_linear15)
+        u_linear13 = self._sigmoid14_vjp(u_sigmoid14)
+        G['linear13'] = self._linear13_root_factor(u_linear13)
+        u_sigmoid12 = self._linear13_vjp(u_linear13)
+        u_linear11 = self._sigmoid12_vjp(u_sigmoid12)
+        G['linear11'] = self._linear11_root_factor(u_linear11)
+        u_sigmoid10 = self._linear11_vjp(u_linear11)
+        u_linear9 = self._sigmoid10_vjp(u_sigmoid10)
+        G['linear9'] = self._linear9_root_factor(u_linear9)
+        u_sigmoid8 = self._linear9_vjp(u_linear9)
+        u_linear7 = self._sigmoid8_vjp(u_sigmoid8)
+        G['linear7'] = self._linear7_root_factor(u_linear7)
+        u_sigmoid6 = self._linear7_vjp(u_linear7)
+        u_linear5 = self._sigmoid6_vjp(u_sigmoid6)
+        G['linear5'] = self._linear5_root_factor(u_linear5)
+        u_sigmoid4 = self._linear5_vjp(u_linear5)
+        u_linear3 = self._sigmoid4_vjp(u_sigmoid4)
+        G['linear3'] = self._linear3_root_factor(u_linear3)
+        u_sigmoid2 = self._linear3_vjp(u_linear3)
+        u_linear1 = self._sigmoid2_vjp(u_sigmoid2)
+        G['linear1'] = self._linear1_root_factor(u_linear1)
+        return G
 
     def _block_product_linear1_weight(self, v, curvature):
         """C_θθ v for θ = 1.weight: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
@@ -1063,19 +1315,19 @@ class Curvature:
         u_linear3 = self._sigmoid4_vjp(u_sigmoid4) + residual_product(self.sigmoid4_r, t_linear3, 'hessian')
         u_sigmoid2 = self._linear3_vjp(u_linear3) + self._linear3_vjp(self.linear3_g, v['3.weight'])
         u_linear1 = self._sigmoid2_vjp(u_sigmoid2) + residual_product(self.sigmoid2_r, t_linear1, 'hessian')
-        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X) + self._linear15_weight_vjp(self.linear15_g, self._linear15_view(t_sigmoid14))
+        out['15.weight'] = self._linear15_weight_vjp(u_linear15, self.linear15_X) + self._linear15_weight_vjp(self.linear15_g, t_sigmoid14)
         out['15.bias'] = self._linear15_bias_vjp(u_linear15, self.linear15_X)
-        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X) + self._linear13_weight_vjp(self.linear13_g, self._linear13_view(t_sigmoid12))
+        out['13.weight'] = self._linear13_weight_vjp(u_linear13, self.linear13_X) + self._linear13_weight_vjp(self.linear13_g, t_sigmoid12)
         out['13.bias'] = self._linear13_bias_vjp(u_linear13, self.linear13_X)
-        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X) + self._linear11_weight_vjp(self.linear11_g, self._linear11_view(t_sigmoid10))
+        out['11.weight'] = self._linear11_weight_vjp(u_linear11, self.linear11_X) + self._linear11_weight_vjp(self.linear11_g, t_sigmoid10)
         out['11.bias'] = self._linear11_bias_vjp(u_linear11, self.linear11_X)
-        out['9.weight'] = self._linear9_weight_vjp(u_linear9, self.linear9_X) + self._linear9_weight_vjp(self.linear9_g, self._linear9_view(t_sigmoid8))
+        out['9.weight'] = self._linear9_weight_vjp(u_linear9, self.linear9_X) + self._linear9_weight_vjp(self.linear9_g, t_sigmoid8)
         out['9.bias'] = self._linear9_bias_vjp(u_linear9, self.linear9_X)
-        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X) + self._linear7_weight_vjp(self.linear7_g, self._linear7_view(t_sigmoid6))
+        out['7.weight'] = self._linear7_weight_vjp(u_linear7, self.linear7_X) + self._linear7_weight_vjp(self.linear7_g, t_sigmoid6)
         out['7.bias'] = self._linear7_bias_vjp(u_linear7, self.linear7_X)
-        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X) + self._linear5_weight_vjp(self.linear5_g, self._linear5_view(t_sigmoid4))
+        out['5.weight'] = self._linear5_weight_vjp(u_linear5, self.linear5_X) + self._linear5_weight_vjp(self.linear5_g, t_sigmoid4)
         out['5.bias'] = self._linear5_bias_vjp(u_linear5, self.linear5_X)
-        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X) + self._linear3_weight_vjp(self.linear3_g, self._linear3_view(t_sigmoid2))
+        out['3.weight'] = self._linear3_weight_vjp(u_linear3, self.linear3_X) + self._linear3_weight_vjp(self.linear3_g, t_sigmoid2)
         out['3.bias'] = self._linear3_bias_vjp(u_linear3, self.linear3_X)
         out['1.weight'] = self._linear1_weight_vjp(u_linear1, self.linear1_X)
         out['1.bias'] = self._linear1_bias_vjp(u_linear1, self.linear1_X)
@@ -1148,16 +1400,34 @@ class Curvature:
         basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
         return self._loss_hessian_product(basis).sum(1).reshape(10, 10)
 
-    def _loss_fisher_product(self, v, samples, generator):
-        """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+    def _loss_hessian_root(self):
+        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""
+        eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
+        basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
+        H = self._loss_hessian_product(basis).reshape(10, self.N, 10).transpose(0, 1)  # (N, C, C)
+        eigenvalues, Q = torch.linalg.eigh(H)
+        root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]
+        return root.permute(2, 0, 1).reshape(10, self.N, 10)
+
+    def _loss_sampled_gradients(self, samples, generator):
+        """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
         lse = self.loss_lse
         softmax = self.loss_softmax
         labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
         t = torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # (N, S, C) sampled targets
         softmax = softmax[:, None, :]
-        s = softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
+        return softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
+
+    def _loss_fisher_product(self, v, samples, generator):
+        """(c/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
+        s, scale = self._loss_sampled_gradients(samples, generator), self.loss_scale
         return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))
+
+    def _loss_sampled_root(self, samples, generator):
+        """√(c/S) s, the Monte Carlo square root of ∇²_z L per sample (E[u uᵀ] = ∇²_{z_n} L): (S, N, *z)."""
+        s = self._loss_sampled_gradients(samples, generator)
+        return (self.loss_scale / samples) ** 0.5 * s.permute(1, 0, 2).reshape(samples, self.N, 10)
 
     def _reshape0_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
@@ -1167,38 +1437,27 @@ class Curvature:
         """Jᵀ u for reshape"""
         return reshape_to(u, (3072,), (3, 32, 32))
 
-    def _linear1_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(3072,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 3072)
-
     def _linear1_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear1_view(v)
-        W = reshape_to(self.p['1.weight'], (1024, 3072), (1024, 3072))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (1024,), (1024,))
+        W = self.p['1.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear1_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 1024)
-        W = reshape_to(self.p['1.weight'] if W is None else W, (1024, 3072), (1024, 3072))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 3072)
+        W = self.p['1.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (1024, 3072), (1024, 3072))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 1024)
+        Y = X @ v.mT
+        return Y
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 1024)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (1024, 3072), (1024, 3072))
+        G = u.mT @ X
+        return G
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1208,26 +1467,39 @@ class Curvature:
         if X.shape[0] < 3072:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 3072).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(1024, 1024), R, (1024, 3072))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(1024, 1024), B.reshape(3072, 3072), (1024, 3072))
 
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (1024,), (1024,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 1024))
-        return Y.reshape(*Y.shape[:-1], 1024)
+        return Y
 
     def _linear1_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 1024)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (1024,), (1024,))
+        return G
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
         S = S.reshape(1024, 1024)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(1024, 1024), (1024,))
+
+    def _linear1_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 3072 inputs of each output location: (3072, 3072)"""
+        X = self.linear1_X.reshape(self.N, 3072, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear1_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (1024, 1024)"""
+        s = u.reshape(*u.shape[:2], 1024, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear1_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (1024, 1024)"""
+        return S.reshape(1024, 1, 1024, 1).sum((1, 3))
 
     def _sigmoid2_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1237,38 +1509,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid2_d1
 
-    def _linear3_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(1024,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 1024)
-
     def _linear3_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear3_view(v)
-        W = reshape_to(self.p['3.weight'], (512, 1024), (512, 1024))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (512,), (512,))
+        W = self.p['3.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear3_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 512)
-        W = reshape_to(self.p['3.weight'] if W is None else W, (512, 1024), (512, 1024))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 1024)
+        W = self.p['3.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear3_weight_jvp(self, v, X):
         """J_θ v for θ = 3.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (512, 1024), (512, 1024))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 512)
+        Y = X @ v.mT
+        return Y
 
     def _linear3_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 3.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 512)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (512, 1024), (512, 1024))
+        G = u.mT @ X
+        return G
 
     def _linear3_weight_block(self, S, average):
         """B = A ⊗ B for θ = 3.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1278,26 +1539,39 @@ class Curvature:
         if X.shape[0] < 1024:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 1024).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(512, 512), R, (512, 1024))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(512, 512), B.reshape(1024, 1024), (512, 1024))
 
     def _linear3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (512,), (512,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 512))
-        return Y.reshape(*Y.shape[:-1], 512)
+        return Y
 
     def _linear3_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 3.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 512)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (512,), (512,))
+        return G
 
     def _linear3_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
         S = S.reshape(512, 512)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(512, 512), (512,))
+
+    def _linear3_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 1024 inputs of each output location: (1024, 1024)"""
+        X = self.linear3_X.reshape(self.N, 1024, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear3_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (512, 512)"""
+        s = u.reshape(*u.shape[:2], 512, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear3_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
+        return S.reshape(512, 1, 512, 1).sum((1, 3))
 
     def _sigmoid4_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1307,38 +1581,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid4_d1
 
-    def _linear5_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(512,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 512)
-
     def _linear5_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear5_view(v)
-        W = reshape_to(self.p['5.weight'], (256, 512), (256, 512))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (256,), (256,))
+        W = self.p['5.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear5_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 256)
-        W = reshape_to(self.p['5.weight'] if W is None else W, (256, 512), (256, 512))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 512)
+        W = self.p['5.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear5_weight_jvp(self, v, X):
         """J_θ v for θ = 5.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (256, 512), (256, 512))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 256)
+        Y = X @ v.mT
+        return Y
 
     def _linear5_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 5.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 256)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (256, 512), (256, 512))
+        G = u.mT @ X
+        return G
 
     def _linear5_weight_block(self, S, average):
         """B = A ⊗ B for θ = 5.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1348,26 +1611,39 @@ class Curvature:
         if X.shape[0] < 512:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 512).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(256, 256), R, (256, 512))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
 
     def _linear5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (256,), (256,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 256))
-        return Y.reshape(*Y.shape[:-1], 256)
+        return Y
 
     def _linear5_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 5.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 256)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (256,), (256,))
+        return G
 
     def _linear5_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
         S = S.reshape(256, 256)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(256, 256), (256,))
+
+    def _linear5_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 512 inputs of each output location: (512, 512)"""
+        X = self.linear5_X.reshape(self.N, 512, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear5_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (256, 256)"""
+        s = u.reshape(*u.shape[:2], 256, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear5_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (256, 256)"""
+        return S.reshape(256, 1, 256, 1).sum((1, 3))
 
     def _sigmoid6_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1377,38 +1653,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid6_d1
 
-    def _linear7_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(256,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 256)
-
     def _linear7_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear7_view(v)
-        W = reshape_to(self.p['7.weight'], (128, 256), (128, 256))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (128,), (128,))
+        W = self.p['7.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear7_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 128)
-        W = reshape_to(self.p['7.weight'] if W is None else W, (128, 256), (128, 256))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 256)
+        W = self.p['7.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (128, 256), (128, 256))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 128)
+        Y = X @ v.mT
+        return Y
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 128)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (128, 256), (128, 256))
+        G = u.mT @ X
+        return G
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1418,26 +1683,39 @@ class Curvature:
         if X.shape[0] < 256:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 256).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(128, 128), R, (128, 256))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(128, 128), B.reshape(256, 256), (128, 256))
 
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (128,), (128,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 128))
-        return Y.reshape(*Y.shape[:-1], 128)
+        return Y
 
     def _linear7_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 128)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (128,), (128,))
+        return G
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
         S = S.reshape(128, 128)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(128, 128), (128,))
+
+    def _linear7_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 256 inputs of each output location: (256, 256)"""
+        X = self.linear7_X.reshape(self.N, 256, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear7_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (128, 128)"""
+        s = u.reshape(*u.shape[:2], 128, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear7_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (128, 128)"""
+        return S.reshape(128, 1, 128, 1).sum((1, 3))
 
     def _sigmoid8_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1447,38 +1725,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid8_d1
 
-    def _linear9_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(128,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 128)
-
     def _linear9_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear9_view(v)
-        W = reshape_to(self.p['9.weight'], (64, 128), (64, 128))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (64,), (64,))
+        W = self.p['9.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear9_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 64)
-        W = reshape_to(self.p['9.weight'] if W is None else W, (64, 128), (64, 128))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 128)
+        W = self.p['9.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear9_weight_jvp(self, v, X):
         """J_θ v for θ = 9.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (64, 128), (64, 128))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 64)
+        Y = X @ v.mT
+        return Y
 
     def _linear9_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 9.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 64)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (64, 128), (64, 128))
+        G = u.mT @ X
+        return G
 
     def _linear9_weight_block(self, S, average):
         """B = A ⊗ B for θ = 9.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1488,26 +1755,39 @@ class Curvature:
         if X.shape[0] < 128:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 128).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(64, 64), R, (64, 128))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
 
     def _linear9_bias_jvp(self, v, X):
         """J_θ v for θ = 9.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (64,), (64,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 64))
-        return Y.reshape(*Y.shape[:-1], 64)
+        return Y
 
     def _linear9_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 9.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 64)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (64,), (64,))
+        return G
 
     def _linear9_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
         S = S.reshape(64, 64)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(64, 64), (64,))
+
+    def _linear9_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 128 inputs of each output location: (128, 128)"""
+        X = self.linear9_X.reshape(self.N, 128, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear9_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (64, 64)"""
+        s = u.reshape(*u.shape[:2], 64, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear9_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
+        return S.reshape(64, 1, 64, 1).sum((1, 3))
 
     def _sigmoid10_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1517,38 +1797,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid10_d1
 
-    def _linear11_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(64,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 64)
-
     def _linear11_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear11_view(v)
-        W = reshape_to(self.p['11.weight'], (32, 64), (32, 64))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (32,), (32,))
+        W = self.p['11.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear11_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 32)
-        W = reshape_to(self.p['11.weight'] if W is None else W, (32, 64), (32, 64))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 64)
+        W = self.p['11.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear11_weight_jvp(self, v, X):
         """J_θ v for θ = 11.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (32, 64), (32, 64))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 32)
+        Y = X @ v.mT
+        return Y
 
     def _linear11_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 11.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 32)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (32, 64), (32, 64))
+        G = u.mT @ X
+        return G
 
     def _linear11_weight_block(self, S, average):
         """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1558,26 +1827,39 @@ class Curvature:
         if X.shape[0] < 64:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 64).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(32, 32), R, (32, 64))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(32, 32), B.reshape(64, 64), (32, 64))
 
     def _linear11_bias_jvp(self, v, X):
         """J_θ v for θ = 11.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (32,), (32,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 32))
-        return Y.reshape(*Y.shape[:-1], 32)
+        return Y
 
     def _linear11_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 11.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 32)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (32,), (32,))
+        return G
 
     def _linear11_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
         S = S.reshape(32, 32)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(32, 32), (32,))
+
+    def _linear11_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 64 inputs of each output location: (64, 64)"""
+        X = self.linear11_X.reshape(self.N, 64, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear11_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (32, 32)"""
+        s = u.reshape(*u.shape[:2], 32, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear11_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
+        return S.reshape(32, 1, 32, 1).sum((1, 3))
 
     def _sigmoid12_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1587,38 +1869,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid12_d1
 
-    def _linear13_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(32,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 32)
-
     def _linear13_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear13_view(v)
-        W = reshape_to(self.p['13.weight'], (16, 32), (16, 32))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (16,), (16,))
+        W = self.p['13.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear13_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 16)
-        W = reshape_to(self.p['13.weight'] if W is None else W, (16, 32), (16, 32))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 32)
+        W = self.p['13.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear13_weight_jvp(self, v, X):
         """J_θ v for θ = 13.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (16, 32), (16, 32))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 16)
+        Y = X @ v.mT
+        return Y
 
     def _linear13_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 13.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 16)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (16, 32), (16, 32))
+        G = u.mT @ X
+        return G
 
     def _linear13_weight_block(self, S, average):
         """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1628,26 +1899,39 @@ class Curvature:
         if X.shape[0] < 32:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 32).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(16, 16), R, (16, 32))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(16, 16), B.reshape(32, 32), (16, 32))
 
     def _linear13_bias_jvp(self, v, X):
         """J_θ v for θ = 13.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (16,), (16,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 16))
-        return Y.reshape(*Y.shape[:-1], 16)
+        return Y
 
     def _linear13_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 13.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 16)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (16,), (16,))
+        return G
 
     def _linear13_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
         S = S.reshape(16, 16)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(16, 16), (16,))
+
+    def _linear13_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 32 inputs of each output location: (32, 32)"""
+        X = self.linear13_X.reshape(self.N, 32, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear13_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
+        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear13_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
+        return S.reshape(16, 1, 16, 1).sum((1, 3))
 
     def _sigmoid14_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -1657,38 +1941,27 @@ class Curvature:
         """Jᵀ u = φ′ ⊙ u"""
         return u * self.sigmoid14_d1
 
-    def _linear15_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(16,))"""
-        lead = lead_shape(x, 1)
-        return x.reshape(*lead, 16)
-
     def _linear15_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
-        v = self._linear15_view(v)
-        W = reshape_to(self.p['15.weight'], (10, 16), (10, 16))
-        Y = torch.einsum("...ab,...cb->...ca", W, v)
-        return reshape_to(Y, (10,), (10,))
+        W = self.p['15.weight']
+        Y = v @ W.mT
+        return Y
 
     def _linear15_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
-        lead = lead_shape(u, 1)
-        u = u.reshape(*lead, 10)
-        W = reshape_to(self.p['15.weight'] if W is None else W, (10, 16), (10, 16))
-        X = torch.einsum("...ab,...ca->...cb", W, u)
-        lead = lead_shape(X, 1)
-        return X.reshape(*lead, 16)
+        W = self.p['15.weight'] if W is None else W
+        X = u @ W
+        return X
 
     def _linear15_weight_jvp(self, v, X):
         """J_θ v for θ = 15.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
-        v = reshape_to(v, (10, 16), (10, 16))
-        Y = torch.einsum("...ab,...cb->...ac", X, v)
-        return Y.reshape(*Y.shape[:-1], 10)
+        Y = X @ v.mT
+        return Y
 
     def _linear15_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 15.weight (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 10)
-        G = torch.einsum("...ab,...ac->...cb", X, u)
-        return reshape_to(G, (10, 16), (10, 16))
+        G = u.mT @ X
+        return G
 
     def _linear15_weight_block(self, S, average):
         """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
@@ -1698,23 +1971,36 @@ class Curvature:
         if X.shape[0] < 16:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 16).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(10, 10), R, (10, 16))
-        B = torch.einsum("...ab,...ac->...bc", X, X) / X.shape[0]
+        B = torch.einsum("...ab,...ac->...bc", X, X)
+        B /= X.shape[0]
         return KroneckerBlock(A.reshape(10, 10), B.reshape(16, 16), (10, 16))
 
     def _linear15_bias_jvp(self, v, X):
         """J_θ v for θ = 15.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        v = reshape_to(v, (10,), (10,))
         Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
-        return Y.reshape(*Y.shape[:-1], 10)
+        return Y
 
     def _linear15_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 15.bias (sums over samples)"""
-        u = u.reshape(*lead_shape(u, 1), 10)
         G = torch.einsum("...ab->...b", u)
-        return reshape_to(G, (10,), (10,))
+        return G
 
     def _linear15_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
         S = S.reshape(10, 10)
         B = torch.einsum("...ab->...ab", S)
         return DenseBlock(B.reshape(10, 10), (10,))
+
+    def _linear15_input_factor(self):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 16 inputs of each output location: (16, 16)"""
+        X = self.linear15_X.reshape(self.N, 16, -1)
+        return torch.einsum('nil,njl->ij', X, X) / self.N
+
+    def _linear15_root_factor(self, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
+        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
+        return torch.einsum('vno,vnp->op', s, s)
+
+    def _linear15_curvature_factor(self, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
+        return S.reshape(10, 1, 10, 1).sum((1, 3))

@@ -9,10 +9,13 @@ from hbpc import __version__
 from hbpc.derive import derive
 from hbpc.derive.printer import torch_code
 
-from .nodes import doc_safe, node_code, param_code, tangent_view
+from .kronecker import factor_methods, factor_nodes, kronecker_factors_method, root_backward_method
+from .nodes import doc_safe, node_code, param_code, sandwich_temporaries, tangent_view
 
 PRELUDE = (Path(__file__).with_name("prelude.py")).read_text()
 PRELUDE_ND = (Path(__file__).with_name("prelude_nd.py")).read_text()
+PRELUDE_CONV = (Path(__file__).with_name("prelude_conv.py")).read_text()
+PRELUDE_NORM = (Path(__file__).with_name("prelude_norm.py")).read_text()
 _INDENT = "    "
 
 
@@ -62,24 +65,40 @@ def _loss_lines(graph, last):
     unflatten = ".reshape(shape)" if rank > 1 else ""
     hvp = restore + flatten + _needed(shared, exprs["hvp"]) + [f"return (scale * ({exprs['hvp']}) + 0 * v){unflatten}"]
     doc = f"ℓ(z, t) = {rule.ell};  Hv = {derivation.hessian_product}"
+    z_shape = _shape_args(graph.nodes[last]["y_shape"])
     if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
-        fisher = [
+        sampled = [
             *restore,
-            *flatten,
             "labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"t = torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # (N, S, C) sampled targets",
             *[f"{name} = {name}[:, None, :]" for name in ("z", *derivation.intermediates)
               if re.search(rf"\b{name}\b", exprs["grad"])],
             *_needed(shared, exprs["grad"]),
-            f"s = {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
+            f"return {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
+        ]
+        fisher = [
+            *flatten,
+            "s, scale = self._loss_sampled_gradients(samples, generator), self.loss_scale",
             "return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))"
             + unflatten,
         ]
-        fisher_method = ["def _loss_fisher_product(self, v, samples, generator):",
-                         '    """(1/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""',
-                         *_indent(fisher, 1), ""]
+        root = ["s = self._loss_sampled_gradients(samples, generator)",
+                f"return (self.loss_scale / samples) ** 0.5 * s.permute(1, 0, 2).reshape(samples, self.N, {z_shape})"]
+        fisher_method = [
+            "def _loss_sampled_gradients(self, samples, generator):",
+            '    """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""',
+            *_indent(sampled, 1), "",
+            "def _loss_fisher_product(self, v, samples, generator):",
+            '    """(c/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""',
+            *_indent(fisher, 1), ""]
     else:
+        root = [f"raise ValueError(\"kind='kfac' samples labels from a softmax likelihood; {graph.graph['loss']} has \"",
+                "                 \"none: use kind='kflr' (exact factors) or 'kfra'\")"]
         fisher_method = []
+    fisher_method += [
+        "def _loss_sampled_root(self, samples, generator):",
+        '    """√(c/S) s, the Monte Carlo square root of ∇²_z L per sample (E[u uᵀ] = ∇²_{z_n} L): (S, N, *z)."""',
+        *_indent(root, 1), ""]
     methods = [
         "def _loss_hessian_product(self, v):",
         f'    """(∇²_z L) v per sample, v (V, N, C): {doc}"""', *_indent(hvp, 1), "",
@@ -88,6 +107,14 @@ def _loss_lines(graph, last):
         f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
         f"    basis = eye[:, None, :].expand({classes}, self.N, {classes}).reshape({classes}, self.N, {_shape_args(graph.nodes[last]['y_shape'])})",
         f"    return self._loss_hessian_product(basis).sum(1).reshape({classes}, {classes})", "",
+        "def _loss_hessian_root(self):",
+        '    """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""',
+        f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
+        f"    basis = eye[:, None, :].expand({classes}, self.N, {classes}).reshape({classes}, self.N, {z_shape})",
+        f"    H = self._loss_hessian_product(basis).reshape({classes}, self.N, {classes}).transpose(0, 1)  # (N, C, C)",
+        "    eigenvalues, Q = torch.linalg.eigh(H)",
+        "    root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]",
+        f"    return root.permute(2, 0, 1).reshape({classes}, self.N, {z_shape})", "",
         *fisher_method,
     ]
     return lines, methods
@@ -152,14 +179,14 @@ def _product(graph, order, codes, active, second_order, loss_product):
                 continue
             terms = [f"self._{name}_{role}_vjp(u_{name}, self.{name}_X)"]
             if second_order and role in code.cross_terms and input_tangent:
-                terms.append(cross(f"self._{name}_{role}_vjp(self.{name}_g, self.{tangent_view(name, node)}({input_tangent}))"))
+                terms.append(cross(f"self._{name}_{role}_vjp(self.{name}_g, {tangent_view(name, node, input_tangent)})"))
             out.setdefault(param, []).extend(terms)
         for i, source in enumerate(inputs):
             if source not in tangent:
                 continue
             terms = [code.vjp(f"u_{name}")[i]]
-            if second_order and code.residual:
-                terms.append(f"residual_product({code.residual}, t_{source}, {mode})")
+            if second_order and code.residual_product:
+                terms.append(code.residual_product(f"t_{source}", mode))
             if second_order and "weight" in code.cross_terms and node["params"]["weight"] in active:
                 terms.append(cross(f"self._{name}_vjp(self.{name}_g, v[{node['params']['weight']!r}])"))
             contributions.setdefault(source, []).append(_sum(terms))
@@ -217,34 +244,76 @@ def _accumulate(lines, defined, variable, expression):
     defined.add(variable)
 
 
-def _blocks_method(graph, order, codes, plan):
-    """HBP over the graph: a backward sweep keeping S for every pair of tensors on the frontier."""
+class _MemoryLedger:
+    """Entries the HBP sweep holds at once: live S variables, the S that blocks keep, each step's temporaries.
+
+    ``peak`` is the most at any step of blocks() and ``where`` names that step; the generated ``_check_memory``
+    refuses from it before anything is allocated.
+    """
+
+    def __init__(self, sizes, last):
+        self.sizes, self.live, self.kept = sizes, {f"S_{last}": sizes[last] ** 2}, 0
+        self.peak, self.where = self.live[f"S_{last}"], "the loss"
+
+    def entries(self, a, b):
+        return self.sizes[a] * self.sizes[b]
+
+    def form(self, variable, entries, temporaries, where):
+        """variable is formed (or re-formed as variable + term, holding both sums and the term at once)."""
+        total = self.kept + sum(self.live.values()) + entries * (2 if variable in self.live else 1) + temporaries
+        if total > self.peak:
+            self.peak, self.where = total, where
+        self.live[variable] = entries
+
+    def keep(self, variable):
+        """Blocks built from variable hold it (or factors of its size) until blocks() returns."""
+        self.kept += self.live.pop(variable)
+
+    def free(self, variables):
+        for variable in variables:
+            self.live.pop(variable, None)
+
+
+def _input_temporaries(code, i, ledger, name, source):
+    """Entries input_curvature[i] allocates besides S and S_source (a node kind without an estimate: a sandwich's)."""
+    known = code.curvature_temporaries
+    return known[i] if known else sandwich_temporaries(ledger.sizes[source], ledger.sizes[name])
+
+
+def _sweep_method(graph, order, codes, plan, ledger):
+    """HBP over the graph: a backward sweep keeping S for every pair of tensors on the frontier.
+
+    ``ledger`` (a ``_MemoryLedger``) records what each step holds, for blocks()' memory check.
+    """
     position = {name: k for k, name in enumerate(order)}
-    body = ["check_curvature(curvature)", "self._check_ready()", "self._check_memory()", "blocks = {}",
-            f"S_{order[-1]} = self._loss_hessian_sum()"]
-    defined, frontier, seen = {f"S_{order[-1]}"}, [order[-1]], set()
+    body = [f"S_{order[-1]} = self._loss_hessian_sum()"]
+    defined, frontier = {f"S_{order[-1]}"}, [order[-1]]
     for name in reversed(order):
         if name not in plan.upstream:
             continue
         node, code = graph.nodes[name], codes[name]
         frontier.remove(name)
-        for role, method in code.blocks.items():
-            param, block = node["params"][role], f"self.{method}(S_{name}, average_parameter_jacobian)"
-            body.append(f"blocks[{param!r}] = " + (f"SumBlock([blocks[{param!r}], {block}])" if param in seen else block))
-            seen.add(param)
+        if code.blocks:
+            body.append(f"visit({name!r}, S_{name})")
+            ledger.keep(f"S_{name}")
         active = [(i, source) for i, source in enumerate(node["inputs"]) if source in plan.upstream]
         if not active:
             continue
         body.append(f"S = S_{name}  # at the output of {name}; propagate to its inputs")
+        where = f"the inputs of {name}"
         for i, source in active:
             _accumulate(body, defined, f"S_{source}", code.input_curvature[i])
+            ledger.form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source),
+                        where)
         for (i, a), (j, b) in ((p, q) for k, p in enumerate(active) for q in active[k + 1:]):
             term = code.cross(i, j)
             if a == b:
                 _accumulate(body, defined, f"S_{a}", f"{term} + ({term}).T")
+                ledger.form(f"S_{a}", ledger.entries(a, a), 2 * ledger.entries(a, a), where)
             else:
                 variable, flip = _pair(a, b, position)
                 _accumulate(body, defined, variable, f"({term}).T" if flip else term)
+                ledger.form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
         for other in frontier:
             variable, flip = _pair(name, other, position)
             if variable not in defined:
@@ -254,21 +323,43 @@ def _blocks_method(graph, order, codes, plan):
                 term = code.mean_vjp(i, matrix)  # E[J_i]ᵀ S_(name, other): (d_source, d_other)
                 if source == other:
                     _accumulate(body, defined, f"S_{other}", f"{term} + ({term}).T")
+                    ledger.form(f"S_{other}", ledger.entries(other, other), 2 * ledger.entries(other, other), where)
                 else:
                     target, target_flip = _pair(source, other, position)
                     _accumulate(body, defined, target, f"({term}).T" if target_flip else term)
+                    ledger.form(target, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
         frontier += [source for _, source in active if source not in frontier]
         dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
         body.append("del " + ", ".join(v for v in dead if v in defined))
         defined -= set(dead)
-    body.append("return {name: blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z)  # unused: 0"
-                "\n        for name, shape in PARAMETERS.items()}")
+        ledger.free(dead)
+    doc = ("S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.\n\n"
+           "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).\n"
+           "        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).\n        ")
+    return ["def _hbp_sweep(self, curvature, average_input_jacobian, visit):", f'    """{doc}"""', *_indent(body, 1), ""]
+
+
+def _blocks_method(graph, order, codes):
+    """``blocks()``: the sweep, with every node's parameter blocks computed from its S on the way."""
+    methods = {name: [(graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items()]
+               for name in order if codes[name].blocks}
+    body = [
+        "check_curvature(curvature)", "check_split(split)", "self._check_ready()", "self._check_memory()",
+        "methods = {  # node: [(parameter, block method)]", *[f"    {name!r}: {entries!r}," for name, entries in methods.items()],
+        "}", "blocks = {}", "",
+        "def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses",
+        "    for param, method in methods[node]:",
+        "        block = getattr(self, method)(S, average_parameter_jacobian)",
+        "        blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block", "",
+        "self._hbp_sweep(curvature, average_input_jacobian, visit)",
+        "return {name: split_block(blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z), split)",
+        "        for name, shape in PARAMETERS.items()}  # a parameter the loss ignores: 0",
+    ]
     doc = ("HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.\n\n"
-           "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n);\n"
-           "        B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ]. Where the graph branches,\n"
-           "        S is kept for every pair of live tensors (cross terms use E[J]); a tied parameter sums its uses.\n        ")
+           "        S as in _hbp_sweep; B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ] with S at the\n"
+           "        output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).\n        ")
     return ["@torch.no_grad()",
-            "def blocks(self, curvature=\"ggn\", average_input_jacobian=True, average_parameter_jacobian=True):",
+            "def blocks(self, curvature=\"ggn\", average_input_jacobian=True, average_parameter_jacobian=True, split=1):",
             f'    """{doc}"""', *_indent(body, 1), ""]
 
 
@@ -279,6 +370,12 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last)
     uses = _parameter_uses(graph, order)
+    factors = factor_nodes(graph, order)
+    ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
+    sweep = _sweep_method(graph, order, codes, plan, ledger)
+    classes = prod(graph.nodes[last]["y_shape"])
+    batch_entries = " + ".join([f"5 * self.N * {classes * classes}",  # the loss Hessian's basis and its products
+                                *(e for name in order for e in codes[name].block_factor_entries)])
     buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
@@ -318,7 +415,9 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         "class Curvature:",
         f'    """Curvature of {loss} for {graph.graph["model"]}: HBP blocks and exact products."""',
         "",
-        f"    memory_limit = 2 * 1024**3  # bytes blocks() may use for one per-sample curvature matrix",
+        f"    memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary",
+        f"    factored_parameters = {tuple(p for params in factors.values() for p in params.values())!r}"
+        "  # kronecker_factors() keys",
         "",
         *_indent([
             "def __init__(self, model):",
@@ -346,45 +445,64 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "    dtype = next(iter(self.p.values())).dtype if self.p else x.dtype",
             "    if x.dtype != dtype:",
             "        raise ValueError(f\"input dtype {x.dtype} differs from the parameters' {dtype}\")",
-            "    if not torch.isfinite(x).all():",
+            "    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms",
             "        raise ValueError(\"input contains NaN or Inf\")",
             "",
             "def _check_ready(self):",
             "    if not self._ready:",
             "        raise RuntimeError(\"call forward_backward(x, target) before asking for curvature\")",
             "",
+            "def blocks_memory(self):",
+            '    """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step\'s temporaries)."""',
+            "    self._check_ready()",
+            f"    return ({ledger.peak} + {batch_entries}) * self.loss_z.element_size()",
+            "",
             "def _check_memory(self):",
-            f"    needed = {plan.hbp_entries} * self.loss_z.element_size()",
+            '    """Refuse blocks() before it allocates anything."""',
+            "    needed = self.blocks_memory()",
             "    if needed > self.memory_limit:",
             "        raise MemoryError(",
-            f"            f\"blocks() needs {{needed / 2**30:.2f}} GiB for the curvature at {plan.hbp_largest}, more than \"",
+            f"            f\"blocks() needs {{needed / 2**30:.2f}} GiB for the curvature at {ledger.where}, more than \"",
             "            f\"memory_limit ({self.memory_limit / 2**30:.2f} GiB); use block_products() or raise memory_limit\"",
             "        )",
             "",
             "def forward_backward(self, x, target):",
             '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs."""',
             *_indent(fb_body, 1), "",
-            *_blocks_method(graph, order, codes, plan),
-            "def block_products(self, curvature=\"ggn\"):",
-            '    """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v."""',
+            *sweep,
+            *_blocks_method(graph, order, codes),
+            "def block_products(self, curvature=\"ggn\", split=1):",
+            '    """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v.',
+            "",
+            "    split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).",
+            '    """',
             "    check_curvature(curvature)",
+            "    check_split(split)",
             "    self._check_ready()",
             f"    products = {{{product_map}}}",
             "    return {",
-            "        name: with_vectors(lambda v, f=f: f(v, curvature), PARAMETERS[name]) for name, f in products.items()",
+            "        name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split)",
+            "        for name, f in products.items()",
             "    }",
             "",
+            *kronecker_factors_method(graph, factors),
+            *root_backward_method(graph, order, codes, factors),
             *products,
             *_full_product(graph, order, codes, "ggn"),
             *_full_product(graph, order, codes, "hessian"),
             *(_full_product(graph, order, codes, "fisher") if "softmax" in derive(graph.graph["loss_rule"]).intermediates
               else []),
             *loss_methods,
-            *[line for name in order for line in codes[name].methods],
+            *[line for name in order for line in codes[name].methods
+              + (factor_methods(name, graph.nodes[name]) if name in factors else [])],
         ], 1),
     ]
     prelude = PRELUDE.replace("import torch\n", "", 1).strip()
     if any("patches_nd" in line or "transposed_patches" in line for line in cls):  # 3D conv / pool, conv_transpose
         prelude += "\n\n\n" + PRELUDE_ND.strip()
+    if any("conv_apply(" in line for line in cls):  # convolutions lowered to torch's kernels
+        prelude += "\n\n\n" + PRELUDE_CONV.strip()
+    if any("grouped_matrices(" in line for line in cls):  # a normalization
+        prelude += "\n\n\n" + PRELUDE_NORM.strip()
     text = "\n".join([*header, "import torch", "", prelude, "", "", *cls])
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"

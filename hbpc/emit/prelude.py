@@ -15,6 +15,14 @@ def check_curvature(curvature):
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
 
 
+KRONECKER_KINDS = ("kfac", "kflr", "kfra")
+
+
+def check_kronecker_kind(kind):
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+
+
 def residual(r, curvature):
     """The residual term under a curvature mode: r (hessian), None (ggn), |r| (pch-abs), max(r, 0) (pch-clip)."""
     if curvature == "ggn":
@@ -95,9 +103,13 @@ def reshape_to(t, old_shape, new_shape):
 
 
 def accumulate_grad(param, grad):
-    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None)."""
+    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None).
+
+    grad is stored without a copy: the parameter vjps sum over samples, so it is a fresh tensor that
+    nothing else holds (never a view of a cached tensor, which a later in-place update of p.grad would change).
+    """
     if param.requires_grad:
-        param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+        param.grad = grad if param.grad is None else param.grad + grad
 
 
 def numel(shape):
@@ -130,9 +142,28 @@ def cross_independent(S, vjp_a, vjp_b, xa_shape, xb_shape, y_shape):
     return transpose_matrix(S_Jb, vjp_a, y_shape)
 
 
-def sandwich_independent(S, vjp, x_shape, y_shape):
-    """S_x = Jᵀ S J for a sample-independent linear map: (d_x, d_x)."""
-    return cross_independent(S, vjp, vjp, x_shape, x_shape, y_shape)
+def sandwich_independent(S, vjp, x_shape, y_shape, chunk_entries=2**22):
+    """S_x = Jᵀ S J for a sample-independent linear map and a symmetric S: (d_x, d_x).
+
+    Two passes of the vjp over rows, chunk_entries entries of rows in and out at a time: the rows of S give
+    S J (row i is Jᵀ S[i]), the rows of (S J)ᵀ give Jᵀ S J. Holds S J and S_x, no transposed copies.
+    """
+    d_x = numel(x_shape)
+    step = max(1, chunk_entries // (d_x + numel(y_shape)))
+
+    def rows_through(M):
+        out = M.new_empty(M.shape[0], d_x)
+        for start in range(0, M.shape[0], step):
+            rows = M[start:start + step]
+            out[start:start + step] = vjp(rows.reshape(rows.shape[0], 1, *y_shape)).reshape(rows.shape[0], d_x)
+        return out
+
+    return rows_through(rows_through(S).T)
+
+
+def weight_sandwich(S, W):
+    """S_x = Wᵀ S W for a map whose Jacobian is the weight W (d_y, d_x): two gemms."""
+    return W.T @ S @ W
 
 
 def take_mean_transpose(M, idx, x_shape):
@@ -156,16 +187,16 @@ def cat_tangents(tangents, x_shapes, axis):
 def elementwise_input_curvature(S, d1, r, average, curvature):
     """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d)."""
     d = d1.flatten(1)
-    M = torch.outer(d.mean(0), d.mean(0)) if average else d.T @ d / d.shape[0]
-    S_x = S * M
+    S_x = torch.outer(d.mean(0), d.mean(0)) if average else (d.T @ d).div_(d.shape[0])
+    S_x.mul_(S)
     if r is not None:
         modified = residual(r.flatten(1).sum(0), curvature)
         if modified is not None:
-            S_x = S_x + torch.diag(modified)
+            S_x.diagonal().add_(modified)
     return S_x
 
 
-def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
+def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**22):
     """S_x for a recorded selection P_n: E[P]ᵀ S E[P] (average) or (1/N) Σ_n P_nᵀ S P_n."""
     N, d_y, d_x = idx.shape[0], S.shape[0], numel(x_shape)
     plane = x_shape[-2] * x_shape[-1]
@@ -176,7 +207,7 @@ def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**24):
         E = S.new_zeros(d_y, d_x).index_put_((rows, cols), S.new_full((N, d_y), 1.0 / N), accumulate=True)
         return E.T @ S @ E
     S_x = S.new_zeros(d_x, d_x)
-    step = max(1, chunk_entries // max(1, d_y * d_y))
+    step = max(1, min(chunk_entries, d_x * d_x) // max(1, d_y * d_y))  # index chunks no larger than S_x
     for start in range(0, N, step):
         c = cols[start:start + step]
         m = c.shape[0]
@@ -219,6 +250,18 @@ class Block:
         A = self.to_dense() + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
         return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape)
 
+    def part(self, start, stop):
+        """The diagonal sub-block of rows start:stop of θ's first dimension, acting on θ[start:stop]."""
+        rest = self.numel // self.param_shape[0]
+        first, last = start * rest, stop * rest
+
+        def product(v):
+            full = v.new_zeros(v.shape[0], self.numel)
+            full[:, first:last] = v.reshape(v.shape[0], -1)
+            return self._matmat(full)[:, first:last].reshape(v.shape)
+
+        return OperatorBlock(product, (stop - start, *self.param_shape[1:]), self._like)
+
 
 class DenseBlock(Block):
     """B_θ stored as a (numel, numel) matrix."""
@@ -232,6 +275,11 @@ class DenseBlock(Block):
 
     def to_dense(self):
         return self.matrix
+
+    def part(self, start, stop):
+        rest = self.numel // self.param_shape[0]
+        rows = slice(start * rest, stop * rest)
+        return DenseBlock(self.matrix[rows, rows], (stop - start, *self.param_shape[1:]))
 
 
 class KroneckerBlock(Block):
@@ -248,6 +296,19 @@ class KroneckerBlock(Block):
 
     def to_dense(self):
         return torch.kron(self.A, self.B)
+
+    def factor_rows(self, start, stop):
+        """A's rows covering θ[start:stop] when they align with A (always so for θ viewed (out, in)), else None."""
+        rest, b = self.numel // self.param_shape[0], self.numel // self.A.shape[0]
+        if (start * rest) % b or (stop * rest) % b:
+            return None
+        return slice(start * rest // b, stop * rest // b)
+
+    def part(self, start, stop):
+        rows = self.factor_rows(start, stop)
+        if rows is None:
+            return Block.part(self, start, stop)
+        return KroneckerBlock(self.A[rows, rows], self.B, (stop - start, *self.param_shape[1:]))
 
     @torch.no_grad()
     def solve(self, rhs, damping):
@@ -291,6 +352,12 @@ class KroneckerGramBlock(KroneckerBlock):
         inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
         return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape)
 
+    def part(self, start, stop):
+        rows = self.factor_rows(start, stop)
+        if rows is None:
+            return Block.part(self, start, stop)
+        return KroneckerGramBlock(self.A[rows, rows], self.R, (stop - start, *self.param_shape[1:]))
+
 
 class OperatorBlock(Block):
     """B_θ known only through its product v -> B_θ v on tensors shaped (V, *θ)."""
@@ -332,6 +399,91 @@ class SumBlock(Block):
 
     def _matmat(self, V):
         return sum(block._matmat(V) for block in self.blocks)
+
+    def part(self, start, stop):
+        return SumBlock([block.part(start, stop) for block in self.blocks])
+
+
+def check_split(split):
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"split must be a positive int (sub-blocks per parameter), got {split!r}")
+
+
+def row_chunks(rows, parts):
+    """(start, stop) of torch.chunk(θ, parts, 0): ⌈rows/parts⌉ rows each, the last may be smaller."""
+    size = -(-rows // parts)
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def splittable(param_shape, parts):
+    return parts > 1 and len(param_shape) > 0 and param_shape[0] > 1
+
+
+class SplitBlock(Block):
+    """The block-diagonal part of B_θ over row chunks of θ (``split``): parts[j] = (start, stop, B_jj),
+    B_jj the diagonal sub-block acting on θ[start:stop]. Products and ``solve`` work chunk by chunk."""
+
+    def __init__(self, block, parts):
+        super().__init__(block.param_shape, block._like)
+        self.parts = [(start, stop, block.part(start, stop)) for start, stop in row_chunks(self.param_shape[0], parts)]
+
+    def _matmat(self, V):
+        X = V.reshape(V.shape[0], self.param_shape[0], -1)
+        out = [part._matmat(X[:, start:stop].reshape(V.shape[0], -1)) for start, stop, part in self.parts]
+        return torch.cat([o.reshape(V.shape[0], -1) for o in out], 1)
+
+    @torch.no_grad()
+    def solve(self, rhs, damping):
+        lead = rhs.shape[: rhs.dim() - len(self.param_shape)]
+        X = rhs.reshape(*lead, self.param_shape[0], -1)
+        out = [part.solve(X[..., start:stop, :].reshape(*lead, *part.param_shape), damping).reshape(*lead, stop - start, -1)
+               for start, stop, part in self.parts]
+        return torch.cat(out, -2).reshape(rhs.shape)
+
+
+def split_block(block, parts):
+    """``block`` itself for parts = 1 (or a parameter with one row), else its ``SplitBlock``."""
+    return SplitBlock(block, parts) if splittable(block.param_shape, parts) else block
+
+
+def part_product(product, param_shape, start, stop):
+    """v -> (C P v)[start:stop] for v shaped (V, *θ[start:stop]): the diagonal sub-block of a block product."""
+
+    def apply(v):
+        full = v.new_zeros(v.shape[0], *param_shape)
+        full[:, start:stop] = v
+        return product(full)[:, start:stop]
+
+    return apply
+
+
+class SplitProduct:
+    """v -> Σ_j P_j C P_j v, the block-diagonal part of a block product over row chunks of θ (one batched
+    product of split·V vectors); parts[j] = (start, stop, product of the sub-block on θ[start:stop])."""
+
+    def __init__(self, product, param_shape, parts):
+        self.product, self.param_shape = product, tuple(param_shape)
+        self.parts = [(start, stop, with_vectors(part_product(product, self.param_shape, start, stop),
+                                                 (stop - start, *self.param_shape[1:])))
+                      for start, stop in row_chunks(self.param_shape[0], parts)]
+
+    @torch.no_grad()
+    def __call__(self, v):
+        single = tuple(v.shape) == self.param_shape
+        v = v.unsqueeze(0) if single else v
+        masked = v.new_zeros(len(self.parts), *v.shape)
+        for j, (start, stop, _) in enumerate(self.parts):
+            masked[j, :, start:stop] = v[:, start:stop]
+        out = self.product(masked.reshape(-1, *self.param_shape)).reshape(masked.shape)
+        result = torch.cat([out[j, :, start:stop] for j, (start, stop, _) in enumerate(self.parts)], 1)
+        return result.squeeze(0) if single else result
+
+
+def split_product(product, param_shape, parts):
+    """``product`` (v -> C v on (V, *θ)) as a callable on θ or (V, *θ), split into row chunks if parts > 1."""
+    if splittable(param_shape, parts):
+        return SplitProduct(product, param_shape, parts)
+    return with_vectors(product, param_shape)
 
 
 def with_vectors(product, param_shape):

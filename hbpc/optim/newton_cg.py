@@ -173,6 +173,9 @@ class NewtonCG(torch.optim.Optimizer):
       all groups share α and the CG settings, ``lr`` may differ).
     * ``solver="cg"`` runs CG on the damped product; ``solver="direct"`` (blocks
       only) uses ``block.solve``.
+    * ``split=k`` (blocks and block products; the paper's "parallel" modules) cuts every
+      parameter into ``torch.chunk(θ, k, 0)`` row chunks and solves each chunk's system on the
+      diagonal sub-block of its curvature separately (``last_stats`` keys ``"name[start:stop]"``).
     * ``adaptive_damping=True`` adapts α after every step with the reduction
       ratio ``ρ = (L(θ + s) - L(θ)) / Σ_θ [gᵀs + ½ sᵀ B s]``, ``s = lr · d``, of the
       undamped block-diagonal quadratic model (Martens 2010; for ``source="full"``
@@ -200,12 +203,17 @@ class NewtonCG(torch.optim.Optimizer):
         average_parameter_jacobian: bool = True,
         solver: str = "cg",
         adaptive_damping: bool = False,
+        split: int = 1,
     ):
         check_choice("source", source, SOURCES)
         check_choice("curvature_mode", curvature_mode, CURVATURE_MODES)
         check_choice("solver", solver, SOLVERS)
         if solver == "direct" and source != "blocks":
             raise ValueError('solver="direct" needs source="blocks": block products and full products have no solve()')
+        if not isinstance(split, int) or split < 1:
+            raise ValueError(f"split={split!r} must be a positive int (row chunks per parameter)")
+        if source == "full" and split != 1:
+            raise ValueError('split needs source="blocks" or "block_products": the full system has no parameter blocks')
         if source == "full" and curvature_mode not in FULL_MODES:
             raise ValueError(f'source="full" needs curvature_mode "ggn" or "hessian", got {curvature_mode!r}')
         self.curvature = curvature
@@ -215,6 +223,7 @@ class NewtonCG(torch.optim.Optimizer):
         self.average_parameter_jacobian = average_parameter_jacobian
         self.solver = solver
         self.adaptive_damping = adaptive_damping
+        self.split = split
         self.names: dict[Tensor, str] = {}
         self.last_stats = StepStats()
         defaults = dict(lr=lr, alpha=alpha, cg_tol=cg_tol, cg_atol=cg_atol, cg_maxiter=cg_maxiter)
@@ -233,11 +242,12 @@ class NewtonCG(torch.optim.Optimizer):
 
     def curvature_source(self) -> dict:
         """Blocks or block products for this step, keyed by parameter name."""
+        split = {"split": self.split} if self.split != 1 else {}  # modules from before split keep working
         if self.source == "blocks":
             return self.curvature.blocks(
-                self.curvature_mode, self.average_input_jacobian, self.average_parameter_jacobian
+                self.curvature_mode, self.average_input_jacobian, self.average_parameter_jacobian, **split
             )
-        return self.curvature.block_products(self.curvature_mode)
+        return self.curvature.block_products(self.curvature_mode, **split)
 
     def direction(self, operator, g: Tensor, group: dict) -> tuple[Tensor, ParamStats]:
         """Damped Newton direction ``d`` for one parameter; ``operator`` is a Block or ``v -> B v``."""
@@ -273,12 +283,24 @@ class NewtonCG(torch.optim.Optimizer):
         for group, p in active:
             name = self.names[p]
             g = p.grad.detach()
-            d, stats.params[name] = self.direction(operators[name], g, group)
+            d = self.split_direction(name, operators[name], g, group, stats)
             s = group["lr"] * d
             if self.adaptive_damping:
                 predicted += quadratic_model(as_product(operators[name], self.source), g, s)
             steps.append((p, s))
         return steps, predicted
+
+    def split_direction(self, name: str, operator, g: Tensor, group: dict, stats: StepStats) -> Tensor:
+        """One solve per row chunk when the operator is split (has ``.parts``), else one for the parameter."""
+        parts = getattr(operator, "parts", None)
+        if parts is None:
+            d, stats.params[name] = self.direction(operator, g, group)
+            return d
+        pieces = []
+        for start, stop, part in parts:
+            d, stats.params[f"{name}[{start}:{stop}]"] = self.direction(part, g[start:stop], group)
+            pieces.append(d)
+        return torch.cat(pieces, 0)
 
     def full_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], float]:
         """``[(p, lr · d)]`` from one CG solve ``[(1 - α) A + α I] d = -g`` over all ``active`` parameters.
