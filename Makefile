@@ -32,7 +32,7 @@ demo: install fashion-mnist
 	$(VENV)/bin/hbpc compile examples/models/fcnn_fashion_mnist.py -o out/demo/curv_fcnn.py
 	$(PY) examples/02_sequential.py --compiled out/demo/curv_fcnn.py --steps 300 --out out/demo
 
-# The HBP paper's four experiments on Fashion-MNIST (~45 min on 2 cores; resumable): results/ figures and RESULTS.md.
+# The HBP paper's four experiments on Fashion-MNIST (~50 min on 2 cores; resumable): results/ figures and RESULTS.md.
 reproduce: install fashion-mnist
 	$(VENV)/bin/hbpc-experiments all --profile here
 

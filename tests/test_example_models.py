@@ -14,6 +14,8 @@ PARAMETERS = {
     "c4d3_cifar10": 1_099_226,
     "deepobs_3c3d_cifar10": 895_210,
     "fcnn_fashion_mnist": 1_503_898,
+    "c4d3_fashion_mnist": 853_178,
+    "deepobs_3c3d_fashion_mnist": 892_010,
     "mlp_fashion_mnist": 109_386,
     "cnn_fashion_mnist": 5_994,
     "logreg_fashion_mnist": 7_850,
