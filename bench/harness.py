@@ -343,7 +343,9 @@ STATIC_NOTES = [
     "`forward_backward(x, y)` then `blocks(mode, average_input_jacobian=False, average_parameter_jacobian=False)` "
     "(linear weights come back as Kronecker factors `S ⊗ E[x xᵀ]`, biases dense, convolution weights as matrix-free "
     "operators whose cost is paid per product). Products: `forward_backward` (setup), then "
-    "`block_products(mode)[name](v)` for every parameter, one vector each (per vector).",
+    "`block_products(mode)[name](v)` for every parameter, one vector each (per vector). KFLR: `forward_backward` "
+    "then `kronecker_factors(\"kflr\")` against BackPACK's `KFLR()` backward (same conventions: G sums the output "
+    "root factors over locations, A = E_n[Σ_l x_l x_lᵀ]; every factor is compared, convolutions included).",
     "* **BackPACK**: blocks with `ggn` are `KFRA()`, i.e. `HBP(curv_type=\"ggn\", loss_hessian_strategy=\"sum\", "
     "backprop_strategy=\"average\", ea_strategy=\"E[J^T E(H) J]\")`; with `hessian` the same options and "
     "`curv_type=\"hessian\"`. These match hbpc's recursion option by option: `\"sum\"` starts from Σ_n ∇²_{z_n} L "

@@ -10,6 +10,8 @@ value check, into comparable values. Quantities (``QUANTITIES``):
 * ``products-<mode>``: exact diagonal-block curvature products. Phases ``setup`` (whatever pass
   the implementation needs first) and ``vector`` (one vector per parameter block, every block).
 * ``full-<mode>``: full-network products over all parameters, same phases.
+* ``kronecker-kflr``: KFLR's Kronecker factors of every Linear/Conv layer (hbpc's
+  ``kronecker_factors("kflr")``, BackPACK's ``KFLR``). One phase, ``pass``, incl. the gradient.
 
 An implementation that cannot compute a quantity raises ``Unsupported`` (shown as "n/a") or
 ``Pending`` (hbpc without the generated method yet).
@@ -27,6 +29,7 @@ QUANTITIES = {
     "products-pch-abs": ("exact PCH-abs block products", ("setup", "vector")),
     "full-ggn": ("full GGN-vector product (all parameters)", ("setup", "vector")),
     "full-hessian": ("full Hessian-vector product (all parameters)", ("setup", "vector")),
+    "kronecker-kflr": ("KFLR Kronecker factors (every Linear/Conv layer), incl. gradient", ("pass",)),
 }
 
 
@@ -63,12 +66,15 @@ class Hbpc:
 
     def phases(self, quantity, model, x, y, loss_fn):
         Curvature, mode = self.module.Curvature, _mode(quantity)
-        if quantity.startswith("blocks-"):
+        if quantity.startswith(("blocks-", "kronecker-")):
             def run():
                 _zero_grad(model)
                 curvature = Curvature(model)
                 curvature.forward_backward(x, y)
-                curvature.blocks(mode, False, False)
+                if quantity.startswith("blocks-"):
+                    curvature.blocks(mode, False, False)
+                else:
+                    curvature.kronecker_factors(mode)
             return {"pass": run}
         state, vectors = {}, _vectors(model, 1)
         if quantity.startswith("products-"):
@@ -101,9 +107,11 @@ class Hbpc:
         curvature = self.module.Curvature(model)
         curvature.forward_backward(x, y)
         mode = _mode(quantity)
-        if quantity.startswith("blocks-"):
+        if quantity.startswith(("blocks-", "kronecker-")):
             out = {}
-            for name, block in curvature.blocks(mode, False, False).items():
+            blocks = curvature.blocks(mode, False, False) if quantity.startswith("blocks-") else \
+                curvature.kronecker_factors(mode)
+            for name, block in blocks.items():
                 factors = block.kronecker_factors
                 out[name] = ("kron", tuple(factors)) if factors is not None else ("dense", block.to_dense())
             return out
@@ -133,9 +141,11 @@ class BackPACK:
         import backpack  # noqa: F401  (ImportError: not installed)
 
     def _extension(self, quantity):
-        from backpack.extensions import GGNMP, HBP, HMP, KFRA, PCHMP
+        from backpack.extensions import GGNMP, HBP, HMP, KFLR, KFRA, PCHMP
 
         mode = _mode(quantity)
+        if quantity == "kronecker-kflr":
+            return "kflr", KFLR()
         if quantity.startswith("blocks-"):
             if mode == "ggn":
                 return "kfra", KFRA()
@@ -168,7 +178,7 @@ class BackPACK:
     def phases(self, quantity, model, x, y, loss_fn):
         savefield, extension = self._extension(quantity)
         model, loss_fn = self._extended(model, loss_fn)
-        if quantity.startswith("blocks-"):
+        if quantity.startswith(("blocks-", "kronecker-")):
             return {"pass": lambda: self._backward(model, loss_fn, x, y, extension)}
         vectors = _vectors(model, 1)
         params = list(model.named_parameters())
@@ -197,11 +207,12 @@ class BackPACK:
             for role, p in module.named_parameters(recurse=False):
                 name = f"{module_name}.{role}" if module_name else role
                 factors = getattr(p, savefield)
-                if isinstance(module, torch.nn.modules.conv._ConvNd) and role == "weight":
+                conv_weight = isinstance(module, torch.nn.modules.conv._ConvNd) and role == "weight"
+                if conv_weight and quantity.startswith("blocks-"):
                     out[name] = ("approx", "BackPACK's conv weight factors are KFC-style (output curvature summed "
                                            "over locations ⊗ E[unfold unfoldᵀ]), not E[J_θᵀ S J_θ]")
                 elif len(factors) == 2:
-                    out[name] = ("kron", tuple(factors))
+                    out[name] = ("kron", tuple(f.contiguous() for f in factors))
                 elif len(factors) == 1:
                     out[name] = ("dense", factors[0])
                 else:
@@ -226,6 +237,8 @@ class Curvlinops:
         data = [(x, y)]
         if quantity.startswith("blocks-"):
             raise Unsupported("curvlinops has no HBP/KFRA recursion (its KFAC is KFAC/KFLR)")
+        if quantity.startswith("kronecker-"):
+            raise Unsupported("curvlinops' KFAC operator is not compared here (other conventions for convolutions)")
         if mode not in ("ggn", "hessian"):
             raise Unsupported("curvlinops has no PCH")
         if quantity.startswith("products-") and mode == "ggn":
@@ -266,8 +279,8 @@ class TorchFunc:
     def _functions(self, quantity, model, x, y, loss_fn):
         from torch.func import functional_call, grad, jvp, vjp
 
-        if quantity.startswith("blocks-"):
-            raise Unsupported("torch.func has no HBP recursion")
+        if quantity.startswith(("blocks-", "kronecker-")):
+            raise Unsupported("torch.func has no HBP recursion or Kronecker factors")
         mode = _mode(quantity)
         if mode not in ("ggn", "hessian"):
             raise Unsupported("no PCH in torch.func")
