@@ -168,7 +168,7 @@ def test_kfac_optimizer_trains_and_follows_its_intervals():
     x = torch.randn(64, 6, **F64)
     t = (x[:, :3] * torch.tensor([1.0, 2.0, -1.0], **F64)).argmax(1)  # learnable labels
     optimizer = KFAC(model.parameters(), curvature, lr=0.5, momentum=0.5, damping=0.1, kl_clip=1e-2, kind="kflr",
-                     factor_interval=2, inverse_interval=3)
+                     factor_decay=0.5, factor_interval=2, inverse_interval=3)
     losses, factor_updates = [], 0
     for _ in range(30):
         losses.append(float(curvature.forward_backward(x, t)))
@@ -198,3 +198,13 @@ def test_kfac_rejects_bad_settings():
         KFAC(curvature.model.parameters(), curvature, kind="kfc")
     with pytest.raises(ValueError, match="damping=0 is out of range"):
         KFAC(curvature.model.parameters(), curvature, damping=0)
+
+
+def test_kfac_running_factors_start_at_the_identity():
+    model, curvature, *_ = bound("mlp", 4)
+    optimizer = KFAC(model.parameters(), curvature, kind="kflr", factor_decay=0.95)
+    optimizer.update_factors()
+    G, A = curvature.kronecker_factors("kflr")["2.weight"].kronecker_factors
+    running_G, running_A = optimizer.factors["2.weight"]
+    assert torch.allclose(running_G, 0.95 * torch.eye(4, **F64) + 0.05 * G)
+    assert torch.allclose(running_A, 0.95 * torch.eye(5, **F64) + 0.05 * A)

@@ -5,7 +5,8 @@ Every Linear/Conv layer has factors ``B_W ≈ G ⊗ A`` and ``B_b ≈ G`` from
 HBP recursion). One step, with ``t`` counting steps from 0:
 
 * ``t % factor_interval == 0``: running averages ``F ← decay·F + (1 − decay)·F_new`` of every
-  factor (the first update sets ``F = F_new``);
+  factor, starting from ``F = I`` (as the K-FAC implementation the paper used: early steps stay
+  close to damped gradient steps);
 * ``t % inverse_interval == 0``: eigendecompositions ``G = Q_G diag(λ_G) Q_Gᵀ``, ``A = Q_A diag(λ_A) Q_Aᵀ``
   (eigenvalues below ``1e-10`` set to 0);
 * directions ``D_W = Q_G [(Q_Gᵀ ∇W Q_A) / (λ_G λ_Aᵀ + damping)] Q_Aᵀ`` (``∇W`` viewed ``(C_out, d_k)``) and
@@ -94,9 +95,8 @@ class KFAC(torch.optim.Optimizer):
         fresh = self.curvature.kronecker_factors(self.kind, self.samples, self.generator)
         for name, block in fresh.items():
             new = list(block.kronecker_factors) if block.kronecker_factors is not None else [block.to_dense()]
-            old = self.factors.get(name)
-            self.factors[name] = new if old is None else [
-                self.factor_decay * o + (1.0 - self.factor_decay) * n for o, n in zip(old, new)]
+            old = self.factors.get(name) or [torch.eye(len(n), dtype=n.dtype, device=n.device) for n in new]
+            self.factors[name] = [self.factor_decay * o + (1.0 - self.factor_decay) * n for o, n in zip(old, new)]
 
     def update_inverses(self) -> None:
         """Eigendecompose every running factor."""
