@@ -15,28 +15,21 @@ These are BackPACK's conventions (its KFAC/KFLR/KFRA), so the values can be comp
 """
 from math import prod
 
-from .nodes import cached_input_view
+from .nodes import _method, cached_input_view
 
 FACTOR_OPS = ("linear", "conv1d", "conv2d", "conv3d")
 
 
-def factor_nodes(graph, order) -> dict:
-    """{node: {role: parameter}} for Linear/ConvNd nodes (one group) whose parameters are used nowhere else."""
-    uses = {}
-    for name in order:
-        for param in graph.nodes[name]["params"].values():
-            uses[param] = uses.get(param, 0) + 1
+def factor_nodes(graph, order, uses) -> dict:
+    """{node: {role: parameter}} for Linear/ConvNd nodes (one group) whose parameters are used nowhere else
+    (``uses``: {parameter: [(node, role), ...]})."""
     found = {}
     for name in order:
         node = graph.nodes[name]
         if (node["op"] in FACTOR_OPS and node["hyper"].get("groups", 1) == 1 and "weight" in node["params"]
-                and all(uses[p] == 1 for p in node["params"].values())):
+                and all(len(uses[p]) == 1 for p in node["params"].values())):
             found[name] = dict(node["params"])
     return found
-
-
-def _method(signature, doc, body):
-    return [f"def {signature}:", f'    """{doc}"""', *("    " + line for line in body), ""]
 
 
 def factor_methods(name, node) -> list:

@@ -370,7 +370,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last)
     uses = _parameter_uses(graph, order)
-    factors = factor_nodes(graph, order)
+    factors = factor_nodes(graph, order, uses)
     ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
     sweep = _sweep_method(graph, order, codes, plan, ledger)
     classes = prod(graph.nodes[last]["y_shape"])
