@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpc.optim.newton_cg import parameter_names
+from hbpc.optim.newton_cg import check_choice, parameter_names
 
 KINDS = ("kfac", "kflr", "kfra")
 EIGENVALUE_FLOOR = 1e-10
@@ -59,8 +59,7 @@ class KFAC(torch.optim.Optimizer):
         samples: int = 1,
         generator: torch.Generator | None = None,
     ):
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {', '.join(map(repr, KINDS))}")
+        check_choice("kind", kind, KINDS)
         checks = {"lr": lr > 0, "damping": damping > 0, "momentum": 0 <= momentum < 1,
                   "factor_decay": 0 <= factor_decay < 1, "factor_interval": factor_interval >= 1,
                   "inverse_interval": inverse_interval >= 1, "weight_decay": weight_decay >= 0,
