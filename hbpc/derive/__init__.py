@@ -21,7 +21,7 @@ from .structured import StructuredDerivation, derive_structured
 _MEMO = {}
 
 
-_SOURCES = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
+_SOURCES = hashlib.sha256("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py"))).encode()).hexdigest()
 
 
 def _derive_now(rule):
@@ -43,6 +43,7 @@ def _fingerprint(rule) -> str:
     for name in ("phi", "statistics", "expr", "ell", "out", "params", "input_view", "primitive"):
         if hasattr(rule, name):
             math.append(sp.srepr(getattr(rule, name)) if name != "input_view" else getattr(rule, name))
+    math.append(sorted(getattr(rule, "hyper", {})))  # elementwise derivations probe with the hyper-parameters
     text = "\n".join(map(str, math)) + __version__ + _SOURCES
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -53,8 +54,12 @@ def _cache_file(rule) -> Path:
 
 
 def derive(rule):
-    """The derivation of one rule: Elementwise-, Structured-, Normalization- or LossDerivation (None for selections)."""
-    key = (type(rule).__name__, rule.key, id(rule))
+    """The derivation of one rule: Elementwise-, Structured-, Normalization- or LossDerivation (None for selections).
+
+    Memoised by the rule's content (its fingerprint), never by its identity: a new rule object
+    with other mathematics always gets its own derivation.
+    """
+    key = _fingerprint(rule)
     if key in _MEMO:
         return _MEMO[key]
     path = _cache_file(rule)
