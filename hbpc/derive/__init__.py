@@ -2,10 +2,12 @@
 
 Derivations are memoised in memory and on disk (``$HBPC_CACHE_DIR``, default
 ``~/.cache/hbpc``), keyed by the rule's mathematics, the derive sources and the hbpc version.
+Disk entries are JSON read back without ``eval`` or ``pickle`` (``store.py``); an entry that is
+not the expected derivation (garbage, another object, a crafted file) is derived anew and replaced.
 """
 import hashlib
 import os
-import pickle
+import tempfile
 from pathlib import Path
 
 import sympy as sp
@@ -16,9 +18,12 @@ from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structu
 from .elementwise import ElementwiseDerivation, derive_elementwise
 from .loss import LossDerivation, derive_loss
 from .normalization import NormalizationDerivation, derive_normalization
+from .store import UnsafeEntry, dumps, loads
 from .structured import StructuredDerivation, derive_structured
 
 _MEMO = {}
+_EXPECTED = {Elementwise: ElementwiseDerivation, Structured: StructuredDerivation, Loss: LossDerivation,
+             Normalization: NormalizationDerivation, Selection: type(None)}
 
 
 _SOURCES = hashlib.sha256("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py"))).encode()).hexdigest()
@@ -50,7 +55,31 @@ def _fingerprint(rule) -> str:
 
 def _cache_file(rule) -> Path:
     folder = Path(os.environ.get("HBPC_CACHE_DIR", Path.home() / ".cache" / "hbpc"))
-    return folder / f"{rule.key}-{_fingerprint(rule)}.pickle"
+    return folder / f"{_fingerprint(rule)}.json"
+
+
+def _read_cached(path: Path, rule):
+    """The derivation stored at ``path``, or ``None`` when there is none or it is not a valid one for ``rule``."""
+    try:
+        derivation = loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, UnsafeEntry):
+        return None
+    expected = next((kind for rule_type, kind in _EXPECTED.items() if isinstance(rule, rule_type)), None)
+    return derivation if expected is not None and isinstance(derivation, expected) else None
+
+
+def _write_cached(path: Path, derivation):
+    """Store ``derivation`` atomically (a concurrent compile never reads half a file); failures only cost time."""
+    text, tmp = dumps(derivation), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def derive(rule):
@@ -63,16 +92,13 @@ def derive(rule):
     if key in _MEMO:
         return _MEMO[key]
     path = _cache_file(rule)
-    try:
-        _MEMO[key] = pickle.loads(path.read_bytes())
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        _MEMO[key] = _derive_now(rule)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(pickle.dumps(_MEMO[key]))
-        except OSError:
-            pass  # an unwritable cache only costs time
-    return _MEMO[key]
+    derivation = None if isinstance(rule, Selection) else _read_cached(path, rule)
+    if derivation is None:
+        derivation = _derive_now(rule)
+        if derivation is not None:
+            _write_cached(path, derivation)
+    _MEMO[key] = derivation
+    return derivation
 
 
 __all__ = ["derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation", "NormalizationDerivation"]
