@@ -1,11 +1,25 @@
 """Shared fixtures: compiled modules for the zoo, cached per session."""
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
-import hbpc
+# The derivation cache of this test session: never the user's ~/.cache/hbpc (nor an HBPC_CACHE_DIR they set).
+# HBPC_TEST_CACHE_DIR names a folder to reuse between sessions on purpose (it is kept).
+_SESSION_CACHE = os.environ.get("HBPC_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="hbpc-test-cache-")
+os.environ["HBPC_CACHE_DIR"] = _SESSION_CACHE
+
+import hbpc  # noqa: E402  (after the cache folder is chosen)
 
 # The zoo's problems are tiny: one thread avoids contention on CI's two cores.
 torch.set_num_threads(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("HBPC_TEST_CACHE_DIR"):
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_addoption(parser):

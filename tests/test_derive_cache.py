@@ -144,3 +144,13 @@ def test_a_crafted_json_entry_runs_no_code(cache, tmp_path, srepr):
         expression(srepr.format(marker=marker))
     assert _fresh_derivation(rule) == truth
     assert not marker.exists()
+
+
+def test_the_test_session_uses_its_own_cache_folder():
+    """Tests never read or write the user's derivation cache."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ["HBPC_CACHE_DIR"]).resolve()
+    assert folder != (Path.home() / ".cache" / "hbpc").resolve()
+    assert os.environ.get("HBPC_TEST_CACHE_DIR") or folder.name.startswith("hbpc-test-cache-")

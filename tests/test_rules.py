@@ -57,12 +57,26 @@ def test_cheaper_output_form_is_used_only_where_valid():
 @pytest.mark.parametrize("rule", STRUCTURED, ids=[r.key for r in STRUCTURED])
 def test_structured_rules_are_derived_linear_with_vanishing_second_derivatives(rule):
     derivation = derive(rule)
+    assert set(derivation.tensors) == {"X", *rule.params}
     for name, tensor in derivation.tensors.items():
-        assert tensor.linear
         base = X if name == "X" else rule.params[name]
         rank = len(next(iter(a for a in rule.expr.atoms(sp.Indexed) if a.base == base)).indices)
         idx = sp.symbols(f"q0:{rank}", integer=True)
         assert not terms(sp.diff(tensor.jacobian, base[idx]))
+
+
+def test_a_structured_rule_that_is_not_linear_is_refused():
+    """Linearity is derived, not assumed: a quadratic 'structured' rule never reaches the einsum lowering."""
+    from hbpc.rules.spec import Structured, W, i, o, Σ
+
+    square = Structured("square_map", out=(n, o), expr=Σ(W[o, i] * X[n, i] ** 2, i), params={"weight": W},
+                        views=None, forward="")
+    with pytest.raises(ValueError, match="not linear in X"):
+        derive(square)
+    bilinear = Structured("weight_squared", out=(n, o), expr=Σ(W[o, i] ** 2 * X[n, i], i), params={"weight": W},
+                          views=None, forward="")
+    with pytest.raises(ValueError, match="not linear in W"):
+        derive(bilinear)
 
 
 def test_derived_structure_facts():
