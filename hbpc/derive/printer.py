@@ -1,12 +1,43 @@
 """Print sympy expressions as torch code.
 
-Scalar rules print symbols as tensor names. Index-notation rules over a
-per-sample vector (losses) put every index on the last axis: ``z[k]`` prints
-as ``z`` and ``Σ_k f(z[k])`` as ``(f(z)).sum(-1, keepdim=True)``; likewise a normalization's
-``Mean(f(x))`` prints as ``(f(x)).mean(-1, keepdim=True)``.
+Scalar rules print symbols as tensor names. Index-notation rules over a per-sample vector
+(losses: ``z``, ``t``, ``v`` of shape ``(..., N, C)``) put the one index that is live at a point
+on the last axis:
+
+=======================  ==========================================================
+``z[j]``, ``j`` free      ``z`` (the free index of a gradient or product is the last axis)
+``z[0]``                  ``z[..., 0, None]`` (a per-sample scalar, shape ``(..., N, 1)``)
+``Σ_k f(z[k])``           ``(f(z)).sum(-1, keepdim=True)``; ``f`` may hold fixed indices and inner sums
+``Σ_k c`` (no ``k``)      ``(c) * z.shape[-1]``
+``δ(j, 0)``, ``j`` free   ``(torch.arange(C) == 0)`` as a one-hot row of ``z``'s dtype
+=======================  ==========================================================
+
+Anything else (two live indices at once, a sum over a sub-range, a tensor with two indices)
+raises ``UnprintableTerm`` naming the term; ``derive`` turns that into a compile-time error.
+A normalization's ``Mean(f(x))`` prints as ``(f(x)).mean(-1, keepdim=True)``.
 """
 import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
+
+
+class UnprintableTerm(ValueError):
+    """A term of an index expression that has no torch form under the printer's conventions."""
+
+    def __init__(self, term, reason: str):
+        self.term, self.reason = term, reason
+        super().__init__(f"cannot print {term}: {reason}")
+
+
+def free_indices(expr) -> set:
+    """The symbols indexing a tensor or a delta in ``expr`` that no sum binds (the live indices)."""
+    places = [i for a in expr.atoms(sp.Indexed) for i in a.indices]
+    places += [i for d in expr.atoms(sp.KroneckerDelta) for i in d.args]
+    return {s for place in places for s in place.free_symbols} & expr.free_symbols
+
+
+def bound_indices(expr) -> set:
+    """The integer symbols bound by some sum inside ``expr``."""
+    return {limit[0] for e in expr.atoms(sp.Sum) for limit in e.limits}
 
 
 class Sigmoid(sp.Function):
@@ -25,7 +56,24 @@ def _like(expr) -> str:
 
 
 class TorchCodePrinter(TorchPrinter):
-    """sympy's TorchPrinter with the conventions of generated hbpc code."""
+    """sympy's TorchPrinter with the conventions of generated hbpc code.
+
+    ``like`` names the per-sample vector whose last axis an index runs over (its size, device, dtype).
+    """
+
+    def __init__(self, settings=None, like: str = "z"):
+        super().__init__(settings)
+        self._like, self._axis = like, None
+
+    def doprint(self, expr, assign_to=None):
+        live = free_indices(expr) if isinstance(expr, sp.Basic) else set()
+        if len(live) > 1:
+            raise UnprintableTerm(expr, f"indices {sorted(map(str, live))} are all free; at most one index may be")
+        if live & bound_indices(expr):
+            raise UnprintableTerm(expr, f"index {sorted(map(str, live & bound_indices(expr)))[0]} is read outside "
+                                        "the sum that binds it")
+        self._axis = next(iter(live), None)
+        return super().doprint(expr, assign_to)
 
     def _print_Sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"
@@ -77,10 +125,44 @@ class TorchCodePrinter(TorchPrinter):
         return self._extremum(expr, "min", "torch.maximum", sp.Max)
 
     def _print_Indexed(self, expr):
-        return self._print(expr.base.label)
+        if len(expr.indices) != 1:
+            raise UnprintableTerm(expr, "a loss reads per-sample vectors, so every tensor takes one index")
+        (index,) = expr.indices
+        name = self._print(expr.base.label)
+        if index.is_Integer and index >= 0:
+            return f"{name}[..., {int(index)}, None]"
+        if index == self._axis and index.is_Symbol:
+            return name
+        raise UnprintableTerm(expr, f"index {index} is neither a non-negative integer, nor summed by the "
+                                    "innermost sum around it, nor the one free index")
 
     def _print_Sum(self, expr):
-        return f"({self._print(expr.function)}).sum(-1, keepdim=True)"
+        if len(expr.limits) != 1:
+            raise UnprintableTerm(expr, "a sum over several indices whose summand does not separate into one "
+                                        "factor per index")
+        index, lower, upper = expr.limits[0]
+        if lower != 0 or upper != sp.oo:
+            raise UnprintableTerm(expr, "sums run over all entries, Σ(f, k); a sub-range has no torch form")
+        body = expr.function
+        if index not in body.free_symbols:
+            return f"({self._print(body)}) * {self._like}.shape[-1]"
+        others = free_indices(body) - {index}
+        if others:
+            raise UnprintableTerm(expr, f"the summand couples the summed index {index} with "
+                                        f"{', '.join(sorted(map(str, others)))}, which it does not sum")
+        outer, self._axis = self._axis, index
+        try:
+            return f"({self._print(body)}).sum(-1, keepdim=True)"
+        finally:
+            self._axis = outer
+
+    def _print_KroneckerDelta(self, expr):
+        fixed = [a for a in expr.args if a.is_Integer and a >= 0]
+        if len(fixed) != 1 or self._axis not in expr.args or not self._axis.is_Symbol:
+            raise UnprintableTerm(expr, "only a delta between the free index and a non-negative integer has a "
+                                        "torch form (deltas against summed indices are eliminated first)")
+        like = self._like
+        return f"(torch.arange({like}.shape[-1], device={like}.device) == {int(fixed[0])}).to({like}.dtype)"
 
     def _print_Mean(self, expr):
         argument = self._print(expr.args[0])
@@ -108,6 +190,9 @@ def torch_lines(named_exprs: dict, prefix: str) -> tuple[list[str], dict]:
     """
     names = list(named_exprs)
     symbols = sp.numbered_symbols(prefix)
-    shared, reduced = sp.cse([named_exprs[name] for name in names], symbols=symbols, optimizations="basic")
+    exprs = [named_exprs[name] for name in names]
+    summed = set().union(*(bound_indices(e) for e in exprs if isinstance(e, sp.Basic)))
+    # a subexpression holding a summed index means nothing outside its sum: never share it
+    shared, reduced = sp.cse(exprs, symbols=symbols, optimizations="basic", ignore=tuple(summed))
     lines = [f"{sym} = {torch_code(value)}" for sym, value in shared]
     return lines, {name: torch_code(expr) for name, expr in zip(names, reduced)}

@@ -8,6 +8,7 @@ import sympy as sp
 from hbpc import __version__
 from hbpc.derive import derive
 from hbpc.derive.printer import torch_code
+from hbpc.errors import HbpcError
 
 from .kronecker import factor_methods, factor_nodes, kronecker_factors_method, root_backward_method
 from .nodes import doc_safe, node_code, param_code, sandwich_temporaries, tangent_view
@@ -46,6 +47,11 @@ def _loss_lines(graph, last):
     hyper = graph.graph["loss_hyper"]
     shared, exprs = derivation.code(hyper)
     classes = prod(graph.nodes[last]["y_shape"])
+    outside = sorted(i for i in derivation.fixed_indices() if i >= classes)
+    if outside:
+        raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
+                        "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
+                        "index entries 0 to C-1 only, or compile a model with more outputs")
     smoothing = hyper.get("label_smoothing", 0.0)
     target = (f"torch.nn.functional.one_hot(target, {classes}).to(z.dtype)" if rule.target == "class"
               else "target.reshape(N, -1).to(z.dtype)")

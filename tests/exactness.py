@@ -1,0 +1,65 @@
+"""One float64 exactness check of a compiled module against autograd: loss, gradient, products, a block.
+
+Used by the user-rule tests and the user-rule fuzzer. References come from torch.autograd / torch.func only.
+"""
+import torch
+from torch.func import functional_call, jvp, vjp
+
+from reference import ggn_block, hessian_block
+
+ATOL, RTOL = 1e-9, 1e-7
+
+
+def _close(name, got, want):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{name}: max error {(got - want).abs().max():.3g}"
+
+
+def _reference_products(model, loss_fn, x, t, vs):
+    """(loss, gradients, Hessian product, GGN product) of L(θ) = loss_fn(model(x), t) at direction ``vs``."""
+    names = [name for name, _ in model.named_parameters()]
+    params = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
+    loss = loss_fn(functional_call(model, params, (x,)), t)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), list(params.values()), allow_unused=True)
+    hvp = [torch.zeros_like(p) if h is None else h for h, p in zip(hvp, params.values())]  # L linear in p
+    detached = {name: p.detach() for name, p in params.items()}
+
+    def output(*theta):
+        return functional_call(model, dict(zip(names, theta)), (x,))
+
+    z, Jv = jvp(output, tuple(detached.values()), tuple(vs))
+    z = z.detach().requires_grad_(True)
+    (gz,) = torch.autograd.grad(loss_fn(z, t), z, create_graph=True)
+    if gz.requires_grad:
+        (HJv,) = torch.autograd.grad((gz * Jv).sum(), z)
+    else:
+        HJv = torch.zeros_like(z)  # L linear in z
+    _, pullback = vjp(output, *detached.values())
+    ggn = pullback(HJv)
+    return loss.detach(), [g.detach() for g in grads], list(hvp), list(ggn)
+
+
+def check_exact(module, model, loss_fn, x, t, block: str, generator=None):
+    """Assert the compiled ``module`` agrees with autograd on ``model``; ``block`` names the parameter whose
+    Hessian and GGN blocks are compared at N = 1 (where HBP is exact on a chain)."""
+    curvature = module.Curvature(model)
+    for p in model.parameters():
+        p.grad = None
+    loss = curvature.forward_backward(x, t)
+    vs = [torch.randn(p.shape, dtype=torch.float64, generator=generator) for p in model.parameters()]
+    want_loss, want_grads, want_hvp, want_ggn = _reference_products(model, loss_fn, x, t, vs)
+    _close("loss", loss.detach(), want_loss)
+    for (name, p), g in zip(model.named_parameters(), want_grads):
+        _close(f"gradient of {name}", p.grad, g)
+    for name, got, want in zip([n for n, _ in model.named_parameters()], curvature.hessian_vector_product(vs),
+                               want_hvp):
+        _close(f"Hessian product, {name}", got, want)
+    for name, got, want in zip([n for n, _ in model.named_parameters()], curvature.ggn_vector_product(vs),
+                               want_ggn):
+        _close(f"GGN product, {name}", got, want)
+    curvature.forward_backward(x[:1], t[:1])
+    _close(f"Hessian block of {block} at N=1", curvature.blocks("hessian")[block].to_dense(),
+           hessian_block(model, loss_fn, x[:1], t[:1], block))
+    _close(f"GGN block of {block} at N=1", curvature.blocks("ggn")[block].to_dense(),
+           ggn_block(model, loss_fn, x[:1], t[:1], block))
