@@ -421,7 +421,7 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
     """IR nodes in topological order; ``inputs`` names the producing IR nodes (``"x"`` for the model input)."""
     modules = dict(module.named_modules())
     param_names = {id(p): name for name, p in module.named_parameters()}
-    taken, problems, ir_nodes, names = set(), [], [], {}
+    taken, problems, ir_nodes, names = {"x"}, [], [], {}  # "x" is the model input: no node takes its name
     for node in module.graph.nodes:
         if node.op == "placeholder":
             names[node] = "x"
