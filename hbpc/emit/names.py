@@ -56,7 +56,7 @@ def _fragment(name: str) -> str:
     return f"n{base}" if base[0].isdigit() else base
 
 
-def _identifiers(stem: str, suffixes) -> set:
+def identifiers(stem: str, suffixes) -> set:
     """Every (namespace, identifier) generated code gives the node with this stem."""
     return ({("local", f"{prefix}_{stem}") for prefix in LOCAL_PREFIXES}
             | {("member", f"{stem}_{suffix}") for suffix in suffixes}
@@ -88,10 +88,10 @@ def node_stems(graph) -> dict:
     for name in graph.graph["order"]:
         base = _fragment(name)
         candidate, count = base, 1
-        while candidate == INPUT or taken & _identifiers(candidate, suffixes):
+        while candidate == INPUT or taken & identifiers(candidate, suffixes):
             count += 1
             candidate = f"{base}_{count}"
-        taken |= _identifiers(candidate, suffixes)
+        taken |= identifiers(candidate, suffixes)
         stems[name] = candidate
     return stems
 
