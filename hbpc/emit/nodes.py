@@ -4,6 +4,7 @@ Naming inside generated code: ``a_<node>`` activation, ``g_<node>`` gradient
 ∂L/∂a, ``t_<node>`` tangent (J v), ``u_<node>`` cotangent; ``self.<node>_*``
 are tensors cached by ``forward_backward``; ``_<node>_jvp`` / ``_<node>_vjp``
 apply the node's input Jacobian, ``_<node>_<role>_jvp`` / ``_vjp`` its parameter Jacobians.
+``<node>`` is the node's stem (``hbpc.emit.names``): no two nodes' identifiers collide.
 """
 from dataclasses import dataclass, field
 from math import prod
