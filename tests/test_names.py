@@ -155,7 +155,7 @@ def test_ordinary_names_stay_as_they_are():
 INJECTED = 'os.environ["HBPC_NAMES_INJECTED"] = "1"'
 
 
-def _assert_not_run(text, path):
+def _import_without_running_injected_code(path):
     os.environ.pop("HBPC_NAMES_INJECTED", None)
     module = hbpc.compiler.import_generated(path)
     assert "HBPC_NAMES_INJECTED" not in os.environ
@@ -169,9 +169,12 @@ def test_a_class_name_with_triple_quotes_stays_in_the_docstrings(tmp_path):
     text = compile_source(model, torch.randn(2, WIDTH), nn.CrossEntropyLoss())
     path = tmp_path / "curv_model.py"
     path.write_text(text)
-    module = _assert_not_run(text, path)
+    module = _import_without_running_injected_code(path)
     assert safe_text(name) in text
     assert name in module.__doc__ and name in module.Curvature.__doc__  # the docstrings read back the name
+    os.environ.pop("HBPC_NAMES_INJECTED", None)
+    hbpc.compile_model(model, torch.randn(2, WIDTH))  # the class name is also the header's source name here
+    assert "HBPC_NAMES_INJECTED" not in os.environ
 
 
 def test_a_model_file_name_with_a_newline_stays_in_the_header_comment(tmp_path):
@@ -187,7 +190,7 @@ def test_a_model_file_name_with_a_newline_stays_in_the_header_comment(tmp_path):
         else:
             assert main(["compile", str(model_file), "-o", str(tmp_path / f"out{k}.py")]) == 0
         text = (tmp_path / f"out{k}.py").read_text()
-        _assert_not_run(text, tmp_path / f"out{k}.py")
+        _import_without_running_injected_code(tmp_path / f"out{k}.py")
         assert f"from {safe_text(file_name)}. Do not edit" in text
         assert text.splitlines()[1].startswith("# hbpc-version: ")  # the header is still three comment lines
 
