@@ -145,6 +145,30 @@ def test_lin_next_to_lin_weight_defines_each_method_once():
     assert hasattr(module.Curvature, "_lin_weight_vjp") and hasattr(module.Curvature, "_lin_weight_2_vjp")
 
 
+class Branches(nn.Module):
+    """Branches joined by add and cat (pair curvatures S_a__b, cat's _<node>_vjp<i>), with adversarial names."""
+
+    def __init__(self):
+        super().__init__()
+        layers = [("a", nn.Linear(WIDTH, WIDTH)), ("b", nn.Tanh()), ("a_b", nn.Linear(WIDTH, WIDTH)),
+                  ("S", nn.Sigmoid()), ("class", nn.Softplus()), ("cat_vjp0", nn.Linear(2 * WIDTH, CLASSES)),
+                  ("add_X", nn.SiLU())]
+        for name, layer in layers:
+            self.add_module(name, layer)
+
+    def forward(self, input):
+        h = self.a(input)
+        joined = self.b(h) + self.S(self.a_b(h))
+        both = torch.cat([self.add_X(joined), getattr(self, "class")(h)], dim=1)
+        return self.cat_vjp0(both)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")], ids=["ce", "mse"])
+def test_adversarial_names_on_a_graph_with_branches(loss_fn):
+    torch.manual_seed(2)
+    check_exact(Branches(), loss_fn)
+
+
 def test_ordinary_names_stay_as_they_are():
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(WIDTH, WIDTH)), ("act", nn.Tanh()),
                                        ("fc2", nn.Linear(WIDTH, CLASSES))]))
