@@ -4,6 +4,7 @@ Naming inside generated code: ``a_<node>`` activation, ``g_<node>`` gradient
 ∂L/∂a, ``t_<node>`` tangent (J v), ``u_<node>`` cotangent; ``self.<node>_*``
 are tensors cached by ``forward_backward``; ``_<node>_jvp`` / ``_<node>_vjp``
 apply the node's input Jacobian, ``_<node>_<role>_jvp`` / ``_vjp`` its parameter Jacobians.
+``<node>`` is the node's stem (``hbpc.emit.names``): no two nodes' identifiers collide.
 """
 from dataclasses import dataclass, field
 from math import prod
@@ -14,6 +15,8 @@ from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.printer import torch_code
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
+
+from .names import safe_text
 
 
 @dataclass
@@ -71,13 +74,8 @@ def param_code(name: str) -> str:
     return f"self.p[{name!r}]"
 
 
-def doc_safe(text: str) -> str:
-    """Text that cannot end a docstring or start an escape, whatever parameter names it quotes."""
-    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-
-
 def _method(signature: str, doc: str, body: list) -> list:
-    return [f"def {signature}:", f'    """{doc_safe(doc)}"""', *("    " + line for line in body), ""]
+    return [f"def {signature}:", f'    """{safe_text(doc)}"""', *("    " + line for line in body), ""]
 
 
 def _fmt(template: str, node, input_vars: list) -> str:

@@ -253,11 +253,22 @@ def _identifier(name: str, prefix: str, taken: set) -> str:
     return candidate
 
 
+class _InterpretedGraphModule(fx.GraphModule):
+    """A GraphModule that is only read and interpreted (ShapeProp), never called.
+
+    It skips compiling ``forward`` from Python source: torch.fx writes ``self.<name>`` even for submodules named
+    like keywords (``add_module("class", ...)``), whose source does not parse.
+    """
+
+    def recompile(self):
+        return None
+
+
 def _trace(model, example_input):
     tracer = _SourceTracer()
     try:
         graph = tracer.trace(model)
-        module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        module = _InterpretedGraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:
         cause = _root_cause(error)
         raise HbpcError(f"torch.fx could not trace the model: {type(cause).__name__}: {_first_line(cause)}",
@@ -421,7 +432,7 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
     """IR nodes in topological order; ``inputs`` names the producing IR nodes (``"x"`` for the model input)."""
     modules = dict(module.named_modules())
     param_names = {id(p): name for name, p in module.named_parameters()}
-    taken, problems, ir_nodes, names = set(), [], [], {}
+    taken, problems, ir_nodes, names = {"x"}, [], [], {}  # "x" is the model input: no node takes its name
     for node in module.graph.nodes:
         if node.op == "placeholder":
             names[node] = "x"

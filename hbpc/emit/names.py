@@ -1,0 +1,124 @@
+"""Names and text in generated code: every identifier made from an IR node name, and user text made safe.
+
+Generated code names what belongs to a node after the node's *stem* ``s``:
+
+==========  ==================================================================================
+locals      ``a_s``, ``g_s``, ``t_s``, ``u_s``, ``S_s`` (activation, gradient, tangent, cotangent,
+            curvature) and ``S_s__o`` (the cross curvature of nodes ``s`` and ``o``)
+attributes  ``self.s_<suffix>``: tensors ``forward_backward`` caches (``X``, ``g``, ``d1``, ...)
+methods     ``self._s_<suffix>`` (the node's derivatives) and ``self._block_product_s_<role>``
+==========  ==================================================================================
+
+Stems are the IR names where that is safe, so generated code reads like the model. ``node_stems``
+mangles a name only where it is not a plain identifier fragment or where one of its identifiers
+would equal another node's or one of ``Curvature``'s own members (``lin`` and ``lin_weight``
+would both define ``_lin_weight_vjp``). The map is deterministic and injective: stems are unique,
+use ASCII letters, digits and single inner underscores (so ``S_s__o`` reads back as one pair),
+and never start with a digit. The model input is ``x``; no stem is ``x``.
+
+User text (class and file names, rule keys and formulas) reaches docstrings, comments and string
+literals only through ``safe_text``.
+"""
+import re
+from dataclasses import replace
+
+import networkx as nx
+
+from hbpc.derive import derive
+from hbpc.rules.spec import Normalization
+
+INPUT = "x"  # the model input in the IR's ``inputs`` and in generated code
+LOCAL_PREFIXES = ("a", "g", "t", "u", "S")
+ROLES = ("weight", "bias")
+
+# Suffixes of a node's attributes (self.s_<suffix>) and methods (self._s_<suffix>), as nodes.py,
+# normalization.py and kronecker.py emit them; normalization statistics and cat's vjp<i> are added per graph.
+SUFFIXES = (
+    "X", "g", "d1", "r", "idx", "modes",
+    "jvp", "vjp", "view", "tangent_view", "statistics", "residual", "residuals", "jacobians", "residual_product",
+    "input_factor", "root_factor", "curvature_factor",
+    *(f"{role}_{kind}" for role in ROLES for kind in ("jvp", "vjp", "block")),
+)
+
+# Curvature's own attributes and methods (besides the loss's intermediates, self.loss_<name>).
+MEMBERS = frozenset({
+    "model", "p", "buffers", "N", "_ready", "memory_limit", "factored_parameters", "loss_scale", "loss_z", "loss_t",
+    "__init__", "_check_input", "_check_ready", "_check_memory", "blocks_memory", "forward_backward", "_hbp_sweep",
+    "blocks", "block_products", "kronecker_factors", "_root_backward", "ggn_vector_product", "hessian_vector_product",
+    "fisher_mc_vector_product", "_loss_hessian_product", "_loss_hessian_sum", "_loss_hessian_root",
+    "_loss_sampled_gradients", "_loss_fisher_product", "_loss_sampled_root",
+})
+
+
+def _fragment(name: str) -> str:
+    """``name`` as ASCII letters, digits and single inner underscores, never starting with a digit."""
+    base = re.sub(r"[^0-9A-Za-z]+", "_", str(name)).strip("_") or "node"
+    return f"n{base}" if base[0].isdigit() else base
+
+
+def identifiers(stem: str, suffixes) -> set:
+    """Every (namespace, identifier) generated code gives the node with this stem."""
+    return ({("local", f"{prefix}_{stem}") for prefix in LOCAL_PREFIXES}
+            | {("member", f"{stem}_{suffix}") for suffix in suffixes}
+            | {("member", f"_{stem}_{suffix}") for suffix in suffixes}
+            | {("member", f"_block_product_{stem}_{role}") for role in ROLES})
+
+
+def graph_suffixes(graph) -> tuple:
+    """SUFFIXES plus what this graph's nodes add: normalization statistics and ``vjp<i>`` per input of a cat."""
+    extra = set()
+    for name in graph.graph["order"]:
+        node = graph.nodes[name]
+        extra |= {f"vjp{i}" for i in range(len(node["inputs"]))} if len(node["inputs"]) > 1 else set()
+        if isinstance(node["rule"], Normalization):
+            extra |= {str(s) for s in derive(node["rule"]).reads()}
+    return SUFFIXES + tuple(sorted(extra))
+
+
+def reserved(graph) -> set:
+    """(namespace, identifier) pairs that are not any node's: Curvature's members, the loss's cached intermediates."""
+    members = MEMBERS | {f"loss_{name}" for name in derive(graph.graph["loss_rule"]).intermediates}
+    return {("member", name) for name in members}
+
+
+def node_stems(graph) -> dict:
+    """{IR name: stem}, in graph order: the name itself where safe, else ``<fragment>_<k>`` for the first free k."""
+    suffixes = graph_suffixes(graph)
+    taken, stems = set(reserved(graph)), {}
+    for name in graph.graph["order"]:
+        base = _fragment(name)
+        candidate, count = base, 1
+        while candidate == INPUT or taken & identifiers(candidate, suffixes):
+            count += 1
+            candidate = f"{base}_{count}"
+        taken |= identifiers(candidate, suffixes)
+        stems[name] = candidate
+    return stems
+
+
+def with_stems(graph, plan):
+    """Copies of the IR graph and its plan with every node renamed to its stem (the input stays ``x``)."""
+    stems = node_stems(graph)
+    renamed = nx.relabel_nodes(graph, stems, copy=True)
+    for name in renamed.nodes:
+        renamed.nodes[name]["inputs"] = [stems.get(i, i) for i in renamed.nodes[name]["inputs"]]
+    renamed.graph["order"] = [stems[name] for name in graph.graph["order"]]
+    renamed_plan = replace(plan, nodes=tuple(replace(p, name=stems[p.name]) for p in plan.nodes),
+                           upstream=frozenset(stems[name] for name in plan.upstream))
+    return renamed, renamed_plan
+
+
+def _escape(character: str) -> str:
+    if character in '\\"':
+        return "\\" + character
+    return character if character.isprintable() else repr(character)[1:-1]
+
+
+def safe_text(text) -> str:
+    """``text`` for a docstring, comment or ``"..."`` literal of generated code, read back unchanged from a literal.
+
+    Backslashes and double quotes are escaped, characters that are not printable (newlines, carriage returns,
+    line and paragraph separators, control and format characters) written as escapes, so no user text can end
+    a string or comment or start a line of code.
+    """
+    return "".join(map(_escape, str(text)))
