@@ -17,15 +17,15 @@ def _compile(args):
         raise HbpcError("the output path is the model file itself", args.output, "pass another -o, e.g. curv_model.py")
     rules = load_rules_file(args.rules) if args.rules else []
     spec = load_model_file(args.model)
-    notice = assumed_loss_notice(spec.loss_fn, args.loss)
-    if notice:
-        print(f"hbpc: note: {notice}", file=sys.stderr)
     name = spec.path.rsplit("/", 1)[-1]
     header = (rules_record(args.rules, args.output),) if args.rules else ()
     graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header)
     if not args.no_verify:
         verified_module(graph, text, spec.model, spec.example_input, spec.loss_fn, args.loss, rules)
     write_atomically(args.output, text)
+    notice = assumed_loss_notice(spec.loss_fn, args.loss)
+    if notice:
+        print(f"hbpc: note: {notice}", file=sys.stderr)
     print(f"wrote {args.output}" + (" (not verified: --no-verify)" if args.no_verify else " (verified against autograd)"))
 
 

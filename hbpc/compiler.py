@@ -198,9 +198,6 @@ def compile_model(model, example_input, loss_fn=None, path=None, loss=None, rule
     (hbpc.verify) and raises HbpcError if they disagree; ``verify=False`` skips that check.
     Without ``loss_fn`` and ``loss`` the loss is cross-entropy; a warning says so.
     """
-    notice = assumed_loss_notice(loss_fn, loss)
-    if notice:
-        warnings.warn(notice, stacklevel=2)
     header = ()
     if isinstance(rules, (str, os.PathLike)):
         header = (rules_record(rules, path),)
@@ -208,8 +205,10 @@ def compile_model(model, example_input, loss_fn=None, path=None, loss=None, rule
     rules = list(rules)
     graph, text = compile_graph(model, example_input, loss_fn, loss, type(model).__name__, rules, header)
     module = verified_module(graph, text, model, example_input, loss_fn, loss, rules, verify)
-    if path is None:
-        return module
-    sys.modules.pop(module.__name__, None)
-    write_atomically(path, text)
-    return import_generated(path)
+    if path is not None:
+        sys.modules.pop(module.__name__, None)
+        write_atomically(path, text)
+        module = import_generated(path)
+    if assumed_loss_notice(loss_fn, loss):
+        warnings.warn(assumed_loss_notice(loss_fn, loss), stacklevel=2)
+    return module
