@@ -143,6 +143,9 @@ def describe_rule(rule, latex=False) -> str:
     return "\n".join(lines)
 
 
+_NLL_NAMES = ("nll_loss", "nllloss")
+
+
 def _rules(args):
     from hbpc.export import load_rules_file
     from hbpc.rules import LOSS_TABLE, OPS, TABLE, extended
@@ -154,7 +157,12 @@ def _rules(args):
         for rule in rules:
             aliases = f"  (also: {', '.join(rule.aliases)})" if rule.aliases else ""
             print(f"{rule.key:<{width}}{type(rule).__name__.lower():<13}{aliases}")
+        print(f"{'nll_loss':<{width}}{'loss':<13}  (also: nllloss; only after a final log_softmax: compiled as "
+              "cross_entropy of its input)")
         return
+    if args.name in _NLL_NAMES:
+        print("nll_loss after a final log_softmax is compiled as cross_entropy of the log_softmax's input:\n")
+        args.name = "cross_entropy"
     with extended(load_rules_file(args.rules) if args.rules else []):
         rule = TABLE.get(args.name) or LOSS_TABLE.get(args.name)
         if rule is None:
