@@ -64,6 +64,17 @@ def load_model_file(path) -> ModelSpec:
     return ModelSpec(model, example, loss_fn, path)
 
 
+def load_model(path) -> tuple:
+    """``(model, example_input, loss_fn)`` of a model file, as ``hbpc compile`` reads it.
+
+    ``loss_fn`` is the file's, or ``nn.CrossEntropyLoss()`` (what the compiler assumes) if it defines none.
+
+    >>> model, example_input, loss_fn = hbpc.load_model("examples/models/mlp_fashion_mnist.py")  # doctest: +SKIP
+    """
+    spec = load_model_file(path)
+    return spec.model, spec.example_input, spec.loss_fn if spec.loss_fn is not None else nn.CrossEntropyLoss()
+
+
 def load_rules_file(path) -> list:
     """User rules: every rule object a Python file defines at module level (e.g. in a ``RULES`` list)."""
     from hbpc.rules.spec import Elementwise, Loss, Selection, Structured

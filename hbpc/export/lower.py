@@ -325,6 +325,17 @@ def _supported_list() -> str:
     return ", ".join(sorted({rule.key for rule in TABLE.values()}))
 
 
+def _problems_fix(problems) -> str:
+    """The supported ops and how to add one with --rules, if an op has no rule; else each problem names its fix."""
+    unsupported = [re.match(r"unsupported op '([^']*)'", p) for p in problems]
+    unsupported = [m.group(1) for m in unsupported if m]
+    if not unsupported:
+        return ""
+    return (f"supported ops: {_supported_list()}; or add a rule in a file and pass it with --rules, e.g. "
+            f"my_rules.py: `RULES = [Elementwise({unsupported[0]!r}, x / (1 + exp(-x)))]` (φ of x in sympy, see the "
+            f"README's 'Adding an activation'), then `hbpc compile MODEL --rules my_rules.py -o OUT`")
+
+
 def _param_roles(module):
     return {role: p for role, p in module.named_parameters(recurse=False)}
 
@@ -540,8 +551,9 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
     module = _trace(model, example_input)
     ir_nodes, problems = _lower_nodes(module, example_input, absorb_log_softmax=after_log_softmax)
     if problems:
-        raise HbpcError("the model uses ops hbpc cannot compile:\n    " + "\n    ".join(problems),
-                        fix=f"supported ops: {_supported_list()}")
+        fix = _problems_fix(problems)
+        what = "ops hbpc cannot compile" if fix else "ops in a form hbpc cannot compile"
+        raise HbpcError(f"the model uses {what}:\n    " + "\n    ".join(problems), fix=fix)
     if after_log_softmax:
         ir_nodes = _absorb_log_softmax(ir_nodes, module)
     if not ir_nodes:
