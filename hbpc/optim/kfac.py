@@ -102,7 +102,8 @@ class KFAC(torch.optim.Optimizer):
         for name, factors in self.factors.items():
             decompositions = []
             for F in factors:
-                eigenvalues, Q = torch.linalg.eigh(F)
+                eigenvalues, Q = torch.linalg.eigh(F.to(torch.promote_types(F.dtype, torch.float32)))  # no half eigh
+                eigenvalues, Q = eigenvalues.to(F.dtype), Q.to(F.dtype)
                 decompositions.append((eigenvalues * (eigenvalues > EIGENVALUE_FLOOR), Q))
             self.eigen[name] = decompositions
 
