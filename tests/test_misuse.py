@@ -220,6 +220,9 @@ CASES = {
         lambda e: (products := e.curvature.block_products(), _step(e), products["2.weight"](e.vs[2])), RuntimeError,
         ["0.weight", "changed in place", "forward_backward"]),
     "products-after-parameter-replaced": (_replace_parameter, RuntimeError, ["0.weight", "replaced", "forward_backward"]),
+    "products-after-submodule-replaced": (
+        lambda e: (e.model.__setitem__(2, nn.Linear(5, C).double()), e.curvature.ggn_vector_product(e.vs)),
+        RuntimeError, ["submodule 2", "replaced", "forward_backward"]),
     "products-after-x-changed-in-place": (lambda e: (e.x.mul_(2), e.curvature.blocks()), RuntimeError,
                                           ["x", "changed in place", "forward_backward"]),
     "train-mode-with-dropout": (_train_mode(_eval_model(lambda: nn.Dropout(0.5)), "dropout"), RuntimeError,

@@ -449,7 +449,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "def _check_ready(self):",
             "    if not self._ready:",
             "        raise RuntimeError(\"call forward_backward(x, target) before asking for curvature\")",
-            "    check_state(self.model, self._state)",
+            "    check_state(self._state)",
             "",
             "def check_current(self):",
             '    """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""',

@@ -164,25 +164,31 @@ def check_dense_target(target, N, y_shape, device):
 
 
 def tensor_state(model, inputs):
-    """What forward_backward's cache depends on: every parameter's and buffer's identity and version counter,
-    and the inputs' version counters. In-place changes through ``.data`` bypass the counters."""
-    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {name: (t, t._version) for name, t in named.items()}, [(name, t, t._version) for name, t in inputs]
+    """What forward_backward's cache depends on: the module tree, every parameter's and buffer's identity and
+    version counter, and the inputs' version counters (in-place changes through ``.data`` bypass the counters).
+
+    Recorded as direct references to the modules' own dicts, so ``check_state`` costs a few dict lookups.
+    """
+    modules = list(model.named_modules())
+    children = [(f"{prefix}.{key}" if prefix else key, parent._modules, key, child)
+                for prefix, parent in modules for key, child in parent._modules.items()]
+    tensors = [(f"{prefix}.{key}" if prefix else key, slots, key, t, t._version) for prefix, module in modules
+               for slots in (module._parameters, module._buffers) for key, t in slots.items() if t is not None]
+    return children, tensors, [(name, t, t._version) for name, t in inputs]
 
 
-def check_state(model, state):
+def check_state(state):
     """Refuse when the model or the inputs changed since forward_backward (its cache would mix two points)."""
-    recorded, inputs = state
-    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    children, tensors, inputs = state
     again = "; call forward_backward(x, target) again before asking for curvature"
-    for name, (tensor, version) in recorded.items():
-        if now.get(name) is not tensor:
+    for name, slots, key, child in children:
+        if slots.get(key) is not child:
+            raise RuntimeError(f"submodule {name} was replaced on the model since forward_backward{again}")
+    for name, slots, key, tensor, version in tensors:
+        if slots.get(key) is not tensor:
             raise RuntimeError(f"{name} was replaced on the model since forward_backward{again}")
         if tensor._version != version:
             raise RuntimeError(f"{name} was changed in place since forward_backward (e.g. by optimizer.step()){again}")
-    added = sorted(set(now) - set(recorded))
-    if added:
-        raise RuntimeError(f"{added} were added to the model since forward_backward{again}")
     for name, tensor, version in inputs:
         if tensor._version != version:
             raise RuntimeError(f"{name} was changed in place since forward_backward{again}")
