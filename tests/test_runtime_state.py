@@ -165,16 +165,26 @@ def test_a_failed_forward_backward_keeps_the_previous_cache():
         assert torch.equal(a, b)
 
 
+def _layer_norm_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    nn.init.normal_(model[1].weight, 1.0, 0.5)
+    return model
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss()], ids=["ce", "mse"])
-def test_half_precision_matches_float64(dtype, tolerance, loss_fn):
-    """float16/bfloat16 models run every quantity in their dtype; eigh, svd and solve (pch-abs blocks, Kronecker
-    solves, KFLR roots) run in float32 and come back in the input dtype. Within ``tolerance`` of float64."""
-    module = _module(loss_fn)
-    reference, model = _mlp(), _mlp().to(dtype)
+@pytest.mark.parametrize("loss_fn, build", [(nn.CrossEntropyLoss(), _mlp), (nn.MSELoss(), _mlp),
+                                            (nn.CrossEntropyLoss(), _layer_norm_mlp)], ids=["ce", "mse", "layernorm"])
+def test_half_precision_matches_float64(dtype, tolerance, loss_fn, build):
+    """float16/bfloat16 models run every quantity in their dtype; eigh, svd and solve (pch-abs of LayerNorm's
+    residual, Kronecker and dense solves, KFLR roots) run in float32 and come back in the model's dtype.
+    Within ``tolerance`` of float64."""
+    module = _module(loss_fn, build, key=f"{type(loss_fn).__name__}-{build.__name__}")
+    reference, model = build(), build().to(dtype)
     x = torch.randn(8, 4, **F64)
     t = torch.randint(3, (8,)) if isinstance(loss_fn, nn.CrossEntropyLoss) else torch.randn(8, 3, **F64)
-    vs = [torch.randn_like(p) for p in reference.parameters()]
+    named = {name: torch.randn_like(p) for name, p in reference.named_parameters()}
+    vs = list(named.values())
     exact, half = module.Curvature(reference), module.Curvature(model)
     results = []
     for curvature, cast in ((exact, lambda a: a), (half, lambda a: a.to(dtype) if a.is_floating_point() else a)):
@@ -186,9 +196,9 @@ def test_half_precision_matches_float64(dtype, tolerance, loss_fn):
             "grad": _flat([p.grad for p in curvature.model.parameters()]),
             "ggn": _flat(curvature.ggn_vector_product([cast(v) for v in vs])),
             "hessian": _flat(curvature.hessian_vector_product([cast(v) for v in vs])),
-            "pch-abs block": _flat([blocks[name] @ cast(v) for name, v in zip(blocks, vs)]),
-            "pch-abs solve": _flat([blocks[name].solve(cast(v), 1.0) for name, v in zip(blocks, vs)]),
-            "kflr solve": _flat([factors[name].solve(cast(v), 1.0) for name, v in zip(factors, vs)]),
+            "pch-abs block": _flat([blocks[name] @ cast(v) for name, v in named.items()]),
+            "pch-abs solve": _flat([blocks[name].solve(cast(v), 1.0) for name, v in named.items()]),
+            "kflr solve": _flat([factors[name].solve(cast(named[name]), 1.0) for name in factors]),
             "block product": _flat([f(cast(v)) for f, v in zip(curvature.block_products("hessian").values(), vs)]),
         })
     for quantity, expected in results[0].items():
