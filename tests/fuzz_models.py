@@ -18,6 +18,11 @@ model with `hbpc.compile_model` and compares, in float64,
   combinations with the true Hessian / GGN blocks (and `block @ v`, Kronecker factors),
 * `blocks(case.hbp_mode, *case.hbp_flags)` at N = `case.batch` with `reference.hbp_blocks`.
 
+A case with `kinks=True` sits on the kinks of ReLU, ELU, SELU, LeakyReLU and Hardtanh (`KINKS`): every
+other output of a Linear/Conv2d that feeds such an activation gets zero weights and a bias at a kink (or
+1e-12 beside it), and every other input entry is a kink value, so the derivatives there are compared with
+the values torch's autograd uses (docs/curvature.md, "Kinks").
+
 Run `python tests/fuzz_models.py [COUNT] [SEED] [--include-known]` for a survey that keeps
 going after failures and prints each one with its op sequence and shapes.
 """
@@ -54,6 +59,10 @@ OTHER_ACTIVATIONS = {
     "identity": ("nn.Identity()",),
 }
 _PARAMETRIZED = ("linear", "conv2d")
+# Where the piecewise activations switch branches: layer kind or activation code -> kink points.
+KINKS = {"relu": (0.0,), "nn.ELU()": (0.0,), "nn.ELU(alpha=0.5)": (0.0,), "nn.SELU()": (0.0,), "nn.LeakyReLU()": (0.0,),
+         "nn.LeakyReLU(0.2)": (0.0,), "nn.Hardtanh()": (-1.0, 1.0), "nn.Hardtanh(-0.5, 2.0)": (-0.5, 2.0)}
+KINK_OFFSETS = (0.0, 1e-12, -1e-12)  # on the kink, just above, just below
 FLAGS = tuple(itertools.product((True, False), repeat=2))
 # Losses: rule key -> (module, option variants). Cross-entropy takes class indices, the others a
 # dense target shaped like the output (in [0, 1) for BCE).
@@ -79,11 +88,15 @@ class Case:
     hbp_mode: str = "ggn"
     hbp_flags: tuple = (True, True)
     loss_options: tuple = ()
+    kinks: bool = False
 
     def build(self) -> nn.Sequential:
-        """The float64 `nn.Sequential`, parameters drawn from `torch.manual_seed(seed)`."""
+        """The float64 `nn.Sequential`, parameters drawn from `torch.manual_seed(seed)` (then placed on kinks)."""
         torch.manual_seed(self.seed)
-        return nn.Sequential(*(make_layer(kind, dict(options)) for kind, options in self.layers)).double()
+        model = nn.Sequential(*(make_layer(kind, dict(options)) for kind, options in self.layers)).double()
+        if self.kinks:
+            place_on_kinks(model, self.layers)
+        return model
 
     def loss_fn(self) -> nn.Module:
         return getattr(nn, LOSSES[self.loss][0])(reduction=self.reduction, **dict(self.loss_options))
@@ -105,6 +118,10 @@ class Case:
         """Input `(N, *input_shape)` from a standard normal (no exact ties) and a matching target."""
         generator = torch.Generator().manual_seed(self.seed * 1000 + seed)
         x = torch.randn(batch_size, *self.input_shape, generator=generator, dtype=torch.float64)
+        if self.kinks:  # every other entry on a kink of the first piecewise activation (or at 0)
+            points = next((kink_points(layer) for layer in self.layers if kink_points(layer)), (0.0,))
+            flat = x.view(-1)
+            flat[::2] = torch.tensor(points, dtype=x.dtype).repeat(flat[::2].numel())[: flat[::2].numel()]
         out_shape = self.shapes()[-1]
         if self.loss == "cross_entropy":
             t = torch.randint(out_shape[0], (batch_size,), generator=generator)
@@ -121,13 +138,14 @@ class Case:
         for (kind, options), shape in zip(self.layers, shapes[1:]):
             lines.append(f"  -> {layer_code(kind, dict(options))}  => {shape}")
         lines.append(f"loss {self.loss_code()}, batch {self.batch}, seed {self.seed}, "
-                     f"hbp check {self.hbp_mode} {self.hbp_flags}")
+                     f"hbp check {self.hbp_mode} {self.hbp_flags}" + (", placed on kinks" if self.kinks else ""))
         lines.append("reproduce: " + self.code())
         return "\n".join(lines)
 
     def code(self) -> str:
         layers = ", ".join(layer_code(kind, dict(options)) for kind, options in self.layers)
-        return (f"torch.manual_seed({self.seed}); model = nn.Sequential({layers}).double(); "
+        kinks = f"place_on_kinks(model, {self.layers!r}); " if self.kinks else ""
+        return (f"torch.manual_seed({self.seed}); model = nn.Sequential({layers}).double(); {kinks}"
                 f"example_input = torch.randn(2, {', '.join(map(str, self.input_shape))}, dtype=torch.float64); "
                 f"loss_fn = {self.loss_code()}")
 
@@ -154,6 +172,28 @@ def make_layer(kind: str, o: dict) -> nn.Module:
             nn.init.normal_(p, 1.0 if p is module.weight else 0.0, 0.5)
         return module
     return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[kind]()
+
+
+def kink_points(layer) -> tuple:
+    """The kink points of a layer `(kind, options)`: () for a smooth layer."""
+    kind, options = layer
+    return KINKS.get(dict(options).get("code", kind), ())
+
+
+def place_on_kinks(model: nn.Sequential, layers) -> None:
+    """Every other output of a Linear/Conv2d before a piecewise activation: zero weights, bias on a kink (or 1e-12
+    beside it), so every sample's pre-activation there is the kink itself (zero without a bias)."""
+    with torch.no_grad():
+        for i, (layer, following) in enumerate(zip(layers, layers[1:])):
+            points = kink_points(following)
+            if layer[0] not in _PARAMETRIZED or not points:
+                continue
+            values = [point + offset for offset in KINK_OFFSETS for point in points]
+            module = model[i]
+            for j in range(0, module.weight.shape[0], 2):
+                module.weight[j] = 0.0
+                if module.bias is not None:
+                    module.bias[j] = values[(j // 2) % len(values)]
 
 
 def layer_code(kind: str, o: dict) -> str:
@@ -315,7 +355,8 @@ def generate(ch) -> Case:
         if ch.int(0, 3) == 0:
             layers.append((ch.choice(ACTIVATIONS), ()))
     return Case(input_shape, tuple(layers), loss, reduction, batch=ch.int(2, 3), seed=ch.int(0, 2**16),
-                hbp_mode=ch.choice(MODES), hbp_flags=ch.choice(FLAGS), loss_options=loss_options)
+                hbp_mode=ch.choice(MODES), hbp_flags=ch.choice(FLAGS), loss_options=loss_options,
+                kinks=ch.int(0, 3) == 0)
 
 
 def cases():
@@ -342,30 +383,7 @@ class KnownBug:
     hits: object  # case -> bool
 
 
-def _elu_on_relu_zeros(case) -> bool:
-    """An ELU/SELU whose input can hold exact zeros from a ReLU (only zero-preserving ops in between)."""
-    zeros = False
-    for kind, options in case.layers:
-        code = dict(options).get("code", "")
-        if kind == "relu":
-            zeros = True
-        elif kind in _PARAMETRIZED or kind == "sigmoid" or code.startswith(("nn.Softplus", "nn.LogSigmoid")):
-            zeros = False
-        elif zeros and code.startswith(("nn.ELU", "nn.SELU")):
-            return True
-    return False
-
-
-KNOWN_BUGS = {
-    "elu-second-derivative-at-zero": KnownBug(
-        "ELU/SELU φ″(0) is alpha (the x <= 0 branch of the derived Piecewise) where torch autograd gives 0; "
-        "exact zeros from a ReLU reach the summed residual of HBP blocks at N > 1 (block_products and N = 1 "
-        "are unaffected: the ReLU's zero derivative removes the entry)",
-        Case((2,), (_linear(2, 3, False), ("relu", ()), ("activation", (("code", "nn.ELU()"),))), "cross_entropy",
-             "mean", 2, 0, hbp_mode="hessian"),
-        hits=_elu_on_relu_zeros,
-    ),
-}
+KNOWN_BUGS = {}
 
 # Minimal reproducers of bugs fuzzing found and that are fixed: `test_fuzz.py` checks them on every run.
 REGRESSIONS = {
@@ -379,6 +397,10 @@ REGRESSIONS = {
     "flatten-right-after-linear": Case((3,), (_linear(3, 3, False), ("flatten", ()), _linear(3, 2)), "cross_entropy",
                                        "mean", 2, 0),
     "linear-with-one-output-inside": Case((4,), (_linear(4, 2), _linear(2, 1)), "mse", "mean", 3, 0),
+    # ELU/SELU φ″(0) was α (the x <= 0 branch of the derived Piecewise) where torch autograd gives 0; exact zeros
+    # from a ReLU reached the summed residual of HBP blocks at N > 1.
+    "elu-second-derivative-at-zero": Case((2,), (_linear(2, 3, False), ("relu", ()), ("activation", (("code", "nn.ELU()"),))),
+                                          "cross_entropy", "mean", 2, 0, hbp_mode="hessian"),
 }
 
 

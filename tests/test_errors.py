@@ -143,7 +143,7 @@ def test_generated_module_checks_inputs_and_order():
         curvature.blocks()
     with pytest.raises(ValueError, match="per-sample shape \\(4,\\), expected \\(3,\\)"):
         curvature.forward_backward(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="dtype torch.float64 differs"):
+    with pytest.raises(TypeError, match="x must have dtype torch.float32 .* got a torch.float64 tensor"):
         curvature.forward_backward(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN or Inf"):
         curvature.forward_backward(torch.full((2, 3), float("nan")), torch.zeros(2, dtype=torch.long))

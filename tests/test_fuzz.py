@@ -8,7 +8,9 @@ without label smoothing, MSELoss, BCEWithLogitsLoss, HuberLoss, SmoothL1Loss; me
 `fuzz_models.check_case`: loss and gradients, `block_products` for all four curvatures at N = 1
 and N = 2 or 3 (the exact recursion), `blocks` at N = 1 for `hessian` and `ggn` with all flag
 combinations (the true blocks), and one drawn `blocks` setting at N > 1 against the per-sample
-HBP reference. `fuzz_models.REGRESSIONS` (bugs found and fixed) run first, every time.
+HBP reference. `fuzz_models.REGRESSIONS` (bugs found and fixed) run first, every time. A quarter of the
+drawn models, and `test_kinks_match_autograd` for every piecewise activation, sit exactly on (and 1e-12
+beside) the kinks of ReLU/ELU/SELU/LeakyReLU/Hardtanh, where the derivatives must be torch autograd's.
 
 Profiles (environment variables):
 
@@ -23,12 +25,13 @@ model (shrunk to a minimal model in the long profile).
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("hypothesis", reason="architecture fuzzing needs hypothesis (pip install -e '.[test]')")
 
 from hypothesis import HealthCheck, Phase, assume, example, given, note, seed, settings  # noqa: E402
 
-from fuzz_models import KNOWN_BUGS, REGRESSIONS, cases, check_case, known_bugs  # noqa: E402
+from fuzz_models import KINKS, KNOWN_BUGS, REGRESSIONS, Case, cases, check_case, known_bugs  # noqa: E402
 
 EXAMPLES = int(os.environ.get("HBPC_FUZZ_EXAMPLES", "20"))
 # Shrinking a failure recompiles hundreds of models (minutes): on for the long profile only.
@@ -75,3 +78,32 @@ def test_known_bug_reproducer(name):
     bug = KNOWN_BUGS[name]
     assert bug.hits(bug.reproducer)
     check_case(bug.reproducer)
+
+
+def _kinked(code):
+    return ("relu", ()) if code == "relu" else ("activation", (("code", code),))
+
+
+def _linear(i, o):
+    return ("linear", (("in", i), ("out", o), ("bias", True)))
+
+
+KINK_CASES = {  # id: (activation code, the case)
+    **{f"{code}-after-linear": (code, Case((3,), (_linear(3, 6), _kinked(code), _linear(6, 3)), "cross_entropy", "mean",
+                                           3, 0, hbp_mode="hessian", hbp_flags=(False, False), kinks=True))
+       for code in KINKS},
+    **{f"{code}-on-the-input": (code, Case((6,), (_kinked(code), _linear(6, 2)), "mse", "sum", 2, 1, hbp_mode="pch-abs",
+                                           kinks=True)) for code in KINKS},
+}
+
+
+@pytest.mark.parametrize("name", list(KINK_CASES))
+def test_kinks_match_autograd(name):
+    """Loss, gradient, every block product and block at inputs exactly on a kink equal torch autograd's."""
+    code, case = KINK_CASES[name]
+    x, _ = case.data(case.batch)
+    with torch.no_grad():
+        pre_activation = x if case.layers[0][0] != "linear" else case.build()[0](x)
+    on_kink = (pre_activation[..., None] == torch.tensor(KINKS[code], dtype=x.dtype)).any(-1)
+    assert on_kink[:, 0].all(), "unit 0 must sit exactly on a kink for every sample"
+    check_case(case)

@@ -48,6 +48,27 @@ def almost_everywhere(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
 
 
+def zero_at_kinks(expr: sp.Expr) -> sp.Expr:
+    """φ″ is 0 at a kink, where a two-branch ``Piecewise`` switches (``x = k`` for a condition ``x > k``).
+
+    That is torch autograd's value: its double backward masks both sides strictly (ELU/SELU: φ″(0) = 0, where the
+    derived ``Piecewise`` would give the ``x <= 0`` branch's α). φ′ keeps the branch the rule's condition selects,
+    as torch's backward does (ReLU 0, LeakyReLU slope, ELU α, Hardtanh 0 at ±limits).
+    """
+    relations = (sp.StrictGreaterThan, sp.GreaterThan, sp.StrictLessThan, sp.LessThan)
+
+    def split(piecewise):
+        pieces = piecewise.args
+        if len(pieces) != 2 or pieces[1].cond is not sp.true or not isinstance(pieces[0].cond, relations):
+            return piecewise
+        (first, condition), (other, _) = pieces
+        above, below = sp.Gt(condition.lhs, condition.rhs), sp.Lt(condition.lhs, condition.rhs)
+        upper, lower = (first, other) if isinstance(condition, (sp.StrictGreaterThan, sp.GreaterThan)) else (other, first)
+        return sp.Piecewise((upper, above), (lower, below), (sp.S.Zero, True))
+
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), split)
+
+
 _INVERTIBLE_OPS = 8  # only small φ are inverted symbolically (sp.solve is slow on large ones)
 
 
@@ -114,5 +135,5 @@ def best_form(phi, expr, hyper) -> sp.Expr:
 
 def derive_elementwise(rule) -> ElementwiseDerivation:
     d1 = almost_everywhere(sp.diff(rule.phi, x))
-    d2 = almost_everywhere(sp.diff(d1, x))
+    d2 = zero_at_kinks(almost_everywhere(sp.diff(d1, x)))
     return ElementwiseDerivation(rule.phi, best_form(rule.phi, d1, rule.hyper), best_form(rule.phi, d2, rule.hyper))

@@ -54,8 +54,7 @@ def _loss_lines(graph, last):
                         "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
                         "index entries 0 to C-1 only, or compile a model with more outputs")
     smoothing = hyper.get("label_smoothing", 0.0)
-    target = (f"torch.nn.functional.one_hot(target, {classes}).to(z.dtype)" if rule.target == "class"
-              else "target.reshape(N, -1).to(z.dtype)")
+    target = "target.to(z.dtype)" if rule.target == "class" else "target.reshape(N, -1).to(z.dtype)"
     if smoothing:
         target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
     lines = [f"z = a_{last}.reshape(N, -1)", f"C = {classes}", f"t = {target}"]
@@ -75,6 +74,7 @@ def _loss_lines(graph, last):
     z_shape = _shape_args(graph.nodes[last]["y_shape"])
     if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
         sampled = [
+            "check_samples(samples)",
             *restore,
             "labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"t = torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # (N, S, C) sampled targets",
@@ -119,7 +119,7 @@ def _loss_lines(graph, last):
         f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
         f"    basis = eye[:, None, :].expand({classes}, self.N, {classes}).reshape({classes}, self.N, {z_shape})",
         f"    H = self._loss_hessian_product(basis).reshape({classes}, self.N, {classes}).transpose(0, 1)  # (N, C, C)",
-        "    eigenvalues, Q = torch.linalg.eigh(H)",
+        "    eigenvalues, Q = eigh_upcast(H)",
         "    root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]",
         f"    return root.permute(2, 0, 1).reshape({classes}, self.N, {z_shape})", "",
         *fisher_method,
@@ -233,7 +233,7 @@ _FULL_PRODUCTS = {
 def _full_product(graph, order, codes, kind):
     signature, doc, second_order, loss_product = _FULL_PRODUCTS[kind]
     active = set(_parameter_uses(graph, order))
-    body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS)",
+    body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS, self.loss_z)",
             *_product(graph, order, codes, active, second_order, loss_product),
             "return from_vectors(out, v, single)"]
     return ["@torch.no_grad()", f"def {signature}:", f'    """{doc}; vs is a list shaped like the parameters,'
@@ -385,12 +385,27 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     batch_entries = " + ".join([f"5 * self.N * {classes * classes}",  # the loss Hessian's basis and its products
                                 *(e for name in order for e in codes[name].block_factor_entries)])
     buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
+    eval_mode_modules = sorted({graph.nodes[n].get("buffers", {}).get("running_mean", "*").rpartition(".")[0]
+                                or "*" for n in order if graph.nodes[n]["op"] == "batch_norm"}
+                               | {graph.nodes[n]["hyper"]["dropout"] for n in order if "dropout" in graph.nodes[n]["hyper"]})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
+    rule = graph.graph["loss_rule"]
+    if rule.target == "class":  # probabilities (soft labels) only for cross-entropy, whose Hessian ignores them
+        probabilities = "softmax" in derive(rule).intermediates and rule.key == "cross_entropy"
+        check_target = f"target = check_class_target(target, N, {classes}, {probabilities}, x.device)"
+    else:
+        check_target = f"target = check_dense_target(target, N, {graph.nodes[last]['y_shape']!r}, x.device)"
     fb_body = [
-        "self._check_input(x)", "N = self.N = x.shape[0]", "with torch.no_grad():",
+        "check_eval_mode(self.model, EVAL_MODE_MODULES)",
+        "params, buffers = bind(self.model, ARCHITECTURE, BUFFERS)  # the model's current tensors",
+        "check_input(x, INPUT_SHAPE, next(iter(params.values()), None))",
+        "N, inputs = x.shape[0], [('x', x), ('target', target)]", check_target,
+        "self.p, self.buffers, self.N = params, buffers, N",
+        "self._ready = False  # a failure below leaves no half-updated cache in use",
+        "with torch.no_grad():",
         *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
-        "self._ready = True", "return loss",
+        "self._state = tensor_state(self.model, inputs)", "self._ready = True", "return loss",
     ]
     methods = {param: f"_block_product_{name}_{role}" for param, ((name, role), *_) in uses.items()}
     products = [line for param, method in methods.items() for line in _block_product(graph, order, codes, param, method)]
@@ -418,6 +433,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         f"PARAMETERS = {{{', '.join(f'{k!r}: {v!r}' for k, v in params.items())}}}  # the ones the loss depends on",
         f"ARCHITECTURE = {{{', '.join(f'{k!r}: {v!r}' for k, v in graph.graph['architecture'].items())}}}",
         f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
+        f"BUFFERS = {tuple(buffers)!r}",
+        f"EVAL_MODE_MODULES = {tuple(eval_mode_modules)!r}  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout",
         f"GRAPH_HASH = {digest!r}",
         "",
         "",
@@ -430,36 +447,22 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         "",
         *_indent([
             "def __init__(self, model):",
-            '    """Bind to a model of the compiled architecture; names and shapes must match."""',
-            "    found = {name: tuple(p.shape) for name, p in model.named_parameters()}",
-            "    if found != ARCHITECTURE:",
-            "        missing = sorted(set(ARCHITECTURE) - set(found))",
-            "        extra = sorted(set(found) - set(ARCHITECTURE))",
-            "        wrong = sorted(n for n in set(found) & set(ARCHITECTURE) if found[n] != ARCHITECTURE[n])",
-            "        raise ValueError(",
-            "            f\"model does not match the compiled architecture: missing {missing}, unexpected {extra}, \"",
-            "            f\"wrong shape {[(n, found[n], ARCHITECTURE[n]) for n in wrong]}; recompile with hbpc\"",
-            "        )",
-            "    self.model = model",
-            "    self.p = dict(model.named_parameters())",
-            "    self.buffers = dict(model.named_buffers())",
-            f"    missing_buffers = sorted(set({buffers!r}) - set(self.buffers))",
-            "    if missing_buffers:",
-            "        raise ValueError(f\"model lacks the buffers {missing_buffers}; recompile with hbpc\")",
-            "    self._ready = False",
+            '    """Bind to a model of the compiled architecture; names and shapes must match.',
             "",
-            "def _check_input(self, x):",
-            "    if tuple(x.shape[1:]) != INPUT_SHAPE:",
-            "        raise ValueError(f\"input has per-sample shape {tuple(x.shape[1:])}, expected {INPUT_SHAPE}\")",
-            "    dtype = next(iter(self.p.values())).dtype if self.p else x.dtype",
-            "    if x.dtype != dtype:",
-            "        raise ValueError(f\"input dtype {x.dtype} differs from the parameters' {dtype}\")",
-            "    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms",
-            "        raise ValueError(\"input contains NaN or Inf\")",
+            "    forward_backward re-reads the model's parameters and buffers, so replacing one on the model is picked up.",
+            '    """',
+            "    self.model = check_model(model)",
+            "    self.p, self.buffers = bind(model, ARCHITECTURE, BUFFERS)",
+            "    self._ready = False",
             "",
             "def _check_ready(self):",
             "    if not self._ready:",
             "        raise RuntimeError(\"call forward_backward(x, target) before asking for curvature\")",
+            "    check_state(self._state)",
+            "",
+            "def check_current(self):",
+            '    """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""',
+            "    self._check_ready()",
             "",
             "def blocks_memory(self):",
             '    """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step\'s temporaries)."""',
@@ -490,7 +493,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "    self._check_ready()",
             f"    products = {{{product_map}}}",
             "    return {",
-            "        name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split)",
+            "        name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split, self.loss_z, self._check_ready)",
             "        for name, f in products.items()",
             "    }",
             "",

@@ -24,7 +24,7 @@ def matrix_residual(R, curvature):
     """mode(R) for symmetric R (..., D, D): R (hessian), None (ggn), Q|Λ|Qᵀ (pch-abs), Q max(Λ, 0) Qᵀ (pch-clip)."""
     if curvature in ("hessian", "ggn"):
         return residual(R, curvature)
-    values, vectors = torch.linalg.eigh((R + R.mT) / 2)
+    values, vectors = eigh_upcast((R + R.mT) / 2)  # float32 for float16/bfloat16
     return (vectors * residual(values, curvature)[..., None, :]) @ vectors.mT
 
 

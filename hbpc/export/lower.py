@@ -424,6 +424,8 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
         raise ValueError("only the sum of two tensors of equal shape is supported (no broadcasting)")
     if rule.key not in ("add", "cat") and arity != 1:
         raise ValueError(f"'{op}' with {arity} tensor inputs is not supported")
+    if rule.key == "identity" and op.startswith("dropout"):  # random in training mode: eval mode only
+        hyper = {**hyper, "dropout": node.target if node.op == "call_module" else "*"}  # module path, * functional
     return rule, hyper, params, param_shapes
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from hbpc.optim.checks import curvature_model
 from hbpc.optim.newton_cg import check_choice, parameter_names
 
 KINDS = ("kfac", "kflr", "kfra")
@@ -80,7 +81,7 @@ class KFAC(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        self.names.update(parameter_names(self.curvature.model, params))
+        self.names.update(parameter_names(curvature_model(self.curvature), params))
         super().add_param_group({**param_group, "params": params})
 
     @property
@@ -102,7 +103,8 @@ class KFAC(torch.optim.Optimizer):
         for name, factors in self.factors.items():
             decompositions = []
             for F in factors:
-                eigenvalues, Q = torch.linalg.eigh(F)
+                eigenvalues, Q = torch.linalg.eigh(F.to(torch.promote_types(F.dtype, torch.float32)))  # no half eigh
+                eigenvalues, Q = eigenvalues.to(F.dtype), Q.to(F.dtype)
                 decompositions.append((eigenvalues * (eigenvalues > EIGENVALUE_FLOOR), Q))
             self.eigen[name] = decompositions
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from hbpc.linalg.operators import full_operator
 from hbpc.optim.cg import cg, inner
+from hbpc.optim.checks import curvature_model
 
 CURVATURE_MODES = ("hessian", "ggn", "pch-abs", "pch-clip")
 SOURCES = ("blocks", "block_products", "full")
@@ -236,7 +237,7 @@ class NewtonCG(torch.optim.Optimizer):
         check_group({**self.defaults, **group}, self.adaptive_damping)
         if self.source == "full":
             check_shared(self.param_groups, {**self.defaults, **group})
-        names = parameter_names(self.curvature.model, group["params"])
+        names = parameter_names(curvature_model(self.curvature), group["params"])
         super().add_param_group(group)
         self.names.update(names)
 
@@ -372,7 +373,7 @@ def parameter_names(model: torch.nn.Module, params: list[Tensor]) -> dict[Tensor
     for p in params:
         if id(p) not in by_id:
             raise ValueError(
-                f"a parameter of shape {tuple(p.shape)} is not in curvature.model.named_parameters(); "
+                f"params: a parameter of shape {tuple(p.shape)} is not in curvature.model.named_parameters(); "
                 "NewtonCG can only optimize the parameters of the model the Curvature is bound to"
             )
     return {p: by_id[id(p)] for p in params}
