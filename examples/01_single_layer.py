@@ -24,10 +24,10 @@ from pathlib import Path
 import _common
 import hbpc
 from hbpc.export import load_model_file
-from hbpc.optim import NewtonCG
+from hbpc.optim import PAPER, NewtonCG
 
 MODEL_FILE = Path(__file__).parent / "models" / "logreg_fashion_mnist.py"
-NEWTON = dict(lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50)
+NEWTON = dict(PAPER, lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50)
 SGD_LR, SGD_MOMENTUM = 0.1, 0.9
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     curv_logreg = hbpc.compile_model(spec.model, spec.example_input, spec.loss_fn, path=args.out / "curv_logreg.py")
     runs = _common.baselines(spec.model, spec.loss_fn, SGD_LR, SGD_MOMENTUM)  # copies of the initial weights
     curvature = curv_logreg.Curvature(spec.model)
-    optimizer = NewtonCG(spec.model.parameters(), curvature, curvature_mode="ggn",
+    optimizer = NewtonCG(spec.model.parameters(), curvature, curvature="ggn",
                          average_parameter_jacobian=args.average_parameter_jacobian, **NEWTON)
     factor = "x̄ x̄ᵀ" if args.average_parameter_jacobian else "E[x xᵀ]"
     newton = _common.Run(f"Newton-CG (HBP, GGN, S ⊗ {factor})", spec.model, _common.newton_update(curvature, optimizer))

@@ -21,10 +21,10 @@ import _common
 import hbpc
 from hbpc.compiler import import_generated
 from hbpc.export import load_model_file
-from hbpc.optim import NewtonCG
+from hbpc.optim import PAPER, NewtonCG
 
 MODEL_FILE = Path(__file__).parent / "models" / "fcnn_fashion_mnist.py"
-NEWTON = dict(lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50, curvature_mode="pch-abs",
+NEWTON = dict(PAPER, lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50, curvature="pch-abs",
               average_input_jacobian=True, average_parameter_jacobian=True)
 SGD_LR, SGD_MOMENTUM = 0.1, 0.9
 

@@ -153,7 +153,7 @@ def test_eigensolvers_are_reproducible_and_lanczos_warns_when_stopped_early():
         first, second = solver(op, k=3, generator=5), solver(op, k=3, generator=torch.Generator().manual_seed(5))
         assert all(torch.equal(a, b) for a, b in zip(first, second))
     with pytest.warns(UserWarning, match="not converged after 4 iterations"):
-        lanczos(op, k=3, max_iterations=4, generator=0)
+        lanczos(op, k=3, maxiter=4, generator=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lanczos(op, k=3, generator=0)
@@ -232,7 +232,7 @@ def test_fisher_mc_operator_is_reproducible_and_estimates_the_ggn():
 
 def test_invalid_arguments():
     _, _, _, _, curvature = bound(CE)
-    with pytest.raises(ValueError, match="curvature_mode='pch-abs' is not one of 'ggn', 'hessian', 'fisher-mc'"):
+    with pytest.raises(ValueError, match="curvature='pch-abs' is not one of 'ggn', 'hessian', 'fisher-mc'"):
         full_operator(curvature, "pch-abs")
     with pytest.raises(ValueError, match=r"unknown parameters \['fc.weight'\]"):
         block_product_operator(curvature, "ggn", params=["fc.weight"])

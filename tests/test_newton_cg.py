@@ -19,7 +19,7 @@ from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from hbpc.optim import NewtonCG, StepStats
+from hbpc.optim import PAPER, NewtonCG, StepStats
 
 DTYPE = torch.float64
 
@@ -198,7 +198,7 @@ def test_step_matches_hand_computed_update(setting, lr, alpha):
     expected = expected_update(model, loss_fn, x, y, setting["curvature"], lr, alpha)
     curv = FakeCurvature(model, loss_fn)
     opt = NewtonCG(model.parameters(), curv, lr=lr, alpha=alpha, cg_tol=1e-12, cg_maxiter=500,
-                   source=setting["source"], curvature_mode=setting["curvature"], solver=setting["solver"])
+                   source=setting["source"], curvature=setting["curvature"], solver=setting["solver"], **PAPER)
     curv.forward_backward(x, y)
     assert opt.step() is None
     for name, p in model.named_parameters():
@@ -218,7 +218,7 @@ def test_step_with_closure_returns_loss_and_matches():
     expected = expected_update(reference, loss_fn, x, y, "ggn", 0.1, 0.02)
     model = mlp()
     curv = FakeCurvature(model, loss_fn)
-    opt = NewtonCG(model.parameters(), curv, cg_tol=1e-12, curvature_mode="ggn")
+    opt = NewtonCG(model.parameters(), curv, lr=0.1, alpha=0.02, cg_tol=1e-12, curvature="ggn", **PAPER)
     loss = opt.step(lambda: curv.forward_backward(x, y))
     torch.testing.assert_close(loss, loss_fn(reference(x), y).detach())
     assert opt.last_stats.loss == pytest.approx(loss.item())
@@ -240,7 +240,7 @@ def test_parameters_move_only_after_every_product():
         return exact_product(curvature, name, v)
 
     curv.exact_product = watched
-    NewtonCG(model.parameters(), curv, source="block_products", curvature_mode="ggn").step()
+    NewtonCG(model.parameters(), curv, source="block_products", curvature="ggn").step()
     assert len(unmoved) > 4 and all(unmoved)
     assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
@@ -248,7 +248,7 @@ def test_parameters_move_only_after_every_product():
 def test_loose_cg_tolerance_reports_iterations_and_residual():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     curv = FakeCurvature(model, loss_fn)
-    opt = NewtonCG(model.parameters(), curv, alpha=1e-4, cg_tol=0.5, cg_maxiter=2, curvature_mode="ggn")
+    opt = NewtonCG(model.parameters(), curv, alpha=1e-4, cg_tol=0.5, cg_maxiter=2, curvature="ggn")
     curv.forward_backward(*classification_batch())
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     opt.step()
@@ -265,7 +265,7 @@ def test_parameter_groups_and_missing_grads():
     curv = FakeCurvature(model, loss_fn)
     first, second = model[0], model[2]
     opt = NewtonCG([{"params": first.parameters(), "lr": 0.1}, {"params": second.parameters(), "lr": 0.0001}],
-                   curv, cg_tol=1e-12, curvature_mode="ggn")
+                   curv, alpha=0.02, cg_tol=1e-12, curvature="ggn", **PAPER)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     curv.forward_backward(x, y)
     second.bias.grad = None
@@ -299,8 +299,8 @@ def saddle_loss(z, y):
 def saddle_step(w, solver="cg", alpha=0.02, lr=0.5):
     model = Saddle(w)
     curv = FakeCurvature(model, saddle_loss)
-    opt = NewtonCG(model.parameters(), curv, lr=lr, alpha=alpha, cg_tol=1e-12, curvature_mode="hessian",
-                   solver=solver)
+    opt = NewtonCG(model.parameters(), curv, lr=lr, alpha=alpha, cg_tol=1e-12, curvature="hessian",
+                   solver=solver, **PAPER)
     curv.forward_backward(torch.ones(2, dtype=DTYPE), None)
     g = model.w.grad.clone()
     opt.step()
@@ -333,7 +333,7 @@ def test_direct_solve_on_indefinite_block_falls_back_to_gradient():
 def test_step_stats_aggregate_fallbacks():
     model = Saddle([0.1, 1.0])
     curv = FakeCurvature(model, saddle_loss)
-    opt = NewtonCG(model.parameters(), curv, curvature_mode="hessian")
+    opt = NewtonCG(model.parameters(), curv, curvature="hessian")
     curv.forward_backward(torch.ones(2, dtype=DTYPE), None)
     opt.step()
     assert opt.last_stats.negative_curvature and not opt.last_stats.converged
@@ -362,8 +362,8 @@ def test_adaptive_damping_follows_reduction_ratio(scale, rho, factor):
     model, x, y = least_squares()
     curv = FakeCurvature(model, nn.MSELoss(), scale=scale)
     alpha = 1e-6
-    opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=alpha, cg_tol=1e-12, curvature_mode="hessian",
-                   adaptive_damping=True)
+    opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=alpha, cg_tol=1e-12, curvature="hessian",
+                   **dict(PAPER, adaptive_damping=True))
     calls = Counter()
 
     def closure():
@@ -385,20 +385,38 @@ def test_adaptive_damping_boosts_when_model_predicts_no_decrease():
     """lr = 3 overshoots the Newton step: ``q(3 d) = (-3 + 9/2) gᵀH⁻¹g > 0``."""
     model, x, y = least_squares()
     curv = FakeCurvature(model, nn.MSELoss())
-    opt = NewtonCG(model.parameters(), curv, lr=3.0, alpha=0.5, cg_tol=1e-12, curvature_mode="hessian",
-                   adaptive_damping=True)
+    opt = NewtonCG(model.parameters(), curv, lr=3.0, alpha=0.5, cg_tol=1e-12, curvature="hessian",
+                   **dict(PAPER, adaptive_damping=True))
     opt.step(lambda: curv.forward_backward(x, y))
     assert opt.last_stats.predicted > 0.0 and opt.last_stats.rho == -math.inf
     assert opt.param_groups[0]["alpha"] == pytest.approx(1.5 / 2.5)
 
 
-def test_adaptive_damping_needs_closure():
+class MisstatedBlocks(FakeCurvature):
+    """``scale`` mis-states the blocks only; the full GGN product stays exact."""
+
+    def ggn_vector_product(self, vs):
+        scale, self.scale = self.scale, 1.0
+        try:
+            return self.full_product("ggn", vs)
+        finally:
+            self.scale = scale
+
+
+def test_adaptive_damping_without_closure_follows_the_full_ggn_model():
+    """Plain loop: ``ρ = q_G(s) / q_B(s)``; blocks ``0.01·H`` (here ``H = G``) overstate the decrease."""
     model, x, y = least_squares()
-    curv = FakeCurvature(model, nn.MSELoss())
-    opt = NewtonCG(model.parameters(), curv, curvature_mode="hessian", adaptive_damping=True)
+    curv = MisstatedBlocks(model, nn.MSELoss(), scale=0.01)
+    opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-6, cg_tol=1e-12, curvature="hessian",
+                   **dict(PAPER, adaptive_damping=True, line_search=True))
     curv.forward_backward(x, y)
-    with pytest.raises(ValueError, match="adaptive_damping=True needs step\\(closure\\)"):
-        opt.step()
+    opt.step()
+    assert opt.last_stats.rho < 0.25 and opt.param_groups[0]["alpha"] > 1e-6
+    assert opt.last_stats.loss is None and opt.last_stats.loss_after is None
+    without_model = NewtonCG(model.parameters(), curv, curvature="hessian", **dict(PAPER, adaptive_damping=True))
+    curv.forward_backward(x, y)
+    without_model.step()
+    assert without_model.last_stats.rho is None and without_model.param_groups[0]["alpha"] == without_model.defaults["alpha"]
 
 
 # ---- argument checks ---------------------------------------------------------------------
@@ -407,15 +425,18 @@ def test_adaptive_damping_needs_closure():
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(source="hessian"), "source='hessian' is not one of 'blocks', 'block_products', 'full'"),
-     (dict(curvature_mode="gn"), "curvature_mode='gn' is not one of 'hessian', 'ggn', 'pch-abs', 'pch-clip'"),
+     (dict(curvature="gn"), "curvature='gn' is not one of 'hessian', 'ggn', 'pch-abs', 'pch-clip'"),
+     (dict(preconditioner="ilu"), "preconditioner='ilu' is not one of None, 'diagonal', 'kronecker'"),
+     (dict(preconditioner="diagonal", split=2), 'preconditioner=\'diagonal\' needs solver="cg" and split=1'),
+     (dict(max_backtracks=-1), "max_backtracks=-1 must be None or an int >= 0"),
      (dict(solver="lu"), "solver='lu' is not one of 'cg', 'direct'"),
      (dict(source="block_products", solver="direct"), 'solver="direct" needs source="blocks"'),
-     (dict(source="full", solver="direct", curvature_mode="ggn"), 'solver="direct" needs source="blocks"'),
-     (dict(source="full"), 'source="full" needs curvature_mode "ggn" or "hessian", got \'pch-abs\''),
+     (dict(source="full", solver="direct", curvature="ggn"), 'solver="direct" needs source="blocks"'),
+     (dict(source="full", curvature="pch-abs"), 'source="full" needs curvature "ggn" or "hessian", got \'pch-abs\''),
      (dict(alpha=1.0), "alpha=1.0 is out of range"),
-     (dict(alpha=0.0, adaptive_damping=True), "adaptive_damping=True needs alpha > 0"),
      (dict(lr=0.0), "lr=0.0 must be positive")],
-    ids=["source", "mode", "solver", "direct-products", "direct-full", "full-mode", "alpha", "alpha-adaptive", "lr"],
+    ids=["source", "mode", "preconditioner", "preconditioner-split", "backtracks", "solver", "direct-products",
+         "direct-full", "full-mode", "alpha", "lr"],
 )
 def test_invalid_arguments(kwargs, message):
     model = logistic_regression()
@@ -431,7 +452,7 @@ def test_parameter_of_another_model_is_rejected():
 
 def test_add_param_group_is_validated_and_named():
     model = mlp()
-    opt = NewtonCG(model[0].parameters(), FakeCurvature(model, nn.CrossEntropyLoss()), curvature_mode="ggn")
+    opt = NewtonCG(model[0].parameters(), FakeCurvature(model, nn.CrossEntropyLoss()), curvature="ggn")
     with pytest.raises(ValueError, match="alpha=2.0 is out of range"):
         opt.add_param_group({"params": [model[2].bias], "alpha": 2.0})
     opt.add_param_group({"params": model[2].parameters(), "lr": 0.5})
@@ -489,22 +510,22 @@ def steps_to_reach_sgd(make_curvature, **newton_options) -> tuple[int, float, fl
     return SGD_STEPS + 1, target, loss
 
 
-EXACT_PRODUCTS = dict(source="block_products", lr=1.0, alpha=1e-3, cg_tol=1e-2, cg_maxiter=30)
+EXACT_PRODUCTS = dict(PAPER, source="block_products", lr=1.0, alpha=1e-3, cg_tol=1e-2, cg_maxiter=30)
 
 
 def test_newton_cg_beats_sgd_on_digits_with_fake_curvature():
     """About 7 steps against SGD's 200 (exact Hessian blocks, which equal the GGN's here)."""
     steps, target, loss = steps_to_reach_sgd(
-        lambda model, x, y, loss_fn: FakeCurvature(model, loss_fn), curvature_mode="hessian", **EXACT_PRODUCTS
+        lambda model, x, y, loss_fn: FakeCurvature(model, loss_fn), curvature="hessian", **EXACT_PRODUCTS
     )
     assert steps <= SGD_STEPS // 5, f"Newton-CG needed {steps} steps to reach SGD's {target:.4f} (at {loss:.4f})"
 
 
 @pytest.mark.parametrize(
     "options",
-    [dict(curvature_mode="ggn", **EXACT_PRODUCTS),
-     dict(source="blocks", curvature_mode="pch-abs", average_parameter_jacobian=False, lr=1.0, alpha=0.01,
-          cg_tol=1e-2, cg_maxiter=30)],
+    [dict(curvature="ggn", **EXACT_PRODUCTS),
+     dict(source="blocks", curvature="pch-abs", average_parameter_jacobian=False, lr=1.0, alpha=0.01,
+          cg_tol=1e-2, cg_maxiter=30, **PAPER)],
     ids=["exact-ggn-products", "hbp-kfra-blocks"],
 )
 def test_integration_compiled_curvature_beats_sgd_on_digits(options):
@@ -572,7 +593,7 @@ def test_full_step_matches_hand_computed_update(build, curvature, lr, alpha):
     expected = expected_full_update(model, loss_fn, x, y, curvature, alpha, dict.fromkeys(names, lr))
     curv = FakeCurvature(model, loss_fn)
     opt = NewtonCG(model.parameters(), curv, lr=lr, alpha=alpha, cg_tol=1e-12, cg_maxiter=500, source="full",
-                   curvature_mode=curvature)
+                   curvature=curvature, **PAPER)
     curv.forward_backward(x, y)
     opt.step()
     for name, p in model.named_parameters():
@@ -591,7 +612,7 @@ def test_full_step_with_groups_and_missing_grads_solves_the_principal_subsystem(
     expected = expected_full_update(model, loss_fn, x, y, "ggn", 0.05, lrs, active=list(lrs))
     curv = FakeCurvature(model, loss_fn)
     opt = NewtonCG([{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters()}], curv,
-                   lr=0.1, alpha=0.05, cg_tol=1e-12, source="full", curvature_mode="ggn")
+                   lr=0.1, alpha=0.05, cg_tol=1e-12, source="full", curvature="ggn", **PAPER)
     curv.forward_backward(x, y)
     model[2].bias.grad = None
     opt.step()
@@ -604,15 +625,15 @@ def test_full_groups_must_share_damping_and_cg_settings():
     curv = FakeCurvature(model, nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="every group needs the same alpha, cg_maxiter"):
         NewtonCG([{"params": model[0].parameters()}, {"params": model[2].parameters(), "alpha": 0.5, "cg_maxiter": 3}],
-                 curv, source="full", curvature_mode="ggn")
+                 curv, source="full", curvature="ggn")
     NewtonCG([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}],
-             curv, source="full", curvature_mode="ggn")
+             curv, source="full", curvature="ggn")
 
 
 def test_full_negative_curvature_falls_back_to_gradient():
     model = Saddle([0.1, 1.0])
     curv = FakeCurvature(model, saddle_loss)
-    opt = NewtonCG(model.parameters(), curv, lr=0.5, source="full", curvature_mode="hessian")
+    opt = NewtonCG(model.parameters(), curv, lr=0.5, alpha=0.02, source="full", curvature="hessian", **PAPER)
     curv.forward_backward(torch.ones(2, dtype=DTYPE), None)
     g = model.w.grad.clone()
     opt.step()
@@ -633,7 +654,7 @@ def test_full_adaptive_damping_uses_the_joint_quadratic_model(scale, rho, factor
     x, y = torch.randn(8, 4, generator=g, dtype=DTYPE) + 1.0, torch.randn(8, 2, generator=g, dtype=DTYPE)
     curv = FakeCurvature(model, nn.MSELoss(), scale=scale)
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-6, cg_tol=1e-12, source="full",
-                   curvature_mode="hessian", adaptive_damping=True)
+                   curvature="hessian", **dict(PAPER, adaptive_damping=True))
     opt.step(lambda: curv.forward_backward(x, y))
     stats = opt.last_stats
     assert stats.rho == pytest.approx(rho, rel=1e-3)
@@ -658,7 +679,7 @@ def test_full_newton_cg_converges_on_convex_problem_with_compiled_curvature():
         model = nn.Linear(4, 3).to(DTYPE)
         curv = hbpc.compile_model(model, x[:2], loss_fn).Curvature(model)
         opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-4, cg_tol=1e-10, source=source,
-                       curvature_mode="ggn")
+                       curvature="ggn", **PAPER)
         norms, losses = [], []
         for _ in range(8):
             opt.zero_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compiled
-from hbpc.optim import NewtonCG
+from hbpc.optim import PAPER, NewtonCG
 from models import SETTINGS
 from reference import hessian_block, recursion_blocks
 
@@ -101,7 +101,7 @@ def test_split_is_validated():
         with pytest.raises(ValueError, match="split must be a positive int"):
             curvature.block_products("ggn", split=bad)
     with pytest.raises(ValueError, match="split needs source"):
-        NewtonCG(model.parameters(), curvature, source="full", curvature_mode="ggn", split=2)
+        NewtonCG(model.parameters(), curvature, source="full", curvature="ggn", split=2)
 
 
 @pytest.mark.parametrize("source", ["blocks", "block_products"])
@@ -111,7 +111,7 @@ def test_newton_cg_solves_each_chunk_separately(source):
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = NewtonCG(model.parameters(), curvature, lr=1.0, alpha=0.1, cg_tol=1e-12, cg_maxiter=500,
-                         source=source, curvature_mode="ggn", split=2)
+                         source=source, curvature="ggn", split=2, **PAPER)
     operators = (curvature.blocks("ggn", split=2) if source == "blocks" else curvature.block_products("ggn", split=2))
     damped = {name: 0.9 * _dense((lambda v, o=operators[name]: o @ v) if source == "blocks" else operators[name], p)
               + 0.1 * torch.eye(p.numel(), dtype=p.dtype) for name, p in model.named_parameters()}

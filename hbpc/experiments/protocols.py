@@ -18,14 +18,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hbpc.optim.newton_cg import PAPER
+
 SGD, ADAM, KFAC, NEWTON = "sgd", "adam", "kfac", "newton-cg"
 DATASETS = ("fashion-mnist", "cifar10")
 
 # CG-Newton settings shared by every HBP run of exp01/exp02 (paper: CGNewton on HBP blocks).
-HBP_BLOCKS = dict(source="blocks", lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50,
+# Both use the paper's plain update (PAPER: fixed damping, no line search, loss checks or warm starts).
+HBP_BLOCKS = dict(PAPER, source="blocks", lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50,
                   average_input_jacobian=True, average_parameter_jacobian=True)
 # CG-Newton on exact diagonal-block curvature products (the paper's "CVP"), exp08/exp09.
-CVP = dict(source="block_products", cg_tol=0.1, cg_atol=0.0, cg_maxiter=200)
+CVP = dict(PAPER, source="block_products", cg_tol=0.1, cg_atol=0.0, cg_maxiter=200)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Method:
 
     ``key`` names the run folder, ``label`` the legend entry; ``optimizer`` is ``sgd``, ``adam``,
     ``kfac`` or ``newton-cg`` and ``hyper`` its keyword arguments (for ``newton-cg`` those of
-    ``hbpc.optim.NewtonCG``, including ``curvature_mode`` and ``source``).
+    ``hbpc.optim.NewtonCG``, including ``curvature`` and ``source``).
     """
 
     key: str
@@ -115,13 +118,13 @@ DEEPOBS_3C3D = Architecture("3c3d", {"fashion-mnist": "deepobs_3c3d_fashion_mnis
 
 EXP01 = Experiment("exp01", "Chen et al. FCNN: SGD vs. CG-Newton on HBP blocks", FCNN, (
     Method("sgd", "SGD", SGD, 500, dict(lr=0.1, momentum=0.9)),
-    Method("ggn", "GGN", NEWTON, 500, dict(HBP_BLOCKS, curvature_mode="ggn")),
-    Method("pch-abs", "PCH-abs", NEWTON, 500, dict(HBP_BLOCKS, curvature_mode="pch-abs")),
-    Method("pch-clip", "PCH-clip", NEWTON, 500, dict(HBP_BLOCKS, curvature_mode="pch-clip")),
+    Method("ggn", "GGN", NEWTON, 500, dict(HBP_BLOCKS, curvature="ggn")),
+    Method("pch-abs", "PCH-abs", NEWTON, 500, dict(HBP_BLOCKS, curvature="pch-abs")),
+    Method("pch-clip", "PCH-clip", NEWTON, 500, dict(HBP_BLOCKS, curvature="pch-clip")),
 ))
 EXP02 = Experiment("exp02", "Chen et al. FCNN: parameter splitting, PCH-abs", FCNN, tuple(
     Method(f"pch-abs-split{k}", f"{k} block{'s' if k > 1 else ''}", NEWTON, 500,
-           dict(HBP_BLOCKS, curvature_mode="pch-abs", split=k))
+           dict(HBP_BLOCKS, curvature="pch-abs", split=k))
     for k in (1, 2, 4, 16)
 ), borrowed=(("exp01", "sgd"),))
 EXP08 = Experiment("exp08", "c4d3 with sigmoids: first-order, KFAC and CG-Newton on exact block products", C4D3, (
@@ -130,18 +133,18 @@ EXP08 = Experiment("exp08", "c4d3 with sigmoids: first-order, KFAC and CG-Newton
     Method("kfac", "KFAC", KFAC, 500, dict(lr=0.1, momentum=0.9, factor_decay=0.95, damping=1e-3, kl_clip=1e-3,
                                            weight_decay=0.0, factor_interval=10, inverse_interval=100,
                                            kind="kfac")),
-    Method("pch-abs", "PCH-abs", NEWTON, 1000, dict(CVP, curvature_mode="pch-abs", lr=0.2, alpha=1e-3)),
-    Method("pch-clip", "PCH-clip", NEWTON, 1000, dict(CVP, curvature_mode="pch-clip", lr=0.1, alpha=1e-4)),
-    Method("ggn-alpha1", "GGN, α1", NEWTON, 1000, dict(CVP, curvature_mode="ggn", lr=0.1, alpha=1e-4)),
-    Method("ggn-alpha2", "GGN, α2", NEWTON, 1000, dict(CVP, curvature_mode="ggn", lr=0.1, alpha=1e-3)),
+    Method("pch-abs", "PCH-abs", NEWTON, 1000, dict(CVP, curvature="pch-abs", lr=0.2, alpha=1e-3)),
+    Method("pch-clip", "PCH-clip", NEWTON, 1000, dict(CVP, curvature="pch-clip", lr=0.1, alpha=1e-4)),
+    Method("ggn-alpha1", "GGN, α1", NEWTON, 1000, dict(CVP, curvature="ggn", lr=0.1, alpha=1e-4)),
+    Method("ggn-alpha2", "GGN, α2", NEWTON, 1000, dict(CVP, curvature="ggn", lr=0.1, alpha=1e-3)),
 ))
 EXP09 = Experiment("exp09", "DeepOBS 3c3d with sigmoids: first-order and CG-Newton on exact block products",
                    DEEPOBS_3C3D, (
     Method("sgd", "SGD", SGD, 100, dict(lr=1.0, momentum=0.0)),
     Method("adam", "Adam", ADAM, 100, dict(lr=1e-3, betas=(0.9, 0.999))),
-    Method("pch-abs", "PCH-abs", NEWTON, 500, dict(CVP, curvature_mode="pch-abs", lr=0.1, alpha=1e-3)),
-    Method("pch-clip", "PCH-clip", NEWTON, 500, dict(CVP, curvature_mode="pch-clip", lr=0.1, alpha=1e-2)),
-    Method("ggn", "GGN", NEWTON, 500, dict(CVP, curvature_mode="ggn", lr=0.05, alpha=1e-3)),
+    Method("pch-abs", "PCH-abs", NEWTON, 500, dict(CVP, curvature="pch-abs", lr=0.1, alpha=1e-3)),
+    Method("pch-clip", "PCH-clip", NEWTON, 500, dict(CVP, curvature="pch-clip", lr=0.1, alpha=1e-2)),
+    Method("ggn", "GGN", NEWTON, 500, dict(CVP, curvature="ggn", lr=0.05, alpha=1e-3)),
 ))
 
 EXPERIMENTS = {e.key: e for e in (EXP01, EXP02, EXP08, EXP09)}

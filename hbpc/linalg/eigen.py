@@ -59,7 +59,7 @@ def lanczos(
     operator: CurvatureOperator,
     k: int = 10,
     which: str = "LA",
-    max_iterations: int | None = None,
+    maxiter: int | None = None,
     tol: float | None = None,
     generator: Seed = None,
 ) -> tuple[Tensor, Tensor]:
@@ -69,7 +69,7 @@ def lanczos(
     every new vector orthogonalised twice against all previous ones) and tridiagonal ``T_m``
     (diagonal ``α``, off-diagonal ``β``). ``T_m = S Θ Sᵀ`` gives Ritz pairs ``(θ_i, Q_m s_i)`` with
     residuals ``‖A Q_m s_i − θ_i Q_m s_i‖ = β_m |S_{m,i}|``. Stops once the ``k`` wanted residuals are
-    ``≤ tol · max|θ|`` (``tol`` defaults to ``√eps`` of the dtype), or after ``max_iterations``
+    ``≤ tol · max|θ|`` (``tol`` defaults to ``√eps`` of the dtype), or after ``maxiter``
     (default ``min(n, 20 k + 50)``; a warning if then not converged). When the Krylov space is
     exhausted (``β ≤ √eps`` times the largest ``|α|``, ``β`` so far) it continues from a fresh random
     vector orthogonal to ``Q`` (``β = 0`` in ``T``), so eigenvalues repeated in ``A`` are found as
@@ -79,7 +79,7 @@ def lanczos(
     n = operator.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and n={n}")
-    m_max = min(n, 20 * k + 50) if max_iterations is None else min(n, max(k, max_iterations))
+    m_max = min(n, 20 * k + 50) if maxiter is None else min(n, max(k, maxiter))
     eps = torch.finfo(operator.dtype).eps
     tol = math.sqrt(eps) if tol is None else tol
     generator = as_generator(generator, operator.device)
@@ -105,7 +105,7 @@ def lanczos(
         betas.append(0.0 if exhausted else beta)
     if not converged and m_max < n:
         warnings.warn(f"lanczos: {k} Ritz pairs not converged after {m_max} iterations (largest residual "
-                      f"{residual:.3g}); raise max_iterations", stacklevel=2)
+                      f"{residual:.3g}); raise maxiter", stacklevel=2)
     vectors = Q[: j + 1].T @ S[:, wanted].to(dtype=operator.dtype, device=operator.device)
     return values[wanted].to(dtype=operator.dtype, device=operator.device), vectors
 

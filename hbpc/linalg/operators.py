@@ -9,7 +9,8 @@ A ``CurvatureOperator`` is an ``n × n`` symmetric matrix ``A`` over some parame
   leading dimension, ``t_p`` of shape ``(k, *θ_p.shape)``.
 
 Either way, ``k`` vectors cost one call of the generated product (its leading ``V`` dimension).
-Dtype and device are the parameters'. Constructors, for ``curvature`` after ``forward_backward``:
+Dtype and device are the parameters'. Constructors take a generated ``Curvature`` ``curv`` (positional,
+after ``forward_backward``) and the kind of curvature as ``curvature=`` (as the generated methods do):
 
 | constructor | ``A`` |
 |---|---|
@@ -137,7 +138,7 @@ def check_choice(what: str, value: str, choices: Sequence[str]) -> None:
 
 
 def full_operator(
-    curvature, curvature_mode: str = "ggn", params=None, samples: int = 1, generator: Seed = None
+    curv, /, curvature: str = "ggn", params=None, samples: int = 1, generator: Seed = None
 ) -> CurvatureOperator:
     """``G = Jᵀ ∇²_z L J`` (``"ggn"``), ``H = ∇²L`` (``"hessian"``) or ``F = Jᵀ (1/S Σ_s s sᵀ) J`` (``"fisher-mc"``).
 
@@ -145,37 +146,38 @@ def full_operator(
     every product call: the ``k`` columns of one ``matmat`` share the draw, separate calls do not.
     For a subset ``S`` of parameters the operator is ``A_SS`` (zeros for the others' entries of ``v``).
     """
-    check_choice("curvature_mode", curvature_mode, tuple(FULL_PRODUCTS))
-    method = getattr(curvature, FULL_PRODUCTS[curvature_mode])
-    if curvature_mode == "fisher-mc":
-        device = next(curvature.model.parameters()).device
+    check_choice("curvature", curvature, tuple(FULL_PRODUCTS))
+    method = getattr(curv, FULL_PRODUCTS[curvature])
+    if curvature == "fisher-mc":
+        device = next(curv.model.parameters()).device
         method = functools.partial(method, samples=samples, generator=as_generator(generator, device))
-    every = {name: p for name, p in curvature.model.named_parameters()}
+    every = {name: p for name, p in curv.model.named_parameters()}
 
     def product(vs: dict[str, Tensor]) -> dict[str, Tensor]:
         k = next(iter(vs.values())).shape[0]
         padded = [vs[name] if name in vs else p.new_zeros(k, *p.shape) for name, p in every.items()]
         return dict(zip(every, method(padded)))
 
-    return operator_for(curvature, product, params)
+    return operator_for(curv, product, params)
 
 
-def block_product_operator(curvature, curvature_mode: str = "ggn", params=None) -> CurvatureOperator:
-    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curvature.block_products(curvature_mode)``."""
-    products = curvature.block_products(curvature_mode)
-    return operator_for(curvature, lambda vs: {name: products[name](v) for name, v in vs.items()}, params)
+def block_product_operator(curv, /, curvature: str = "ggn", params=None) -> CurvatureOperator:
+    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curv.block_products(curvature)``."""
+    products = curv.block_products(curvature)
+    return operator_for(curv, lambda vs: {name: products[name](v) for name, v in vs.items()}, params)
 
 
 def hbp_block_operator(
-    curvature,
-    curvature_mode: str = "ggn",
+    curv,
+    /,
+    curvature: str = "ggn",
     average_input_jacobian: bool = True,
     average_parameter_jacobian: bool = True,
     params=None,
 ) -> CurvatureOperator:
-    """``diag(B_θ)`` over ``params``: the HBP blocks ``curvature.blocks(...)``, formed once here."""
-    blocks = curvature.blocks(curvature_mode, average_input_jacobian, average_parameter_jacobian)
-    return operator_for(curvature, lambda vs: {name: blocks[name] @ v for name, v in vs.items()}, params)
+    """``diag(B_θ)`` over ``params``: the HBP blocks ``curv.blocks(...)``, formed once here."""
+    blocks = curv.blocks(curvature, average_input_jacobian, average_parameter_jacobian)
+    return operator_for(curv, lambda vs: {name: blocks[name] @ v for name, v in vs.items()}, params)
 
 
 def to_scipy(operator: CurvatureOperator):
