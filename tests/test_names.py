@@ -169,6 +169,19 @@ def test_adversarial_names_on_a_graph_with_branches(loss_fn):
     check_exact(Branches(), loss_fn)
 
 
+@pytest.mark.parametrize("names", [["class", "lambda", "def", "None"], ["ab", "a_b", "a__b", "_ab", "ab_"],
+                                   ["α", "β", "日本", "ﬁ", "fi"]], ids=["keywords", "underscores", "unicode"])
+def test_names_torch_fx_and_python_treat_alike_stay_apart(names):
+    """Keywords (torch.fx writes ``self.class``), names equal up to ``_``, unicode (fx maps them to ``_``; Python
+    identifiers are NFKC-normalized, ``ﬁ`` is ``fi``)."""
+    torch.manual_seed(3)
+    layers = [nn.Linear(WIDTH, WIDTH) if k % 2 == 0 else nn.Tanh() for k in range(len(names) - 1)]
+    model = nn.Sequential()
+    for name, layer in zip(names, [*layers, nn.Linear(WIDTH, CLASSES)]):
+        model.add_module(name, layer)
+    check_exact(model, nn.CrossEntropyLoss())
+
+
 def test_ordinary_names_stay_as_they_are():
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(WIDTH, WIDTH)), ("act", nn.Tanh()),
                                        ("fc2", nn.Linear(WIDTH, CLASSES))]))
@@ -242,7 +255,8 @@ MEMBER_NAMES = ["lin", "lin_weight", "lin_weight_vjp", "lin_X", "lin_d1", "weigh
 UNDERSCORES = ["ab", "a_b", "a__b", "_ab", "ab_", "a_b_", "_", "__", "0", "1", "x1"]
 UNICODE = ["α", "β", "ñ", "日本", "ℌ", "ﬁ", "fi", "Ω", "é"]
 KEYWORDS = ["class", "lambda", "def", "for", "None", "True", "import", "return", "yield", "async"]
-POOL = GENERATOR_NAMES + MEMBER_NAMES + UNDERSCORES + UNICODE + KEYWORDS + PRELUDE_HELPERS
+ODD = ["a-b", "a b", "a\nb", '"""', "'", "\\", "\u2028", "{x}", "%s"]  # reach the file in parameter names
+POOL = GENERATOR_NAMES + MEMBER_NAMES + UNDERSCORES + UNICODE + KEYWORDS + PRELUDE_HELPERS + ODD
 
 
 class DictChain(nn.Module):
@@ -303,7 +317,8 @@ FUZZ_MODELS = _fuzz_models(30)
 
 def _names(model):
     """The model's module names, for test ids (a DictChain's ``layers.`` left out)."""
-    return ",".join(name.replace("layers.", "") for name, _ in model.named_modules() if name not in ("", "layers"))
+    names = (name.replace("layers.", "") for name, _ in model.named_modules() if name not in ("", "layers"))
+    return ascii(",".join(names))[1:-1]
 
 
 @pytest.mark.parametrize("model", FUZZ_MODELS, ids=[f"{k}:{_names(m)}" for k, m in enumerate(FUZZ_MODELS)])
@@ -314,7 +329,7 @@ def test_fuzzed_module_names_compile_exactly(model):
 
 def test_fuzz_covers_every_kind_of_name():
     used = {part for model in FUZZ_MODELS for name, _ in model.named_modules() for part in name.split(".") if name}
-    for kind in (KEYWORDS, GENERATOR_NAMES, UNICODE, UNDERSCORES, MEMBER_NAMES):
+    for kind in (KEYWORDS, GENERATOR_NAMES, UNICODE, UNDERSCORES, MEMBER_NAMES, PRELUDE_HELPERS, ODD):
         assert used & set(kind), kind
 
 
