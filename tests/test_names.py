@@ -22,6 +22,7 @@ from hbpc.cli import main
 from hbpc.compiler import compile_source
 from hbpc.emit.names import INPUT, LOCAL_PREFIXES, MEMBERS, identifiers, graph_suffixes, node_stems, safe_text
 from hbpc.export import export
+from models import SETTINGS
 
 WIDTH, CLASSES = 3, 2
 
@@ -349,30 +350,29 @@ def _class_names(text):
     return members, locals_
 
 
-@pytest.mark.parametrize("model", FUZZ_MODELS[:8] + [
-    nn.Sequential(nn.Linear(WIDTH, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, CLASSES)),
-    DictChain({"norm": nn.LayerNorm(WIDTH), "norm_affine": nn.Linear(WIDTH, CLASSES)}),
-], ids=lambda m: _names(m))
-def test_every_generated_member_is_a_node_identifier_or_a_known_member(model):
-    """A member neither derived from a node stem nor in names.MEMBERS could collide with a node's: add it there."""
-    model = model.double()
-    x = torch.randn(2, WIDTH, dtype=torch.float64)
-    graph = export(model, x, nn.CrossEntropyLoss())
-    text = compile_source(model, x, nn.CrossEntropyLoss())
+NAMED_CASES = [(_names(m), m, nn.CrossEntropyLoss(), torch.randn(2, WIDTH)) for m in [
+    *FUZZ_MODELS[:8], Branches(), DictChain({"norm": nn.LayerNorm(WIDTH), "norm_affine": nn.Linear(WIDTH, CLASSES)})]]
+ZOO_CASES = [(setting.id, setting.build(), setting.loss_fn(), setting.data(2)[0]) for setting in SETTINGS]
+
+
+@pytest.mark.parametrize("case", NAMED_CASES + ZOO_CASES, ids=[case[0] for case in NAMED_CASES + ZOO_CASES])
+def test_every_generated_member_is_a_node_identifier_or_a_known_member(case):
+    """A member neither derived from a node stem nor in names.MEMBERS could collide with a node's: add it there.
+    Generated locals other than the nodes' keep out of the nodes' prefixes a_, g_, t_, u_, S_."""
+    _, model, loss_fn, x = case
+    graph = export(model, x, loss_fn)
+    text = compile_source(model, x, loss_fn)
     suffixes = graph_suffixes(graph)
-    derived = {name for stem in node_stems(graph).values() for space, name in identifiers(stem, suffixes)
-               if space == "member"}
+    node_names = {pair for stem in node_stems(graph).values() for pair in identifiers(stem, suffixes)}
     members, locals_ = _class_names(text)
-    unknown = {m for m in members - derived - MEMBERS if not m.startswith("loss_")}
+    unknown = {m for m in members if ("member", m) not in node_names and m not in MEMBERS and not m.startswith("loss_")}
     assert not unknown, f"members neither node-derived nor in hbpc.emit.names.MEMBERS: {sorted(unknown)}"
-    node_locals = {name for stem in node_stems(graph).values() for space, name in identifiers(stem, suffixes)
-                   if space == "local"}
-    stray = {name for name in locals_ - node_locals if name.split("_")[0] in LOCAL_PREFIXES and "_" in name
-             and not re.fullmatch(r"S_\w+__\w+", name)}
+    stray = {name for name in locals_ if ("local", name) not in node_names and name.split("_")[0] in LOCAL_PREFIXES
+             and "_" in name and not re.fullmatch(r"S_\w+__\w+", name)}
     assert not stray, f"generated locals in the node namespaces a_/g_/t_/u_/S_: {sorted(stray)}"
 
 
-def test_stems_are_uniqueidentifiers_and_never_the_input():
+def test_stems_are_unique_identifiers_and_never_the_input():
     for model in FUZZ_MODELS:
         graph = export(model.double(), torch.randn(2, WIDTH, dtype=torch.float64))
         stems = list(node_stems(graph).values())
