@@ -309,7 +309,7 @@ def _fuzz_models(count, seed=13):
     rng, models = random.Random(seed), []
     for k in range(count):
         torch.manual_seed(k)
-        models.append(random_model(rng))
+        models.append(random_model(rng).double())
     return models
 
 
@@ -350,7 +350,7 @@ def _class_names(text):
     return members, locals_
 
 
-NAMED_CASES = [(_names(m), m, nn.CrossEntropyLoss(), torch.randn(2, WIDTH)) for m in [
+NAMED_CASES = [(_names(m), m.double(), nn.CrossEntropyLoss(), torch.randn(2, WIDTH, dtype=torch.float64)) for m in [
     *FUZZ_MODELS[:8], Branches(), DictChain({"norm": nn.LayerNorm(WIDTH), "norm_affine": nn.Linear(WIDTH, CLASSES)})]]
 ZOO_CASES = [(setting.id, setting.build(), setting.loss_fn(), setting.data(2)[0]) for setting in SETTINGS]
 
