@@ -95,6 +95,7 @@ def check_exact(model, loss_fn, seed=0):
     for product, truth in ((curvature.hessian_vector_product, hessian), (curvature.ggn_vector_product, ggn)):
         got = torch.cat([out.flatten() for out in product(vs)])
         assert torch.allclose(got, truth @ flat_v, atol=1e-10), product.__name__
+    assert list(curvature.block_products()) == list(slices)  # keyed by model.named_parameters() names, in order
     for mode, truth in (("hessian", hessian), ("ggn", ggn)):
         for name, block_product in curvature.block_products(mode).items():
             where, v = slices[name], vs[list(slices).index(name)]
@@ -104,6 +105,7 @@ def check_exact(model, loss_fn, seed=0):
     x1, t1 = x[:1], t[:1]
     _, _, hessian1, ggn1 = _reference(model, loss_fn, x1, t1)
     curvature.forward_backward(x1, t1)
+    assert list(curvature.blocks()) == list(slices)
     for mode, truth in (("hessian", hessian1), ("ggn", ggn1)):
         for name, block in curvature.blocks(mode).items():
             where = slices[name]
