@@ -22,6 +22,7 @@ from hbpc.cli import main
 from hbpc.compiler import compile_source
 from hbpc.emit.names import INPUT, LOCAL_PREFIXES, MEMBERS, identifiers, graph_suffixes, node_stems, safe_text
 from hbpc.export import export
+from models import SETTINGS
 
 WIDTH, CLASSES = 3, 2
 
@@ -94,6 +95,7 @@ def check_exact(model, loss_fn, seed=0):
     for product, truth in ((curvature.hessian_vector_product, hessian), (curvature.ggn_vector_product, ggn)):
         got = torch.cat([out.flatten() for out in product(vs)])
         assert torch.allclose(got, truth @ flat_v, atol=1e-10), product.__name__
+    assert list(curvature.block_products()) == list(slices)  # keyed by model.named_parameters() names, in order
     for mode, truth in (("hessian", hessian), ("ggn", ggn)):
         for name, block_product in curvature.block_products(mode).items():
             where, v = slices[name], vs[list(slices).index(name)]
@@ -103,6 +105,7 @@ def check_exact(model, loss_fn, seed=0):
     x1, t1 = x[:1], t[:1]
     _, _, hessian1, ggn1 = _reference(model, loss_fn, x1, t1)
     curvature.forward_backward(x1, t1)
+    assert list(curvature.blocks()) == list(slices)
     for mode, truth in (("hessian", hessian1), ("ggn", ggn1)):
         for name, block in curvature.blocks(mode).items():
             where = slices[name]
@@ -167,6 +170,19 @@ class Branches(nn.Module):
 def test_adversarial_names_on_a_graph_with_branches(loss_fn):
     torch.manual_seed(2)
     check_exact(Branches(), loss_fn)
+
+
+@pytest.mark.parametrize("names", [["class", "lambda", "def", "None"], ["ab", "a_b", "a__b", "_ab", "ab_"],
+                                   ["α", "β", "日本", "ﬁ", "fi"]], ids=["keywords", "underscores", "unicode"])
+def test_names_torch_fx_and_python_treat_alike_stay_apart(names):
+    """Keywords (torch.fx writes ``self.class``), names equal up to ``_``, unicode (fx maps them to ``_``; Python
+    identifiers are NFKC-normalized, ``ﬁ`` is ``fi``)."""
+    torch.manual_seed(3)
+    layers = [nn.Linear(WIDTH, WIDTH) if k % 2 == 0 else nn.Tanh() for k in range(len(names) - 1)]
+    model = nn.Sequential()
+    for name, layer in zip(names, [*layers, nn.Linear(WIDTH, CLASSES)]):
+        model.add_module(name, layer)
+    check_exact(model, nn.CrossEntropyLoss())
 
 
 def test_ordinary_names_stay_as_they_are():
@@ -242,7 +258,8 @@ MEMBER_NAMES = ["lin", "lin_weight", "lin_weight_vjp", "lin_X", "lin_d1", "weigh
 UNDERSCORES = ["ab", "a_b", "a__b", "_ab", "ab_", "a_b_", "_", "__", "0", "1", "x1"]
 UNICODE = ["α", "β", "ñ", "日本", "ℌ", "ﬁ", "fi", "Ω", "é"]
 KEYWORDS = ["class", "lambda", "def", "for", "None", "True", "import", "return", "yield", "async"]
-POOL = GENERATOR_NAMES + MEMBER_NAMES + UNDERSCORES + UNICODE + KEYWORDS + PRELUDE_HELPERS
+ODD = ["a-b", "a b", "a\nb", '"""', "'", "\\", "\u2028", "{x}", "%s"]  # reach the file in parameter names
+POOL = GENERATOR_NAMES + MEMBER_NAMES + UNDERSCORES + UNICODE + KEYWORDS + PRELUDE_HELPERS + ODD
 
 
 class DictChain(nn.Module):
@@ -294,7 +311,7 @@ def _fuzz_models(count, seed=13):
     rng, models = random.Random(seed), []
     for k in range(count):
         torch.manual_seed(k)
-        models.append(random_model(rng))
+        models.append(random_model(rng).double())
     return models
 
 
@@ -303,7 +320,8 @@ FUZZ_MODELS = _fuzz_models(30)
 
 def _names(model):
     """The model's module names, for test ids (a DictChain's ``layers.`` left out)."""
-    return ",".join(name.replace("layers.", "") for name, _ in model.named_modules() if name not in ("", "layers"))
+    names = (name.replace("layers.", "") for name, _ in model.named_modules() if name not in ("", "layers"))
+    return ascii(",".join(names))[1:-1]
 
 
 @pytest.mark.parametrize("model", FUZZ_MODELS, ids=[f"{k}:{_names(m)}" for k, m in enumerate(FUZZ_MODELS)])
@@ -314,7 +332,7 @@ def test_fuzzed_module_names_compile_exactly(model):
 
 def test_fuzz_covers_every_kind_of_name():
     used = {part for model in FUZZ_MODELS for name, _ in model.named_modules() for part in name.split(".") if name}
-    for kind in (KEYWORDS, GENERATOR_NAMES, UNICODE, UNDERSCORES, MEMBER_NAMES):
+    for kind in (KEYWORDS, GENERATOR_NAMES, UNICODE, UNDERSCORES, MEMBER_NAMES, PRELUDE_HELPERS, ODD):
         assert used & set(kind), kind
 
 
@@ -334,30 +352,29 @@ def _class_names(text):
     return members, locals_
 
 
-@pytest.mark.parametrize("model", FUZZ_MODELS[:8] + [
-    nn.Sequential(nn.Linear(WIDTH, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, CLASSES)),
-    DictChain({"norm": nn.LayerNorm(WIDTH), "norm_affine": nn.Linear(WIDTH, CLASSES)}),
-], ids=lambda m: _names(m))
-def test_every_generated_member_is_a_node_identifier_or_a_known_member(model):
-    """A member neither derived from a node stem nor in names.MEMBERS could collide with a node's: add it there."""
-    model = model.double()
-    x = torch.randn(2, WIDTH, dtype=torch.float64)
-    graph = export(model, x, nn.CrossEntropyLoss())
-    text = compile_source(model, x, nn.CrossEntropyLoss())
+NAMED_CASES = [(_names(m), m.double(), nn.CrossEntropyLoss(), torch.randn(2, WIDTH, dtype=torch.float64)) for m in [
+    *FUZZ_MODELS[:8], Branches(), DictChain({"norm": nn.LayerNorm(WIDTH), "norm_affine": nn.Linear(WIDTH, CLASSES)})]]
+ZOO_CASES = [(setting.id, setting.build(), setting.loss_fn(), setting.data(2)[0]) for setting in SETTINGS]
+
+
+@pytest.mark.parametrize("case", NAMED_CASES + ZOO_CASES, ids=[case[0] for case in NAMED_CASES + ZOO_CASES])
+def test_every_generated_member_is_a_node_identifier_or_a_known_member(case):
+    """A member neither derived from a node stem nor in names.MEMBERS could collide with a node's: add it there.
+    Generated locals other than the nodes' keep out of the nodes' prefixes a_, g_, t_, u_, S_."""
+    _, model, loss_fn, x = case
+    graph = export(model, x, loss_fn)
+    text = compile_source(model, x, loss_fn)
     suffixes = graph_suffixes(graph)
-    derived = {name for stem in node_stems(graph).values() for space, name in identifiers(stem, suffixes)
-               if space == "member"}
+    node_names = {pair for stem in node_stems(graph).values() for pair in identifiers(stem, suffixes)}
     members, locals_ = _class_names(text)
-    unknown = {m for m in members - derived - MEMBERS if not m.startswith("loss_")}
+    unknown = {m for m in members if ("member", m) not in node_names and m not in MEMBERS and not m.startswith("loss_")}
     assert not unknown, f"members neither node-derived nor in hbpc.emit.names.MEMBERS: {sorted(unknown)}"
-    node_locals = {name for stem in node_stems(graph).values() for space, name in identifiers(stem, suffixes)
-                   if space == "local"}
-    stray = {name for name in locals_ - node_locals if name.split("_")[0] in LOCAL_PREFIXES and "_" in name
-             and not re.fullmatch(r"S_\w+__\w+", name)}
+    stray = {name for name in locals_ if ("local", name) not in node_names and name.split("_")[0] in LOCAL_PREFIXES
+             and "_" in name and not re.fullmatch(r"S_\w+__\w+", name)}
     assert not stray, f"generated locals in the node namespaces a_/g_/t_/u_/S_: {sorted(stray)}"
 
 
-def test_stems_are_uniqueidentifiers_and_never_the_input():
+def test_stems_are_unique_identifiers_and_never_the_input():
     for model in FUZZ_MODELS:
         graph = export(model.double(), torch.randn(2, WIDTH, dtype=torch.float64))
         stems = list(node_stems(graph).values())

@@ -273,8 +273,8 @@ def _trace(model, example_input):
         cause = _root_cause(error)
         raise HbpcError(f"torch.fx could not trace the model: {type(cause).__name__}: {_first_line(cause)}",
                         _user_location(error, model),
-                        "make forward traceable: no Python control flow on tensor values, module names that are "
-                        "valid Python identifiers, and no errors on example_input") from None
+                        "make forward traceable: no Python control flow on tensor values and no errors on "
+                        "example_input") from None
     inputs = [node.name for node in module.graph.nodes if node.op == "placeholder"]
     if len(inputs) != 1:
         raise HbpcError(f"the model's forward pass failed on example_input: forward takes the inputs "
