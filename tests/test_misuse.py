@@ -205,6 +205,8 @@ CASES = {
     "blocks-unknown-curvature": (lambda e: e.curvature.blocks("fisher"), ValueError, ["curvature", "'fisher'"]),
     "block-products-unknown-curvature": (lambda e: e.curvature.block_products("GGN"), ValueError,
                                          ["curvature", "'GGN'"]),
+    "blocks-split-passed-positionally": (lambda e: e.curvature.blocks("ggn", 2), TypeError,
+                                         ["average_input_jacobian", "bool", "2", "split"]),
     "blocks-split-zero": (lambda e: e.curvature.blocks(split=0), ValueError, ["split", "0"]),
     "kronecker-unknown-kind": (lambda e: e.curvature.kronecker_factors("kfc"), ValueError, ["kind", "'kfc'"]),
     "kronecker-zero-samples": (lambda e: e.curvature.kronecker_factors("kfac", samples=0), ValueError,

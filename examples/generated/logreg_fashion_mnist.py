@@ -36,6 +36,194 @@ def check_kronecker_kind(kind):
         raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
 
 
+# ---------------------------------------------------------------------------
+# Argument and state checks: one clear error naming the argument, what was expected and what was passed.
+# Shape and dtype comparisons only, one min/max for class labels, one row sum for probability targets.
+# ---------------------------------------------------------------------------
+
+
+def describe(value):
+    """What was passed, for error messages: a tensor's shape, dtype and device, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return f"a {type(value).__name__}"
+
+
+def check_tensor(name, value, like=None):
+    """value is a tensor with like's dtype and device (no silent casts or transfers); returns value."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
+    if like is not None and value.dtype != like.dtype:
+        raise TypeError(f"{name} must have dtype {like.dtype} (the parameters' dtype), got {describe(value)}")
+    if like is not None and value.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} (the parameters' device), got {describe(value)}")
+    return value
+
+
+def check_vector(name, v, param_shape, like):
+    """v shaped like θ or (V, *θ), of like's dtype and device; True for a single vector (no leading V)."""
+    check_tensor(name, v, like)
+    shape = tuple(v.shape)
+    if shape == param_shape:
+        return True
+    if len(shape) == len(param_shape) + 1 and shape[1:] == param_shape:
+        return False
+    batched = "(V, " + ", ".join(map(str, param_shape)) + ")"
+    raise ValueError(f"{name} must have shape {param_shape} (like the parameter) or {batched}, got {describe(v)}; "
+                     "flattened or transposed vectors are not reshaped silently")
+
+
+def check_model(model):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module of the compiled architecture, got {describe(model)}")
+    return model
+
+
+def bind(model, architecture, buffers):
+    """The model's current parameters and buffers by name, checked against the compiled architecture.
+
+    Called at every forward_backward, so a Parameter or buffer replaced on the model is used, not the old one.
+    """
+    params = dict(model.named_parameters())
+    found = {name: tuple(p.shape) for name, p in params.items()}
+    if found != architecture:
+        missing = sorted(set(architecture) - set(found))
+        extra = sorted(set(found) - set(architecture))
+        wrong = sorted(n for n in set(found) & set(architecture) if found[n] != architecture[n])
+        raise ValueError(
+            f"model does not match the compiled architecture: missing {missing}, unexpected {extra}, "
+            f"wrong shape {[(n, found[n], architecture[n]) for n in wrong]}; recompile with hbpc"
+        )
+    kinds = {(p.dtype, p.device) for p in params.values()}
+    if len(kinds) > 1:
+        mixed = {name: f"{p.dtype} on {p.device}" for name, p in params.items()}
+        raise TypeError(f"model parameters must share one dtype and device, got {mixed}")
+    named_buffers = dict(model.named_buffers())
+    missing_buffers = sorted(set(buffers) - set(named_buffers))
+    if missing_buffers:
+        raise ValueError(f"model lacks the buffers {missing_buffers}; recompile with hbpc")
+    return params, named_buffers
+
+
+def check_eval_mode(model, paths):
+    """Refuse training mode for the modules compiled as their eval-mode map (Dropout, BatchNorm) at ``paths``;
+    ``'*'`` (functional dropout, whose training flag the trace read as a constant) stands for every module."""
+    if not paths:
+        return
+    training = [name or "model" for name, module in model.named_modules()
+                if module.training and ("*" in paths or name in paths)]
+    if training:
+        raise RuntimeError(
+            f"model is in training mode ({', '.join(training[:4])}{', ...' if len(training) > 4 else ''} have "
+            "training=True), but its Dropout/BatchNorm were compiled as their eval-mode maps (hbpc has no curvature "
+            "for random dropout or batch statistics); call model.eval() before forward_backward"
+        )
+
+
+def check_input(x, input_shape, like):
+    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite."""
+    check_tensor("x", x)
+    if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (N, *{input_shape}) with N >= 1 (x has per-sample shape "
+                         f"{tuple(x.shape[1:])}, expected {input_shape}), got {describe(x)}")
+    check_tensor("x", x, like)
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
+        raise ValueError("x contains NaN or Inf")
+
+
+def check_class_target(target, N, classes, probabilities, device):
+    """Class labels (N,) of an integer dtype in [0, C), or (probabilities=True) rows of p (N, C) summing to 1.
+
+    Returns the one-hot or probability targets t (N, C) in float64 (cast to the logits' dtype by the caller).
+    """
+    check_tensor("target", target)
+    if target.device != device:
+        raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        if probabilities and target.is_floating_point() and tuple(target.shape) == (N, classes):
+            error = (target.sum(-1) - 1).abs().max()
+            tolerance = torch.finfo(target.dtype).eps ** 0.5
+            if not error <= tolerance:
+                raise ValueError(f"target holds class probabilities of shape (N, C) = ({N}, {classes}) whose rows "
+                                 f"must sum to 1, but a row is off by {float(error):.3g}")
+            return target
+        expected = (f"or class probabilities of shape (N, C) = ({N}, {classes}) with rows summing to 1"
+                    if probabilities else "(this loss takes no probability targets)")
+        raise TypeError(f"target must hold class labels of an integer dtype, shape (N,) = ({N},), {expected}; "
+                        f"got {describe(target)}")
+    if tuple(target.shape) != (N,):
+        raise ValueError(f"target must have shape (N,) = ({N},) with N = x.shape[0] (one class label per sample), "
+                         f"got {describe(target)}")
+    low, high = torch.aminmax(target)
+    if low < 0 or high >= classes:
+        raise ValueError(f"target must hold class labels in [0, {classes - 1}] (C = {classes} classes), got labels "
+                         f"from {int(low)} to {int(high)}")
+    return torch.nn.functional.one_hot(target.long(), classes)
+
+
+def check_dense_target(target, N, y_shape, device):
+    """Targets of the model output's shape (N, *y): no broadcasting, as torch's losses would silently do."""
+    check_tensor("target", target)
+    if target.device != device:
+        raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
+    if target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must be a real tensor, got {describe(target)}")
+    if tuple(target.shape) != (N, *y_shape):
+        raise ValueError(f"target must have the output's shape (N, *{y_shape}) = {(N, *y_shape)} with N = x.shape[0]"
+                         f" (no broadcasting), got {describe(target)}")
+    return target
+
+
+def tensor_state(model, inputs):
+    """What forward_backward's cache depends on: the module tree, every parameter's and buffer's identity and
+    version counter, and the inputs' version counters (in-place changes through ``.data`` bypass the counters).
+
+    Recorded as direct references to the modules' own dicts, so ``check_state`` costs a few dict lookups.
+    """
+    modules = list(model.named_modules())
+    children = [(f"{prefix}.{key}" if prefix else key, parent._modules, key, child)
+                for prefix, parent in modules for key, child in parent._modules.items()]
+    tensors = [(f"{prefix}.{key}" if prefix else key, slots, key, t, t._version) for prefix, module in modules
+               for slots in (module._parameters, module._buffers) for key, t in slots.items() if t is not None]
+    return children, tensors, [(name, t, t._version) for name, t in inputs]
+
+
+def check_state(state):
+    """Refuse when the model or the inputs changed since forward_backward (its cache would mix two points)."""
+    children, tensors, inputs = state
+    again = "; call forward_backward(x, target) again before asking for curvature"
+    for name, slots, key, child in children:
+        if slots.get(key) is not child:
+            raise RuntimeError(f"submodule {name} was replaced on the model since forward_backward{again}")
+    for name, slots, key, tensor, version in tensors:
+        if slots.get(key) is not tensor:
+            raise RuntimeError(f"{name} was replaced on the model since forward_backward{again}")
+        if tensor._version != version:
+            raise RuntimeError(f"{name} was changed in place since forward_backward (e.g. by optimizer.step()){again}")
+    for name, tensor, version in inputs:
+        if tensor._version != version:
+            raise RuntimeError(f"{name} was changed in place since forward_backward{again}")
+
+
+def check_flag(name, value):
+    """A bool option (a positional int here is usually a misplaced ``split``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}; pass split and the others by keyword")
+
+
+def check_samples(samples):
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int (sampled labels per input), got {samples!r}")
+
+
+def check_damping(damping):
+    """damping: a finite real number >= 0."""
+    if isinstance(damping, torch.Tensor) and damping.numel() == 1:
+        damping = damping.item()
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
 def residual(r, curvature):
     """The residual term under a curvature mode: r (hessian), None (ggn), |r| (pch-abs), max(r, 0) (pch-clip)."""
     if curvature == "ggn":
@@ -246,7 +434,7 @@ class Block:
 
     @torch.no_grad()
     def __matmul__(self, v):
-        single = tuple(v.shape) == self.param_shape
+        single = check_vector("v", v, self.param_shape, self._like)
         out = self._matmat(v.reshape(-1, self.numel))
         return out.reshape(v.shape) if not single else out.reshape(self.param_shape)
 
@@ -256,12 +444,17 @@ class Block:
         eye = torch.eye(self.numel, dtype=self._like.dtype, device=self._like.device)
         return self._matmat(eye).T
 
+    def _check_solve(self, rhs, damping):
+        check_vector("rhs", rhs, self.param_shape, self._like)
+        check_damping(damping)
+
     @torch.no_grad()
     def solve(self, rhs, damping):
-        """(B + damping·I)⁻¹ rhs, rhs shaped like θ or (V, *θ)."""
-        flat = rhs.reshape(-1, self.numel)
-        A = self.to_dense() + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
-        return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape)
+        """(B + damping·I)⁻¹ rhs, rhs shaped like θ or (V, *θ); float16/bfloat16 are solved in float32."""
+        self._check_solve(rhs, damping)
+        flat = rhs.reshape(-1, self.numel).to(solve_dtype(rhs.dtype))
+        A = self.to_dense().to(flat.dtype) + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
+        return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape).to(rhs.dtype)
 
     def part(self, start, stop):
         """The diagonal sub-block of rows start:stop of θ's first dimension, acting on θ[start:stop]."""
@@ -326,11 +519,13 @@ class KroneckerBlock(Block):
     @torch.no_grad()
     def solve(self, rhs, damping):
         """Through eigendecompositions A = Qa Λa Qaᵀ, B = Qb Λb Qbᵀ: divide by λa λb + damping."""
-        la, Qa = torch.linalg.eigh(self.A)
-        lb, Qb = torch.linalg.eigh(self.B)
-        X = rhs.reshape(-1, self.A.shape[0], self.B.shape[0])
+        self._check_solve(rhs, damping)
+        work = solve_dtype(rhs.dtype)
+        la, Qa = torch.linalg.eigh(self.A.to(work))
+        lb, Qb = torch.linalg.eigh(self.B.to(work))
+        X = rhs.reshape(-1, self.A.shape[0], self.B.shape[0]).to(work)
         rotated = Qa.T @ X @ Qb
-        return (Qa @ (rotated / (la[:, None] * lb[None, :] + damping)) @ Qb.T).reshape(rhs.shape)
+        return (Qa @ (rotated / (la[:, None] * lb[None, :] + damping)) @ Qb.T).reshape(rhs.shape).to(rhs.dtype)
 
 
 class KroneckerGramBlock(KroneckerBlock):
@@ -358,18 +553,31 @@ class KroneckerGramBlock(KroneckerBlock):
 
     @torch.no_grad()
     def solve(self, rhs, damping):
-        la, Qa = torch.linalg.eigh(self.A)
-        U, s, _ = torch.linalg.svd(self.R, full_matrices=False)
-        X = rhs.reshape(-1, self.A.shape[0], self.R.shape[0])
+        self._check_solve(rhs, damping)
+        work = solve_dtype(rhs.dtype)
+        la, Qa = torch.linalg.eigh(self.A.to(work))
+        U, s, _ = torch.linalg.svd(self.R.to(work), full_matrices=False)
+        X = rhs.reshape(-1, self.A.shape[0], self.R.shape[0]).to(work)
         XU = X @ U
         inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
-        return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape)
+        return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape).to(rhs.dtype)
 
     def part(self, start, stop):
         rows = self.factor_rows(start, stop)
         if rows is None:
             return Block.part(self, start, stop)
         return KroneckerGramBlock(self.A[rows, rows], self.R, (stop - start, *self.param_shape[1:]))
+
+
+def solve_dtype(dtype):
+    """The dtype eigh, svd and solve run in: float32 for float16/bfloat16 (torch has no half-precision kernels)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def eigh_upcast(H):
+    """torch.linalg.eigh of symmetric H in at least float32, returned in H's dtype."""
+    eigenvalues, Q = torch.linalg.eigh(H.to(solve_dtype(H.dtype)))
+    return eigenvalues.to(H.dtype), Q.to(H.dtype)
 
 
 class OperatorBlock(Block):
@@ -383,12 +591,25 @@ class OperatorBlock(Block):
         return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
 
 
-def as_vectors(vs, shapes):
-    """A list shaped like the parameters (optionally with a leading V) -> ({name: (V, *θ)}, single)."""
+def as_vectors(vs, shapes, like):
+    """A list shaped like the parameters (all with or all without one leading V) -> ({name: (V, *θ)}, single).
+
+    Every tensor must have like's dtype and device; a dict, a lone tensor, mixed or flattened shapes are refused.
+    """
+    expected = f"a list of {len(shapes)} tensors shaped like the parameters {list(shapes)}, in that order"
+    if isinstance(vs, (dict, torch.Tensor, str)) or not hasattr(vs, "__iter__"):
+        hint = " (pass list(vs.values()) in parameter order)" if isinstance(vs, dict) else ""
+        raise TypeError(f"vs must be {expected}{hint}, got {describe(vs)}")
     vs = list(vs)
     if len(vs) != len(shapes):
-        raise ValueError(f"expected {len(shapes)} tensors shaped like the parameters, got {len(vs)}")
-    single = tuple(vs[0].shape) == tuple(shapes[next(iter(shapes))])
+        raise ValueError(f"vs must be {expected}, got {len(vs)} tensors")
+    singles = [check_vector(f"vs[{i}] ({name})", v, shapes[name], like) for i, (name, v) in enumerate(zip(shapes, vs))]
+    batched = {v.shape[0] for v, single in zip(vs, singles) if not single}
+    if len(set(singles)) > 1 or len(batched) > 1:
+        shapes_passed = [tuple(v.shape) for v in vs]
+        raise ValueError(f"vs must be all single vectors (shaped like θ) or all batched with one V (V, *θ), got "
+                         f"shapes {shapes_passed}")
+    single = singles[0] if singles else True
     return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
 
 
@@ -447,6 +668,7 @@ class SplitBlock(Block):
 
     @torch.no_grad()
     def solve(self, rhs, damping):
+        self._check_solve(rhs, damping)
         lead = rhs.shape[: rhs.dim() - len(self.param_shape)]
         X = rhs.reshape(*lead, self.param_shape[0], -1)
         out = [part.solve(X[..., start:stop, :].reshape(*lead, *part.param_shape), damping).reshape(*lead, stop - start, -1)
@@ -474,15 +696,16 @@ class SplitProduct:
     """v -> Σ_j P_j C P_j v, the block-diagonal part of a block product over row chunks of θ (one batched
     product of split·V vectors); parts[j] = (start, stop, product of the sub-block on θ[start:stop])."""
 
-    def __init__(self, product, param_shape, parts):
-        self.product, self.param_shape = product, tuple(param_shape)
+    def __init__(self, product, param_shape, parts, like, check):
+        self.product, self.param_shape, self.like, self.check = product, tuple(param_shape), like, check
         self.parts = [(start, stop, with_vectors(part_product(product, self.param_shape, start, stop),
-                                                 (stop - start, *self.param_shape[1:])))
+                                                 (stop - start, *self.param_shape[1:]), like, check))
                       for start, stop in row_chunks(self.param_shape[0], parts)]
 
     @torch.no_grad()
     def __call__(self, v):
-        single = tuple(v.shape) == self.param_shape
+        self.check()
+        single = check_vector("v", v, self.param_shape, self.like)
         v = v.unsqueeze(0) if single else v
         masked = v.new_zeros(len(self.parts), *v.shape)
         for j, (start, stop, _) in enumerate(self.parts):
@@ -492,19 +715,24 @@ class SplitProduct:
         return result.squeeze(0) if single else result
 
 
-def split_product(product, param_shape, parts):
-    """``product`` (v -> C v on (V, *θ)) as a callable on θ or (V, *θ), split into row chunks if parts > 1."""
+def split_product(product, param_shape, parts, like, check):
+    """``product`` (v -> C v on (V, *θ)) as a callable on θ or (V, *θ), split into row chunks if parts > 1.
+
+    Every call first runs check() (the cache is current) and checks v against θ's shape and like's dtype/device.
+    """
     if splittable(param_shape, parts):
-        return SplitProduct(product, param_shape, parts)
-    return with_vectors(product, param_shape)
+        return SplitProduct(product, param_shape, parts, like, check)
+    return with_vectors(product, param_shape, like, check)
 
 
-def with_vectors(product, param_shape):
-    """Accept v shaped like θ or (V, *θ); the generated products always see (V, *θ)."""
+def with_vectors(product, param_shape, like, check):
+    """Accept v shaped like θ or (V, *θ) after check(); the generated products always see (V, *θ)."""
+    param_shape = tuple(param_shape)
 
     @torch.no_grad()
     def apply(v):
-        if tuple(v.shape) == tuple(param_shape):
+        check()
+        if check_vector("v", v, param_shape, like):
             return product(v.unsqueeze(0)).squeeze(0)
         return product(v)
 
@@ -514,6 +742,8 @@ def with_vectors(product, param_shape):
 PARAMETERS = {'1.weight': (10, 784), '1.bias': (10,)}  # the ones the loss depends on
 ARCHITECTURE = {'1.weight': (10, 784), '1.bias': (10,)}
 INPUT_SHAPE = (1, 28, 28)
+BUFFERS = ()
+EVAL_MODE_MODULES = ()  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout
 GRAPH_HASH = 'b1a6ca4b36ba0af7'
 
 
@@ -524,36 +754,22 @@ class Curvature:
     factored_parameters = ('1.weight', '1.bias')  # kronecker_factors() keys
 
     def __init__(self, model):
-        """Bind to a model of the compiled architecture; names and shapes must match."""
-        found = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        if found != ARCHITECTURE:
-            missing = sorted(set(ARCHITECTURE) - set(found))
-            extra = sorted(set(found) - set(ARCHITECTURE))
-            wrong = sorted(n for n in set(found) & set(ARCHITECTURE) if found[n] != ARCHITECTURE[n])
-            raise ValueError(
-                f"model does not match the compiled architecture: missing {missing}, unexpected {extra}, "
-                f"wrong shape {[(n, found[n], ARCHITECTURE[n]) for n in wrong]}; recompile with hbpc"
-            )
-        self.model = model
-        self.p = dict(model.named_parameters())
-        self.buffers = dict(model.named_buffers())
-        missing_buffers = sorted(set([]) - set(self.buffers))
-        if missing_buffers:
-            raise ValueError(f"model lacks the buffers {missing_buffers}; recompile with hbpc")
-        self._ready = False
+        """Bind to a model of the compiled architecture; names and shapes must match.
 
-    def _check_input(self, x):
-        if tuple(x.shape[1:]) != INPUT_SHAPE:
-            raise ValueError(f"input has per-sample shape {tuple(x.shape[1:])}, expected {INPUT_SHAPE}")
-        dtype = next(iter(self.p.values())).dtype if self.p else x.dtype
-        if x.dtype != dtype:
-            raise ValueError(f"input dtype {x.dtype} differs from the parameters' {dtype}")
-        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
-            raise ValueError("input contains NaN or Inf")
+        forward_backward re-reads the model's parameters and buffers, so replacing one on the model is picked up.
+        """
+        self.model = check_model(model)
+        self.p, self.buffers = bind(model, ARCHITECTURE, BUFFERS)
+        self._ready = False
 
     def _check_ready(self):
         if not self._ready:
             raise RuntimeError("call forward_backward(x, target) before asking for curvature")
+        check_state(self._state)
+
+    def check_current(self):
+        """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""
+        self._check_ready()
 
     def blocks_memory(self):
         """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step's temporaries)."""
@@ -570,9 +786,17 @@ class Curvature:
             )
 
     def forward_backward(self, x, target):
-        """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs."""
-        self._check_input(x)
-        N = self.N = x.shape[0]
+        """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.
+
+        x: (N, 1, 28, 28) in the parameters' dtype; target: class labels (N,) in [0, 10) or class probabilities (N, 10), rows summing to 1.
+        """
+        check_eval_mode(self.model, EVAL_MODE_MODULES)
+        params, buffers = bind(self.model, ARCHITECTURE, BUFFERS)  # the model's current tensors
+        check_input(x, INPUT_SHAPE, next(iter(params.values()), None))
+        N, inputs = x.shape[0], [('x', x), ('target', target)]
+        target = check_class_target(target, N, 10, True, x.device)
+        self.p, self.buffers, self.N = params, buffers, N
+        self._ready = False  # a failure below leaves no half-updated cache in use
         with torch.no_grad():
             # forward
             a_reshape0 = x.reshape(x.shape[0], *(784,))
@@ -581,7 +805,7 @@ class Curvature:
             # loss
             z = a_linear1.reshape(N, -1)
             C = 10
-            t = torch.nn.functional.one_hot(target, 10).to(z.dtype)
+            t = target.to(z.dtype)
             lse = torch.logsumexp(z, -1, keepdim=True)
             softmax = torch.exp(z - lse)
             scale = 1 / N
@@ -594,6 +818,7 @@ class Curvature:
             self.linear1_g = g_linear1
             accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
             accumulate_grad(self.p['1.bias'], self._linear1_bias_vjp(g_linear1, self.linear1_X))
+        self._state = tensor_state(self.model, inputs)
         self._ready = True
         return loss
 
@@ -615,6 +840,8 @@ class Curvature:
         """
         check_curvature(curvature)
         check_split(split)
+        check_flag('average_input_jacobian', average_input_jacobian)
+        check_flag('average_parameter_jacobian', average_parameter_jacobian)
         self._check_ready()
         self._check_memory()
         methods = {  # node: [(parameter, block method)]
@@ -641,7 +868,7 @@ class Curvature:
         self._check_ready()
         products = {'1.weight': self._block_product_linear1_weight, '1.bias': self._block_product_linear1_bias}
         return {
-            name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split)
+            name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split, self.loss_z, self._check_ready)
             for name, f in products.items()
         }
 
@@ -704,7 +931,7 @@ class Curvature:
     def ggn_vector_product(self, vs):
         """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
         self._check_ready()
-        v, single = as_vectors(vs, PARAMETERS)
+        v, single = as_vectors(vs, PARAMETERS, self.loss_z)
         out = {}
         t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
         u_linear1 = self._loss_hessian_product(t_linear1)
@@ -716,7 +943,7 @@ class Curvature:
     def hessian_vector_product(self, vs):
         """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
         self._check_ready()
-        v, single = as_vectors(vs, PARAMETERS)
+        v, single = as_vectors(vs, PARAMETERS, self.loss_z)
         out = {}
         t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
         u_linear1 = self._loss_hessian_product(t_linear1)
@@ -728,7 +955,7 @@ class Curvature:
     def fisher_mc_vector_product(self, vs, samples=1, generator=None):
         """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
         self._check_ready()
-        v, single = as_vectors(vs, PARAMETERS)
+        v, single = as_vectors(vs, PARAMETERS, self.loss_z)
         out = {}
         t_linear1 = self._linear1_weight_jvp(v['1.weight'], self.linear1_X) + self._linear1_bias_jvp(v['1.bias'], self.linear1_X)
         u_linear1 = self._loss_fisher_product(t_linear1, samples, generator)
@@ -754,12 +981,13 @@ class Curvature:
         eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
         basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
         H = self._loss_hessian_product(basis).reshape(10, self.N, 10).transpose(0, 1)  # (N, C, C)
-        eigenvalues, Q = torch.linalg.eigh(H)
+        eigenvalues, Q = eigh_upcast(H)
         root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]
         return root.permute(2, 0, 1).reshape(10, self.N, 10)
 
     def _loss_sampled_gradients(self, samples, generator):
         """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""
+        check_samples(samples)
         z, t, scale = self.loss_z, self.loss_t, self.loss_scale
         lse = self.loss_lse
         softmax = self.loss_softmax

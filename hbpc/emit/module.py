@@ -351,7 +351,8 @@ def _blocks_method(graph, order, codes):
     methods = {name: [(graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items()]
                for name in order if codes[name].blocks}
     body = [
-        "check_curvature(curvature)", "check_split(split)", "self._check_ready()", "self._check_memory()",
+        "check_curvature(curvature)", "check_split(split)", "check_flag('average_input_jacobian', average_input_jacobian)",
+        "check_flag('average_parameter_jacobian', average_parameter_jacobian)", "self._check_ready()", "self._check_memory()",
         "methods = {  # node: [(parameter, block method)]", *[f"    {name!r}: {entries!r}," for name, entries in methods.items()],
         "}", "blocks = {}", "",
         "def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses",
@@ -394,8 +395,11 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     if rule.target == "class":  # probabilities (soft labels) only for cross-entropy, whose Hessian ignores them
         probabilities = "softmax" in derive(rule).intermediates and rule.key == "cross_entropy"
         check_target = f"target = check_class_target(target, N, {classes}, {probabilities}, x.device)"
+        target_doc = f"class labels (N,) in [0, {classes})" + (
+            f" or class probabilities (N, {classes}), rows summing to 1" if probabilities else "")
     else:
         check_target = f"target = check_dense_target(target, N, {graph.nodes[last]['y_shape']!r}, x.device)"
+        target_doc = f"shaped like the output, (N, {_shape_args(graph.nodes[last]['y_shape'])})"
     fb_body = [
         "check_eval_mode(self.model, EVAL_MODE_MODULES)",
         "params, buffers = bind(self.model, ARCHITECTURE, BUFFERS)  # the model's current tensors",
@@ -479,7 +483,10 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "        )",
             "",
             "def forward_backward(self, x, target):",
-            '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs."""',
+            '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.',
+            "",
+            f"    x: (N, {_shape_args(graph.graph['input_shape'])}) in the parameters' dtype; target: {target_doc}.",
+            '    """',
             *_indent(fb_body, 1), "",
             *sweep,
             *_blocks_method(graph, order, codes),

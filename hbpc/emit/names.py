@@ -46,7 +46,7 @@ MEMBERS = frozenset({
     "__init__", "_check_input", "_check_ready", "_check_memory", "blocks_memory", "forward_backward", "_hbp_sweep",
     "blocks", "block_products", "kronecker_factors", "_root_backward", "ggn_vector_product", "hessian_vector_product",
     "fisher_mc_vector_product", "_loss_hessian_product", "_loss_hessian_sum", "_loss_hessian_root",
-    "_loss_sampled_gradients", "_loss_fisher_product", "_loss_sampled_root",
+    "_loss_sampled_gradients", "_loss_fisher_product", "_loss_sampled_root", "_state", "check_current",
 })
 
 

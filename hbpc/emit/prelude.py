@@ -108,13 +108,12 @@ def check_eval_mode(model, paths):
 
 
 def check_input(x, input_shape, like):
-    """x: (N, *input_shape), N >= 1, the parameters' dtype and device, finite."""
+    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite."""
     check_tensor("x", x)
     if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, *{input_shape}) with N >= 1 (x has per-sample shape "
                          f"{tuple(x.shape[1:])}, expected {input_shape}), got {describe(x)}")
-    if like is not None:
-        check_tensor("x", x, like)
+    check_tensor("x", x, like)
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
         raise ValueError("x contains NaN or Inf")
 
@@ -154,8 +153,7 @@ def check_dense_target(target, N, y_shape, device):
     check_tensor("target", target)
     if target.device != device:
         raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
-    if not (target.is_floating_point() or target.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
-                                                            torch.uint8)):
+    if target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must be a real tensor, got {describe(target)}")
     if tuple(target.shape) != (N, *y_shape):
         raise ValueError(f"target must have the output's shape (N, *{y_shape}) = {(N, *y_shape)} with N = x.shape[0]"
@@ -192,6 +190,12 @@ def check_state(state):
     for name, tensor, version in inputs:
         if tensor._version != version:
             raise RuntimeError(f"{name} was changed in place since forward_backward{again}")
+
+
+def check_flag(name, value):
+    """A bool option (a positional int here is usually a misplaced ``split``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}; pass split and the others by keyword")
 
 
 def check_samples(samples):

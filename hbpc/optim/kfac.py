@@ -23,8 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpc.optim.checks import curvature_model
-from hbpc.optim.newton_cg import check_choice, parameter_names
+from hbpc.optim.newton_cg import check_choice, curvature_model, parameter_names
 
 KINDS = ("kfac", "kflr", "kfra")
 EIGENVALUE_FLOOR = 1e-10

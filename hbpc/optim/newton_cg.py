@@ -67,7 +67,6 @@ from torch import Tensor
 
 from hbpc.linalg.operators import full_operator
 from hbpc.optim.cg import DIVERGED, NEGATIVE_CURVATURE, NON_FINITE, cg, inner
-from hbpc.optim.checks import curvature_model
 
 CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
 SOURCES = ("blocks", "block_products", "full")
@@ -573,3 +572,12 @@ def parameter_names(model: torch.nn.Module, params: list[Tensor]) -> dict[Tensor
                 "NewtonCG can only optimize the parameters of the model the Curvature is bound to"
             )
     return {p: by_id[id(p)] for p in params}
+
+
+def curvature_model(curvature) -> torch.nn.Module:
+    """The model a compiled ``Curvature`` is bound to; ``TypeError`` for anything else (e.g. the model itself)."""
+    model = getattr(curvature, "model", None) if hasattr(curvature, "forward_backward") else None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"curvature must be a compiled Curvature bound to the model (curv_model.Curvature(model)), "
+                        f"got {type(curvature).__name__}")
+    return model
