@@ -2,6 +2,7 @@
 import argparse
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import sympy as sp
@@ -21,7 +22,11 @@ def _compile(args):
     header = (rules_record(args.rules, args.output),) if args.rules else ()
     graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header)
     if not args.no_verify:
-        verified_module(graph, text, spec.model, spec.example_input, spec.loss_fn, args.loss, rules)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            verified_module(graph, text, spec.model, spec.example_input, spec.loss_fn, args.loss, rules)
+        for warning in caught:
+            print(f"hbpc: warning: {warning.message}", file=sys.stderr)
     write_atomically(args.output, text)
     notice = assumed_loss_notice(spec.loss_fn, args.loss)
     if notice:

@@ -117,12 +117,17 @@ class _NoReference(Exception):
     """torch.autograd itself cannot compute a reference quantity (e.g. an op it cannot differentiate twice)."""
 
 
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _reference(compute):
     """``compute()``, with a failure of autograd itself as _NoReference (it is no fault of the generated module)."""
     try:
         return compute()
     except Exception as error:  # autograd may fail on any op
-        raise _NoReference(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        raise _NoReference(f"{type(error).__name__}: {_first_line(error)}") from None
 
 
 class _Reference:
@@ -202,7 +207,7 @@ def _failure(graph, text, path, error, what) -> HbpcError:
     lineno, line, function = _generated_line(error, path)
     culprit = _culprit_of_line(graph, text, lineno, line, function) if lineno else ""
     where = f"generated line {lineno}: {line}" if lineno else ""
-    message = f"the generated module {what}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    message = f"the generated module {what}: {type(error).__name__}: {_first_line(error)}"
     if culprit:
         message += f"; it comes from {culprit}"
     return HbpcError(message, where, "fix the rule's torch code or sympy expression (hbpc rules NAME shows what it "
@@ -319,17 +324,17 @@ def verify(graph, module, model, example_input, loss_fn=None, loss=None, rules=(
     reference_loss = _reference_loss(graph, loss_fn, loss)
     if reference_loss is None:
         return  # a --loss rule with no torch module: nothing to compare with
+    generator = torch.Generator().manual_seed(0)
     try:
-        model64 = copy.deepcopy(model).double()
-        reference_loss = reference_loss.double()
-    except Exception as error:
-        raise HbpcError(f"cannot verify the generated module: the model cannot be deep-copied "
-                        f"({type(error).__name__}: {error})", type(model).__name__, _NO_VERIFY) from None
+        model64, reference_loss = copy.deepcopy(model).double(), reference_loss.double()
+        x, t = _synthetic_data(graph, model64, example_input.detach(), generator)
+    except Exception as error:  # the model's own code may fail on a float64 copy
+        warnings.warn(f"hbpc could not verify the generated module: a float64 copy of the model does not run "
+                      f"({type(error).__name__}: {_first_line(error)})", stacklevel=4)
+        return
     for p in model64.parameters():  # curvature is over every parameter, frozen ones included
         p.requires_grad_(True)
         p.grad = None
-    generator = torch.Generator().manual_seed(0)
-    x, t = _synthetic_data(graph, model64, example_input, generator)
     path = Path(module.__file__)
     text = path.read_text() if path.exists() else ""
     try:

@@ -176,3 +176,21 @@ def test_without_loss_fn_cross_entropy_is_announced_and_recorded(tmp_path, capsy
         warnings.simplefilter("error")
         module = hbpc.compile_model(nn.Linear(3, 2), torch.randn(2, 3), nn.CrossEntropyLoss())
     assert "assumed" not in module.__doc__
+
+
+class BiasOnlyNorm(nn.Module):
+    """torch cannot differentiate a bias-only layer_norm twice: the reference, not the module, is missing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.shift = nn.Linear(3, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.layer_norm(self.fc(x), [4], None, self.shift)
+
+
+def test_when_autograd_cannot_give_a_reference_the_check_warns_instead_of_blaming_the_module(tmp_path, capsys):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="verified the generated module only partly: torch.autograd cannot"):
+        module = hbpc.compile_model(BiasOnlyNorm(), torch.randn(2, 3), nn.MSELoss())
+    assert hasattr(module, "Curvature")
