@@ -32,6 +32,8 @@ SAMPLES = 2  # batch size of the check (N > 1 exercises the reductions); the HBP
 RELATIVE_TOLERANCE = 1e-6  # float64 agreement is ~1e-12; a miscompile is off by far more
 ABSOLUTE_TOLERANCE = 1e-10
 HBP_BLOCK_BUDGET = 2**26  # bytes: blocks() at N = 1 is checked only when it needs less than this
+# Names of a node's output and of the gradient there inside the generated forward_backward (hbpc/emit/module.py).
+ACTIVATION, GRADIENT = "a_{}", "g_{}"
 _NO_VERIFY = "pass --no-verify (compile_model(..., verify=False)) to write it anyway"
 
 
@@ -274,7 +276,7 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
         return ""
     order = graph.graph["order"]
     for name in order:
-        generated = found.get(f"a_{name}")
+        generated = found.get(ACTIVATION.format(name))
         if name in values and torch.is_tensor(generated) and _disagrees(generated, values[name]):
             rule = graph.nodes[name]["rule"]
             forward = (f"its φ = {rule.phi}" if getattr(rule, "forward", "") is None
@@ -286,12 +288,12 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
         return (f"the loss rule '{loss_rule}': on the model's own logits its loss differs from the model's loss "
                 f"function, so its ℓ(z, t) or its scale for reduction '{graph.graph['reduction']}' is not that loss")
     last = order[-1]
-    generated = found.get(f"g_{last}")
+    generated = found.get(GRADIENT.format(last))
     if last in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[last]):
         return (f"the loss rule '{loss_rule}': its gradient ∂ℓ/∂z differs from the loss module's by "
                 f"{max_error(generated, gradients[last]):.3g}, so its ℓ(z, t) is not the model's loss")
     for name in reversed(order[:-1]):
-        generated = found.get(f"g_{name}")
+        generated = found.get(GRADIENT.format(name))
         if name in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[name]):
             consumers = [_describe_node(graph, s) for s in graph.successors(name)]
             phis = [f"φ = {graph.nodes[s]['rule'].phi}" for s in graph.successors(name)
