@@ -21,6 +21,7 @@ def _compile(args):
     name = spec.path.rsplit("/", 1)[-1]
     header = (rules_record(args.rules, args.output),) if args.rules else ()
     graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header)
+    caught = []
     if not args.no_verify:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -31,7 +32,9 @@ def _compile(args):
     notice = assumed_loss_notice(spec.loss_fn, args.loss)
     if notice:
         print(f"hbpc: note: {notice}", file=sys.stderr)
-    print(f"wrote {args.output}" + (" (not verified: --no-verify)" if args.no_verify else " (verified against autograd)"))
+    status = ("not verified: --no-verify" if args.no_verify else "verification incomplete: see the warning" if caught
+              else "verified against autograd")
+    print(f"wrote {args.output} ({status})")
 
 
 def _header_field(text: str, name: str):

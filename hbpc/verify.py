@@ -325,7 +325,9 @@ def verify(graph, module, model, example_input, loss_fn=None, loss=None, rules=(
     """Check the imported generated ``module`` against autograd on a float64 copy of ``model``; raise HbpcError."""
     reference_loss = _reference_loss(graph, loss_fn, loss)
     if reference_loss is None:
-        return  # a --loss rule with no torch module: nothing to compare with
+        warnings.warn(f"hbpc could not verify the generated module: torch has no loss module for --loss {loss!r} "
+                      "to compare with", stacklevel=3)
+        return
     generator = torch.Generator().manual_seed(0)
     try:
         model64, reference_loss = copy.deepcopy(model).double(), reference_loss.double()

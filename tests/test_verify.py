@@ -194,3 +194,17 @@ def test_when_autograd_cannot_give_a_reference_the_check_warns_instead_of_blamin
     with pytest.warns(UserWarning, match="verified the generated module only partly: torch.autograd cannot"):
         module = hbpc.compile_model(BiasOnlyNorm(), torch.randn(2, 3), nn.MSELoss())
     assert hasattr(module, "Curvature")
+
+
+def test_a_loss_without_a_torch_module_is_not_claimed_verified(tmp_path, capsys):
+    rules = _rules_file(tmp_path)
+    status, io, out = _compile(tmp_path, capsys, rules, "--loss", "logcoshloss")
+    assert status == 0 and out.exists()
+    assert "hbpc: warning: hbpc could not verify the generated module: torch has no loss module" in io.err
+    assert "verification incomplete" in io.out and "verified against autograd" not in io.out
+
+
+@pytest.mark.parametrize("loss", ["mse:sum", "bce_with_logits", "huber", "smooth_l1:sum", "cross_entropy"])
+def test_loss_given_on_the_command_line_is_verified_against_its_torch_module(tmp_path, capsys, loss):
+    status, io, out = _compile(tmp_path, capsys, _rules_file(tmp_path), "--loss", loss)
+    assert status == 0 and "verified against autograd" in io.out
