@@ -117,3 +117,16 @@ def test_train_mode_batch_norm_error_suggests_only_eval(capsys):
         hbpc.compile_model(model, torch.zeros(2, 3), nn.CrossEntropyLoss())
     assert "call model.eval()" in str(error.value)
     assert "supported ops" not in str(error.value) and "--rules" not in str(error.value)
+
+
+def test_a_rules_path_with_quotes_and_newlines_stays_one_comment_line(tmp_path, capsys):
+    folder = tmp_path / 'odd "rules"\nfolder'
+    folder.mkdir()
+    rules = folder / "my_rules.py"
+    rules.write_text(USER_RULES.read_text())
+    out = tmp_path / "curv.py"
+    assert main(["compile", str(USER_MODEL), "--rules", str(rules), "-o", str(out)]) == 0
+    header = [line for line in out.read_text().splitlines() if line.startswith("# rules: ")]
+    assert header == ['# rules: "odd \\"rules\\"\\nfolder/my_rules.py" sha256:' + header[0].rsplit(":", 1)[1]]
+    hbpc.load_generated(out, name="hbpc_test_odd_rules_path")
+    assert main(["check", str(out), str(USER_MODEL)]) == 0
