@@ -34,7 +34,8 @@ def _compile(args):
         print(f"hbpc: note: {notice}", file=sys.stderr)
     status = ("not verified: --no-verify" if args.no_verify else "verification incomplete: see the warning" if caught
               else "verified against autograd")
-    print(f"wrote {args.output} ({status})")
+    into_stream = not Path(args.output).is_file()  # /dev/stdout on a pipe: keep the module text clean
+    print(f"wrote {args.output} ({status})", file=sys.stderr if into_stream else sys.stdout)
 
 
 def _header_field(text: str, name: str):

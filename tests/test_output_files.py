@@ -125,3 +125,15 @@ def test_a_folder_or_missing_folder_is_refused(tmp_path):
         write_atomically(tmp_path, "x = 1\n")
     with pytest.raises(HbpcError, match="does not exist"):
         write_atomically(tmp_path / "missing" / "curv.py", "x = 1\n")
+
+
+def test_module_on_stdout_through_a_pipe_stays_clean(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from hbpc.cli import main; "
+              f"sys.exit(main(['compile', {str(MODEL)!r}, '-o', '/dev/stdout', '--no-verify']))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    compile(run.stdout, "curv_model.py", "exec")  # the pipe got the module and nothing else
+    assert "class Curvature" in run.stdout and "wrote /dev/stdout" in run.stderr
