@@ -208,7 +208,7 @@ def _culprit_of_line(graph, text, lineno, line, function) -> str:
 def _failure(graph, text, path, error, what) -> HbpcError:
     lineno, line, function = _generated_line(error, path)
     culprit = _culprit_of_line(graph, text, lineno, line, function) if lineno else ""
-    where = f"generated line {lineno}: {line}" if lineno else ""
+    where = f"generated line {lineno} (in {function}): {line}" if lineno else ""
     message = f"the generated module {what}: {type(error).__name__}: {_first_line(error)}"
     if culprit:
         message += f"; it comes from {culprit}"
@@ -350,7 +350,7 @@ def verify(graph, module, model, example_input, loss_fn=None, loss=None, rules=(
         warnings.warn(f"hbpc verified the generated module only partly: torch.autograd cannot compute the "
                       f"reference on this model ({error})", stacklevel=4)
     except Exception as error:  # a broken rule may produce any error
-        raise _failure(graph, text, path, error, "fails on its first call") from None
+        raise _failure(graph, text, path, error, "fails when first run") from None
 
 
 def _compare(graph, curvature, model, loss_fn, x, t, rules, generator):

@@ -60,7 +60,7 @@ CASES = {  # miscompile: (rules, words the refusal must contain)
         ["fails to import: SyntaxError", "node `swish21`", "rule 'swish2'", "generated line"]),
     "forward-fails-on-first-call": (
         dict(swish2='Elementwise("swish2", x / (1 + exp(-2 * x)), "{x} * torch.sigmoidd(2 * {x})")'),
-        ["fails on its first call: AttributeError", "sigmoidd", "node `swish21`", "generated line"]),
+        ["fails when first run: AttributeError", "sigmoidd", "node `swish21`", "generated line"]),
 }
 
 
