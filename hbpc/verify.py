@@ -14,7 +14,11 @@ HBP block           at N = 1: ``blocks("hessian")[θ₀] @ v`` against the same 
 θ₀ is the first parameter used by exactly one node (its products run through the most of the graph). A failure
 is localized on the model's own ``torch.fx`` intermediates: the first node whose generated forward value differs
 names a wrong forward (or φ, when the rule prints φ as its forward), the first node whose output gradient differs
-names a rule whose φ′ disagrees with the module, a wrong loss value or loss gradient names the loss rule.
+names a rule whose φ′ disagrees with the module, a wrong loss value or loss gradient names the loss rule. A wrong
+GGN product is checked against the loss Hessian (the loss rule's ∇²ℓ), a wrong Hessian product with the GGN right
+names the rules whose second derivatives (residual terms) it adds. Import failures and errors at run time name the
+generated line and the node or loss rule it belongs to. Where autograd itself cannot give a reference (an op it
+cannot differentiate twice, a model that does not run in float64), the check warns and does not refuse.
 """
 import copy
 import re
@@ -364,12 +368,13 @@ def _compare(graph, curvature, model, loss_fn, x, t, rules, generator):
             culprit = _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=quantity == "loss")
             raise _refuse(quantity, found, expected, culprit, rules)
     vs = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device) for p in params.values()]
-    for quantity, product, expected in (("GGN-vector product", curvature.ggn_vector_product, reference.ggn_product),
-                                        ("Hessian-vector product", curvature.hessian_vector_product,
-                                         reference.hessian_product)):
-        found, truth = product(vs), _reference(lambda: expected(vs))
-        if _disagrees(found, truth):
-            raise _refuse(quantity, found, truth, "", rules)
+    found, truth = curvature.ggn_vector_product(vs), _reference(lambda: reference.ggn_product(vs))
+    if _disagrees(found, truth):
+        culprit = _loss_hessian_culprit(graph, curvature, reference, loss_fn, t, generator)
+        raise _refuse("GGN-vector product", found, truth, culprit, rules)
+    found, truth = curvature.hessian_vector_product(vs), _reference(lambda: reference.hessian_product(vs))
+    if _disagrees(found, truth):
+        raise _refuse("Hessian-vector product", found, truth, _residual_culprit(graph), rules)
     theta = _first_parameter(graph, model)
     if theta is None:
         return
@@ -380,6 +385,30 @@ def _compare(graph, curvature, model, loss_fn, x, t, rules, generator):
         raise _refuse(f"Hessian block product of {theta}", found, exact, "", rules)
     del reference
     _compare_hbp_block(curvature, model, loss_fn, x[:1], t[:1], theta, vs[k], rules)
+
+
+def _loss_hessian_culprit(graph, curvature, reference, loss_fn, t, generator) -> str:
+    """The loss rule, if its Hessian product (the generated ``_loss_hessian_product``) is not the loss module's."""
+    product = getattr(curvature, "_loss_hessian_product", None)
+    if product is None:
+        return ""
+    z = reference.z.detach().requires_grad_()
+    u = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    expected = _reference(lambda: _grad((_grad(loss_fn(z, t), [z], create_graph=True)[0] * u).sum(), [z])[0])
+    found = product(u.reshape(1, z.shape[0], -1)).reshape(z.shape)
+    if not _disagrees(found, expected):
+        return ""
+    return (f"the loss rule '{graph.graph['loss_rule'].key}': its Hessian product ∇²ℓ v differs from the loss "
+            f"module's by {max_error(found, expected):.3g}")
+
+
+def _residual_culprit(graph) -> str:
+    """With the GGN right, a wrong Hessian product is in the residual terms: the rules' second derivatives."""
+    keys = sorted({graph.nodes[n]["rule"].key for n in graph.graph["order"] if hasattr(graph.nodes[n]["rule"], "phi")})
+    if not keys:
+        return ""
+    return (f"the residual terms (second derivatives φ″) of the rules {', '.join(map(repr, keys))}: the GGN "
+            "product, which leaves them out, agrees")
 
 
 def _compare_hbp_block(curvature, model, loss_fn, x, t, theta, v, rules):
