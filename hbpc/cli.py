@@ -2,6 +2,7 @@
 import argparse
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import sympy as sp
@@ -20,13 +21,21 @@ def _compile(args):
     name = spec.path.rsplit("/", 1)[-1]
     header = (rules_record(args.rules, args.output),) if args.rules else ()
     graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header)
+    caught = []
     if not args.no_verify:
-        verified_module(graph, text, spec.model, spec.example_input, spec.loss_fn, args.loss, rules)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            verified_module(graph, text, spec.model, spec.example_input, spec.loss_fn, args.loss, rules)
+        for warning in caught:
+            print(f"hbpc: warning: {warning.message}", file=sys.stderr)
     write_atomically(args.output, text)
     notice = assumed_loss_notice(spec.loss_fn, args.loss)
     if notice:
         print(f"hbpc: note: {notice}", file=sys.stderr)
-    print(f"wrote {args.output}" + (" (not verified: --no-verify)" if args.no_verify else " (verified against autograd)"))
+    status = ("not verified: --no-verify" if args.no_verify else "verification incomplete: see the warning" if caught
+              else "verified against autograd")
+    into_stream = not Path(args.output).is_file()  # /dev/stdout on a pipe: keep the module text clean
+    print(f"wrote {args.output} ({status})", file=sys.stderr if into_stream else sys.stdout)
 
 
 def _header_field(text: str, name: str):

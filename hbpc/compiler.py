@@ -26,6 +26,11 @@ def assumed_loss_notice(loss_fn, loss):
     return ASSUMED_LOSS if loss_fn is None and loss is None else None
 
 
+def rules_digest(path) -> str:
+    """The first 16 hex digits of the rules file's SHA-256."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def rules_record(rules_path, output=None) -> str:
     """The header line recording a rules file: its path (relative to the output's folder when known) and digest."""
     rules_path = Path(rules_path).resolve()
@@ -33,8 +38,7 @@ def rules_record(rules_path, output=None) -> str:
     folder = Path(os.path.realpath(output)).parent if output is not None else None
     if folder is not None and os.path.commonpath([rules_path, folder]) != os.path.sep:
         shown = os.path.relpath(rules_path, folder)
-    digest = hashlib.sha256(rules_path.read_bytes()).hexdigest()[:16]
-    return f"{_RULES_HEADER}{json.dumps(shown)} sha256:{digest}"
+    return f"{_RULES_HEADER}{json.dumps(shown)} sha256:{rules_digest(rules_path)}"
 
 
 def recorded_rules(text: str, generated_path):
@@ -42,15 +46,14 @@ def recorded_rules(text: str, generated_path):
     for line in text.splitlines():
         if line.startswith(_RULES_HEADER):
             shown, _, digest = line[len(_RULES_HEADER):].rpartition(" sha256:")
-            path = Path(json.loads(shown))
+            try:
+                path = Path(json.loads(shown))
+            except (ValueError, TypeError):
+                return None  # an edited header: as if no rules file were recorded
             return (path if path.is_absolute() else Path(os.path.realpath(generated_path)).parent / path), digest
         if not line.startswith("#"):
             return None
     return None
-
-
-def rules_digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _annotate(text: str, header_lines=(), loss_note=None) -> str:
@@ -200,8 +203,7 @@ def compile_model(model, example_input, loss_fn=None, path=None, loss=None, rule
     """
     header = ()
     if isinstance(rules, (str, os.PathLike)):
-        header = (rules_record(rules, path),)
-        rules = load_rules_file(rules)
+        rules, header = load_rules_file(rules), (rules_record(rules, path),)
     rules = list(rules)
     graph, text = compile_graph(model, example_input, loss_fn, loss, type(model).__name__, rules, header)
     module = verified_module(graph, text, model, example_input, loss_fn, loss, rules, verify)

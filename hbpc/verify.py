@@ -14,7 +14,11 @@ HBP block           at N = 1: ``blocks("hessian")[θ₀] @ v`` against the same 
 θ₀ is the first parameter used by exactly one node (its products run through the most of the graph). A failure
 is localized on the model's own ``torch.fx`` intermediates: the first node whose generated forward value differs
 names a wrong forward (or φ, when the rule prints φ as its forward), the first node whose output gradient differs
-names a rule whose φ′ disagrees with the module, a wrong loss value or loss gradient names the loss rule.
+names a rule whose φ′ disagrees with the module, a wrong loss value or loss gradient names the loss rule. A wrong
+GGN product is checked against the loss Hessian (the loss rule's ∇²ℓ), a wrong Hessian product with the GGN right
+names the rules whose second derivatives (residual terms) it adds. Import failures and errors at run time name the
+generated line and the node or loss rule it belongs to. Where autograd itself cannot give a reference (an op it
+cannot differentiate twice, a model that does not run in float64), the check warns and does not refuse.
 """
 import copy
 import re
@@ -32,6 +36,8 @@ SAMPLES = 2  # batch size of the check (N > 1 exercises the reductions); the HBP
 RELATIVE_TOLERANCE = 1e-6  # float64 agreement is ~1e-12; a miscompile is off by far more
 ABSOLUTE_TOLERANCE = 1e-10
 HBP_BLOCK_BUDGET = 2**26  # bytes: blocks() at N = 1 is checked only when it needs less than this
+# Names of a node's output and of the gradient there inside the generated forward_backward (hbpc/emit/module.py).
+ACTIVATION, GRADIENT = "a_{}", "g_{}"
 _NO_VERIFY = "pass --no-verify (compile_model(..., verify=False)) to write it anyway"
 
 
@@ -117,12 +123,17 @@ class _NoReference(Exception):
     """torch.autograd itself cannot compute a reference quantity (e.g. an op it cannot differentiate twice)."""
 
 
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _reference(compute):
     """``compute()``, with a failure of autograd itself as _NoReference (it is no fault of the generated module)."""
     try:
         return compute()
     except Exception as error:  # autograd may fail on any op
-        raise _NoReference(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        raise _NoReference(f"{type(error).__name__}: {_first_line(error)}") from None
 
 
 class _Reference:
@@ -201,8 +212,8 @@ def _culprit_of_line(graph, text, lineno, line, function) -> str:
 def _failure(graph, text, path, error, what) -> HbpcError:
     lineno, line, function = _generated_line(error, path)
     culprit = _culprit_of_line(graph, text, lineno, line, function) if lineno else ""
-    where = f"generated line {lineno}: {line}" if lineno else ""
-    message = f"the generated module {what}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    where = f"generated line {lineno} (in {function}): {line}" if lineno else ""
+    message = f"the generated module {what}: {type(error).__name__}: {_first_line(error)}"
     if culprit:
         message += f"; it comes from {culprit}"
     return HbpcError(message, where, "fix the rule's torch code or sympy expression (hbpc rules NAME shows what it "
@@ -269,7 +280,7 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
         return ""
     order = graph.graph["order"]
     for name in order:
-        generated = found.get(f"a_{name}")
+        generated = found.get(ACTIVATION.format(name))
         if name in values and torch.is_tensor(generated) and _disagrees(generated, values[name]):
             rule = graph.nodes[name]["rule"]
             forward = (f"its φ = {rule.phi}" if getattr(rule, "forward", "") is None
@@ -281,12 +292,12 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
         return (f"the loss rule '{loss_rule}': on the model's own logits its loss differs from the model's loss "
                 f"function, so its ℓ(z, t) or its scale for reduction '{graph.graph['reduction']}' is not that loss")
     last = order[-1]
-    generated = found.get(f"g_{last}")
+    generated = found.get(GRADIENT.format(last))
     if last in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[last]):
         return (f"the loss rule '{loss_rule}': its gradient ∂ℓ/∂z differs from the loss module's by "
                 f"{max_error(generated, gradients[last]):.3g}, so its ℓ(z, t) is not the model's loss")
     for name in reversed(order[:-1]):
-        generated = found.get(f"g_{name}")
+        generated = found.get(GRADIENT.format(name))
         if name in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[name]):
             consumers = [_describe_node(graph, s) for s in graph.successors(name)]
             phis = [f"φ = {graph.nodes[s]['rule'].phi}" for s in graph.successors(name)
@@ -318,18 +329,20 @@ def verify(graph, module, model, example_input, loss_fn=None, loss=None, rules=(
     """Check the imported generated ``module`` against autograd on a float64 copy of ``model``; raise HbpcError."""
     reference_loss = _reference_loss(graph, loss_fn, loss)
     if reference_loss is None:
-        return  # a --loss rule with no torch module: nothing to compare with
+        warnings.warn(f"hbpc could not verify the generated module: torch has no loss module for --loss {loss!r} "
+                      "to compare with", stacklevel=3)
+        return
+    generator = torch.Generator().manual_seed(0)
     try:
-        model64 = copy.deepcopy(model).double()
-        reference_loss = reference_loss.double()
-    except Exception as error:
-        raise HbpcError(f"cannot verify the generated module: the model cannot be deep-copied "
-                        f"({type(error).__name__}: {error})", type(model).__name__, _NO_VERIFY) from None
+        model64, reference_loss = copy.deepcopy(model).double(), reference_loss.double()
+        x, t = _synthetic_data(graph, model64, example_input.detach(), generator)
+    except Exception as error:  # the model's own code may fail on a float64 copy
+        warnings.warn(f"hbpc could not verify the generated module: a float64 copy of the model does not run "
+                      f"({type(error).__name__}: {_first_line(error)})", stacklevel=4)
+        return
     for p in model64.parameters():  # curvature is over every parameter, frozen ones included
         p.requires_grad_(True)
         p.grad = None
-    generator = torch.Generator().manual_seed(0)
-    x, t = _synthetic_data(graph, model64, example_input, generator)
     path = Path(module.__file__)
     text = path.read_text() if path.exists() else ""
     try:
@@ -341,7 +354,7 @@ def verify(graph, module, model, example_input, loss_fn=None, loss=None, rules=(
         warnings.warn(f"hbpc verified the generated module only partly: torch.autograd cannot compute the "
                       f"reference on this model ({error})", stacklevel=4)
     except Exception as error:  # a broken rule may produce any error
-        raise _failure(graph, text, path, error, "fails on its first call") from None
+        raise _failure(graph, text, path, error, "fails when first run") from None
 
 
 def _compare(graph, curvature, model, loss_fn, x, t, rules, generator):
@@ -355,12 +368,13 @@ def _compare(graph, curvature, model, loss_fn, x, t, rules, generator):
             culprit = _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=quantity == "loss")
             raise _refuse(quantity, found, expected, culprit, rules)
     vs = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device) for p in params.values()]
-    for quantity, product, expected in (("GGN-vector product", curvature.ggn_vector_product, reference.ggn_product),
-                                        ("Hessian-vector product", curvature.hessian_vector_product,
-                                         reference.hessian_product)):
-        found, truth = product(vs), _reference(lambda: expected(vs))
-        if _disagrees(found, truth):
-            raise _refuse(quantity, found, truth, "", rules)
+    found, truth = curvature.ggn_vector_product(vs), _reference(lambda: reference.ggn_product(vs))
+    if _disagrees(found, truth):
+        culprit = _loss_hessian_culprit(graph, curvature, reference, loss_fn, t, generator)
+        raise _refuse("GGN-vector product", found, truth, culprit, rules)
+    found, truth = curvature.hessian_vector_product(vs), _reference(lambda: reference.hessian_product(vs))
+    if _disagrees(found, truth):
+        raise _refuse("Hessian-vector product", found, truth, _residual_culprit(graph), rules)
     theta = _first_parameter(graph, model)
     if theta is None:
         return
@@ -371,6 +385,30 @@ def _compare(graph, curvature, model, loss_fn, x, t, rules, generator):
         raise _refuse(f"Hessian block product of {theta}", found, exact, "", rules)
     del reference
     _compare_hbp_block(curvature, model, loss_fn, x[:1], t[:1], theta, vs[k], rules)
+
+
+def _loss_hessian_culprit(graph, curvature, reference, loss_fn, t, generator) -> str:
+    """The loss rule, if its Hessian product (the generated ``_loss_hessian_product``) is not the loss module's."""
+    product = getattr(curvature, "_loss_hessian_product", None)
+    if product is None:
+        return ""
+    z = reference.z.detach().requires_grad_()
+    u = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    expected = _reference(lambda: _grad((_grad(loss_fn(z, t), [z], create_graph=True)[0] * u).sum(), [z])[0])
+    found = product(u.reshape(1, z.shape[0], -1)).reshape(z.shape)
+    if not _disagrees(found, expected):
+        return ""
+    return (f"the loss rule '{graph.graph['loss_rule'].key}': its Hessian product ∇²ℓ v differs from the loss "
+            f"module's by {max_error(found, expected):.3g}")
+
+
+def _residual_culprit(graph) -> str:
+    """With the GGN right, a wrong Hessian product is in the residual terms: the rules' second derivatives."""
+    keys = sorted({graph.nodes[n]["rule"].key for n in graph.graph["order"] if hasattr(graph.nodes[n]["rule"], "phi")})
+    if not keys:
+        return ""
+    return (f"the residual terms (second derivatives φ″) of the rules {', '.join(map(repr, keys))}: the GGN "
+            "product, which leaves them out, agrees")
 
 
 def _compare_hbp_block(curvature, model, loss_fn, x, t, theta, v, rules):
