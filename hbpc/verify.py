@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hbpc.emit.names import node_stems
 from hbpc.errors import HbpcError
 
 SAMPLES = 2  # batch size of the check (N > 1 exercises the reductions); the HBP block uses the first sample
@@ -279,8 +280,9 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
     except Exception:  # the check stays usable when the model cannot be re-traced
         return ""
     order = graph.graph["order"]
+    stems = node_stems(graph)  # generated identifiers are named after each node's stem
     for name in order:
-        generated = found.get(ACTIVATION.format(name))
+        generated = found.get(ACTIVATION.format(stems[name]))
         if name in values and torch.is_tensor(generated) and _disagrees(generated, values[name]):
             rule = graph.nodes[name]["rule"]
             forward = (f"its φ = {rule.phi}" if getattr(rule, "forward", "") is None
@@ -292,12 +294,12 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
         return (f"the loss rule '{loss_rule}': on the model's own logits its loss differs from the model's loss "
                 f"function, so its ℓ(z, t) or its scale for reduction '{graph.graph['reduction']}' is not that loss")
     last = order[-1]
-    generated = found.get(GRADIENT.format(last))
+    generated = found.get(GRADIENT.format(stems[last]))
     if last in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[last]):
         return (f"the loss rule '{loss_rule}': its gradient ∂ℓ/∂z differs from the loss module's by "
                 f"{max_error(generated, gradients[last]):.3g}, so its ℓ(z, t) is not the model's loss")
     for name in reversed(order[:-1]):
-        generated = found.get(GRADIENT.format(name))
+        generated = found.get(GRADIENT.format(stems[name]))
         if name in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[name]):
             consumers = [_describe_node(graph, s) for s in graph.successors(name)]
             phis = [f"φ = {graph.nodes[s]['rule'].phi}" for s in graph.successors(name)
