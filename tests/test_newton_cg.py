@@ -300,7 +300,7 @@ def saddle_step(w, solver="cg", alpha=0.02, lr=0.5):
     model = Saddle(w)
     curv = FakeCurvature(model, saddle_loss)
     opt = NewtonCG(model.parameters(), curv, lr=lr, alpha=alpha, cg_tol=1e-12, curvature="hessian",
-                   solver=solver, **PAPER)
+                   source="blocks", solver=solver, **PAPER)
     curv.forward_backward(torch.ones(2, dtype=DTYPE), None)
     g = model.w.grad.clone()
     opt.step()
@@ -363,7 +363,7 @@ def test_adaptive_damping_follows_reduction_ratio(scale, rho, factor):
     curv = FakeCurvature(model, nn.MSELoss(), scale=scale)
     alpha = 1e-6
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=alpha, cg_tol=1e-12, curvature="hessian",
-                   **dict(PAPER, adaptive_damping=True))
+                   **dict(PAPER, adaptive_damping=True, max_step=None))
     calls = Counter()
 
     def closure():
@@ -386,7 +386,7 @@ def test_adaptive_damping_boosts_when_model_predicts_no_decrease():
     model, x, y = least_squares()
     curv = FakeCurvature(model, nn.MSELoss())
     opt = NewtonCG(model.parameters(), curv, lr=3.0, alpha=0.5, cg_tol=1e-12, curvature="hessian",
-                   **dict(PAPER, adaptive_damping=True))
+                   **dict(PAPER, adaptive_damping=True, max_step=None))
     opt.step(lambda: curv.forward_backward(x, y))
     assert opt.last_stats.predicted > 0.0 and opt.last_stats.rho == -math.inf
     assert opt.param_groups[0]["alpha"] == pytest.approx(1.5 / 2.5)
@@ -408,12 +408,12 @@ def test_adaptive_damping_without_closure_follows_the_full_ggn_model():
     model, x, y = least_squares()
     curv = MisstatedBlocks(model, nn.MSELoss(), scale=0.01)
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-6, cg_tol=1e-12, curvature="hessian",
-                   **dict(PAPER, adaptive_damping=True, line_search=True))
+                   **dict(PAPER, adaptive_damping=True, line_search=True, max_step=None))
     curv.forward_backward(x, y)
     opt.step()
     assert opt.last_stats.rho < 0.25 and opt.param_groups[0]["alpha"] > 1e-6
     assert opt.last_stats.loss is None and opt.last_stats.loss_after is None
-    without_model = NewtonCG(model.parameters(), curv, curvature="hessian", **dict(PAPER, adaptive_damping=True))
+    without_model = NewtonCG(model.parameters(), curv, curvature="hessian", **dict(PAPER, adaptive_damping=True, max_step=None))
     curv.forward_backward(x, y)
     without_model.step()
     assert without_model.last_stats.rho is None and without_model.param_groups[0]["alpha"] == without_model.defaults["alpha"]
@@ -654,7 +654,7 @@ def test_full_adaptive_damping_uses_the_joint_quadratic_model(scale, rho, factor
     x, y = torch.randn(8, 4, generator=g, dtype=DTYPE) + 1.0, torch.randn(8, 2, generator=g, dtype=DTYPE)
     curv = FakeCurvature(model, nn.MSELoss(), scale=scale)
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-6, cg_tol=1e-12, source="full",
-                   curvature="hessian", **dict(PAPER, adaptive_damping=True))
+                   curvature="hessian", **dict(PAPER, adaptive_damping=True, max_step=None))
     opt.step(lambda: curv.forward_backward(x, y))
     stats = opt.last_stats
     assert stats.rho == pytest.approx(rho, rel=1e-3)

@@ -18,18 +18,20 @@ group's ``lr`` times its part of ``d``.
 
 Safeguards (defaults on; ``PAPER`` turns them off):
 
-* line search on the full GGN model (``line_search=True``): ``t = min(1, -gᵀs / sᵀ[(1 - α) G + α I] s)``,
-  the minimiser along ``s`` of the damped full-network GGN model, for one ``ggn_vector_product`` per
-  step. Block-diagonal curvature ignores the coupling between layers, and HBP blocks with averaged
-  Jacobians can understate the curvature by orders of magnitude (a small CNN went from loss 2.34 to
-  2.2e7 without it); the full GGN sees both. Skipped for ``source="full"``, whose CG minimises that model.
+* line search on the full GGN model (``line_search``; default ``None``: in the plain loop only, where
+  no loss can be checked): ``t = min(1, -gᵀs / sᵀ[(1 - α) G + α I] s)``, the minimiser along ``s`` of
+  the damped full-network GGN model, for one ``ggn_vector_product`` per step. Block-diagonal
+  curvature ignores the coupling between layers (block Newton steps on an FCNN overshoot about
+  twofold), and HBP blocks with averaged Jacobians can understate the curvature by orders of
+  magnitude (a small CNN went from loss 2.34 to 2.2e7 without it); the full GGN sees both. Skipped
+  for ``source="full"``, whose CG minimises that model.
 * Levenberg–Marquardt damping (``adaptive_damping=True``) on ``λ`` from a reduction ratio ``ρ``:
   ``ρ < 1/4``: ``λ ← 3/2 λ``, ``ρ > 3/4``: ``λ ← 2/3 λ``, ``λ`` kept in ``[LAMBDA_MIN, LAMBDA_MAX]``.
-  With ``step(closure)``, ``ρ = (L(θ + t s) - L(θ)) / q(t s)`` with ``q`` the undamped model the step
-  trusted (the full GGN model with the line search, else the block model). In the plain loop
-  (``forward_backward(x, y); step()``), ``ρ = q_G(s) / q_B(s)``: how well the block model agrees
-  with the full GGN model along the step (needs the line search; ``source="full"`` keeps ``α``
-  fixed without a closure).
+  With a loss check (``step(closure)``), ``ρ = (L(θ + t s) - L(θ)) / q(t s)`` with
+  ``q(s) = gᵀs + ½ sᵀ B s`` the undamped model whose solve gave ``d`` (the blocks, or the full
+  ``A``). Without one, ``ρ = sᵀ B s / sᵀ G s``: the blocks' curvature along the step relative to the
+  full GGN's, which the line search measures anyway (1 when they agree; the line search fixes the
+  length, the damping the direction). With neither (``source="full"`` in the plain loop) ``α`` stays.
 * acceptance (``max_backtracks``, needs a closure): a step stays only if the loss does not rise,
   ``L(θ + t s) <= L(θ)``; otherwise ``t ← t / 4`` up to ``max_backtracks`` times (a closure call
   each), then the step is undone and ``ρ = -∞`` boosts the damping. ``None``: no loss check.
@@ -39,8 +41,12 @@ Safeguards (defaults on; ``PAPER`` turns them off):
   keeps its smallest-residual iterate (``hbpc.optim.cg``). Indefinite curvature (``hessian``): CG
   stops at the first direction with ``pᵀ[(1 - α) B + α I] p <= 0`` and uses its last iterate, a
   descent direction (``-g`` before the first iteration). All reported in ``last_stats``.
-* divergence warning (``RuntimeWarning``, once): when the loss or a gradient is not finite, or the
-  loss exceeds ``DIVERGENCE`` times the first step's loss; it names the settings to change.
+* step cap (``max_step``, default ``MAX_STEP``; ``None`` turns it off): no parameter moves by more
+  than ``max_step · max(‖θ‖, 1)`` in one step (an undamped solve on a nearly singular block otherwise
+  moved a weight to 3e33).
+* divergence warning (``RuntimeWarning``, once): when the loss or a gradient is not finite, the
+  loss exceeds ``DIVERGENCE`` times the first step's loss, or a step was capped; it names the
+  settings to change.
 
 Speed (each measured in ``bench/newton_cg_speed.py``):
 
@@ -50,7 +56,7 @@ Speed (each measured in ``bench/newton_cg_speed.py``):
   ``(1 - α) (A ⊗ B) + α I`` through eigendecompositions of the factors, with ``B̃ = A ⊗ B`` the HBP
   block of the same curvature (``"ggn"`` for ``"hessian"``, which may be indefinite) from
   ``curvature.blocks``, formed once per step; a block without Kronecker factors uses its diagonal
-  when it is dense, else none.
+  when it is dense, else none; none at all when ``blocks`` refuses (its ``memory_limit``).
 * ``cg_maxiter``: the cap on CG iterations per solve.
 * ``SubsampledCurvature(curvature, size)``: the gradient on the whole batch, curvature on ``size`` samples.
 """
@@ -83,10 +89,11 @@ LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
 BACKTRACK = 0.25  # t ← BACKTRACK · t after a rise of the loss
 WARM_DECAY = 0.95
 DIVERGENCE = 100.0  # warn when the loss exceeds this times the first step's loss
+MAX_STEP = 10.0  # no parameter moves by more than this times max(‖θ‖, 1) in one step
 
-DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 50
-DEFAULT_SOURCE, DEFAULT_CURVATURE, DEFAULT_AVERAGE_PARAMETER_JACOBIAN = "blocks", "ggn", True
-DEFAULT_WARM_START, DEFAULT_PRECONDITIONER = True, None
+DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 20
+DEFAULT_SOURCE, DEFAULT_CURVATURE, DEFAULT_AVERAGE_PARAMETER_JACOBIAN = "block_products", "ggn", True
+DEFAULT_WARM_START, DEFAULT_PRECONDITIONER = False, None
 
 PAPER = dict(adaptive_damping=False, line_search=False, max_backtracks=None, warm_start=False, preconditioner=None)
 """The paper's plain update ``θ ← θ + lr · d`` with fixed ``α`` and no warm start or preconditioner."""
@@ -117,10 +124,10 @@ class StepStats:
 
     ``loss`` is the loss before the step (``None`` without a closure), ``loss_after`` the loss at the
     kept point (closure and a loss check only). ``scale`` is the factor ``t`` applied to ``s = lr · d``
-    (``0`` when the step was undone or skipped), ``predicted`` the undamped model's change ``q(t s)``
-    that ``ρ`` compares with (``gᵀs + ½ sᵀ M s`` with ``M`` the full GGN after the line search, else
-    the blocks ``B`` or the full ``A``), ``rho`` the reduction ratio the damping followed (``None``:
-    none). ``backtracks`` counts the shrinks, ``accepted`` says whether the step was kept, ``skipped``
+    (``0`` when the step was undone or skipped), ``predicted`` the undamped model's change
+    ``q(t s) = t gᵀs + ½ t² sᵀ B s`` (the blocks ``B``, or the full ``A``), ``rho`` the reduction
+    ratio the damping followed (``None``: none). ``capped`` names the parameters whose step was
+    shortened to ``max_step · max(‖θ‖, 1)``. ``backtracks`` counts the shrinks, ``accepted`` says whether the step was kept, ``skipped``
     why nothing moved (``None`` when something did).
     """
 
@@ -131,6 +138,7 @@ class StepStats:
     rho: float | None = None
     scale: float = 1.0
     backtracks: int = 0
+    capped: list[str] = field(default_factory=list)
     accepted: bool = True
     skipped: str | None = None
 
@@ -174,9 +182,14 @@ def solve_cg(product, g: Tensor, alpha: float, tol: float, atol: float, maxiter:
     return d, stats
 
 
+def is_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (a finite sum of squares has finite terms; one reduction)."""
+    return math.isfinite(inner(t, t).item())
+
+
 def is_descent(g: Tensor, d: Tensor) -> bool:
     """Whether ``d`` is finite and ``gᵀd < 0`` (true for ``g = 0``: nothing to descend)."""
-    return bool(torch.isfinite(d).all()) and (inner(g, d).item() < 0.0 or not bool(g.any()))
+    return is_finite(d) and (inner(g, d).item() < 0.0 or not bool(g.any()))
 
 
 def solve_direct(block, g: Tensor, alpha: float) -> tuple[Tensor, ParamStats]:
@@ -263,8 +276,9 @@ class NewtonCG(torch.optim.Optimizer):
         average_parameter_jacobian: bool = DEFAULT_AVERAGE_PARAMETER_JACOBIAN,
         solver: str = "cg",
         adaptive_damping: bool = True,
-        line_search: bool = True,
+        line_search: bool | None = None,
         max_backtracks: int | None = 2,
+        max_step: float | None = MAX_STEP,
         warm_start: bool = DEFAULT_WARM_START,
         preconditioner: str | None = DEFAULT_PRECONDITIONER,
         split: int = 1,
@@ -292,8 +306,9 @@ class NewtonCG(torch.optim.Optimizer):
         self.average_parameter_jacobian = average_parameter_jacobian
         self.solver = solver
         self.adaptive_damping = adaptive_damping
-        self.line_search = line_search and source != "full"
+        self.line_search = line_search if source != "full" else False
         self.max_backtracks = max_backtracks
+        self.max_step = max_step
         self.warm_start = warm_start
         self.preconditioner = preconditioner
         self.split = split
@@ -329,7 +344,10 @@ class NewtonCG(torch.optim.Optimizer):
             return {}
         if blocks is None or self.kind == "hessian":
             kind = "ggn" if self.kind == "hessian" else self.kind
-            blocks = self.curvature.blocks(kind, self.average_input_jacobian, self.average_parameter_jacobian)
+            try:
+                blocks = self.curvature.blocks(kind, self.average_input_jacobian, self.average_parameter_jacobian)
+            except MemoryError:  # above the module's memory_limit: CG runs unpreconditioned
+                return {}
         made = {name: block_preconditioner(block, alpha, self.preconditioner) for name, block in blocks.items()}
         return {name: M for name, M in made.items() if M is not None}
 
@@ -358,33 +376,52 @@ class NewtonCG(torch.optim.Optimizer):
         if not self.healthy(stats.loss, active, stats) or not active:
             return loss
         solve = self.full_steps if self.source == "full" else self.block_steps
-        steps, quadratic = solve(active, stats)  # quadratic: s·Ms of the model the damping compares with
-        if not all(bool(torch.isfinite(s).all()) for _, s in steps):
+        steps, curvature_along = solve(active, stats)  # curvature_along(steps): Σ sᵀ B s of the undamped model
+        if not all(is_finite(s) for _, s in steps):
             stats.skipped, stats.scale = "non-finite step", 0.0
             self.warn("a step was not finite")
             return loss
+        steps = self.capped(steps, stats)
+        quadratic = curvature_along(steps) if self.adaptive_damping or self.line_search is not False else 0.0
         gs = sum(inner(p.grad, s).item() for p, s in steps)
-        rho_model = None
-        if self.line_search:
+        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
+        sGs = None
+        if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
             alpha = active[0][0]["alpha"]
             denominator = (1.0 - alpha) * sGs + alpha * sum(inner(s, s).item() for _, s in steps)
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
-            rho_model = reduction_ratio(gs + 0.5 * sGs, gs + 0.5 * quadratic)
-            quadratic = sGs
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
         if closure is not None and (self.max_backtracks is not None or self.adaptive_damping):
             self.check_loss(closure, steps, stats)
-            model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731
             stats.predicted = model(stats.scale) if stats.accepted else None
             stats.rho = reduction_ratio(stats.loss_after - stats.loss, stats.predicted) if stats.accepted else -math.inf
-        else:
-            stats.rho = rho_model
+        elif sGs is not None:  # no loss to compare with: the blocks' curvature along s against the full GGN's
+            stats.predicted = model(stats.scale)
+            stats.rho = quadratic / sGs if sGs > 0.0 else 1.0
         if self.adaptive_damping and stats.rho is not None:
             for group in self.param_groups:
                 group["alpha"] = update_damping(group["alpha"], stats.rho)
         return loss
+
+    def capped(self, steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> list[tuple[Tensor, Tensor]]:
+        """Each ``s`` shortened to ``‖s‖ <= max_step · max(‖θ‖, 1)``; warns when that was needed."""
+        kept = []
+        for p, s in steps:
+            if self.max_step is None:
+                kept.append((p, s))
+                continue
+            bound = self.max_step * max(p.detach().norm().item(), 1.0)
+            norm = s.norm().item()
+            if norm > bound:
+                stats.capped.append(self.names[p])
+                s = s * (bound / norm)
+            kept.append((p, s))
+        if stats.capped:
+            self.warn(f"the steps of {', '.join(stats.capped)} were over {self.max_step:g} times their parameters' "
+                      "norms and were shortened")
+        return kept
 
     def check_loss(self, closure: Callable[[], Tensor], steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> None:
         """Evaluate ``L(θ + t s)``; shrink ``t`` while the loss rose (``max_backtracks``), else undo the step."""
@@ -406,7 +443,7 @@ class NewtonCG(torch.optim.Optimizer):
         """Whether a step may be taken: a finite loss and gradients; warns on divergence (see module docstring)."""
         if loss is not None and not math.isfinite(loss):
             stats.skipped = "non-finite loss"
-        elif not all(bool(torch.isfinite(p.grad).all()) for _, p in active):
+        elif not all(is_finite(p.grad) for _, p in active):
             stats.skipped = "non-finite gradient"
         if stats.skipped is not None:
             stats.scale, stats.accepted = 0.0, False
@@ -443,12 +480,12 @@ class NewtonCG(torch.optim.Optimizer):
         s = G.flatten([s for _, s in steps])
         return inner(s, G.matvec(s)).item()
 
-    def block_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], float]:
+    def block_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], Callable]:
         """``[(p, lr · d)]`` from one solve per block, and ``Σ_θ sᵀ B s`` of the undamped blocks."""
         operators = self.curvature_source()
         preconditioners = self.preconditioners(operators if self.source == "blocks" else None,
                                                active[0][0]["alpha"] if active else 0.0)
-        quadratic, steps = 0.0, []
+        steps = []
         for group, p in active:
             name = self.names[p]
             g = p.grad.detach()
@@ -456,10 +493,11 @@ class NewtonCG(torch.optim.Optimizer):
                                      preconditioners.get(name))
             self.state[p]["direction"] = d
             s = group["lr"] * d
-            if self.adaptive_damping or self.line_search:
-                quadratic += inner(s, as_product(operators[name], self.source)(s)).item()
             steps.append((p, s))
-        return steps, quadratic
+        def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
+            return sum(inner(s, as_product(operators[self.names[p]], self.source)(s)).item() for p, s in steps)
+
+        return steps, curvature_along
 
     def split_direction(self, name: str, operator, g: Tensor, group: dict, stats: StepStats,
                         x0: Tensor | None, M) -> Tensor:
@@ -476,13 +514,13 @@ class NewtonCG(torch.optim.Optimizer):
             pieces.append(d)
         return torch.cat(pieces, 0)
 
-    def full_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], float]:
+    def full_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], Callable]:
         """``[(p, lr · d)]`` from one CG solve ``[(1 - α) A + α I] d = -g`` over all ``active`` parameters.
 
         ``A`` is the full GGN or Hessian on the stacked parameters, ``(n, n)``; also returns ``sᵀ A s``.
         """
         if not active:
-            return [], 0.0
+            return [], lambda steps: 0.0
         params = [p for _, p in active]
         A = full_operator(self.curvature, self.kind, [self.names[p] for p in params])
         g = A.flatten([p.grad.detach() for p in params])
@@ -500,8 +538,11 @@ class NewtonCG(torch.optim.Optimizer):
         for p, t in zip(params, A.unflatten(d)):
             self.state[p]["direction"] = t
         steps = [group["lr"] * t for (group, _), t in zip(active, A.unflatten(d))]
-        quadratic = inner(A.flatten(steps), A.matvec(A.flatten(steps))).item() if self.adaptive_damping else 0.0
-        return list(zip(params, steps)), quadratic
+        def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
+            s = A.flatten([t for _, t in steps])
+            return inner(s, A.matvec(s)).item()
+
+        return list(zip(params, steps)), curvature_along
 
 
 def block_preconditioner(block, alpha: float, kind: str) -> Callable[[Tensor], Tensor] | None:
@@ -531,11 +572,6 @@ def block_preconditioner(block, alpha: float, kind: str) -> Callable[[Tensor], T
 def as_product(operator, source: str) -> Callable[[Tensor], Tensor]:
     """``v -> B v`` from a ``Block`` (``source="blocks"``) or a block-product callable."""
     return (lambda v: operator @ v) if source == "blocks" else operator
-
-
-def quadratic_model(product: Callable[[Tensor], Tensor], g: Tensor, s: Tensor) -> float:
-    """Predicted change ``gᵀs + ½ sᵀ B s`` of one block's undamped quadratic model."""
-    return inner(g, s).item() + 0.5 * inner(s, product(s)).item()
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
