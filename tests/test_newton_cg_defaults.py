@@ -213,7 +213,7 @@ def test_line_search_minimises_the_full_ggn_model_along_the_step():
     """On least squares the GGN model is the loss: ``t`` lands on the minimum along ``s``."""
     model, curv, x, y = understated_least_squares()
     opt = NewtonCG(model.parameters(), curv, source="block_products", alpha=1e-8, cg_tol=1e-12,
-                   **dict(PAPER, line_search=True))
+                   **dict(PAPER, line_search=True, max_step=None))
     curv.forward_backward(x, y)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
