@@ -429,13 +429,16 @@ def test_adaptive_damping_without_closure_follows_the_full_ggn_model():
      (dict(preconditioner="ilu"), "preconditioner='ilu' is not one of None, 'diagonal', 'kronecker'"),
      (dict(preconditioner="diagonal", split=2), 'preconditioner=\'diagonal\' needs solver="cg" and split=1'),
      (dict(max_backtracks=-1), "max_backtracks=-1 must be None or an int >= 0"),
+     (dict(min_alpha=1.0), "min_alpha=1.0 is out of range"),
+     (dict(max_step=0.0), "max_step=0.0 must be None or positive"),
      (dict(solver="lu"), "solver='lu' is not one of 'cg', 'direct'"),
      (dict(source="block_products", solver="direct"), 'solver="direct" needs source="blocks"'),
      (dict(source="full", solver="direct", curvature="ggn"), 'solver="direct" needs source="blocks"'),
      (dict(source="full", curvature="pch-abs"), 'source="full" needs curvature "ggn" or "hessian", got \'pch-abs\''),
      (dict(alpha=1.0), "alpha=1.0 is out of range"),
      (dict(lr=0.0), "lr=0.0 must be positive")],
-    ids=["source", "mode", "preconditioner", "preconditioner-split", "backtracks", "solver", "direct-products",
+    ids=["source", "mode", "preconditioner", "preconditioner-split", "backtracks", "min-alpha", "max-step", "solver",
+         "direct-products",
          "direct-full", "full-mode", "alpha", "lr"],
 )
 def test_invalid_arguments(kwargs, message):
