@@ -16,6 +16,11 @@ Dtype and device are the parameters'. Constructors, for ``curvature`` after ``fo
 | ``full_operator`` | ``G = Jᵀ ∇²_z L J``, ``H = ∇²L`` or the MC Fisher, over all parameters |
 | ``block_product_operator`` | ``diag(C_θ1θ1, …)``, the exact diagonal blocks (``block_products``) |
 | ``hbp_block_operator`` | ``diag(B_θ1, …)``, the HBP blocks (``blocks``) |
+| ``kronecker_operator`` | ``diag(G ⊗ A, …)``, the KFAC family (``kronecker_factors``) |
+
+``data=`` (an iterable of ``(x, y)`` batches) gives each of them over a whole dataset
+(``hbpc.linalg.dataset``); ``operator.inverse(λ)`` and the block-diagonal operators' exact inverses,
+``logdet`` and ``trace`` are in ``hbpc.linalg.inverse``.
 
 ``params`` (a name or a list of names, default all in ``model.named_parameters()`` order) picks the
 parameters and their order. For ``full_operator`` a subset gives the principal submatrix ``A_SS``;
@@ -111,6 +116,13 @@ class CurvatureOperator:
         """The ``(n, n)`` matrix, from one product with ``k = n`` (small operators only)."""
         return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
 
+    def inverse(self, damping: float = 0.0, preconditioner=None, tol: float = 1e-8, atol: float = 0.0,
+                maxiter: int | None = None) -> "CurvatureOperator":
+        """``(A + λ I)⁻¹`` as an operator, each product by preconditioned CG (``hbpc.linalg.inverse.cg_inverse``)."""
+        from hbpc.linalg.inverse import cg_inverse
+
+        return cg_inverse(self, damping, preconditioner, tol, atol, maxiter)
+
 
 def parameter_shapes(curvature, params: str | Sequence[str] | None) -> dict[str, torch.Size]:
     """``{name: θ.shape}`` for ``params`` (a name, names, or ``None`` for all, in model order)."""
@@ -137,19 +149,32 @@ def check_choice(what: str, value: str, choices: Sequence[str]) -> None:
 
 
 def full_operator(
-    curvature, curvature_mode: str = "ggn", params=None, samples: int = 1, generator: Seed = None
+    curvature,
+    curvature_mode: str = "ggn",
+    params=None,
+    samples: int = 1,
+    generator: Seed = None,
+    data=None,
+    reduction: str | None = None,
+    progress: bool | None = None,
 ) -> CurvatureOperator:
     """``G = Jᵀ ∇²_z L J`` (``"ggn"``), ``H = ∇²L`` (``"hessian"``) or ``F = Jᵀ (1/S Σ_s s sᵀ) J`` (``"fisher-mc"``).
 
     ``"fisher-mc"`` (cross-entropy only) draws ``samples`` labels per sample from ``generator`` on
     every product call: the ``k`` columns of one ``matmat`` share the draw, separate calls do not.
     For a subset ``S`` of parameters the operator is ``A_SS`` (zeros for the others' entries of ``v``).
+    ``data`` (an iterable of ``(x, y)`` batches): the curvature of the loss over all of it, one pass per
+    product (``hbpc.linalg.dataset``); without it, the batch of the latest ``forward_backward``.
     """
     check_choice("curvature_mode", curvature_mode, tuple(FULL_PRODUCTS))
     method = getattr(curvature, FULL_PRODUCTS[curvature_mode])
     if curvature_mode == "fisher-mc":
         device = next(curvature.model.parameters()).device
         method = functools.partial(method, samples=samples, generator=as_generator(generator, device))
+    if data is not None:
+        from hbpc.linalg.dataset import DataPass, full_product
+
+        method = full_product(DataPass(curvature, data, reduction, progress, f"hbpc {curvature_mode} product"), method)
     every = {name: p for name, p in curvature.model.named_parameters()}
 
     def product(vs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -160,8 +185,20 @@ def full_operator(
     return operator_for(curvature, product, params)
 
 
-def block_product_operator(curvature, curvature_mode: str = "ggn", params=None) -> CurvatureOperator:
-    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curvature.block_products(curvature_mode)``."""
+def block_product_operator(
+    curvature, curvature_mode: str = "ggn", params=None, data=None, reduction: str | None = None,
+    progress: bool | None = None,
+) -> CurvatureOperator:
+    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curvature.block_products(curvature_mode)``.
+
+    ``data``: the blocks of the loss over all of it, one pass per product.
+    """
+    shapes = parameter_shapes(curvature, params)
+    if data is not None:
+        from hbpc.linalg.dataset import DataPass, block_products
+
+        data_pass = DataPass(curvature, data, reduction, progress, f"hbpc {curvature_mode} block product")
+        return operator_for(curvature, block_products(data_pass, curvature_mode, list(shapes)), params)
     products = curvature.block_products(curvature_mode)
     return operator_for(curvature, lambda vs: {name: products[name](v) for name, v in vs.items()}, params)
 
@@ -172,10 +209,51 @@ def hbp_block_operator(
     average_input_jacobian: bool = True,
     average_parameter_jacobian: bool = True,
     params=None,
-) -> CurvatureOperator:
-    """``diag(B_θ)`` over ``params``: the HBP blocks ``curvature.blocks(...)``, formed once here."""
-    blocks = curvature.blocks(curvature_mode, average_input_jacobian, average_parameter_jacobian)
-    return operator_for(curvature, lambda vs: {name: blocks[name] @ v for name, v in vs.items()}, params)
+    data=None,
+    reduction: str | None = None,
+    progress: bool | None = None,
+) -> "BlockDiagonalOperator":
+    """``diag(B_θ)`` over ``params``: the HBP blocks ``curvature.blocks(...)``, formed once here.
+
+    ``data``: the dataset-level blocks ``Σ_b w_b B_b`` (``hbpc.linalg.dataset.blocks``), one pass.
+    """
+    if data is not None:
+        from hbpc.linalg.dataset import blocks as dataset_blocks
+
+        blocks = dataset_blocks(curvature, data, curvature_mode, average_input_jacobian, average_parameter_jacobian,
+                                reduction, progress)
+    else:
+        blocks = curvature.blocks(curvature_mode, average_input_jacobian, average_parameter_jacobian)
+    return block_diagonal(curvature, blocks, params)
+
+
+def kronecker_operator(
+    curvature, kind: str = "kflr", params=None, samples: int = 1, generator: Seed = None, data=None,
+    reduction: str | None = None, progress: bool | None = None,
+) -> "BlockDiagonalOperator":
+    """``diag(G ⊗ A, G, …)`` over ``params`` (default: ``curvature.factored_parameters``): the KFAC family's
+    blocks ``curvature.kronecker_factors(kind)``; ``data``: the dataset-level factors, one pass."""
+    device = next(curvature.model.parameters()).device
+    generator = as_generator(generator, device)
+    if data is not None:
+        from hbpc.linalg.dataset import kronecker_factors
+
+        blocks = kronecker_factors(curvature, data, kind, samples, generator, reduction, progress)
+    else:
+        blocks = curvature.kronecker_factors(kind, samples, generator)
+    return block_diagonal(curvature, blocks, list(blocks) if params is None else params)
+
+
+def block_diagonal(curvature, blocks: dict, params) -> "BlockDiagonalOperator":
+    """A ``BlockDiagonalOperator`` over ``params`` from ``{name: Block}``."""
+    from hbpc.linalg.inverse import BlockDiagonalOperator
+
+    shapes = parameter_shapes(curvature, params)
+    missing = [name for name in shapes if name not in blocks]
+    if missing:
+        raise ValueError(f"no blocks for parameters {missing}; there are blocks for {list(blocks)}")
+    like = next(curvature.model.parameters())
+    return BlockDiagonalOperator({name: blocks[name] for name in shapes}, like.dtype, like.device)
 
 
 def to_scipy(operator: CurvatureOperator):
