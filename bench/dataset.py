@@ -157,19 +157,20 @@ def render(records: list[dict], args, meta: dict) -> str:
         "`rel. diff.` is the peer's value against hbpc's (log marginal likelihood at prior precision 1, or the "
         "product's relative 2-norm difference).",
         "",
-        "| row | implementation | seconds (median) | all rounds | × hbpc | rel. diff. |",
-        "|---|---|---|---|---|---|",
+        "| row | implementation | seconds (median) | all rounds | × hbpc | rel. diff. | run |",
+        "|---|---|---|---|---|---|---|",
     ]
     fastest = {}
     for record in records:
         hbpc = next((r for r in records if r["row"] == record["row"] and r["impl"] == "hbpc"), None)
         if "error" in record:
-            lines.append(f"| {record['row']} | {record['impl']} | failed: {record['error']} | | | |")
+            lines.append(f"| {record['row']} | {record['impl']} | failed: {record['error']} | | | | |")
             continue
         ratio = record["seconds"] / hbpc["seconds"] if hbpc and "seconds" in hbpc else float("nan")
         rounds = ", ".join(f"{s:.2f}" for s in record["all_seconds"])
         diff = f"{record['relative_difference']:.1e}" if "relative_difference" in record else ""
-        lines.append(f"| {record['row']} | {record['impl']} | {record['seconds']:.2f} | {rounds} | {ratio:.2f} | {diff} |")
+        lines.append(f"| {record['row']} | {record['impl']} | {record['seconds']:.2f} | {rounds} | {ratio:.2f} | {diff} "
+                     f"| {record.get('run', '')} |")
         best = fastest.get(record["row"])
         if best is None or record["seconds"] < best[1]:
             fastest[record["row"]] = (record["impl"], record["seconds"])
@@ -191,13 +192,15 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", default=["hbpc", "curvlinops", "backpack", "asdl"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-dataset.md")
+    parser.add_argument("--keep", action="store_true", help="keep the records of rows not in --rows from the JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     data = loader(args.samples, args.batch_size)
     backends = {name: cls for name, cls in laplace_backends().items() if name in args.backends}
     meta = {"threads": args.threads, "machine": platform.machine() + " " + platform.processor(),
-            "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "torch": torch.__version__}
+            "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "torch": torch.__version__,
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     records = []
     rows = {
         "laplace-kron": lambda: {n: laplace_fit(fcnn, data, "kron", "all", b) for n, b in backends.items()},
@@ -208,9 +211,13 @@ def main(argv=None):
         "ggn-vp": lambda: {n: ggn_vp(data, n) for n in ("hbpc", "curvlinops")},
     }
     row_rounds = {row: int(k) for row, k in (item.split("=") for item in args.row_rounds)}
+    saved = args.out.with_suffix(".json")
+    if args.keep and saved.exists():  # rows not rerun keep their records (and say which run they come from)
+        records = [r for r in json.loads(saved.read_text())["records"] if r["row"] not in args.rows]
     for row in args.rows:
         print(f"{row}:", flush=True)
-        records += measure(row, rows[row](), row_rounds.get(row, args.rounds), lambda line: print(line, flush=True))
+        records += [{**r, "run": meta["started"]}
+                    for r in measure(row, rows[row](), row_rounds.get(row, args.rounds), lambda l: print(l, flush=True))]
 
     text = render(records, args, meta)
     args.out.write_text(text)

@@ -72,7 +72,7 @@ class CurvatureOperator:
         """Columns to parameters: ``(n, k) -> {name: (k, *θ)}``."""
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        pieces = torch.split(V.T, self.sizes, dim=1)
+        pieces = torch.split(V.T.contiguous(), self.sizes, dim=1)  # rows of V.T: each vector's entries contiguous
         return {name: piece.reshape(-1, *shape) for (name, shape), piece in zip(self.shapes.items(), pieces)}
 
     def join(self, vs: dict[str, Tensor]) -> Tensor:
