@@ -10,6 +10,11 @@
    network's softmax against the Laplace GLM predictive (probit link);
 5. a reliability diagram of both, saved as ``reliability.png``.
 
+Measured here (2 shared cores, ~3.5 min): MAP accuracy 0.8545, NLL 0.426, ECE 0.037; Laplace accuracy 0.8535,
+NLL 0.451, ECE 0.073 at prior precision 12.5. This briefly trained MLP is already underconfident (its reliability
+curve lies above the diagonal) and the Laplace predictive, which softens the probabilities, makes that worse:
+the diagram shows it, rather than the textbook overconfident-MAP picture.
+
 Needs the laplace extra (``python bench/install.py laplace``). Without Fashion-MNIST, scikit-learn's 8x8
 digits are used.
 
@@ -17,6 +22,7 @@ digits are used.
 """
 
 import argparse
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from hbpc.data import DatasetMissing, ImageData, load_digits, load_fashion_mnist, minibatches  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-HIDDEN, TRAIN_BATCH, FIT_BATCH, BINS = 64, 128, 500, 10
+HIDDEN, TRAIN_BATCH, FIT_BATCH, PREDICT_BATCH, BINS = 64, 128, 500, 100, 10
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -39,7 +45,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder (default: %(default)s)")
     p.add_argument("--steps", type=int, default=600, help="Adam steps before the Laplace fit (default: %(default)s)")
     p.add_argument("--fit-samples", type=int, default=10_000, help="training images in the fit (default: %(default)s)")
-    p.add_argument("--test-samples", type=int, default=10_000, help="test images evaluated (default: %(default)s)")
+    p.add_argument("--test-samples", type=int, default=2_000,
+                   help="test images evaluated (the GLM predictive forms per-sample Jacobians; default: %(default)s)")
     p.add_argument("--prior-steps", type=int, default=100,
                    help="Adam steps on the log prior precision maximising the marginal likelihood (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default: %(default)s)")
@@ -114,7 +121,7 @@ def evaluate(model: nn.Module, la, data: ImageData) -> dict[str, dict]:
     with torch.no_grad():
         map_probabilities = torch.softmax(model(data.images), -1)
     laplace_probabilities = torch.cat([la(x, pred_type="glm", link_approx="probit")
-                                       for x in torch.split(data.images, FIT_BATCH)])
+                                       for x in torch.split(data.images, PREDICT_BATCH)])
     return {"MAP": calibration(map_probabilities, data.labels),
             "Laplace (hbpc, KFLR)": calibration(laplace_probabilities.detach(), data.labels)}
 
@@ -152,9 +159,12 @@ def main(argv=None) -> dict[str, dict]:
     test_data, _ = load(args.data_dir, "test")
     test_data = ImageData(test_data.images[: args.test_samples], test_data.labels[: args.test_samples])
     model = build_model(train_data.images.shape[1:], args.seed)
+    start = time.perf_counter()
     loss = train(model, train_data, args.steps, args.seed)
-    print(f"Adam: {args.steps} steps on {dataset}, last batch loss {loss:.4f}")
+    print(f"Adam: {args.steps} steps on {dataset}, last batch loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+    start = time.perf_counter()
     la = fit_laplace(model, train_data, args.fit_samples, args.prior_steps)
+    print(f"Laplace fit on {args.fit_samples} images and prior tuning: {time.perf_counter() - start:.0f} s")
     results = evaluate(model, la, test_data)
     report(results, la, dataset)
     args.out.mkdir(parents=True, exist_ok=True)
