@@ -5,7 +5,8 @@ With a process group initialized (gloo on CPU, NCCL on GPU), each rank ``r`` hol
 ``w_r = N_r / N`` (``N = Σ_r N_r``) for a mean reduction and ``w_r = 1`` for a sum, so every product,
 factor and block is ``Σ_r w_r Q_r``: each rank scales its local ``Q_r`` by ``N_r`` (mean) or 1 (sum),
 one ``all_reduce(SUM)`` adds them up, and a mean divides by ``N``. All ranks then hold the same
-tensor, equal to one process over all the data (up to the order of float additions).
+tensor, equal to one process over all the data (up to the order of float additions). Every rank must
+take part in every dataset-level call with at least one batch (the all-reduce waits for all ranks).
 
 Two entry points:
 
