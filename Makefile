@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The bench extra brings BackPACK and curvlinops, which the tests compare against.
-test: install $(VENV)/.bench-installed
+# The bench extra brings BackPACK and curvlinops, which the tests compare against; the laplace extra
+# brings laplace-torch for hbpc.laplace (both installed with --no-deps so torch stays as it is).
+test: install $(VENV)/.bench-installed $(VENV)/.laplace-installed
 	$(PY) -m pytest
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the demo falls back to sklearn digits.
@@ -47,7 +48,11 @@ fuzz: install
 
 # Benchmarks against BackPACK, curvlinops and torch.func (~15 min): prints and writes bench/RESULTS.md.
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml bench/install.py
-	$(PY) bench/install.py
+	$(PY) bench/install.py bench
+	touch $@
+
+$(VENV)/.laplace-installed: $(VENV)/.installed pyproject.toml bench/install.py
+	$(PY) bench/install.py laplace
 	touch $@
 
 bench: $(VENV)/.bench-installed

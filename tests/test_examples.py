@@ -78,3 +78,16 @@ def test_sequential_falls_back_to_digits(examples_on_path, tmp_path, capsys):
     printed = capsys.readouterr().out
     check_outputs(out, printed)
     assert "Fashion-MNIST not found" in printed and "falling back to scikit-learn's 8x8 digits" in printed
+
+
+def test_laplace_tutorial_on_tiny_data(tmp_path, capsys):
+    pytest.importorskip("laplace", reason="needs the laplace extra: python bench/install.py laplace")
+    example = load("04_laplace")
+    results = example.main(["--data-dir", str(fake_fashion_mnist(tmp_path / "fmnist")), "--steps", "3",
+                            "--fit-samples", "96", "--test-samples", "64", "--prior-steps", "5", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "out" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "prior precision" in printed and "Laplace (hbpc, KFLR)" in printed
+    for result in results.values():
+        assert 0 <= result["ece"] <= 1 and result["count"].sum() == 64
+        assert 0 <= result["accuracy"] <= 1 and result["nll"] > 0

@@ -17,6 +17,11 @@ after ``forward_backward``) and the kind of curvature as ``curvature=`` (as the 
 | ``full_operator`` | ``G = Jᵀ ∇²_z L J``, ``H = ∇²L`` or the MC Fisher, over all parameters |
 | ``block_product_operator`` | ``diag(C_θ1θ1, …)``, the exact diagonal blocks (``block_products``) |
 | ``hbp_block_operator`` | ``diag(B_θ1, …)``, the HBP blocks (``blocks``) |
+| ``kronecker_operator`` | ``diag(G ⊗ A, …)``, the KFAC family (``kronecker_factors``) |
+
+``data=`` (an iterable of ``(x, y)`` batches) gives each of them over a whole dataset
+(``hbpc.linalg.dataset``); ``operator.inverse(λ)`` and the block-diagonal operators' exact inverses,
+``logdet`` and ``trace`` are in ``hbpc.linalg.inverse``.
 
 ``params`` (a name or a list of names, default all in ``model.named_parameters()`` order) picks the
 parameters and their order. For ``full_operator`` a subset gives the principal submatrix ``A_SS``;
@@ -68,7 +73,7 @@ class CurvatureOperator:
         """Columns to parameters: ``(n, k) -> {name: (k, *θ)}``."""
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        pieces = torch.split(V.T, self.sizes, dim=1)
+        pieces = torch.split(V.T.contiguous(), self.sizes, dim=1)  # rows of V.T: each vector's entries contiguous
         return {name: piece.reshape(-1, *shape) for (name, shape), piece in zip(self.shapes.items(), pieces)}
 
     def join(self, vs: dict[str, Tensor]) -> Tensor:
@@ -112,6 +117,13 @@ class CurvatureOperator:
         """The ``(n, n)`` matrix, from one product with ``k = n`` (small operators only)."""
         return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
 
+    def inverse(self, damping: float = 0.0, preconditioner=None, tol: float = 1e-8, atol: float = 0.0,
+                maxiter: int | None = None) -> "CurvatureOperator":
+        """``(A + λ I)⁻¹`` as an operator, each product by preconditioned CG (``hbpc.linalg.inverse.cg_inverse``)."""
+        from hbpc.linalg.inverse import cg_inverse
+
+        return cg_inverse(self, damping, preconditioner, tol, atol, maxiter)
+
 
 def parameter_shapes(curvature, params: str | Sequence[str] | None) -> dict[str, torch.Size]:
     """``{name: θ.shape}`` for ``params`` (a name, names, or ``None`` for all, in model order)."""
@@ -138,19 +150,33 @@ def check_choice(what: str, value: str, choices: Sequence[str]) -> None:
 
 
 def full_operator(
-    curv, /, curvature: str = "ggn", params=None, samples: int = 1, generator: Seed = None
+    curv,
+    /,
+    curvature: str = "ggn",
+    params=None,
+    samples: int = 1,
+    generator: Seed = None,
+    data=None,
+    reduction: str | None = None,
+    progress: bool | None = None,
 ) -> CurvatureOperator:
     """``G = Jᵀ ∇²_z L J`` (``"ggn"``), ``H = ∇²L`` (``"hessian"``) or ``F = Jᵀ (1/S Σ_s s sᵀ) J`` (``"fisher-mc"``).
 
     ``"fisher-mc"`` (cross-entropy only) draws ``samples`` labels per sample from ``generator`` on
     every product call: the ``k`` columns of one ``matmat`` share the draw, separate calls do not.
     For a subset ``S`` of parameters the operator is ``A_SS`` (zeros for the others' entries of ``v``).
+    ``data`` (an iterable of ``(x, y)`` batches): the curvature of the loss over all of it, one pass per
+    product (``hbpc.linalg.dataset``); without it, the batch of the latest ``forward_backward``.
     """
     check_choice("curvature", curvature, tuple(FULL_PRODUCTS))
     method = getattr(curv, FULL_PRODUCTS[curvature])
     if curvature == "fisher-mc":
         device = next(curv.model.parameters()).device
         method = functools.partial(method, samples=samples, generator=as_generator(generator, device))
+    if data is not None:
+        from hbpc.linalg.dataset import DataPass, full_product
+
+        method = full_product(DataPass(curv, data, reduction, progress, f"hbpc {curvature} product"), method)
     every = {name: p for name, p in curv.model.named_parameters()}
 
     def product(vs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -161,8 +187,20 @@ def full_operator(
     return operator_for(curv, product, params)
 
 
-def block_product_operator(curv, /, curvature: str = "ggn", params=None) -> CurvatureOperator:
-    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curv.block_products(curvature)``."""
+def block_product_operator(
+    curv, /, curvature: str = "ggn", params=None, data=None, reduction: str | None = None,
+    progress: bool | None = None,
+) -> CurvatureOperator:
+    """``diag(C_θθ)`` over ``params``: the exact diagonal blocks ``curv.block_products(curvature)``.
+
+    ``data``: the blocks of the loss over all of it, one pass per product.
+    """
+    shapes = parameter_shapes(curv, params)
+    if data is not None:
+        from hbpc.linalg.dataset import DataPass, block_products
+
+        data_pass = DataPass(curv, data, reduction, progress, f"hbpc {curvature} block product")
+        return operator_for(curv, block_products(data_pass, curvature, list(shapes)), params)
     products = curv.block_products(curvature)
     return operator_for(curv, lambda vs: {name: products[name](v) for name, v in vs.items()}, params)
 
@@ -174,10 +212,51 @@ def hbp_block_operator(
     average_input_jacobian: bool = True,
     average_parameter_jacobian: bool = True,
     params=None,
-) -> CurvatureOperator:
-    """``diag(B_θ)`` over ``params``: the HBP blocks ``curv.blocks(...)``, formed once here."""
-    blocks = curv.blocks(curvature, average_input_jacobian, average_parameter_jacobian)
-    return operator_for(curv, lambda vs: {name: blocks[name] @ v for name, v in vs.items()}, params)
+    data=None,
+    reduction: str | None = None,
+    progress: bool | None = None,
+) -> "BlockDiagonalOperator":
+    """``diag(B_θ)`` over ``params``: the HBP blocks ``curv.blocks(...)``, formed once here.
+
+    ``data``: the dataset-level blocks ``Σ_b w_b B_b`` (``hbpc.linalg.dataset.blocks``), one pass.
+    """
+    if data is not None:
+        from hbpc.linalg.dataset import blocks as dataset_blocks
+
+        blocks = dataset_blocks(curv, data, curvature, average_input_jacobian, average_parameter_jacobian,
+                                reduction, progress)
+    else:
+        blocks = curv.blocks(curvature, average_input_jacobian, average_parameter_jacobian)
+    return block_diagonal(curv, blocks, params)
+
+
+def kronecker_operator(
+    curv, /, kind: str = "kflr", params=None, samples: int = 1, generator: Seed = None, data=None,
+    reduction: str | None = None, progress: bool | None = None,
+) -> "BlockDiagonalOperator":
+    """``diag(G ⊗ A, G, …)`` over ``params`` (default: ``curv.factored_parameters``): the KFAC family's
+    blocks ``curv.kronecker_factors(kind)``; ``data``: the dataset-level factors, one pass."""
+    device = next(curv.model.parameters()).device
+    generator = as_generator(generator, device)
+    if data is not None:
+        from hbpc.linalg.dataset import kronecker_factors
+
+        blocks = kronecker_factors(curv, data, kind, samples, generator, reduction, progress)
+    else:
+        blocks = curv.kronecker_factors(kind, samples, generator)
+    return block_diagonal(curv, blocks, list(blocks) if params is None else params)
+
+
+def block_diagonal(curv, blocks: dict, params) -> "BlockDiagonalOperator":
+    """A ``BlockDiagonalOperator`` over ``params`` from ``{name: Block}``."""
+    from hbpc.linalg.inverse import BlockDiagonalOperator
+
+    shapes = parameter_shapes(curv, params)
+    missing = [name for name in shapes if name not in blocks]
+    if missing:
+        raise ValueError(f"no blocks for parameters {missing}; there are blocks for {list(blocks)}")
+    like = next(curv.model.parameters())
+    return BlockDiagonalOperator({name: blocks[name] for name in shapes}, like.dtype, like.device)
 
 
 def to_scipy(operator: CurvatureOperator):

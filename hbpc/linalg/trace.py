@@ -65,3 +65,18 @@ def hutchinson_diagonal(operator: CurvatureOperator, num_matvecs: int, generator
     check_matvecs(num_matvecs, 1)
     V = probes(operator, num_matvecs, generator)
     return (V * operator.matmat(V)).mean(1)
+
+
+def diagonal(operator: CurvatureOperator, chunk: int = 256) -> Tensor:
+    """The exact ``diag(A)``, flat ``(n,)``, from products with identity columns, ``chunk`` at a time
+    (``⌈n / chunk⌉`` ``matmat`` calls: small operators, or a dataset operator with few parameters)."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be at least 1")
+    n = operator.shape[0]
+    out = torch.empty(n, dtype=operator.dtype, device=operator.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        E = torch.zeros(n, stop - start, dtype=operator.dtype, device=operator.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        out[start:stop] = operator.matmat(E)[start:stop].diagonal()
+    return out
