@@ -4,7 +4,6 @@ Each case gets one clear error of the stated type whose message names the argume
 what was expected and what was passed), never a traceback from deep inside torch or a silently wrong number.
 State errors (a stale cache, a model in training mode) are ``RuntimeError``s naming what changed.
 """
-import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -79,12 +78,6 @@ def _step(env):
     with torch.no_grad():
         for p in env.model.parameters():
             p.add_(0.01)
-
-
-def _curvature_keyword():
-    """NewtonCG's keyword for the curvature name (``curvature_mode``, or ``curvature`` in newer versions)."""
-    parameters = inspect.signature(NewtonCG).parameters
-    return "curvature_mode" if "curvature_mode" in parameters else "curvature"
 
 
 def _newton_step_after_backward(env):
@@ -235,7 +228,7 @@ CASES = {
                                            ["model", "training mode", "model.eval()"]),
     # optimizers
     "newton-cg-unknown-curvature": (lambda e: NewtonCG(e.model.parameters(), e.curvature,
-                                                       **{_curvature_keyword(): "fisher"}),
+                                                       curvature="fisher"),
                                     ValueError, ["curvature", "'fisher'"]),
     "newton-cg-negative-lr": (lambda e: NewtonCG(e.model.parameters(), e.curvature, lr=-0.1), ValueError,
                               ["lr", "-0.1"]),
