@@ -30,7 +30,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from hbpc.errors import HbpcError
-from hbpc.rules import LOSS_TABLE, TABLE
+from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
@@ -192,9 +192,22 @@ def _elementwise_hyper(rule, node, modules):
     return {name: given.get(name, default) for name, default in names.items()}
 
 
+# torch's own module classes: built-in rules match these by identity (nn.Tanh -> "tanh"), never a
+# third-party class that happens to share a name (BackPACK's Pad is not nn.ZeroPad2d's "pad").
+_TORCH_MODULES = frozenset(cls for cls in vars(nn).values() if isinstance(cls, type) and issubclass(cls, nn.Module))
+
+
+def _module_op(module) -> str:
+    """The op key of a module: torch's classes by their lower-cased name, other classes only through a user rule."""
+    name = type(module).__name__.lower()
+    if type(module) in _TORCH_MODULES or name in USER_KEYS:
+        return name
+    return f"{type(module).__module__}.{type(module).__name__}"  # no rule matches: reported as unsupported
+
+
 def _op_name(node, modules):
     if node.op == "call_module":
-        return type(modules[node.target]).__name__.lower()
+        return _module_op(modules[node.target])
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target)).lower()
     if node.op == "call_method":
@@ -223,8 +236,11 @@ class _SourceTracer(fx.Tracer):
     """An fx tracer that records the user's ``file:line`` for every node (cheaper than stack traces)."""
 
     def is_leaf_module(self, module, qualified_name):
-        """Standard torch modules, and user modules whose class name has a rule (``--rules``), are leaves."""
-        return super().is_leaf_module(module, qualified_name) or type(module).__name__.lower() in TABLE
+        """Standard torch modules, and user modules whose class name has a user rule (``--rules``), are leaves.
+
+        Any other class is traced into, even if its name is a built-in rule's.
+        """
+        return super().is_leaf_module(module, qualified_name) or type(module).__name__.lower() in USER_KEYS
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
