@@ -395,6 +395,8 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
         if dim == 0 or dim == -len(tensor_args[0].meta["tensor_meta"].shape):
             raise ValueError("torch.cat along the batch dimension is not supported")
         hyper = {"dim": dim if dim > 0 else dim + len(tensor_args[0].meta["tensor_meta"].shape)}
+    elif node.op == "call_module" and isinstance(rule, Normalization) and rule.key != "layer_norm":
+        hyper, params, param_shapes = _user_normalization(rule, modules[node.target], param_names)
     elif node.op == "call_module":
         hyper = _module_hyper(rule.key, modules[node.target])
         roles = _param_roles(modules[node.target])
@@ -419,6 +421,30 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     if rule.key not in ("add", "cat") and arity != 1:
         raise ValueError(f"'{op}' with {arity} tensor inputs is not supported")
     return rule, hyper, params, param_shapes
+
+
+def _user_normalization(rule, module, param_names):
+    """(hyper, params, shapes) of a module a user ``Normalization`` rule matches, read from its attributes.
+
+    ``normalized_shape`` (the trailing per-sample dimensions normalized together) is required; the
+    rule's hyper-parameters (e.g. ``eps``) come from attributes of the same names, else their defaults.
+    """
+    shape = getattr(module, "normalized_shape", None)
+    shape = _single(shape) if shape is not None else None
+    if shape is None or not all(isinstance(size, int) and size > 0 for size in shape):
+        raise ValueError(f"a module matched by the normalization rule '{rule.key}' needs an attribute "
+                         f"normalized_shape of positive ints (the trailing dimensions it normalizes), got {shape!r}")
+    hyper = {"normalized_shape": shape,
+             **{name: float(getattr(module, name, default)) for name, default in rule.hyper.items()}}
+    roles = _param_roles(module)
+    if roles and tuple(sorted(roles)) not in rule.affine:
+        raise ValueError(f"the module has parameters {sorted(roles)}, but the normalization rule '{rule.key}' names "
+                         f"no affine rule for them (affine={{{tuple(sorted(roles))!r}: 'entry_scale' / ...}})")
+    for role, p in roles.items():
+        if tuple(p.shape) != shape:
+            raise ValueError(f"parameter '{role}' has shape {tuple(p.shape)}; an affine map after '{rule.key}' "
+                             f"needs the normalized_shape {shape}")
+    return hyper, {role: param_names[id(p)] for role, p in roles.items()}, {r: tuple(p.shape) for r, p in roles.items()}
 
 
 def _with_affine(ir_node, taken):
