@@ -52,6 +52,7 @@ class Elementwise:
     forward: str = None
     hyper: dict = field(default_factory=dict)
     aliases: tuple = ()
+    override: bool = False  # a user rule that replaces the built-in rule of the same name
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Normalization:
     hyper: dict = field(default_factory=dict)
     affine: dict = field(default_factory=dict)
     aliases: tuple = ()
+    override: bool = False  # a user rule that replaces the built-in rule of the same name
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Structured:
     input_view: str = "reshape"
     constants: object = None
     aliases: tuple = ()
+    override: bool = False  # a user rule that replaces the built-in rule of the same name
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class Selection:
     primitive: str
     forward: str
     aliases: tuple = ()
+    override: bool = False  # a user rule that replaces the built-in rule of the same name
 
 
 @dataclass(frozen=True)
@@ -126,3 +130,4 @@ class Loss:
     scale: dict = field(default_factory=dict)
     hyper: dict = field(default_factory=dict)
     aliases: tuple = ()
+    override: bool = False  # a user rule that replaces the built-in rule of the same name

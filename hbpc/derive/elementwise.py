@@ -69,15 +69,26 @@ def zero_at_kinks(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), split)
 
 
+_REWRITE_OPS = 100  # the largest built-in derivative (GELU-tanh's φ″) has 83
 _INVERTIBLE_OPS = 8  # only small φ are inverted symbolically (sp.solve is slow on large ones)
+
+
+def _nesting(expr) -> int:
+    """How deeply functions of ``x`` other than exp are applied to one another (roots count):
+    ``tanh(x)`` and ``log(1 + exp(x))`` 1, ``sin(tanh(x))`` and ``sqrt(1 + tanh(x)**2)`` 2."""
+    inner = max((_nesting(arg) for arg in expr.args), default=0)
+    applied = (isinstance(expr, sp.Function) and not isinstance(expr, sp.exp)) or (
+        expr.is_Pow and not expr.exp.is_Integer and x in expr.base.free_symbols)
+    return inner + 1 if applied and x in expr.free_symbols else inner
 
 
 def _in_y(phi, expr) -> list:
     rewrites = [expr.subs(phi, y)]
-    if sp.count_ops(phi) > _INVERTIBLE_OPS or phi.has(sp.Piecewise, sp.Max, sp.Min, sp.Abs):
-        return rewrites
+    if (sp.count_ops(phi) > _INVERTIBLE_OPS or phi.has(sp.Piecewise, sp.Max, sp.Min, sp.Abs) or _nesting(phi) > 1
+            or sp.srepr(phi).count(sp.srepr(x)) > 1):
+        return rewrites  # nested functions or several x (sin(tanh(x)), x·σ(x)) cost sympy minutes and rarely invert
     try:
-        rewrites += [sp.simplify(expr.subs(x, inverse)) for inverse in sp.solve(sp.Eq(phi, y), x)]
+        rewrites += [sp.simplify(expr.subs(x, inverse)) for inverse in sp.solve(sp.Eq(phi, y), x, check=False)]
     except (NotImplementedError, ValueError, TypeError):
         pass
     return rewrites
@@ -119,6 +130,8 @@ def best_form(phi, expr, hyper) -> sp.Expr:
     """The emitted form of ``expr``: valid, then finite at extreme inputs, then cheapest."""
     reference = _evaluate(expr, phi, _PROBE, hyper)
     candidates = [expr]
+    if sp.count_ops(expr) > _REWRITE_OPS:  # factoring a large derivative costs minutes; print it as derived
+        return expr
     for rewrite in _in_y(phi, expr) + _through_sigmoid(expr):
         for form in (rewrite, sp.expand(rewrite), sp.factor(rewrite)):
             if x in form.free_symbols and y in form.free_symbols:

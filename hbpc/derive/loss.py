@@ -86,7 +86,15 @@ def pull_out_constants(expr):
     return sp.expand(expr).replace(sp.Sum, split)
 
 
+_REWRITE_OPS = 40  # the σ rewrite factors polynomials: beyond this size it costs minutes and rarely applies
+
+
 def _without_overflow_here(expr):
+    if not expr.atoms(sp.exp):
+        return expr
+    if sp.count_ops(expr) > _REWRITE_OPS:
+        terms = sp.Add.make_args(expr)
+        return sp.Add(*map(_without_overflow_here, terms)) if len(terms) > 1 else expr
     live = free_indices(expr)
     for candidate in _through_sigmoid(expr):
         # the rewrite factors and cancels: keep it only if no index escaped the sum that binds it

@@ -77,14 +77,22 @@ def load_model(path) -> tuple:
 
 def load_rules_file(path) -> list:
     """User rules: every rule object a Python file defines at module level (e.g. in a ``RULES`` list)."""
-    from hbpc.rules.spec import Elementwise, Loss, Selection, Structured
+    from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structured
 
-    kinds = (Elementwise, Loss, Selection, Structured)
+    kinds = (Elementwise, Loss, Normalization, Selection, Structured)
     path, namespace = _run_file(path, "rules", "rules, e.g. RULES = [...]")
     found = [value for value in namespace.values() if isinstance(value, kinds)]
     found += [rule for value in namespace.values() if isinstance(value, (list, tuple))
               for rule in value if isinstance(rule, kinds)]
     unique = list({id(rule): rule for rule in found}.values())
+    from hbpc.rules import SELECTIONS
+
+    primitives = sorted({rule.primitive for rule in SELECTIONS})
+    for rule in unique:
+        if isinstance(rule, Selection) and rule.primitive not in primitives:
+            raise HbpcError(f"selection rule '{rule.key}' names the primitive '{rule.primitive}', which the generated "
+                            "module has no helpers for", path,
+                            f"use one of the built-in primitives: {', '.join(primitives)}")
     if not unique:
         raise HbpcError("rules file defines no rules", path,
                         "define e.g. RULES = [Elementwise('swish', x / (1 + exp(-x)))] with hbpc.rules.spec")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from hbpc.errors import HbpcError
-from hbpc.rules import LOSS_TABLE, TABLE
+from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
@@ -192,9 +192,22 @@ def _elementwise_hyper(rule, node, modules):
     return {name: given.get(name, default) for name, default in names.items()}
 
 
+# torch's own module classes: built-in rules match these by identity (nn.Tanh -> "tanh"), never a
+# third-party class that happens to share a name (BackPACK's Pad is not nn.ZeroPad2d's "pad").
+_TORCH_MODULES = frozenset(cls for cls in vars(nn).values() if isinstance(cls, type) and issubclass(cls, nn.Module))
+
+
+def _module_op(module) -> str:
+    """The op key of a module: torch's classes by their lower-cased name, other classes only through a user rule."""
+    name = type(module).__name__.lower()
+    if type(module) in _TORCH_MODULES or name in USER_KEYS:
+        return name
+    return f"{type(module).__module__}.{type(module).__name__}"  # no rule matches: reported as unsupported
+
+
 def _op_name(node, modules):
     if node.op == "call_module":
-        return type(modules[node.target]).__name__.lower()
+        return _module_op(modules[node.target])
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target)).lower()
     if node.op == "call_method":
@@ -223,8 +236,11 @@ class _SourceTracer(fx.Tracer):
     """An fx tracer that records the user's ``file:line`` for every node (cheaper than stack traces)."""
 
     def is_leaf_module(self, module, qualified_name):
-        """Standard torch modules, and user modules whose class name has a rule (``--rules``), are leaves."""
-        return super().is_leaf_module(module, qualified_name) or type(module).__name__.lower() in TABLE
+        """Standard torch modules, and user modules whose class name has a user rule (``--rules``), are leaves.
+
+        Any other class is traced into, even if its name is a built-in rule's.
+        """
+        return super().is_leaf_module(module, qualified_name) or type(module).__name__.lower() in USER_KEYS
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
@@ -401,6 +417,8 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
         if dim == 0 or dim == -len(tensor_args[0].meta["tensor_meta"].shape):
             raise ValueError("torch.cat along the batch dimension is not supported")
         hyper = {"dim": dim if dim > 0 else dim + len(tensor_args[0].meta["tensor_meta"].shape)}
+    elif node.op == "call_module" and isinstance(rule, Normalization) and rule.key != "layer_norm":
+        hyper, params, param_shapes = _user_normalization(rule, modules[node.target], param_names)
     elif node.op == "call_module":
         hyper = _module_hyper(rule.key, modules[node.target])
         roles = _param_roles(modules[node.target])
@@ -427,6 +445,30 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     if rule.key == "identity" and op.startswith("dropout"):  # random in training mode: eval mode only
         hyper = {**hyper, "dropout": node.target if node.op == "call_module" else "*"}  # module path, * functional
     return rule, hyper, params, param_shapes
+
+
+def _user_normalization(rule, module, param_names):
+    """(hyper, params, shapes) of a module a user ``Normalization`` rule matches, read from its attributes.
+
+    ``normalized_shape`` (the trailing per-sample dimensions normalized together) is required; the
+    rule's hyper-parameters (e.g. ``eps``) come from attributes of the same names, else their defaults.
+    """
+    shape = getattr(module, "normalized_shape", None)
+    shape = _single(shape) if shape is not None else None
+    if shape is None or not all(isinstance(size, int) and size > 0 for size in shape):
+        raise ValueError(f"a module matched by the normalization rule '{rule.key}' needs an attribute "
+                         f"normalized_shape of positive ints (the trailing dimensions it normalizes), got {shape!r}")
+    hyper = {"normalized_shape": shape,
+             **{name: float(getattr(module, name, default)) for name, default in rule.hyper.items()}}
+    roles = _param_roles(module)
+    if roles and tuple(sorted(roles)) not in rule.affine:
+        raise ValueError(f"the module has parameters {sorted(roles)}, but the normalization rule '{rule.key}' names "
+                         f"no affine rule for them (affine={{{tuple(sorted(roles))!r}: 'entry_scale' / ...}})")
+    for role, p in roles.items():
+        if tuple(p.shape) != shape:
+            raise ValueError(f"parameter '{role}' has shape {tuple(p.shape)}; an affine map after '{rule.key}' "
+                             f"needs the normalized_shape {shape}")
+    return hyper, {role: param_names[id(p)] for role, p in roles.items()}, {r: tuple(p.shape) for r, p in roles.items()}
 
 
 def _with_affine(ir_node, taken):
