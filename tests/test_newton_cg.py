@@ -218,7 +218,8 @@ def test_step_with_closure_returns_loss_and_matches():
     expected = expected_update(reference, loss_fn, x, y, "ggn", 0.1, 0.02)
     model = mlp()
     curv = FakeCurvature(model, loss_fn)
-    opt = NewtonCG(model.parameters(), curv, lr=0.1, alpha=0.02, cg_tol=1e-12, curvature="ggn", **PAPER)
+    opt = NewtonCG(model.parameters(), curv, lr=0.1, alpha=0.02, cg_tol=1e-12, cg_maxiter=500, curvature="ggn",
+                   **PAPER)
     loss = opt.step(lambda: curv.forward_backward(x, y))
     torch.testing.assert_close(loss, loss_fn(reference(x), y).detach())
     assert opt.last_stats.loss == pytest.approx(loss.item())
@@ -615,7 +616,7 @@ def test_full_step_with_groups_and_missing_grads_solves_the_principal_subsystem(
     expected = expected_full_update(model, loss_fn, x, y, "ggn", 0.05, lrs, active=list(lrs))
     curv = FakeCurvature(model, loss_fn)
     opt = NewtonCG([{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters()}], curv,
-                   lr=0.1, alpha=0.05, cg_tol=1e-12, source="full", curvature="ggn", **PAPER)
+                   lr=0.1, alpha=0.05, cg_tol=1e-12, cg_maxiter=500, source="full", curvature="ggn", **PAPER)
     curv.forward_backward(x, y)
     model[2].bias.grad = None
     opt.step()

@@ -31,15 +31,15 @@ Safeguards (defaults on; ``PAPER`` turns them off):
   ``q(s) = gᵀs + ½ sᵀ B s`` the undamped model whose solve gave ``d`` (the blocks, or the full
   ``A``). Without one, ``ρ = sᵀ B s / sᵀ G s``: the blocks' curvature along the step relative to the
   full GGN's, which the line search measures anyway (1 when they agree; the line search fixes the
-  length, the damping the direction). With neither (``source="full"`` in the plain loop) ``α`` stays. ``α`` never adapts below
-  ``min_alpha``.
+  length, the damping the direction). With neither (``source="full"`` in the plain loop) ``α``
+  stays. ``α`` never adapts below ``min_alpha``.
 * acceptance (``max_backtracks``, needs a closure): a step stays only if the loss does not rise,
   ``L(θ + t s) <= L(θ)``; otherwise ``t ← t / 4`` up to ``max_backtracks`` times (a closure call
   each), then the step is undone and ``ρ = -∞`` boosts the damping. ``None``: no loss check.
 * failures: a non-finite gradient or loss moves nothing; a solver answer that is not finite, not a
   descent direction (``gᵀd >= 0``), or worse than ``d = 0`` (residual above ``‖g‖``, as a direct
   solve of a singular block gives, or one that raises ``LinAlgError``) is replaced by ``d = -g``; CG
-  keeps its smallest-residual iterate (``hbpc.optim.cg``). Indefinite curvature (``hessian``): CG
+  keeps its smallest-residual iterate and stops at numerically zero curvature (``hbpc.optim.cg``). Indefinite curvature (``hessian``): CG
   stops at the first direction with ``pᵀ[(1 - α) B + α I] p <= 0`` and uses its last iterate, a
   descent direction (``-g`` before the first iteration). All reported in ``last_stats``.
 * step cap (``max_step``, default ``MAX_STEP``; ``None`` turns it off): no parameter moves by more
