@@ -279,21 +279,23 @@ def main(argv=None) -> int:
         print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
         return 1
     started = time.perf_counter()
-    sections = []
+    sections: list[str] = []
     for key in args.problems.split(","):
-        problem = PROBLEMS[key]
-        sections += table(problem, run_problem(problem, data, args.test, args.budget_scale))
-    total = time.perf_counter() - started
-    header = ["# Time to target accuracy on Fashion-MNIST", "",
-              f"`python -m bench.time_to_target` on {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}; whole run {total / 60:.1f} min. "
-              f"Times are training seconds (update steps only) of runs interleaved step by step in one process; "
-              f"test accuracy on the first {args.test} test images, evaluated every {EVAL_SECONDS:g} s of "
-              "training time. Compare rows of one run only.", ""]
-    text = "\n".join(header + sections)
+        sections += table(PROBLEMS[key], run_problem(PROBLEMS[key], data, args.test, args.budget_scale))
+        text = "\n".join(header(args.test, time.perf_counter() - started) + sections)
+        args.out.write_text(text + "\n")  # after every problem, so that an interrupted run keeps what it measured
     print(text)
-    args.out.write_text(text + "\n")
     return 0
+
+
+def header(test_count: int, seconds: float) -> list[str]:
+    """The results file's title and how the figures were measured."""
+    return ["# Time to target accuracy on Fashion-MNIST", "",
+            f"`python -m bench.time_to_target` on {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}; whole run {seconds / 60:.1f} min. "
+            "Times are training seconds (update steps only) of runs interleaved step by step in one process; "
+            f"test accuracy on the first {test_count} test images, evaluated every {EVAL_SECONDS:g} s of "
+            "training time. Compare rows of one run only.", ""]
 
 
 if __name__ == "__main__":
