@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.time_to_target                 # both problems, writes bench/RESULTS-time-to-target.md
     .venv/bin/python -m bench.time_to_target --problems fcnn --budget-scale 0.5
 
-Problems (``PROBLEMS``): the HBP paper's sigmoid FCNN (``examples/models/fcnn_fashion_mnist.py``), where
-first-order methods sit on a plateau, and a ReLU c4d3 (``bench/models/c4d3_relu_fashion_mnist.py``),
+Problems (``PROBLEMS``): the HBP paper's sigmoid FCNN (``examples/models/fcnn_fashion_mnist.py``), where SGD
+sits on a plateau (and Adam leaves it after a few hundred steps), and a ReLU c4d3 (``bench/models/c4d3_relu_fashion_mnist.py``),
 an ordinary CNN. Every run of a problem starts from the same initial weights and sees the same
 sequence of minibatches (one seeded shuffle per epoch, the same seed for every run).
 
