@@ -93,7 +93,7 @@ def configs(problem: str) -> list[Config]:
 # The tuned Newton-CG settings per problem (a two-point sweep each; see bench/newton_cg_speed.py).
 NEWTON_TUNED = {
     "fcnn": [dict(curvature="pch-abs", lr=1.0, cg_maxiter=20), dict(curvature="pch-abs", lr=0.5, cg_maxiter=20)],
-    "cnn": [dict(cg_maxiter=10, lr=1.0), dict(cg_maxiter=10, lr=0.5)],
+    "cnn": [dict(source="block_products", cg_maxiter=10, lr=1.0), dict(source="block_products", cg_maxiter=10, lr=0.5)],
 }
 
 
@@ -121,6 +121,7 @@ class Run:
         self.accuracy, self.loss = math.nan, math.nan
         self.reached: tuple[float, int] | None = None  # (seconds, steps) at the target
         self.stopped: str | None = None
+        self.error = ""
         self.curvature = generated.Curvature(model) if config.optimizer in ("kfac", "newton") else None
         params = model.parameters()
         if config.optimizer == "sgd":
@@ -150,7 +151,12 @@ class Run:
         """Take one timed step; ``True`` when an evaluation is due."""
         x, y = next(self.batches)
         start = time.perf_counter()
-        self.loss = self.update(x, y)
+        try:
+            self.loss = self.update(x, y)
+        except (MemoryError, RuntimeError, ValueError) as error:  # recorded in the table, the other runs go on
+            self.stopped = f"error: {type(error).__name__}"
+            self.error = str(error)
+            return False
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         self.since_eval += elapsed
@@ -214,7 +220,7 @@ def run_problem(problem: Problem, data, test_count: int, budget_scale: float, se
                 active.remove(run)
                 bar.update(1)
                 bar.write(f"  {run.config.method:22s} {run.config.label:45s} {run.stopped:14s} "
-                          f"{run.seconds:7.1f} s {run.steps:5d} steps  acc {run.accuracy:.3f}")
+                          f"{run.seconds:7.1f} s {run.steps:5d} steps  acc {run.accuracy:.3f} {run.error}")
         bar.set_postfix(active=len(active))
     bar.close()
     return runs
