@@ -56,6 +56,8 @@ def parser(description: str, steps: int, out: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the minibatch order; the model file seeds the initial weights (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path(out), help="folder for the CSV and PNG (default: %(default)s)")
+    p.add_argument("--target", type=float, default=0.6,
+                   help="test accuracy whose first crossing the summary times (default: %(default)s)")
     return p
 
 
@@ -171,42 +173,54 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Loss (test solid, training batches dashed, log scale) and test accuracy against epochs (Agg, no pyplot)."""
-    fig = Figure(figsize=(11, 4.2), layout="tight")
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    """Loss (test solid, training batches dashed, log scale) and test accuracy against steps (top) and
+    training seconds (bottom), drawn with Agg (no pyplot)."""
+    fig = Figure(figsize=(11, 8), layout="tight")
+    axes = fig.subplots(2, 2)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     names = dict.fromkeys(r["optimizer"] for r in rows)
-    for rank, (color, marker, name) in enumerate(zip(colors, MARKERS, names)):
-        curve = [r for r in rows if r["optimizer"] == name]
-        epochs = [r["epoch"] for r in curve]
-        style = dict(color=color, marker=marker, markersize=4, zorder=3 + len(names) - rank)  # first on top
-        loss_ax.plot(epochs, [r["test_loss"] for r in curve], label=name, **style)
-        loss_ax.plot(epochs, [r["train_loss"] for r in curve], linestyle="--", **style)
-        acc_ax.plot(epochs, [r["test_accuracy"] for r in curve], label=name, **style)
-    loss_ax.plot([], [], color="gray", label="test")
-    loss_ax.plot([], [], color="gray", linestyle="--", label="train (mean batch loss)")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
-    low, high = loss_ax.get_ylim()
-    if high / low < 10:  # within one decade the labelled ticks are minor ones: print them plainly, not as 2×10⁰
-        loss_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        loss_ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    for ax in (loss_ax, acc_ax):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
+    for (loss_ax, acc_ax), x_key, x_label in zip(axes, ("step", "train_seconds"), ("step", "training seconds")):
+        for rank, (color, marker, name) in enumerate(zip(colors, MARKERS, names)):
+            curve = [r for r in rows if r["optimizer"] == name]
+            xs = [r[x_key] for r in curve]
+            style = dict(color=color, marker=marker, markersize=4, zorder=3 + len(names) - rank)  # first on top
+            loss_ax.plot(xs, [r["test_loss"] for r in curve], label=name, **style)
+            loss_ax.plot(xs, [r["train_loss"] for r in curve], linestyle="--", **style)
+            acc_ax.plot(xs, [r["test_accuracy"] for r in curve], label=name, **style)
+        loss_ax.plot([], [], color="gray", label="test")
+        loss_ax.plot([], [], color="gray", linestyle="--", label="train (mean batch loss)")
+        loss_ax.set(xlabel=x_label, ylabel="cross-entropy loss", yscale="log", title=f"loss against {x_label}")
+        acc_ax.set(xlabel=x_label, ylabel="test accuracy", title=f"test accuracy against {x_label}")
+        low, high = loss_ax.get_ylim()
+        if high / low < 10:  # within one decade the labelled ticks are minor ones: print them plainly, not as 2×10⁰
+            loss_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            loss_ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        for ax in (loss_ax, acc_ax):
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3, which="both")
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
-def summarize(rows: list[dict]) -> None:
-    """Print each optimizer's final test accuracy and mean time per update step."""
-    finals = {r["optimizer"]: r for r in rows}
-    width = max(map(len, finals))
-    print("final test accuracy:")
-    for name, r in finals.items():
-        per_step = r["train_seconds"] / max(r["step"], 1)
-        print(f"  {name:<{width}}  {r['test_accuracy']:.4f}  (test loss {r['test_loss']:.4f}, "
-              f"{1000 * per_step:.1f} ms/step over {r['step']} steps)")
+def time_to_target(curve: list[dict], target: float) -> str:
+    """``seconds s (step n)`` of the first evaluation with test accuracy >= ``target``, else ``not reached``."""
+    for r in curve:
+        if r["test_accuracy"] >= target:
+            return f"{r['train_seconds']:.1f} s (step {r['step']})"
+    return "not reached"
+
+
+def summarize(rows: list[dict], target: float) -> None:
+    """Print a markdown table: final training loss, test accuracy, training time and time to ``target``."""
+    names = dict.fromkeys(r["optimizer"] for r in rows)
+    print(f"final test accuracy (time to target = training seconds to test accuracy >= {target:g}):")
+    print(f"| optimizer | final train loss | test accuracy | training time (s) | time to {target:g} |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        curve = [r for r in rows if r["optimizer"] == name]
+        final = curve[-1]
+        print(f"| {name} | {final['train_loss']:.4f} | {final['test_accuracy']:.4f} | "
+              f"{final['train_seconds']:.1f} | {time_to_target(curve, target)} |")
 
 
 def compare(runs: list[Run], args, loss_fn: nn.Module, train_data: ImageData, test: ImageData, title: str) -> None:
@@ -217,4 +231,4 @@ def compare(runs: list[Run], args, loss_fn: nn.Module, train_data: ImageData, te
     write_csv(rows, args.out / "curves.csv")
     plot(rows, args.out / "curves.png", title)
     print(f"wrote {args.out / 'curves.csv'} and {args.out / 'curves.png'}")
-    summarize(rows)
+    summarize(rows, args.target)

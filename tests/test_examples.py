@@ -52,9 +52,14 @@ def check_outputs(out: Path, printed: str) -> None:
     for name in names:
         steps = [int(row["step"]) for row in rows if row["optimizer"] == name]
         assert steps == [0, 2, STEPS]
-    summary = printed[printed.index("final test accuracy:"):].splitlines()[1:]
-    assert [line.split("  ")[1].strip() for line in summary] == names
-    assert all(re.search(r"  [01]\.\d{4}  \(test loss", line) for line in summary)
+    summary = [line for line in printed[printed.index("final test accuracy"):].splitlines()[3:] if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in summary] == names
+    for line, name in zip(summary, names):
+        cells = line.strip("| ").split(" | ")
+        final = [row for row in rows if row["optimizer"] == name][-1]
+        assert cells[1:4] == [f"{float(final[k]):.{d}f}" for k, d in
+                              (("train_loss", 4), ("test_accuracy", 4), ("train_seconds", 1))]
+        assert re.fullmatch(r"\d+\.\d s \(step \d+\)|not reached", cells[4])
 
 
 def run(example, data_dir: Path, out: Path, *extra) -> None:

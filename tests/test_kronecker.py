@@ -168,7 +168,7 @@ def test_kfac_optimizer_trains_and_follows_its_intervals():
     x = torch.randn(64, 6, **F64)
     t = (x[:, :3] * torch.tensor([1.0, 2.0, -1.0], **F64)).argmax(1)  # learnable labels
     optimizer = KFAC(model.parameters(), curvature, lr=0.5, momentum=0.5, damping=0.1, kl_clip=1e-2, kind="kflr",
-                     factor_decay=0.5, factor_interval=2, inverse_interval=3)
+                     factor_decay=0.5, factor_interval=2, inverse_interval=3, step_size="fixed")
     losses, factor_updates = [], 0
     for _ in range(30):
         losses.append(float(curvature.forward_backward(x, t)))
@@ -198,13 +198,65 @@ def test_kfac_rejects_bad_settings():
         KFAC(curvature.model.parameters(), curvature, kind="kfc")
     with pytest.raises(ValueError, match="damping=0 is out of range"):
         KFAC(curvature.model.parameters(), curvature, damping=0)
+    with pytest.raises(ValueError, match="step_size='kl' is not one of"):
+        KFAC(curvature.model.parameters(), curvature, step_size="kl")
 
 
-def test_kfac_running_factors_start_at_the_identity():
+def test_kfac_running_factors_start_at_the_first_batch():
     model, curvature, *_ = bound("mlp", 4)
     optimizer = KFAC(model.parameters(), curvature, kind="kflr", factor_decay=0.95)
     optimizer.update_factors()
     G, A = curvature.kronecker_factors("kflr")["2.weight"].kronecker_factors
-    running_G, running_A = optimizer.factors["2.weight"]
-    assert torch.allclose(running_G, 0.95 * torch.eye(4, **F64) + 0.05 * G)
-    assert torch.allclose(running_A, 0.95 * torch.eye(5, **F64) + 0.05 * A)
+    assert [torch.equal(f, g) for f, g in zip(optimizer.factors["2.weight"], (G, A))] == [True, True]
+    optimizer.update_factors()
+    running_G, _ = optimizer.factors["2.weight"]
+    assert torch.allclose(running_G, G)  # same batch: the average of equal factors
+
+
+def test_kfac_quadratic_step_minimises_the_exact_ggn_model_along_direction_and_previous_update():
+    model, curvature, x, t, _ = bound("mlp", 8)
+    optimizer = KFAC(model.parameters(), curvature, kind="kflr", damping=0.1, weight_decay=0.01, kl_clip=None)
+    params = list(model.parameters())
+    optimizer.step()  # first step: u = α Δ
+    previous = [optimizer.state[p]["update"].clone() for p in params]
+    curvature.forward_backward(x, t)
+    grads = [p.grad + 0.01 * p for p in params]
+    directions = [-optimizer.direction(name, p.grad, 0.1) for name, p in model.named_parameters()]
+    G = dense_ggn(model, curvature) + 0.11 * torch.eye(sum(p.numel() for p in params), **F64)  # before θ moves
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    update = [p.detach() - b for p, b in zip(params, before)]
+    D, P, g = (torch.cat([v.reshape(-1) for v in vs]) for vs in (directions, previous, grads))
+    basis = torch.stack([D, P], 1)
+    alpha_mu = -torch.linalg.solve(basis.T @ G @ basis, basis.T @ g)
+    assert torch.allclose(torch.cat([u.reshape(-1) for u in update]), basis @ alpha_mu, atol=1e-10)
+    assert torch.allclose(torch.tensor(optimizer.last_alpha_mu, **F64), alpha_mu, atol=1e-10)
+
+
+def dense_ggn(model, curvature):
+    """The full GGN over all parameters from ggn_vector_product on the identity."""
+    n = sum(p.numel() for p in model.parameters())
+    basis = torch.eye(n, **F64)
+    columns, start = [], 0
+    for p in model.parameters():
+        columns.append(basis[:, start:start + p.numel()].reshape(n, *p.shape))
+        start += p.numel()
+    products = curvature.ggn_vector_product(columns)
+    return torch.cat([v.reshape(n, -1) for v in products], 1)
+
+
+@pytest.mark.parametrize("key", ["mlp", "cnn"])
+def test_kfac_defaults_decrease_the_loss(key):
+    """Default KFAC on sampled factors (kind="kfac"), 20 steps on one learnable batch."""
+    build, shape, classes = MODELS[key]
+    torch.manual_seed(1)
+    model = build().double()
+    x = torch.randn(32, *shape, **F64)
+    t = (x.reshape(32, -1)[:, :classes] * torch.tensor([1.0, 2.0, -1.0], **F64)).argmax(1)
+    curvature = hbpc.compile_model(model, x, nn.CrossEntropyLoss()).Curvature(model)
+    optimizer = KFAC(model.parameters(), curvature, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        losses.append(float(curvature.forward_backward(x, t)))
+        optimizer.step()
+    assert max(losses[1:]) < losses[0] and losses[-1] < 0.7 * losses[0]

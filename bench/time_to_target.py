@@ -1,0 +1,308 @@
+"""Time to a target test accuracy: Newton-CG, KFAC, SGD and Adam on Fashion-MNIST, interleaved in one run.
+
+    .venv/bin/python -m bench.time_to_target                 # both problems, writes bench/RESULTS-time-to-target.md
+    .venv/bin/python -m bench.time_to_target --problems fcnn --budget-scale 0.5
+
+Problems (``PROBLEMS``): the HBP paper's sigmoid FCNN (``examples/models/fcnn_fashion_mnist.py``), where SGD
+sits on a plateau (and Adam leaves it after a few hundred steps), and a ReLU c4d3 (``bench/models/c4d3_relu_fashion_mnist.py``),
+an ordinary CNN. Every run of a problem starts from the same initial weights and sees the same
+sequence of minibatches (one seeded shuffle per epoch, the same seed for every run).
+
+Runs are interleaved: each round gives every unfinished run one step, so that load on a shared
+machine hits all methods alike. Only the update steps are timed (``time.perf_counter`` around
+gradient, curvature and step); evaluations, compilation and data loading are not. A run is
+evaluated on the first ``--test`` test images after a step once ``EVAL_SECONDS`` of its training
+time has passed since its last evaluation (and after its first step), so the time to target is
+resolved to about ``EVAL_SECONDS``; it is the training time and step count at the first
+evaluation with accuracy >= the problem's target.
+
+A run stops at the target, at ``budget`` seconds of training time, after ``max_steps`` steps, on
+a non-finite loss, or once it has spent ``PRUNE`` times the best time to target of the problem
+(it cannot come closer than that factor). The table reports, per method, the best configuration of
+its learning-rate sweep and its ratio to Adam's best time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS-time-to-target.md"
+EVAL_SECONDS = 0.5
+PRUNE = 5.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A model file, batch size, target test accuracy and per-run limits."""
+
+    key: str
+    title: str
+    model_file: Path
+    batch_size: int
+    target: float
+    budget: float  # seconds of training time per run
+    max_steps: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """One optimizer configuration: ``method`` names the table row, ``label`` the configuration."""
+
+    method: str
+    label: str
+    optimizer: str  # sgd | adam | kfac | newton
+    options: dict = field(default_factory=dict)
+    closure: bool = False  # NewtonCG: step(closure), which enables its loss checks
+
+
+PROBLEMS = {
+    "fcnn": Problem("fcnn", "sigmoid FCNN (HBP paper, 784-1024-512-256-128-64-32-16-10)",
+                    ROOT / "examples" / "models" / "fcnn_fashion_mnist.py", 128, 0.60, 45.0, 3000,
+                    "a sigmoid plateau at chance (loss ln 10): SGD stays on it, Adam leaves it after a few hundred steps"),
+    "cnn": Problem("cnn", "ReLU c4d3 (4 conv, 3 linear, 853k parameters)",
+                   ROOT / "bench" / "models" / "c4d3_relu_fashion_mnist.py", 128, 0.80, 45.0, 3000,
+                   "an ordinary ReLU CNN: no plateau, Adam's home ground"),
+}
+
+def configs(problem: str) -> list[Config]:
+    """The learning-rate sweeps: SGD (momentum 0.9) and Adam over three rates, KFAC and Newton-CG over two."""
+    sweep = [Config("SGD", f"lr {lr:g}, momentum 0.9", "sgd", dict(lr=lr, momentum=0.9)) for lr in (0.01, 0.1, 0.5)]
+    sweep += [Config("Adam", f"lr {lr:g}", "adam", dict(lr=lr)) for lr in (3e-4, 1e-3, 3e-3)]
+    sweep += [Config("KFAC", f"lr {lr:g}", "kfac", dict(lr=lr)) for lr in (0.5, 1.0)]
+    sweep += [Config("Newton-CG (defaults)", "NewtonCG(params, curv), step(closure)", "newton", {}, closure=True)]
+    sweep += [Config("Newton-CG (tuned)", f"{describe(options)}", "newton", options, closure=True)
+              for options in NEWTON_TUNED[problem]]
+    return sweep
+
+
+# The tuned Newton-CG settings per problem (a two-point sweep each; see bench/newton_cg_speed.py).
+NEWTON_TUNED = {
+    "fcnn": [dict(curvature="pch-abs", lr=1.0, cg_maxiter=20), dict(curvature="pch-abs", lr=0.5, cg_maxiter=20)],
+    "cnn": [dict(source="block_products", cg_maxiter=10, lr=1.0), dict(source="block_products", cg_maxiter=10, lr=0.5)],
+}
+
+
+def describe(options: dict) -> str:
+    """``key value`` pairs of ``options``."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in options.items())
+
+
+def load_module(path: Path, name: str):
+    """Import a file as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Run:
+    """One configuration training its own copy of the initial model on the shared batch order."""
+
+    def __init__(self, config: Config, model: nn.Module, loss_fn: nn.Module, generated, batches):
+        from hbpc.optim import KFAC, NewtonCG
+
+        self.config, self.model, self.loss_fn, self.batches = config, model, loss_fn, batches
+        self.seconds, self.steps, self.since_eval = 0.0, 0, 0.0
+        self.accuracy, self.loss = math.nan, math.nan
+        self.reached: tuple[float, int] | None = None  # (seconds, steps) at the target
+        self.stopped: str | None = None
+        self.error = ""
+        self.curvature = generated.Curvature(model) if config.optimizer in ("kfac", "newton") else None
+        params = model.parameters()
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, **config.options)
+        elif config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, **config.options)
+        elif config.optimizer == "kfac":
+            self.optimizer = KFAC(params, self.curvature, generator=torch.Generator().manual_seed(0), **config.options)
+        else:
+            self.optimizer = NewtonCG(params, self.curvature, **config.options)
+
+    def update(self, x: Tensor, y: Tensor) -> float:
+        """One optimizer step on ``(x, y)``; the loss before it."""
+        self.optimizer.zero_grad()
+        if self.curvature is None:
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+        elif self.config.closure:
+            loss = self.optimizer.step(lambda: self.curvature.forward_backward(x, y))
+        else:
+            loss = self.curvature.forward_backward(x, y)
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def step(self) -> bool:
+        """Take one timed step; ``True`` when an evaluation is due."""
+        x, y = next(self.batches)
+        start = time.perf_counter()
+        try:
+            self.loss = self.update(x, y)
+        except (MemoryError, RuntimeError, ValueError) as error:  # recorded in the table, the other runs go on
+            self.stopped = f"error: {type(error).__name__}"
+            self.error = str(error)
+            return False
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.since_eval += elapsed
+        self.steps += 1
+        if not math.isfinite(self.loss):
+            self.stopped = "diverged"
+        return self.steps == 1 or self.since_eval >= EVAL_SECONDS
+
+
+def batch_stream(images: Tensor, labels: Tensor, batch_size: int, seed: int):
+    """Endless full minibatches; every epoch reshuffled by one generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            yield images[index], labels[index]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
+    """Test accuracy of ``model``."""
+    return (model(images).argmax(1) == labels).float().mean().item()
+
+
+def run_problem(problem: Problem, data, test_count: int, budget_scale: float, seed: int = 0,
+                sweep: list[Config] | None = None, generated=None, progress: bool = True) -> list[Run]:
+    """Train every configuration of ``problem`` interleaved until each stops; return the runs."""
+    train, test = data
+    test_images, test_labels = test.images[:test_count], test.labels[:test_count]
+    spec = load_module(problem.model_file, f"ttt_model_{problem.key}")
+    initial = spec.build_model()
+    if generated is None:
+        import hbpc
+
+        generated = hbpc.compile_model(initial, spec.example_input, spec.loss_fn)
+    runs = [Run(config, copy.deepcopy(initial), spec.loss_fn, generated,
+                batch_stream(train.images, train.labels, problem.batch_size, seed))
+            for config in (sweep if sweep is not None else configs(problem.key))]
+    budget = problem.budget * budget_scale
+    bar = tqdm(total=len(runs), desc=problem.key, unit="run", disable=not progress)
+    active = list(runs)
+    while active:
+        for run in list(active):
+            if run.step():
+                run.since_eval = 0.0
+                run.accuracy = accuracy(run.model, test_images, test_labels)
+                if run.accuracy >= problem.target:
+                    run.reached, run.stopped = (run.seconds, run.steps), "target"
+            best = min((r.reached[0] for r in runs if r.reached), default=math.inf)
+            if run.stopped is None:
+                if run.seconds >= budget:
+                    run.stopped = "budget"
+                elif run.steps >= problem.max_steps:
+                    run.stopped = "max steps"
+                elif run.seconds >= PRUNE * best:
+                    run.stopped = f"over {PRUNE:g}x the best"
+            if run.stopped:
+                if run.stopped != "target":
+                    run.accuracy = accuracy(run.model, test_images, test_labels)
+                active.remove(run)
+                bar.update(1)
+                bar.write(f"  {run.config.method:22s} {run.config.label:45s} {run.stopped:14s} "
+                          f"{run.seconds:7.1f} s {run.steps:5d} steps  acc {run.accuracy:.3f} {run.error}")
+        bar.set_postfix(active=len(active))
+    bar.close()
+    return runs
+
+
+def best_per_method(runs: list[Run]) -> dict[str, Run]:
+    """Per method, the run that reached the target fastest (else the one with the highest accuracy)."""
+    best: dict[str, Run] = {}
+    for run in runs:
+        key = (run.reached is None, run.reached[0] if run.reached else -run.accuracy)
+        current = best.get(run.config.method)
+        if current is None or key < (current.reached is None,
+                                     current.reached[0] if current.reached else -current.accuracy):
+            best[run.config.method] = run
+    return best
+
+
+def table(problem: Problem, runs: list[Run], budget_scale: float = 1.0) -> list[str]:
+    """Markdown: the best configuration per method with its time, steps and ratio to Adam, then every run."""
+    best = best_per_method(runs)
+    adam = best.get("Adam")
+    adam_time = adam.reached[0] if adam is not None and adam.reached else None
+    lines = [f"### {problem.title}", "",
+             f"Target: test accuracy {problem.target:.2f}; batch {problem.batch_size}; budget "
+             f"{problem.budget * budget_scale:g} s of training time per run. Why this problem: {problem.why}.", "",
+             "| method | best configuration | time to target (s) | steps | ratio to Adam | s/step |",
+             "|---|---|---|---|---|---|"]
+    for method, run in best.items():
+        per_step = run.seconds / max(run.steps, 1)
+        if run.reached:
+            seconds, steps = run.reached
+            time_cell, steps_cell = f"{seconds:.1f}", f"{steps}"
+            ratio = f"{seconds / adam_time:.2f}x" if adam_time else "n/a"
+        else:
+            time_cell = f"not reached ({run.stopped} at {run.seconds:.0f} s, accuracy {run.accuracy:.3f})"
+            steps_cell = f"> {run.steps}"
+            ratio = f"> {run.seconds / adam_time:.2f}x" if adam_time else "n/a"
+        lines.append(f"| {method} | {run.config.label} | {time_cell} | {steps_cell} | {ratio} | {per_step:.3f} |")
+    lines += ["", "<details><summary>every run of the sweep</summary>", "",
+              "| method | configuration | stopped | training s | steps | last test accuracy |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.config.method} | {r.config.label} | {r.stopped} | {r.seconds:.1f} | {r.steps} | {r.accuracy:.3f} |"
+              for r in runs]
+    return lines + ["", "</details>", ""]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default="fcnn,cnn", help="comma-separated, from: " + ", ".join(PROBLEMS))
+    parser.add_argument("--test", type=int, default=2000, help="test images evaluated (default: %(default)s)")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every per-run budget")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from hbpc.data import DatasetMissing
+    from hbpc.experiments.setup import load_data
+
+    try:
+        data = load_data("fashion-mnist")
+    except DatasetMissing as error:
+        print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    sections: list[str] = []
+    for key in args.problems.split(","):
+        sections += table(PROBLEMS[key], run_problem(PROBLEMS[key], data, args.test, args.budget_scale), args.budget_scale)
+        text = "\n".join(header(args.test, time.perf_counter() - started) + sections)
+        args.out.write_text(text + "\n")  # after every problem, so that an interrupted run keeps what it measured
+    print(text)
+    return 0
+
+
+def header(test_count: int, seconds: float) -> list[str]:
+    """The results file's title and how the figures were measured."""
+    return ["# Time to target accuracy on Fashion-MNIST", "",
+            f"`python -m bench.time_to_target` on {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}; whole run {seconds / 60:.1f} min. "
+            "Times are training seconds (update steps only) of runs interleaved step by step in one process; "
+            f"test accuracy on the first {test_count} test images, evaluated every {EVAL_SECONDS:g} s of "
+            "training time. Compare rows of one run only.", ""]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
