@@ -14,6 +14,7 @@ threads: compare rows of one run, never across machines or runs.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import statistics
 import sys
@@ -37,17 +38,20 @@ CONFIGS = {
     "paper": ("newton", dict(PAPER, curvature="pch-abs", lr=0.1, alpha=0.02, cg_maxiter=50), False),
     "defaults": ("newton", dict(), True),
     "defaults-plain": ("newton", dict(), False),
-    "no-warm-start": ("newton", dict(warm_start=False), True),
+    "warm-start": ("newton", dict(warm_start=True), True),
     "no-line-search": ("newton", dict(line_search=False), True),
     "no-checks": ("newton", dict(max_backtracks=None), True),
     "diagonal": ("newton", dict(preconditioner="diagonal"), True),
     "kronecker": ("newton", dict(preconditioner="kronecker"), True),
     "pch-abs": ("newton", dict(curvature="pch-abs"), True),
     "kfra-blocks": ("newton", dict(average_parameter_jacobian=False), True),
+    "kfra-direct": ("newton", dict(average_parameter_jacobian=False, solver="direct"), True),
+    "cg5": ("newton", dict(cg_maxiter=5), True),
     "cg10": ("newton", dict(cg_maxiter=10), True),
     "cg20": ("newton", dict(cg_maxiter=20), True),
     "cg100": ("newton", dict(cg_maxiter=100), True),
     "products": ("newton", dict(source="block_products", cg_maxiter=10), True),
+    "compiled": ("newton", dict(compile=True), True),
     "products-kronecker": ("newton", dict(source="block_products", cg_maxiter=10, preconditioner="kronecker"), True),
     "products-diagonal": ("newton", dict(source="block_products", cg_maxiter=10, preconditioner="diagonal"), True),
     "full": ("newton", dict(source="full", cg_maxiter=10), True),
@@ -56,6 +60,17 @@ CONFIGS = {
     "products-subsample-1/4": ("newton", dict(source="block_products", cg_maxiter=10, subsample=0.25), True),
     "full-subsample-1/4": ("newton", dict(source="full", cg_maxiter=10, subsample=0.25), True),
 }
+
+
+def configuration(config: str) -> tuple[str, dict, bool]:
+    """``CONFIGS[base]`` for ``base+key=value+...``, with each ``value`` (a Python literal) overriding."""
+    base, *overrides = config.split("+")
+    kind, options, use_closure = CONFIGS[base]
+    options = dict(options)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        options[key] = ast.literal_eval(value)
+    return kind, options, use_closure
 
 
 def load(path: Path, name: str):
@@ -75,8 +90,7 @@ def compiled_products(curvature) -> None:
 
 def run(model_key: str, config: str, steps: int, batch: int, test_count: int, data) -> dict:
     """Train one configuration; return its figures."""
-    kind, options, use_closure = CONFIGS[config]
-    options = dict(options)
+    kind, options, use_closure = configuration(config)
     spec = load(ROOT / "examples" / "models" / f"{MODELS[model_key]}.py", f"model_{model_key}")
     model = spec.build_model() if hasattr(spec, "build_model") else spec.model
     loss_fn = spec.loss_fn
@@ -128,7 +142,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="fcnn")
     parser.add_argument("--configs", default="adam,paper,defaults,defaults-plain",
-                        help=f"comma-separated, from: {', '.join(CONFIGS)}")
+                        help=f"comma-separated, from: {', '.join(CONFIGS)}; "
+                             "NAME+key=value+... overrides options (e.g. products+lr=0.3)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--test", type=int, default=2000)

@@ -218,7 +218,8 @@ def test_step_with_closure_returns_loss_and_matches():
     expected = expected_update(reference, loss_fn, x, y, "ggn", 0.1, 0.02)
     model = mlp()
     curv = FakeCurvature(model, loss_fn)
-    opt = NewtonCG(model.parameters(), curv, lr=0.1, alpha=0.02, cg_tol=1e-12, curvature="ggn", **PAPER)
+    opt = NewtonCG(model.parameters(), curv, lr=0.1, alpha=0.02, cg_tol=1e-12, cg_maxiter=500, curvature="ggn",
+                   **PAPER)
     loss = opt.step(lambda: curv.forward_backward(x, y))
     torch.testing.assert_close(loss, loss_fn(reference(x), y).detach())
     assert opt.last_stats.loss == pytest.approx(loss.item())
@@ -300,7 +301,7 @@ def saddle_step(w, solver="cg", alpha=0.02, lr=0.5):
     model = Saddle(w)
     curv = FakeCurvature(model, saddle_loss)
     opt = NewtonCG(model.parameters(), curv, lr=lr, alpha=alpha, cg_tol=1e-12, curvature="hessian",
-                   solver=solver, **PAPER)
+                   source="blocks", solver=solver, **PAPER)
     curv.forward_backward(torch.ones(2, dtype=DTYPE), None)
     g = model.w.grad.clone()
     opt.step()
@@ -363,7 +364,7 @@ def test_adaptive_damping_follows_reduction_ratio(scale, rho, factor):
     curv = FakeCurvature(model, nn.MSELoss(), scale=scale)
     alpha = 1e-6
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=alpha, cg_tol=1e-12, curvature="hessian",
-                   **dict(PAPER, adaptive_damping=True))
+                   **dict(PAPER, adaptive_damping=True, max_step=None))
     calls = Counter()
 
     def closure():
@@ -386,7 +387,7 @@ def test_adaptive_damping_boosts_when_model_predicts_no_decrease():
     model, x, y = least_squares()
     curv = FakeCurvature(model, nn.MSELoss())
     opt = NewtonCG(model.parameters(), curv, lr=3.0, alpha=0.5, cg_tol=1e-12, curvature="hessian",
-                   **dict(PAPER, adaptive_damping=True))
+                   **dict(PAPER, adaptive_damping=True, max_step=None))
     opt.step(lambda: curv.forward_backward(x, y))
     assert opt.last_stats.predicted > 0.0 and opt.last_stats.rho == -math.inf
     assert opt.param_groups[0]["alpha"] == pytest.approx(1.5 / 2.5)
@@ -408,12 +409,12 @@ def test_adaptive_damping_without_closure_follows_the_full_ggn_model():
     model, x, y = least_squares()
     curv = MisstatedBlocks(model, nn.MSELoss(), scale=0.01)
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-6, cg_tol=1e-12, curvature="hessian",
-                   **dict(PAPER, adaptive_damping=True, line_search=True))
+                   **dict(PAPER, adaptive_damping=True, line_search=True, max_step=None))
     curv.forward_backward(x, y)
     opt.step()
     assert opt.last_stats.rho < 0.25 and opt.param_groups[0]["alpha"] > 1e-6
     assert opt.last_stats.loss is None and opt.last_stats.loss_after is None
-    without_model = NewtonCG(model.parameters(), curv, curvature="hessian", **dict(PAPER, adaptive_damping=True))
+    without_model = NewtonCG(model.parameters(), curv, curvature="hessian", **dict(PAPER, adaptive_damping=True, max_step=None))
     curv.forward_backward(x, y)
     without_model.step()
     assert without_model.last_stats.rho is None and without_model.param_groups[0]["alpha"] == without_model.defaults["alpha"]
@@ -429,13 +430,16 @@ def test_adaptive_damping_without_closure_follows_the_full_ggn_model():
      (dict(preconditioner="ilu"), "preconditioner='ilu' is not one of None, 'diagonal', 'kronecker'"),
      (dict(preconditioner="diagonal", split=2), 'preconditioner=\'diagonal\' needs solver="cg" and split=1'),
      (dict(max_backtracks=-1), "max_backtracks=-1 must be None or an int >= 0"),
+     (dict(min_alpha=1.0), "min_alpha=1.0 is out of range"),
+     (dict(max_step=0.0), "max_step=0.0 must be None or positive"),
      (dict(solver="lu"), "solver='lu' is not one of 'cg', 'direct'"),
      (dict(source="block_products", solver="direct"), 'solver="direct" needs source="blocks"'),
      (dict(source="full", solver="direct", curvature="ggn"), 'solver="direct" needs source="blocks"'),
      (dict(source="full", curvature="pch-abs"), 'source="full" needs curvature "ggn" or "hessian", got \'pch-abs\''),
      (dict(alpha=1.0), "alpha=1.0 is out of range"),
      (dict(lr=0.0), "lr=0.0 must be positive")],
-    ids=["source", "mode", "preconditioner", "preconditioner-split", "backtracks", "solver", "direct-products",
+    ids=["source", "mode", "preconditioner", "preconditioner-split", "backtracks", "min-alpha", "max-step", "solver",
+         "direct-products",
          "direct-full", "full-mode", "alpha", "lr"],
 )
 def test_invalid_arguments(kwargs, message):
@@ -612,7 +616,7 @@ def test_full_step_with_groups_and_missing_grads_solves_the_principal_subsystem(
     expected = expected_full_update(model, loss_fn, x, y, "ggn", 0.05, lrs, active=list(lrs))
     curv = FakeCurvature(model, loss_fn)
     opt = NewtonCG([{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters()}], curv,
-                   lr=0.1, alpha=0.05, cg_tol=1e-12, source="full", curvature="ggn", **PAPER)
+                   lr=0.1, alpha=0.05, cg_tol=1e-12, cg_maxiter=500, source="full", curvature="ggn", **PAPER)
     curv.forward_backward(x, y)
     model[2].bias.grad = None
     opt.step()
@@ -654,7 +658,7 @@ def test_full_adaptive_damping_uses_the_joint_quadratic_model(scale, rho, factor
     x, y = torch.randn(8, 4, generator=g, dtype=DTYPE) + 1.0, torch.randn(8, 2, generator=g, dtype=DTYPE)
     curv = FakeCurvature(model, nn.MSELoss(), scale=scale)
     opt = NewtonCG(model.parameters(), curv, lr=1.0, alpha=1e-6, cg_tol=1e-12, source="full",
-                   curvature="hessian", **dict(PAPER, adaptive_damping=True))
+                   curvature="hessian", **dict(PAPER, adaptive_damping=True, max_step=None))
     opt.step(lambda: curv.forward_backward(x, y))
     stats = opt.last_stats
     assert stats.rho == pytest.approx(rho, rel=1e-3)

@@ -111,7 +111,7 @@ def test_newton_cg_solves_each_chunk_separately(source):
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = NewtonCG(model.parameters(), curvature, lr=1.0, alpha=0.1, cg_tol=1e-12, cg_maxiter=500,
-                         source=source, curvature="ggn", split=2, **PAPER)
+                         source=source, curvature="ggn", split=2, **dict(PAPER, max_step=None))
     operators = (curvature.blocks("ggn", split=2) if source == "blocks" else curvature.block_products("ggn", split=2))
     damped = {name: 0.9 * _dense((lambda v, o=operators[name]: o @ v) if source == "blocks" else operators[name], p)
               + 0.1 * torch.eye(p.numel(), dtype=p.dtype) for name, p in model.named_parameters()}

@@ -29,7 +29,11 @@ below ``q(0) = 0`` is dropped and CG starts from zero (it would start worse than
 from nothing).
 
 Negative curvature: when ``<p_k, A p_k> <= 0`` the system is not positive
-definite and ``a_k`` is not divided out. CG stops and returns ``x_k``. While
+definite and ``a_k`` is not divided out. Numerically zero curvature counts too:
+``<p_k, A p_k> <= SINGULAR · <p_k, p_k> · max_j <p_j, A p_j> / <p_j, p_j>`` (a direction
+whose Rayleigh quotient is below ``SINGULAR`` times the largest seen; dividing by it
+would move ``x`` by ``1/SINGULAR`` times more than the rest of the solution, as on a
+singular, undamped curvature block). CG stops and returns ``x_k``. While
 every previous ``<p_j, A p_j> > 0``, each step lowered the quadratic model
 ``q(x) = 1/2 <x, A x> - <b, x>`` by ``<r_j, r_j>^2 / (2 <p_j, A p_j>)``, so
 ``x_k`` is the best iterate so far. At iteration 0 this is ``x_0`` (zeros when
@@ -54,6 +58,7 @@ NEGATIVE_CURVATURE = "negative curvature"
 NON_FINITE = "non-finite curvature"
 DIVERGED = "diverged"
 DIVERGENCE = 1e3  # stop when ||r_k|| exceeds this times the smallest residual so far
+SINGULAR = 1e-10  # a Rayleigh quotient below this times the largest seen is zero curvature
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ def cg(
     rz = inner(r, z).item()
     p = z.clone()
     best_x, best_rr = x.clone(), rr
+    largest = 0.0  # largest Rayleigh quotient <p, A p> / <p, p> so far
 
     def info(reason: str, iterations: int, residual_squared: float) -> CGInfo:
         return CGInfo(reason == CONVERGED, iterations, math.sqrt(residual_squared), reason == NEGATIVE_CURVATURE,
@@ -127,8 +133,10 @@ def cg(
         pAp = inner(p, Ap).item()
         if not math.isfinite(pAp):
             return best_x, info(NON_FINITE, k, best_rr)
-        if pAp <= 0.0:
+        rayleigh = pAp / inner(p, p).item()
+        if rayleigh <= SINGULAR * largest or pAp <= 0.0:
             return x, info(NEGATIVE_CURVATURE, k, rr)
+        largest = max(largest, rayleigh)
         a = rz / pAp
         x.add_(p, alpha=a)
         r.sub_(Ap, alpha=a)
