@@ -257,7 +257,7 @@ def table(problem: Problem, runs: list[Run], budget_scale: float = 1.0) -> list[
         else:
             time_cell = f"not reached ({run.stopped} at {run.seconds:.0f} s, accuracy {run.accuracy:.3f})"
             steps_cell = f"> {run.steps}"
-            ratio = f"> {run.seconds / adam_time:.2f}x" if adam_time else "n/a"
+            ratio = f"> {run.seconds / adam_time:.2f}x" if adam_time and not run.error else "n/a"
         lines.append(f"| {method} | {run.config.label} | {time_cell} | {steps_cell} | {ratio} | {per_step:.3f} |")
     lines += ["", "<details><summary>every run of the sweep</summary>", "",
               "| method | configuration | stopped | training s | steps | last test accuracy |", "|---|---|---|---|---|---|"]
