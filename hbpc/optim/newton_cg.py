@@ -195,18 +195,129 @@ def is_descent(g: Tensor, d: Tensor) -> bool:
     return is_finite(d) and (inner(g, d).item() < 0.0 or not bool(g.any()))
 
 
-def solve_direct(block, g: Tensor, alpha: float) -> tuple[Tensor, ParamStats]:
-    """Direction ``d = -block.solve(g, α / (1 - α)) / (1 - α)``; ``-g`` when that fails or is no better than 0."""
+def solve_direct(block, g: Tensor, alpha: float, relative: bool = False) -> tuple[Tensor, ParamStats]:
+    """Direction ``d = -block.solve(g, λ) / (1 - α)`` with ``λ = α / (1 - α)``; ``relative``: ``d = -(B + D_λ)⁻¹ g /
+    (1 - α)`` with the block-relative damping ``D_λ`` of ``EigenBlock.solve_relative``. ``-g / c`` (``c`` the block's
+    mean eigenvalue with ``relative``, else 1) when that fails or is no better than 0."""
+    scale = damping_scale(block) if relative else 1.0
+    lam = alpha / (1.0 - alpha)
     try:
-        d = block.solve(-g, alpha / (1.0 - alpha)) / (1.0 - alpha)
+        d = (block.solve_relative(-g, lam) if relative else block.solve(-g, lam)) / (1.0 - alpha)
     except torch.linalg.LinAlgError:
-        return -g, ParamStats(0, math.inf, False, False, "gradient", alpha, "singular block")
+        return -g / scale, ParamStats(0, math.inf, False, False, "gradient", alpha, "singular block")
     if not is_descent(g, d):
-        return -g, ParamStats(0, math.inf, False, True, "gradient", alpha, "not a descent direction")
+        return -g / scale, ParamStats(0, math.inf, False, True, "gradient", alpha, "not a descent direction")
+    if relative:  # (B + D_λ) is positive definite by construction: a descent direction is all to check
+        return d, ParamStats(0, 0.0, True, False, None, alpha, "direct")
     residual = (g + (1.0 - alpha) * (block @ d) + alpha * d).norm().item()
     if not residual <= g.norm().item():
         return -g, ParamStats(0, residual, False, False, "gradient", alpha, "singular block")
     return d, ParamStats(0, residual, True, False, None, alpha, "direct")
+
+
+def damping_scale(block) -> float:
+    """``c = tr(B) / n``, the mean eigenvalue of an ``(n, n)`` block (``tr(A ⊗ B) = tr(A) tr(B)``); 1 when it is 0
+    or not finite, or the block has no cheap trace."""
+    trace = getattr(block, "trace", None)
+    c = trace() / block.numel if trace is not None else 1.0
+    return c if math.isfinite(c) and c > 0.0 else 1.0
+
+
+class EigenBlock:
+    """An HBP block with its eigendecomposition kept, so that ``solve`` for any damping costs rotations only.
+
+    Kronecker blocks ``A ⊗ B`` (``B = R Rᵀ`` from a thin root ``R``: ``B = U diag(s²) Uᵀ``)::
+
+        (A ⊗ B + λ I)⁻¹ vec(X) = vec(Qa [(Qaᵀ X Qb) / (λa λbᵀ + λ)] Qbᵀ + (X - X Qb Qbᵀ) / λ)
+
+    (the last term is zero unless ``Qb`` is thin); dense blocks ``B = Q diag(λ) Qᵀ``; any other block uses its
+    own ``solve``. Products go to the block.
+    """
+
+    def __init__(self, block):
+        self.block, self.numel, self.param_shape = block, block.numel, block.param_shape
+        self.kronecker_factors = block.kronecker_factors
+        self.eigen = None
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.block @ v
+
+    def trace(self) -> float:
+        """``tr(B)``: ``tr(A) tr(B)`` of a Kronecker block (``tr(R Rᵀ) = ‖R‖²``), the diagonal's sum of a dense one."""
+        block = self.block
+        if hasattr(block, "R"):
+            return (block.A.diagonal().sum() * block.R.square().sum()).item()
+        if self.kronecker_factors is not None:
+            return (self.kronecker_factors[0].diagonal().sum() * self.kronecker_factors[1].diagonal().sum()).item()
+        if hasattr(block, "matrix"):
+            return block.matrix.diagonal().sum().item()
+        return math.nan
+
+    @torch.no_grad()
+    def solve_relative(self, rhs: Tensor, lam: float) -> Tensor:
+        """``(B + D_λ)⁻¹ rhs`` with damping relative to the block's scale (K-FAC's factored Tikhonov, Martens &
+        Grosse 2015, Sec. 6.3, with π from the factors' mean eigenvalues ``a = tr(A)/m``, ``b = tr(B)/n``)::
+
+            A ⊗ B + D_λ = (A + √λ a I) ⊗ (B + √λ b I),     dense B: B + λ (tr(B)/n) I
+
+        so every block is damped in its own units (λ ab on the identity: ``ab`` is the block's mean eigenvalue),
+        and a tiny early-layer curvature is not swamped by an absolute ``λ``."""
+        eigen = self.decomposition()
+        if eigen is None:
+            return self.block.solve(rhs, lam * damping_scale(self))
+        if len(eigen) == 2:
+            lam_b, Q = eigen
+            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam_b.clamp(min=0) + lam * self.trace() / self.numel))).reshape(
+                rhs.shape)
+        la, Qa, lb, Qb = eigen
+        m, n = Qa.shape[0], self.numel // Qa.shape[0]
+        ga, gb = math.sqrt(lam) * la.sum().item() / m, math.sqrt(lam) * lb.sum().item() / n
+        X = Qa.T @ rhs.reshape(m, n)  # rotate the output side once
+        XQ = X @ Qb
+        da = la.clamp(min=0)[:, None] + ga
+        out = (XQ / (da * (lb.clamp(min=0)[None, :] + gb))) @ Qb.T
+        if Qb.shape[1] < n:  # B = R Rᵀ is zero on Qb's complement, where B + √λ b I is √λ b
+            out = out + (X - XQ @ Qb.T) / (da * gb)
+        return (Qa @ out).reshape(rhs.shape)
+
+    @torch.no_grad()
+    def decomposition(self):
+        """``(λ, Q)`` of a dense block, ``(λa, Qa, λb, Qb)`` of a Kronecker block, ``None`` otherwise."""
+        if self.eigen is None:
+            block = self.block
+            try:
+                self.eigen = self.factorize(block)
+            except torch.linalg.LinAlgError:  # eigh did not converge: the block's own solve (or -g) instead
+                self.eigen = ()
+        return self.eigen or None
+
+    def factorize(self, block) -> tuple:
+        """The eigenpairs of ``decomposition``; ``()`` for a block without factors or matrix."""
+        if hasattr(block, "R"):
+            U, s, _ = torch.linalg.svd(block.R, full_matrices=False)
+            return (*torch.linalg.eigh(block.A), s * s, U)
+        if self.kronecker_factors is not None:
+            return (*torch.linalg.eigh(self.kronecker_factors[0]), *torch.linalg.eigh(self.kronecker_factors[1]))
+        if hasattr(block, "matrix"):
+            return tuple(torch.linalg.eigh(block.matrix))
+        return ()
+
+    @torch.no_grad()
+    def solve(self, rhs: Tensor, damping: float) -> Tensor:
+        """``(B + damping · I)⁻¹ rhs`` for ``rhs`` shaped like θ."""
+        eigen = self.decomposition()
+        if eigen is None:
+            return self.block.solve(rhs, damping)
+        if len(eigen) == 2:
+            lam, Q = eigen
+            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam.clamp(min=0) + damping))).reshape(rhs.shape)
+        la, Qa, lb, Qb = eigen
+        X = rhs.reshape(Qa.shape[0], -1)
+        XQ = X @ Qb
+        out = Qa @ ((Qa.T @ XQ) / (la.clamp(min=0)[:, None] * lb.clamp(min=0)[None, :] + damping)) @ Qb.T
+        if Qb.shape[1] < Qb.shape[0]:
+            out = out + (X - XQ @ Qb.T) / damping
+        return out.reshape(rhs.shape)
 
 
 def update_damping(alpha: float, rho: float, min_alpha: float = 0.0) -> float:
@@ -313,6 +424,8 @@ class NewtonCG(torch.optim.Optimizer):
         warm_start: bool = DEFAULT_WARM_START,
         preconditioner: str | None = DEFAULT_PRECONDITIONER,
         split: int = 1,
+        relative_damping: bool = False,
+        curvature_every: int = 1,
     ):
         check_choice("source", source, SOURCES)
         check_choice("curvature", curvature, CURVATURES)
@@ -320,6 +433,12 @@ class NewtonCG(torch.optim.Optimizer):
         check_choice("preconditioner", preconditioner, PRECONDITIONERS)
         if solver == "direct" and source != "blocks":
             raise ValueError('solver="direct" needs source="blocks": block products and full products have no solve()')
+        if relative_damping and solver != "direct":
+            raise ValueError('relative_damping=True needs solver="direct" (the scale is the block\'s trace)')
+        if not isinstance(curvature_every, int) or curvature_every < 1:
+            raise ValueError(f"curvature_every={curvature_every!r} must be a positive int (steps per curvature)")
+        if curvature_every != 1 and solver != "direct":
+            raise ValueError('curvature_every > 1 needs solver="direct" (it reuses the blocks\' eigendecompositions)')
         if not isinstance(split, int) or split < 1:
             raise ValueError(f"split={split!r} must be a positive int (row chunks per parameter)")
         if source == "full" and split != 1:
@@ -348,6 +467,10 @@ class NewtonCG(torch.optim.Optimizer):
         self.warm_start = warm_start
         self.preconditioner = preconditioner
         self.split = split
+        self.relative_damping = relative_damping
+        self.curvature_every = curvature_every
+        self.cached: dict | None = None
+        self.steps_taken = 0
         self.names: dict[Tensor, str] = {}
         self.last_stats = StepStats()
         self.first_loss: float | None = None
@@ -374,6 +497,16 @@ class NewtonCG(torch.optim.Optimizer):
                                          **split)
         return self.curvature.block_products(self.kind, **split)
 
+    def reused_source(self) -> dict:
+        """``curvature_source()``, formed every ``curvature_every`` steps (with ``solver="direct"`` each block's
+        eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
+        if self.cached is None or self.steps_taken % self.curvature_every == 0:
+            source = self.curvature_source()
+            wrap = self.solver == "direct"  # split blocks (.parts) solve their sub-blocks themselves
+            self.cached = {n: EigenBlock(b) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
+        self.steps_taken += 1
+        return self.cached
+
     def preconditioners(self, blocks: dict | None, alpha: float) -> dict[str, Callable[[Tensor], Tensor]]:
         """``{name: r -> M⁻¹ r}`` from the HBP blocks (``blocks`` when they are this step's PSD source)."""
         if self.preconditioner is None:
@@ -391,7 +524,7 @@ class NewtonCG(torch.optim.Optimizer):
                   M) -> tuple[Tensor, ParamStats]:
         """Damped Newton direction ``d`` for one parameter; ``operator`` is a Block or ``v -> B v``."""
         if self.solver == "direct":
-            return solve_direct(operator, g, group["alpha"])
+            return solve_direct(operator, g, group["alpha"], self.relative_damping)
         product = as_product(operator, self.source)
         return solve_cg(product, g, group["alpha"], group["cg_tol"], group["cg_atol"], group["cg_maxiter"], x0, M)
 
@@ -425,7 +558,8 @@ class NewtonCG(torch.optim.Optimizer):
         if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
             alpha = active[0][0]["alpha"]
-            denominator = (1.0 - alpha) * sGs + alpha * sum(inner(s, s).item() for _, s in steps)
+            denominator = (1.0 - alpha) * sGs + alpha * sum(self.state[p].get("damping_scale", 1.0) * inner(s, s).item()
+                                                            for p, s in steps)
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
@@ -519,7 +653,7 @@ class NewtonCG(torch.optim.Optimizer):
 
     def block_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], Callable]:
         """``[(p, lr · d)]`` from one solve per block, and ``Σ_θ sᵀ B s`` of the undamped blocks."""
-        operators = self.curvature_source()
+        operators = self.reused_source()
         preconditioners = self.preconditioners(operators if self.source == "blocks" else None,
                                                active[0][0]["alpha"] if active else 0.0)
         steps = []
@@ -529,6 +663,8 @@ class NewtonCG(torch.optim.Optimizer):
             d = self.split_direction(name, operators[name], g, group, stats, self.previous_direction(p),
                                      preconditioners.get(name))
             self.state[p]["direction"] = d
+            if self.relative_damping:
+                self.state[p]["damping_scale"] = damping_scale(operators[name])
             s = group["lr"] * d
             steps.append((p, s))
         def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
