@@ -60,6 +60,14 @@ Speed (each measured in ``bench/newton_cg_speed.py``):
   when it is dense, else none; none at all when ``blocks`` refuses (its ``memory_limit``).
 * ``cg_maxiter``: the cap on CG iterations per solve.
 * ``SubsampledCurvature(curvature, size)``: the gradient on the whole batch, curvature on ``size`` samples.
+* ``curvature_every=k`` (``solver="direct"``): blocks and their eigendecompositions (``EigenBlock``) are formed
+  every ``k`` steps and reused in between with the new gradient (K-FAC's stale inverses, Martens & Grosse 2015).
+
+Relative damping (``relative_damping=True``, ``solver="direct"``): an absolute ``λ`` swamps the tiny curvature of
+the early layers of a sigmoid network (mean eigenvalue 5e-8 in the FCNN's first layer against 2e-2 in its last),
+so their step is a gradient step. Instead each block is damped in its own units, ``A ⊗ B + D_λ = (A + √λ a I) ⊗
+(B + √λ b I)`` with ``a, b`` the factors' mean eigenvalues (dense blocks: ``B + λ tr(B)/n I``); see
+``EigenBlock.solve_relative`` and the preset ``KRONECKER``.
 """
 
 from __future__ import annotations
@@ -90,7 +98,8 @@ LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
 BACKTRACK = 0.25  # t ← BACKTRACK · t after a rise of the loss
 WARM_DECAY = 0.95
 DIVERGENCE = 100.0  # warn when the loss exceeds this times the first step's loss
-MAX_STEP = 10.0  # no parameter moves by more than this times max(‖θ‖, 1) in one step
+MAX_STEP = 10.0
+COMPLEMENT_TOL = 1e-5  # EigenBlock.solve_relative: a right-hand side this close to range(R) skips the complement  # no parameter moves by more than this times max(‖θ‖, 1) in one step
 
 DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 10
 DEFAULT_SOURCE, DEFAULT_CURVATURE, DEFAULT_AVERAGE_PARAMETER_JACOBIAN = "block_products", "ggn", True
@@ -100,6 +109,15 @@ DEFAULT_MIN_ALPHA = 0.1
 PAPER = dict(adaptive_damping=False, line_search=False, max_backtracks=None, warm_start=False, preconditioner=None,
              min_alpha=0.0)
 """The paper's plain update ``θ ← θ + lr · d`` with fixed ``α`` and no warm start or preconditioner."""
+
+KRONECKER = dict(source="blocks", solver="direct", curvature="pch-abs", average_parameter_jacobian=False,
+                 relative_damping=True, curvature_every=5, lr=2.0, alpha=0.1, min_alpha=0.0)
+"""Kronecker blocks solved through eigendecompositions kept for 5 steps, damped relative to each block's scale
+(``NewtonCG(params, curv, **KRONECKER)``, ``step(closure)``). On the sigmoid FCNN (batch 128) it reached 0.60 test
+accuracy in 16 steps / 4.1 s where Adam (lr 0.003) took 399 steps / 7.2 s (``bench/time_to_target.py``). Not the
+default: it needs ``curvature.blocks`` (memory; HBP blocks of convolutions are approximations) and was measured on
+the FCNN only. ``lr=2`` overshoots the blocks' step on purpose: the full-GGN line search and the loss check shorten
+it (``t``), so the step length comes from the full network's curvature rather than the blocks'."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +253,8 @@ class EigenBlock:
     """
 
     def __init__(self, block):
-        self.block, self.numel, self.param_shape = block, block.numel, block.param_shape
+        self.block, self.param_shape = block, tuple(block.param_shape)
+        self.numel = math.prod(self.param_shape)
         self.kronecker_factors = block.kronecker_factors
         self.eigen = None
 
@@ -261,7 +280,8 @@ class EigenBlock:
             A ⊗ B + D_λ = (A + √λ a I) ⊗ (B + √λ b I),     dense B: B + λ (tr(B)/n) I
 
         so every block is damped in its own units (λ ab on the identity: ``ab`` is the block's mean eigenvalue),
-        and a tiny early-layer curvature is not swamped by an absolute ``λ``."""
+        and a tiny early-layer curvature is not swamped by an absolute ``λ``. Eigenvalues below 0 (round-off of a
+        positive semi-definite block) count as 0."""
         eigen = self.decomposition()
         if eigen is None:
             return self.block.solve(rhs, lam * damping_scale(self))
@@ -272,13 +292,15 @@ class EigenBlock:
         la, Qa, lb, Qb = eigen
         m, n = Qa.shape[0], self.numel // Qa.shape[0]
         ga, gb = math.sqrt(lam) * la.sum().item() / m, math.sqrt(lam) * lb.sum().item() / n
-        X = Qa.T @ rhs.reshape(m, n)  # rotate the output side once
+        X = rhs.reshape(m, n)
         XQ = X @ Qb
         da = la.clamp(min=0)[:, None] + ga
-        out = (XQ / (da * (lb.clamp(min=0)[None, :] + gb))) @ Qb.T
+        out = Qa @ (((Qa.T @ XQ) / (da * (lb.clamp(min=0)[None, :] + gb))) @ Qb.T)
         if Qb.shape[1] < n:  # B = R Rᵀ is zero on Qb's complement, where B + √λ b I is √λ b
-            out = out + (X - XQ @ Qb.T) / (da * gb)
-        return (Qa @ out).reshape(rhs.shape)
+            outside = X - XQ @ Qb.T  # zero for a gradient Σ δₙ xₙᵀ with R spanned by the xₙ: skip its rotation
+            if outside.norm() > COMPLEMENT_TOL * X.norm():
+                out = out + Qa @ ((Qa.T @ outside) / (da * gb))
+        return out.reshape(rhs.shape)
 
     @torch.no_grad()
     def decomposition(self):
@@ -310,11 +332,11 @@ class EigenBlock:
             return self.block.solve(rhs, damping)
         if len(eigen) == 2:
             lam, Q = eigen
-            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam.clamp(min=0) + damping))).reshape(rhs.shape)
+            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam + damping))).reshape(rhs.shape)
         la, Qa, lb, Qb = eigen
         X = rhs.reshape(Qa.shape[0], -1)
         XQ = X @ Qb
-        out = Qa @ ((Qa.T @ XQ) / (la.clamp(min=0)[:, None] * lb.clamp(min=0)[None, :] + damping)) @ Qb.T
+        out = Qa @ ((Qa.T @ XQ) / (la[:, None] * lb[None, :] + damping)) @ Qb.T
         if Qb.shape[1] < Qb.shape[0]:
             out = out + (X - XQ @ Qb.T) / damping
         return out.reshape(rhs.shape)
@@ -366,6 +388,8 @@ class NewtonCG(torch.optim.Optimizer):
     * ``split=k`` (blocks and block products; the paper's "parallel" modules) cuts every
       parameter into ``torch.chunk(θ, k, 0)`` row chunks and solves each chunk's system on the
       diagonal sub-block of its curvature separately (``last_stats`` keys ``"name[start:stop]"``).
+    * ``relative_damping``, ``curvature_every``: block-relative damping and reused eigendecompositions (module
+      docstring; preset ``KRONECKER``).
     * ``adaptive_damping``, ``min_alpha``, ``line_search``, ``max_backtracks``, ``max_step``,
       ``warm_start``, ``preconditioner``: the safeguards and speed-ups of the module docstring; ``**PAPER`` turns them all off. The
       adapted α is written into each group's ``"alpha"``.
@@ -502,7 +526,7 @@ class NewtonCG(torch.optim.Optimizer):
         eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
         if self.cached is None or self.steps_taken % self.curvature_every == 0:
             source = self.curvature_source()
-            wrap = self.solver == "direct"  # split blocks (.parts) solve their sub-blocks themselves
+            wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their sub-blocks themselves
             self.cached = {n: EigenBlock(b) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
         self.steps_taken += 1
         return self.cached
