@@ -94,3 +94,10 @@ def test_kronecker_preset_decreases_the_loss(compiled):
         opt.zero_grad()
         loss = opt.step(lambda: curv.forward_backward(x, y))
     assert float(curv.forward_backward(x, y)) < 0.5 * first, (first, float(loss))
+
+
+def test_time_to_target_resolves_presets():
+    from bench.time_to_target import newton_options
+
+    assert newton_options(dict(preset="KRONECKER", lr=4.0)) == {**KRONECKER, "lr": 4.0}
+    assert newton_options(dict(lr=0.5)) == dict(lr=0.5)
