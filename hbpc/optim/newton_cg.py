@@ -527,7 +527,7 @@ class NewtonCG(torch.optim.Optimizer):
         eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
         if self.cached is None or self.steps_taken % self.curvature_every == 0:
             source = self.curvature_source()
-            wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their sub-blocks themselves
+            wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their own parts
             self.cached = {n: EigenBlock(b) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
         self.steps_taken += 1
         return self.cached
