@@ -27,8 +27,7 @@ fashion-mnist:
 	@test -d $(FASHION) || echo "note: Fashion-MNIST not found in $(FASHION); get it with" \
 	  "'sudo apt-get install dataset-fashion-mnist' (the demo now uses scikit-learn's digits instead)"
 
-# Tutorial 2 (sigmoid FCNN, HBP Newton-CG vs SGD and Adam, 800 steps of batch 500; about 3 min on 2 idle cores,
-# estimated from exp01's 74 ms per Newton-CG step, not yet timed end to end on an idle machine):
+# Tutorial 2 (sigmoid FCNN, HBP Newton-CG (KRONECKER preset) vs SGD and Adam, 300 steps of batch 500; a few minutes on 2 cores):
 # out/demo/curves.png (loss and accuracy against steps and seconds), curves.csv and a summary table.
 demo: install fashion-mnist
 	mkdir -p out/demo

@@ -8,10 +8,12 @@ The compiled ``Curvature`` backpropagates one per-sample-sized curvature matrix 
 input (``average_input_jacobian``: ``S_x = E[J]ᵀ S_y E[J]`` plus the sigmoid residual) and hands every
 Linear layer its Kronecker block ``B_W = S_y ⊗ x̄ x̄ᵀ`` (``average_parameter_jacobian``). ``pch-abs`` takes
 the absolute value of the residuals, which keeps every block positive semi-definite. Newton-CG then uses the
-paper's update and hyper-parameters (``PAPER``: lr 0.1, α 0.02, CG tol 0.1, maxiter 50, batch 500); the
+paper's update and hyper-parameters with ``--newton paper`` (``PAPER``: lr 0.1, α 0.02, CG tol 0.1, maxiter 50,
+batch 500), or by default the preset ``hbpc.optim.KRONECKER`` (per-sample parameter Jacobians, damping relative
+to each block's scale, eigendecompositions reused for 5 steps; see ``bench/time_to_target.py``); the
 baselines are SGD with the paper's lr 0.1 and momentum 0.9, and Adam (lr 1e-3), on the same batches.
 
-The protocol (``make demo``): 800 steps of batch 500 (6.7 epochs), evaluation on the whole test set
+The protocol (``make demo``): 300 steps of batch 500 (2.5 epochs), evaluation on the whole test set
 every 40 steps, time to test accuracy 0.5. This network sits on a plateau at chance (loss ln 10) for
 its first few hundred steps; the demo runs long enough to show which optimizer leaves it, and when,
 in steps and in seconds.
@@ -26,22 +28,26 @@ import _common
 import hbpc
 from hbpc.compiler import import_generated
 from hbpc.export import load_model_file
-from hbpc.optim import PAPER, NewtonCG
+from hbpc.optim import KRONECKER, PAPER, NewtonCG
 
 MODEL_FILE = Path(__file__).parent / "models" / "fcnn_fashion_mnist.py"
 NEWTON = dict(PAPER, lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50, curvature="pch-abs",
               average_input_jacobian=True, average_parameter_jacobian=True)
+PRESETS = {"kronecker": KRONECKER, "paper": NEWTON}
 SGD_LR, SGD_MOMENTUM = 0.1, 0.9
 
 
 def arguments(argv):
     """The shared options plus ``--compiled`` and ``--solver``."""
-    p = _common.parser(__doc__.splitlines()[0], steps=800, out="out/02_sequential")
+    p = _common.parser(__doc__.splitlines()[0], steps=300, out="out/02_sequential")
     p.set_defaults(eval_every=40, target=0.5)
     p.add_argument("--compiled", type=Path,
                    help="an already generated module of fcnn_fashion_mnist.py (default: compile it into --out)")
+    p.add_argument("--newton", choices=tuple(PRESETS), default="kronecker",
+                   help="kronecker: hbpc.optim.KRONECKER (relative damping, eigendecompositions reused for 5 steps, "
+                        "step(closure)); paper: the paper's CG update (default: %(default)s)")
     p.add_argument("--solver", choices=("cg", "direct"), default="cg",
-                   help="cg: the paper's CG on each block; direct: Kronecker eigendecompositions (default: %(default)s)")
+                   help="with --newton paper: cg, the paper's CG on each block; direct: Kronecker eigendecompositions")
     return p.parse_args(argv)
 
 
@@ -50,6 +56,14 @@ def curvature_module(spec, args):
     if args.compiled is not None:
         return import_generated(args.compiled)
     return hbpc.compile_model(spec.model, spec.example_input, spec.loss_fn, path=args.out / "curv_fcnn.py")
+
+
+def closure_update(curvature, optimizer):
+    """``update(x, y)`` through ``optimizer.step(closure)``, which enables NewtonCG's loss checks."""
+    def update(x, y) -> float:
+        optimizer.zero_grad()
+        return float(optimizer.step(lambda: curvature.forward_backward(x, y)))
+    return update
 
 
 def main(argv=None) -> None:
@@ -61,9 +75,13 @@ def main(argv=None) -> None:
     curv_fcnn = curvature_module(spec, args)
     runs = _common.baselines(spec.model, spec.loss_fn, SGD_LR, SGD_MOMENTUM)  # copies of the initial weights
     curvature = curv_fcnn.Curvature(spec.model)
-    optimizer = NewtonCG(spec.model.parameters(), curvature, solver=args.solver, **NEWTON)
-    newton = _common.Run(f"Newton-CG (HBP, PCH-abs, {args.solver})", spec.model,
-                         _common.newton_update(curvature, optimizer))
+    if args.newton == "kronecker":
+        optimizer = NewtonCG(spec.model.parameters(), curvature, **KRONECKER)
+        newton = _common.Run("Newton-CG (HBP, KRONECKER preset)", spec.model, closure_update(curvature, optimizer))
+    else:
+        optimizer = NewtonCG(spec.model.parameters(), curvature, solver=args.solver, **NEWTON)
+        newton = _common.Run(f"Newton-CG (HBP, PCH-abs, {args.solver})", spec.model,
+                             _common.newton_update(curvature, optimizer))
     title = f"Tutorial 2: sigmoid FCNN on {dataset}, batch {args.batch_size}"
     _common.compare([newton, *runs], args, spec.loss_fn, train, test, title)
 

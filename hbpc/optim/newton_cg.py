@@ -60,6 +60,14 @@ Speed (each measured in ``bench/newton_cg_speed.py``):
   when it is dense, else none; none at all when ``blocks`` refuses (its ``memory_limit``).
 * ``cg_maxiter``: the cap on CG iterations per solve.
 * ``SubsampledCurvature(curvature, size)``: the gradient on the whole batch, curvature on ``size`` samples.
+* ``curvature_every=k`` (``solver="direct"``): blocks and their eigendecompositions (``EigenBlock``) are formed
+  every ``k`` steps and reused in between with the new gradient (K-FAC's stale inverses, Martens & Grosse 2015).
+
+Relative damping (``relative_damping=True``, ``solver="direct"``): an absolute ``λ`` swamps the tiny curvature of
+the early layers of a sigmoid network (mean eigenvalue 5e-8 in the FCNN's first layer against 2e-2 in its last),
+so their step is a gradient step. Instead each block is damped in its own units, ``A ⊗ B + D_λ = (A + √λ a I) ⊗
+(B + √λ b I)`` with ``a, b`` the factors' mean eigenvalues (dense blocks: ``B + λ tr(B)/n I``); see
+``EigenBlock.solve_relative`` and the preset ``KRONECKER``.
 """
 
 from __future__ import annotations
@@ -90,7 +98,8 @@ LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
 BACKTRACK = 0.25  # t ← BACKTRACK · t after a rise of the loss
 WARM_DECAY = 0.95
 DIVERGENCE = 100.0  # warn when the loss exceeds this times the first step's loss
-MAX_STEP = 10.0  # no parameter moves by more than this times max(‖θ‖, 1) in one step
+MAX_STEP = 10.0
+COMPLEMENT_TOL = 1e-5  # EigenBlock.solve_relative: a right-hand side this close to range(R) skips the complement  # no parameter moves by more than this times max(‖θ‖, 1) in one step
 
 DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 10
 DEFAULT_SOURCE, DEFAULT_CURVATURE, DEFAULT_AVERAGE_PARAMETER_JACOBIAN = "block_products", "ggn", True
@@ -100,6 +109,16 @@ DEFAULT_MIN_ALPHA = 0.1
 PAPER = dict(adaptive_damping=False, line_search=False, max_backtracks=None, warm_start=False, preconditioner=None,
              min_alpha=0.0)
 """The paper's plain update ``θ ← θ + lr · d`` with fixed ``α`` and no warm start or preconditioner."""
+
+KRONECKER = dict(source="blocks", solver="direct", curvature="pch-abs", average_parameter_jacobian=False,
+                 relative_damping=True, curvature_every=5, lr=2.0, alpha=0.1, min_alpha=0.0)
+"""Kronecker blocks solved through eigendecompositions kept for 5 steps, damped relative to each block's scale
+(``NewtonCG(params, curv, **KRONECKER)``, ``step(closure)``). On the sigmoid FCNN (batch 128) it reached 0.60 test
+accuracy in 16 steps / 4.3 s where Adam (lr 0.003) took 389 steps / 7.7 s (``bench/time_to_target.py``); with two
+other batch orders it took 26-34 steps and lost to Adam in seconds (1.4x, 1.9x), its steps costing 13x Adam's. Not
+the default: it needs ``curvature.blocks`` (memory; HBP blocks of convolutions are approximations) and was measured on
+the FCNN only. ``lr=2`` overshoots the blocks' step on purpose: the full-GGN line search and the loss check shorten
+it (``t``), so the step length comes from the full network's curvature rather than the blocks'."""
 
 
 @dataclass(frozen=True)
@@ -195,18 +214,133 @@ def is_descent(g: Tensor, d: Tensor) -> bool:
     return is_finite(d) and (inner(g, d).item() < 0.0 or not bool(g.any()))
 
 
-def solve_direct(block, g: Tensor, alpha: float) -> tuple[Tensor, ParamStats]:
-    """Direction ``d = -block.solve(g, α / (1 - α)) / (1 - α)``; ``-g`` when that fails or is no better than 0."""
+def solve_direct(block, g: Tensor, alpha: float, relative: bool = False) -> tuple[Tensor, ParamStats]:
+    """Direction ``d = -block.solve(g, λ) / (1 - α)`` with ``λ = α / (1 - α)``; ``relative``: ``d = -(B + D_λ)⁻¹ g /
+    (1 - α)`` with the block-relative damping ``D_λ`` of ``EigenBlock.solve_relative``. ``-g / c`` (``c`` the block's
+    mean eigenvalue with ``relative``, else 1) when that fails or is no better than 0."""
+    scale = damping_scale(block) if relative else 1.0
+    lam = alpha / (1.0 - alpha)
     try:
-        d = block.solve(-g, alpha / (1.0 - alpha)) / (1.0 - alpha)
+        d = (block.solve_relative(-g, lam) if relative else block.solve(-g, lam)) / (1.0 - alpha)
     except torch.linalg.LinAlgError:
-        return -g, ParamStats(0, math.inf, False, False, "gradient", alpha, "singular block")
+        return -g / scale, ParamStats(0, math.inf, False, False, "gradient", alpha, "singular block")
     if not is_descent(g, d):
-        return -g, ParamStats(0, math.inf, False, True, "gradient", alpha, "not a descent direction")
+        return -g / scale, ParamStats(0, math.inf, False, True, "gradient", alpha, "not a descent direction")
+    if relative:  # (B + D_λ) is positive definite by construction: a descent direction is all to check
+        return d, ParamStats(0, 0.0, True, False, None, alpha, "direct")
     residual = (g + (1.0 - alpha) * (block @ d) + alpha * d).norm().item()
     if not residual <= g.norm().item():
         return -g, ParamStats(0, residual, False, False, "gradient", alpha, "singular block")
     return d, ParamStats(0, residual, True, False, None, alpha, "direct")
+
+
+def damping_scale(block) -> float:
+    """``c = tr(B) / n``, the mean eigenvalue of an ``(n, n)`` block (``tr(A ⊗ B) = tr(A) tr(B)``); 1 when it is 0
+    or not finite, or the block has no cheap trace."""
+    trace = getattr(block, "trace", None)
+    c = trace() / block.numel if trace is not None else 1.0
+    return c if math.isfinite(c) and c > 0.0 else 1.0
+
+
+class EigenBlock:
+    """An HBP block with its eigendecomposition kept, so that ``solve`` for any damping costs rotations only.
+
+    Kronecker blocks ``A ⊗ B`` (``B = R Rᵀ`` from a thin root ``R``: ``B = U diag(s²) Uᵀ``)::
+
+        (A ⊗ B + λ I)⁻¹ vec(X) = vec(Qa [(Qaᵀ X Qb) / (λa λbᵀ + λ)] Qbᵀ + (X - X Qb Qbᵀ) / λ)
+
+    (the last term is zero unless ``Qb`` is thin); dense blocks ``B = Q diag(λ) Qᵀ``; any other block uses its
+    own ``solve``. Products go to the block.
+    """
+
+    def __init__(self, block):
+        self.block, self.param_shape = block, tuple(block.param_shape)
+        self.numel = math.prod(self.param_shape)
+        self.kronecker_factors = block.kronecker_factors
+        self.eigen = None
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.block @ v
+
+    def trace(self) -> float:
+        """``tr(B)``: ``tr(A) tr(B)`` of a Kronecker block (``tr(R Rᵀ) = ‖R‖²``), the diagonal's sum of a dense one."""
+        block = self.block
+        if hasattr(block, "R"):
+            return (block.A.diagonal().sum() * block.R.square().sum()).item()
+        if self.kronecker_factors is not None:
+            return (self.kronecker_factors[0].diagonal().sum() * self.kronecker_factors[1].diagonal().sum()).item()
+        if hasattr(block, "matrix"):
+            return block.matrix.diagonal().sum().item()
+        return math.nan
+
+    @torch.no_grad()
+    def solve_relative(self, rhs: Tensor, lam: float) -> Tensor:
+        """``(B + D_λ)⁻¹ rhs`` with damping relative to the block's scale (K-FAC's factored Tikhonov, Martens &
+        Grosse 2015, Sec. 6.3, with π from the factors' mean eigenvalues ``a = tr(A)/m``, ``b = tr(B)/n``)::
+
+            A ⊗ B + D_λ = (A + √λ a I) ⊗ (B + √λ b I),     dense B: B + λ (tr(B)/n) I
+
+        so every block is damped in its own units (λ ab on the identity: ``ab`` is the block's mean eigenvalue),
+        and a tiny early-layer curvature is not swamped by an absolute ``λ``. Eigenvalues below 0 (round-off of a
+        positive semi-definite block) count as 0."""
+        eigen = self.decomposition()
+        if eigen is None:
+            return self.block.solve(rhs, lam * damping_scale(self))
+        if len(eigen) == 2:
+            lam_b, Q = eigen
+            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam_b.clamp(min=0) + lam * self.trace() / self.numel))).reshape(
+                rhs.shape)
+        la, Qa, lb, Qb = eigen
+        m, n = Qa.shape[0], self.numel // Qa.shape[0]
+        ga, gb = math.sqrt(lam) * la.sum().item() / m, math.sqrt(lam) * lb.sum().item() / n
+        X = rhs.reshape(m, n)
+        XQ = X @ Qb
+        da = la.clamp(min=0)[:, None] + ga
+        out = Qa @ (((Qa.T @ XQ) / (da * (lb.clamp(min=0)[None, :] + gb))) @ Qb.T)
+        if Qb.shape[1] < n:  # B = R Rᵀ is zero on Qb's complement, where B + √λ b I is √λ b
+            outside = X - XQ @ Qb.T  # zero for a gradient Σ δₙ xₙᵀ with R spanned by the xₙ: skip its rotation
+            if outside.norm() > COMPLEMENT_TOL * X.norm():
+                out = out + Qa @ ((Qa.T @ outside) / (da * gb))
+        return out.reshape(rhs.shape)
+
+    @torch.no_grad()
+    def decomposition(self):
+        """``(λ, Q)`` of a dense block, ``(λa, Qa, λb, Qb)`` of a Kronecker block, ``None`` otherwise."""
+        if self.eigen is None:
+            block = self.block
+            try:
+                self.eigen = self.factorize(block)
+            except torch.linalg.LinAlgError:  # eigh did not converge: the block's own solve (or -g) instead
+                self.eigen = ()
+        return self.eigen or None
+
+    def factorize(self, block) -> tuple:
+        """The eigenpairs of ``decomposition``; ``()`` for a block without factors or matrix."""
+        if hasattr(block, "R"):
+            U, s, _ = torch.linalg.svd(block.R, full_matrices=False)
+            return (*torch.linalg.eigh(block.A), s * s, U)
+        if self.kronecker_factors is not None:
+            return (*torch.linalg.eigh(self.kronecker_factors[0]), *torch.linalg.eigh(self.kronecker_factors[1]))
+        if hasattr(block, "matrix"):
+            return tuple(torch.linalg.eigh(block.matrix))
+        return ()
+
+    @torch.no_grad()
+    def solve(self, rhs: Tensor, damping: float) -> Tensor:
+        """``(B + damping · I)⁻¹ rhs`` for ``rhs`` shaped like θ."""
+        eigen = self.decomposition()
+        if eigen is None:
+            return self.block.solve(rhs, damping)
+        if len(eigen) == 2:
+            lam, Q = eigen
+            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam + damping))).reshape(rhs.shape)
+        la, Qa, lb, Qb = eigen
+        X = rhs.reshape(Qa.shape[0], -1)
+        XQ = X @ Qb
+        out = Qa @ ((Qa.T @ XQ) / (la[:, None] * lb[None, :] + damping)) @ Qb.T
+        if Qb.shape[1] < Qb.shape[0]:
+            out = out + (X - XQ @ Qb.T) / damping
+        return out.reshape(rhs.shape)
 
 
 def update_damping(alpha: float, rho: float, min_alpha: float = 0.0) -> float:
@@ -255,6 +389,8 @@ class NewtonCG(torch.optim.Optimizer):
     * ``split=k`` (blocks and block products; the paper's "parallel" modules) cuts every
       parameter into ``torch.chunk(θ, k, 0)`` row chunks and solves each chunk's system on the
       diagonal sub-block of its curvature separately (``last_stats`` keys ``"name[start:stop]"``).
+    * ``relative_damping``, ``curvature_every``: block-relative damping and reused eigendecompositions (module
+      docstring; preset ``KRONECKER``).
     * ``adaptive_damping``, ``min_alpha``, ``line_search``, ``max_backtracks``, ``max_step``,
       ``warm_start``, ``preconditioner``: the safeguards and speed-ups of the module docstring; ``**PAPER`` turns them all off. The
       adapted α is written into each group's ``"alpha"``.
@@ -313,6 +449,8 @@ class NewtonCG(torch.optim.Optimizer):
         warm_start: bool = DEFAULT_WARM_START,
         preconditioner: str | None = DEFAULT_PRECONDITIONER,
         split: int = 1,
+        relative_damping: bool = False,
+        curvature_every: int = 1,
     ):
         check_choice("source", source, SOURCES)
         check_choice("curvature", curvature, CURVATURES)
@@ -320,6 +458,12 @@ class NewtonCG(torch.optim.Optimizer):
         check_choice("preconditioner", preconditioner, PRECONDITIONERS)
         if solver == "direct" and source != "blocks":
             raise ValueError('solver="direct" needs source="blocks": block products and full products have no solve()')
+        if relative_damping and solver != "direct":
+            raise ValueError('relative_damping=True needs solver="direct" (the scale is the block\'s trace)')
+        if not isinstance(curvature_every, int) or curvature_every < 1:
+            raise ValueError(f"curvature_every={curvature_every!r} must be a positive int (steps per curvature)")
+        if curvature_every != 1 and solver != "direct":
+            raise ValueError('curvature_every > 1 needs solver="direct" (it reuses the blocks\' eigendecompositions)')
         if not isinstance(split, int) or split < 1:
             raise ValueError(f"split={split!r} must be a positive int (row chunks per parameter)")
         if source == "full" and split != 1:
@@ -348,6 +492,10 @@ class NewtonCG(torch.optim.Optimizer):
         self.warm_start = warm_start
         self.preconditioner = preconditioner
         self.split = split
+        self.relative_damping = relative_damping
+        self.curvature_every = curvature_every
+        self.cached: dict | None = None
+        self.steps_taken = 0
         self.names: dict[Tensor, str] = {}
         self.last_stats = StepStats()
         self.first_loss: float | None = None
@@ -374,6 +522,16 @@ class NewtonCG(torch.optim.Optimizer):
                                          **split)
         return self.curvature.block_products(self.kind, **split)
 
+    def reused_source(self) -> dict:
+        """``curvature_source()``, formed every ``curvature_every`` steps (with ``solver="direct"`` each block's
+        eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
+        if self.cached is None or self.steps_taken % self.curvature_every == 0:
+            source = self.curvature_source()
+            wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their own parts
+            self.cached = {n: EigenBlock(b) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
+        self.steps_taken += 1
+        return self.cached
+
     def preconditioners(self, blocks: dict | None, alpha: float) -> dict[str, Callable[[Tensor], Tensor]]:
         """``{name: r -> M⁻¹ r}`` from the HBP blocks (``blocks`` when they are this step's PSD source)."""
         if self.preconditioner is None:
@@ -391,7 +549,7 @@ class NewtonCG(torch.optim.Optimizer):
                   M) -> tuple[Tensor, ParamStats]:
         """Damped Newton direction ``d`` for one parameter; ``operator`` is a Block or ``v -> B v``."""
         if self.solver == "direct":
-            return solve_direct(operator, g, group["alpha"])
+            return solve_direct(operator, g, group["alpha"], self.relative_damping)
         product = as_product(operator, self.source)
         return solve_cg(product, g, group["alpha"], group["cg_tol"], group["cg_atol"], group["cg_maxiter"], x0, M)
 
@@ -425,7 +583,8 @@ class NewtonCG(torch.optim.Optimizer):
         if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
             alpha = active[0][0]["alpha"]
-            denominator = (1.0 - alpha) * sGs + alpha * sum(inner(s, s).item() for _, s in steps)
+            denominator = (1.0 - alpha) * sGs + alpha * sum(self.state[p].get("damping_scale", 1.0) * inner(s, s).item()
+                                                            for p, s in steps)
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
@@ -519,7 +678,7 @@ class NewtonCG(torch.optim.Optimizer):
 
     def block_steps(self, active: list, stats: StepStats) -> tuple[list[tuple[Tensor, Tensor]], Callable]:
         """``[(p, lr · d)]`` from one solve per block, and ``Σ_θ sᵀ B s`` of the undamped blocks."""
-        operators = self.curvature_source()
+        operators = self.reused_source()
         preconditioners = self.preconditioners(operators if self.source == "blocks" else None,
                                                active[0][0]["alpha"] if active else 0.0)
         steps = []
@@ -529,6 +688,8 @@ class NewtonCG(torch.optim.Optimizer):
             d = self.split_direction(name, operators[name], g, group, stats, self.previous_direction(p),
                                      preconditioners.get(name))
             self.state[p]["direction"] = d
+            if self.relative_damping:
+                self.state[p]["damping_scale"] = damping_scale(operators[name])
             s = group["lr"] * d
             steps.append((p, s))
         def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
