@@ -45,9 +45,9 @@ Safeguards (defaults on; ``PAPER`` turns them off):
 * step cap (``max_step``, default ``MAX_STEP``; ``None`` turns it off): no parameter moves by more
   than ``max_step · max(‖θ‖, 1)`` in one step (an undamped solve on a nearly singular block otherwise
   moved a weight to 3e33).
-* divergence warning (``RuntimeWarning``, once): when the loss or a gradient is not finite, the
-  loss exceeds ``DIVERGENCE`` times the first step's loss, or a step was capped; it names the
-  settings to change.
+* divergence warning (``RuntimeWarning``, once): when the loss or a gradient is not finite, or the
+  loss exceeds ``DIVERGENCE`` times the first step's loss; a capped step gets its own warning (once).
+  Both name the settings to change.
 
 Speed (each measured in ``bench/newton_cg_speed.py``):
 
@@ -499,7 +499,7 @@ class NewtonCG(torch.optim.Optimizer):
         self.names: dict[Tensor, str] = {}
         self.last_stats = StepStats()
         self.first_loss: float | None = None
-        self.warned = False
+        self.warned = set()  # headlines already warned about
         defaults = dict(lr=lr, alpha=alpha, cg_tol=cg_tol, cg_atol=cg_atol, cg_maxiter=cg_maxiter)
         super().__init__(params, defaults)
 
@@ -615,7 +615,8 @@ class NewtonCG(torch.optim.Optimizer):
             kept.append((p, s))
         if stats.capped:
             self.warn(f"the steps of {', '.join(stats.capped)} were over {self.max_step:g} times their parameters' "
-                      "norms and were shortened", "or raise max_step if such steps are expected")
+                      "norms and were shortened", "or raise max_step if such steps are expected",
+                      headline="NewtonCG shortened oversized steps (divergence, or a large lr on purpose)")
         return kept
 
     def check_loss(self, closure: Callable[[], Tensor], steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> None:
@@ -651,11 +652,11 @@ class NewtonCG(torch.optim.Optimizer):
                 self.warn(f"the loss rose from {self.first_loss:.3g} to {loss:.3g}")
         return True
 
-    def warn(self, what: str, *more_advice: str) -> None:
-        """One ``RuntimeWarning`` per optimizer that says ``what`` happened and which settings to change."""
-        if self.warned:
+    def warn(self, what: str, *more_advice: str, headline: str = "NewtonCG diverges") -> None:
+        """One ``RuntimeWarning`` per optimizer and headline that says ``what`` happened and which settings to change."""
+        if headline in self.warned:
             return
-        self.warned = True
+        self.warned.add(headline)
         advice = ["raise alpha", "lower lr"]
         if not self.adaptive_damping:
             advice.append("set adaptive_damping=True")
@@ -667,7 +668,7 @@ class NewtonCG(torch.optim.Optimizer):
             advice.append("set average_parameter_jacobian=False")
         if self.source != "full":
             advice.append('try source="full", curvature="ggn"')
-        warnings.warn(f"NewtonCG diverges: {what}; {', '.join(advice + list(more_advice))}", RuntimeWarning,
+        warnings.warn(f"{headline}: {what}; {', '.join(advice + list(more_advice))}", RuntimeWarning,
                       stacklevel=3)
 
     def ggn_quadratic(self, steps: list[tuple[Tensor, Tensor]]) -> float:
