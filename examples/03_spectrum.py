@@ -17,7 +17,6 @@ Without Fashion-MNIST, scikit-learn's 8x8 digits are used (the first layer is th
 """
 
 import argparse
-from itertools import islice
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+import _common  # noqa: E402
 import hbpc  # noqa: E402
-from hbpc.data import DatasetMissing, ImageData, load_digits, load_fashion_mnist, minibatches  # noqa: E402
+from hbpc.data import DatasetMissing, ImageData, load_digits, load_fashion_mnist  # noqa: E402
 from hbpc.linalg import (  # noqa: E402
     block_product_operator,
     eigsh,
@@ -65,25 +65,6 @@ def build_model(image_shape: torch.Size, seed: int) -> nn.Sequential:
     """``Flatten → Linear(d, 64) → tanh → Linear(64, 10)`` with seeded default initialization."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(image_shape.numel(), HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 10))
-
-
-def endless_batches(data: ImageData, seed: int):
-    """Full minibatches of ``TRAIN_BATCH``, reshuffled every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from minibatches(data.images, data.labels, TRAIN_BATCH, generator, drop_last=True)
-
-
-def train(model: nn.Module, data: ImageData, steps: int, seed: int) -> float:
-    """``steps`` Adam steps; returns the last batch loss."""
-    adam, loss_fn, loss = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss(), float("nan")
-    for x, y in islice(endless_batches(data, seed), steps):
-        adam.zero_grad()
-        batch_loss = loss_fn(model(x), y)
-        batch_loss.backward()
-        adam.step()
-        loss = batch_loss.item()
-    return loss
 
 
 def spectrum(curvature, seed: int) -> dict[str, Tensor | float]:
@@ -134,7 +115,7 @@ def main(argv=None) -> None:
     args = parse(argv)
     data, dataset = load(args.data_dir)
     model = build_model(data.images.shape[1:], args.seed)
-    loss = train(model, data, args.steps, args.seed)
+    loss = _common.adam_steps(model, _common.batches(data, TRAIN_BATCH, args.seed), args.steps)
     print(f"Adam: {args.steps} steps on {dataset}, last batch loss {loss:.4f}")
     model.double()
     x, y = data.images[: args.batch_size].double(), data.labels[: args.batch_size]

@@ -23,7 +23,6 @@ digits are used.
 
 import argparse
 import time
-from itertools import islice
 from pathlib import Path
 
 import matplotlib
@@ -34,7 +33,8 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from hbpc.data import DatasetMissing, ImageData, load_digits, load_fashion_mnist, minibatches  # noqa: E402
+import _common  # noqa: E402
+from hbpc.data import DatasetMissing, ImageData, load_digits, load_fashion_mnist  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 HIDDEN, TRAIN_BATCH, FIT_BATCH, PREDICT_BATCH, BINS = 64, 128, 500, 100, 10
@@ -68,24 +68,6 @@ def build_model(image_shape: torch.Size, seed: int) -> nn.Sequential:
     """``Flatten → Linear(d, 64) → tanh → Linear(64, 10)`` with seeded default initialization."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(image_shape.numel(), HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 10))
-
-
-def train(model: nn.Module, data: ImageData, steps: int, seed: int) -> float:
-    """``steps`` Adam steps on minibatches reshuffled every epoch; returns the last batch loss."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def endless():
-        while True:
-            yield from minibatches(data.images, data.labels, TRAIN_BATCH, generator, drop_last=True)
-
-    adam, loss_fn, loss = torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss(), float("nan")
-    for x, y in islice(endless(), steps):
-        adam.zero_grad()
-        batch_loss = loss_fn(model(x), y)
-        batch_loss.backward()
-        adam.step()
-        loss = batch_loss.item()
-    return loss
 
 
 def fit_laplace(model: nn.Module, data: ImageData, samples: int, prior_steps: int):
@@ -160,7 +142,7 @@ def main(argv=None) -> dict[str, dict]:
     test_data = ImageData(test_data.images[: args.test_samples], test_data.labels[: args.test_samples])
     model = build_model(train_data.images.shape[1:], args.seed)
     start = time.perf_counter()
-    loss = train(model, train_data, args.steps, args.seed)
+    loss = _common.adam_steps(model, _common.batches(train_data, TRAIN_BATCH, args.seed), args.steps)
     print(f"Adam: {args.steps} steps on {dataset}, last batch loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
     start = time.perf_counter()
     la = fit_laplace(model, train_data, args.fit_samples, args.prior_steps)

@@ -94,6 +94,18 @@ def batches(data: ImageData, batch_size: int, seed: int) -> Iterator[tuple[Tenso
         yield from minibatches(data.images, data.labels, batch_size, generator, drop_last=True)
 
 
+def adam_steps(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], steps: int, lr: float = 1e-3) -> float:
+    """``steps`` Adam steps with cross-entropy on ``batches``; returns the last batch loss."""
+    adam, loss_fn, loss = torch.optim.Adam(model.parameters(), lr=lr), nn.CrossEntropyLoss(), float("nan")
+    for x, y in islice(batches, steps):
+        adam.zero_grad()
+        batch_loss = loss_fn(model(x), y)
+        batch_loss.backward()
+        adam.step()
+        loss = batch_loss.item()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, loss_fn: nn.Module) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` on all of ``data``."""

@@ -1,9 +1,12 @@
-"""One float64 exactness check of a compiled module against autograd: loss, gradient, products, a block.
+"""One float64 exactness check of a compiled module against autograd: loss, gradient, products, a block;
+and the evaluation scope of a loss rule's emitted code.
 
-Used by the user-rule tests and the user-rule fuzzer. References come from torch.autograd / torch.func only.
+Used by the rule tests, the user-rule tests and the user-rule fuzzer. References come from torch.autograd / torch.func only.
 """
 import torch
 from torch.func import functional_call, jvp, vjp
+
+from hbpc.derive import derive
 
 from reference import ggn_block, hessian_block
 
@@ -63,3 +66,17 @@ def check_exact(module, model, loss_fn, x, t, block: str, generator=None):
            hessian_block(model, loss_fn, x[:1], t[:1], block))
     _close(f"GGN block of {block} at N=1", curvature.blocks("ggn")[block].to_dense(),
            ggn_block(model, loss_fn, x[:1], t[:1], block))
+
+
+def loss_scope(rule, z, t, v) -> tuple[dict, dict]:
+    """A loss rule's emitted code ``{key: expression}`` and the scope to ``eval`` it in (its intermediates and
+    shared lines already evaluated on the logits ``z``, targets ``t`` and vectors ``v``)."""
+    derivation = derive(rule)
+    shared, code = derivation.code(rule.hyper)
+    scope = {"torch": torch, "z": z, "t": t, "v": v}
+    for name, expr in derivation.intermediates.items():
+        scope[name] = eval(expr, scope)
+    for line in shared:
+        target, expr = line.split(" = ", 1)
+        scope[target] = eval(expr, scope)
+    return code, scope

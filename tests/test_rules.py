@@ -4,6 +4,7 @@ import pytest
 import sympy as sp
 import torch
 
+from exactness import loss_scope
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.indexed import terms
@@ -104,14 +105,7 @@ def test_linear_einsums_match_torch_autograd():
 
 
 def _loss_code(rule, z, t, v):
-    derivation = derive(rule)
-    shared, code = derivation.code(rule.hyper)
-    scope = {"torch": torch, "z": z, "t": t, "v": v}
-    for name, expr in derivation.intermediates.items():
-        scope[name] = eval(expr, scope)
-    for line in shared:
-        target, expr = line.split(" = ", 1)
-        scope[target] = eval(expr, scope)
+    code, scope = loss_scope(rule, z, t, v)
     return {key: eval(expr, scope) for key, expr in code.items()}
 
 

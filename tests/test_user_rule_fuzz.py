@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import hbpc
-from exactness import check_exact
+from exactness import check_exact, loss_scope
 from hbpc.derive import derive
 from hbpc.derive.printer import torch_code
 from rule_fuzz import CLASSES, random_activation, random_loss
@@ -87,17 +87,10 @@ def test_derived_random_activations_are_exact(group):
 
 
 def _check_loss(rule, reference, generator):
-    derivation = derive(rule)
     z = torch.randn(4, CLASSES, dtype=torch.float64, generator=generator)
     t = torch.randn(4, CLASSES, dtype=torch.float64, generator=generator)
     v = torch.randn(2, 4, CLASSES, dtype=torch.float64, generator=generator)
-    shared, code = derivation.code(rule.hyper)
-    scope = {"torch": torch, "z": z, "t": t, "v": v}
-    for name, expr in derivation.intermediates.items():
-        scope[name] = eval(expr, scope)
-    for line in shared:
-        target, expr = line.split(" = ", 1)
-        scope[target] = eval(expr, scope)
+    code, scope = loss_scope(rule, z, t, v)
     value, grad, hvp = (eval(code[name], scope) for name in ("value", "grad", "hvp"))
     u = z.clone().requires_grad_(True)
     ell = reference(u, t)
