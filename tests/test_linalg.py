@@ -254,9 +254,10 @@ def test_invalid_arguments():
 # ---- example ----------------------------------------------------------------------------------
 
 
-def test_spectrum_example_smoke(tmp_path, capsys):
+def test_spectrum_example_smoke(tmp_path, capsys, monkeypatch):
     """``examples/03_spectrum.py`` end to end on the digits fallback with two Adam steps."""
     path = Path(__file__).parents[1] / "examples" / "03_spectrum.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the examples import their shared _common module
     spec = importlib.util.spec_from_file_location("spectrum_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
