@@ -80,7 +80,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpc.linalg.operators import full_operator
+from hbpc.linalg.operators import check_choice, full_operator
 from hbpc.optim.cg import DIVERGED, NEGATIVE_CURVATURE, NON_FINITE, cg, inner
 
 CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
@@ -771,12 +771,6 @@ def block_preconditioner(block, alpha: float, kind: str) -> Callable[[Tensor], T
 def as_product(operator, source: str) -> Callable[[Tensor], Tensor]:
     """``v -> B v`` from a ``Block`` (``source="blocks"``) or a block-product callable."""
     return (lambda v: operator @ v) if source == "blocks" else operator
-
-
-def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{what}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def check_group(group: dict) -> None:
