@@ -7,14 +7,14 @@ from contextlib import contextmanager
 from .elementwise import ELEMENTWISE
 from .losses import LOSSES
 from .normalization import AFFINE, NORMALIZATIONS
-from .structured import SELECTIONS, STRUCTURED
+from .structured import SELECTIONS, SHAPE_OPS, STRUCTURED
 
 
 def _keyed(rules):
     return {name: rule for rule in rules for name in (rule.key, *rule.aliases)}
 
 
-OPS = [*ELEMENTWISE, *STRUCTURED, *NORMALIZATIONS, *AFFINE, *SELECTIONS]
+OPS = [*ELEMENTWISE, *STRUCTURED, *SHAPE_OPS, *NORMALIZATIONS, *AFFINE, *SELECTIONS]
 TABLE = _keyed(OPS)
 LOSS_TABLE = _keyed(LOSSES)
 

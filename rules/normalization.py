@@ -10,7 +10,7 @@ from sympy import sqrt, symbols
 
 from .spec import Mean, Normalization, Structured, W, X, b, eps, g, i, n, x
 
-mu, var = symbols("mu var", real=True)
+mu, var, ms = symbols("mu var ms", real=True)
 
 
 def _entry_views(h, x_shape, y_shape):
@@ -35,5 +35,10 @@ NORMALIZATIONS = [
         forward="torch.nn.functional.layer_norm({x}, {normalized_shape}, None, None, {eps})", hyper={"eps": 1e-5},
         affine={("bias", "weight"): "entry_affine", ("weight",): "entry_scale", ("bias",): "entry_shift"},
         aliases=("layernorm",),
+    ),
+    Normalization(
+        "rms_norm", statistics=((ms, Mean(x**2)),), phi=x / sqrt(ms + eps),
+        forward="torch.nn.functional.rms_norm({x}, {normalized_shape}, None, {eps})", hyper={"eps": 1e-6},
+        affine={("weight",): "entry_scale"}, aliases=("rmsnorm",),
     ),
 ]

@@ -43,6 +43,27 @@ def _pool_views(h, x_shape, y_shape):
     return {"X": (x_shape[0], kernel, locations), "Y": (y_shape[0], locations)}
 
 
+def _axis_split(shape, axes):
+    """Sizes of ``shape`` grouped around ``axes`` (increasing): (before, axes[0], between, axes[1], ..., after)."""
+    sizes, start = [], 0
+    for axis in axes:
+        sizes += [prod(shape[start:axis]), shape[axis]]
+        start = axis + 1
+    return (*sizes, prod(shape[start:]))
+
+
+def _transpose_views(h, x_shape, y_shape):
+    """X (A, I, B, J, C) -> Y (A, J, B, I, C): per-sample axes ``h["dims"]`` (counted with the batch) swapped."""
+    a, i, b, j, c = _axis_split(x_shape, sorted(d - 1 for d in h["dims"]))
+    return {"X": (a, i, b, j, c), "Y": (a, j, b, i, c)}
+
+
+def _reduce_views(h, x_shape, y_shape):
+    """X (A, K, B) -> Y (A, B): the per-sample axis ``h["dim"]`` (counted with the batch) summed."""
+    a, k, b = _axis_split(x_shape, (h["dim"] - 1,))
+    return {"X": (a, k, b), "Y": (a, b)}
+
+
 def _norm_views(h, x_shape, y_shape):
     channels, locations = x_shape[0], 1
     for size in x_shape[1:]:
@@ -119,6 +140,17 @@ STRUCTURED = [
     ),
 ]
 
+SHAPE_OPS = [
+    Structured("transpose", out=(n, g, o, c, i, l), expr=X[n, g, i, c, o, l], params={}, views=_transpose_views,
+               forward="{x}.transpose{dims}", aliases=("swapaxes",)),
+    Structured("sum", out=(n, g, l), expr=Σ(X[n, g, k, l], k), params={}, views=_reduce_views,
+               forward="{x}.sum({dim}, keepdim=True)"),
+    Structured("mean", out=(n, g, l), expr=Σ(X[n, g, k, l], k) / K, params={}, views=_reduce_views,
+               constants=lambda h: {K: h["divisor"]}, forward="{x}.sum({dim}, keepdim=True) / {divisor}"),
+    Structured("channel_affine", out=(n, c, l), expr=W[c] * X[n, c, l] + b[c], params={"weight": W, "bias": b},
+               views=_norm_views, forward="torch.addcmul({bias}.reshape({broadcast}), {x}, {weight}.reshape({broadcast}))"),
+]
+
 SELECTIONS = [
     Selection("max_pool2d", "take", "max_pool2d_with_indices({x}, {kernel_size}, {stride}, {padding}, {dilation})",
               aliases=("maxpool2d",)),
@@ -128,9 +160,12 @@ SELECTIONS = [
     Selection("max_pool3d", "take",
               "torch.nn.functional.max_pool3d({x}, {kernel_size}, {stride}, {padding}, {dilation}, return_indices=True)",
               aliases=("maxpool3d",)),
+    *(Selection(f"max_pool{d}d_ceil", "take", f"torch.nn.functional.max_pool{d}d({{x}}, {{kernel_size}}, {{stride}}, "
+                "{padding}, {dilation}, ceil_mode=True, return_indices=True)") for d in (1, 2, 3)),
     Selection("pad", "pad", "torch.nn.functional.pad({x}, {padding})", aliases=("zeropad2d",)),
-    Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})", aliases=("flatten", "view")),
-    Selection("identity", "identity", "{x}", aliases=("dropout", "dropout1d", "dropout2d", "dropout3d")),
+    Selection("crop", "crop", "torch.nn.functional.pad({x}, {padding})"),  # negative padding crops
+    Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})", aliases=("flatten", "view", "unflatten", "unsqueeze", "squeeze")),
+    Selection("identity", "identity", "{x}", aliases=("dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous")),
     Selection("add", "add", "{x0} + {x1}"),
     Selection("cat", "cat", "torch.cat([{xs}], {dim})"),
 ]

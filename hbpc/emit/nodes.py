@@ -119,6 +119,7 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
 _SELECTION_PRIMITIVES = {
     "take": ("take_jvp(v, self.{n}_idx)", "take_vjp(u, self.{n}_idx, {x_shape})"),
     "pad": ("pad_jvp(v, {padding})", "pad_vjp(u, {padding})"),
+    "crop": ("torch.nn.functional.pad(v, {padding})", "torch.nn.functional.pad(u, tuple(-p for p in {padding}))"),
     "reshape": ("reshape_to(v, {x_shape}, {y_shape})", "reshape_to(u, {y_shape}, {x_shape})"),
     "identity": ("v", "u"),
 }

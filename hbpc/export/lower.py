@@ -19,9 +19,7 @@ import hashlib
 import io
 import json
 import re
-import sys
 from types import SimpleNamespace
-from pathlib import Path
 
 import networkx as nx
 import torch
@@ -32,6 +30,10 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
+
+from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split, shape_chain,
+                     window_branches)
+from .trace import HBPC_DIR, ShapeTracer, forget_values
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
 
@@ -63,10 +65,11 @@ def _module_hyper(key, module):
                 "padding": size(module.padding), "output_padding": size(module.output_padding),
                 "dilation": size(module.dilation), "groups": module.groups}
     if key in ("max_pool2d", "max_pool1d", "max_pool3d"):
-        if module.ceil_mode or module.return_indices:
-            raise ValueError("ceil_mode=True and return_indices=True are not supported")
+        if module.return_indices:
+            raise ValueError("return_indices=True is not supported")
         return {"kernel_size": size(module.kernel_size), "stride": size(module.stride or module.kernel_size),
-                "padding": size(module.padding), "dilation": size(module.dilation)}
+                "padding": size(module.padding), "dilation": size(module.dilation),
+                **({"ceil_mode": True} if module.ceil_mode else {})}
     if key in ("avg_pool2d", "avg_pool1d", "avg_pool3d"):
         if module.ceil_mode or not module.count_include_pad or getattr(module, "divisor_override", None):
             raise ValueError("only ceil_mode=False, count_include_pad=True, divisor_override=None are supported")
@@ -95,16 +98,19 @@ def _module_hyper(key, module):
     return {}
 
 
-def _adaptive_as_avg_pool(node, module, x_shape):
-    """AdaptiveAvgPool2d whose output size divides the input: an avg_pool2d with kernel = stride = in / out."""
+def _adaptive_output_size(node, op, module, x_shape):
+    """The output size of AdaptiveAvgPool1d/2d along its pooled (trailing) per-sample axes; None keeps an axis."""
     size = module.output_size if node.op == "call_module" else (node.kwargs.get("output_size") or node.args[1])
-    out = _pair(size)
-    out = tuple(x if o is None else o for o, x in zip(out, x_shape[-2:]))
-    if any(x % o for x, o in zip(x_shape[-2:], out)):
-        raise ValueError(f"adaptive average pooling from {x_shape[-2:]} to {out} has uneven windows; only output "
-                         "sizes that divide the input size are supported")
-    kernel = tuple(x // o for x, o in zip(x_shape[-2:], out))
-    return {"kernel_size": kernel, "stride": kernel, "padding": (0, 0)}
+    rank = 1 if op.endswith("1d") else 2
+    out = _single(size) if rank == 1 else _pair(size)
+    return tuple(x if o is None else o for o, x in zip(out, x_shape[-rank:]))
+
+
+def _adaptive_as_avg_pool(node, op, module, x_shape):
+    """Adaptive average pooling whose output size divides the input: an average pooling, kernel = stride = in / out."""
+    out = _adaptive_output_size(node, op, module, x_shape[1:])
+    kernel = tuple(x // o for x, o in zip(x_shape[-len(out):], out))
+    return {"kernel_size": kernel, "stride": kernel, "padding": (0,) * len(out)}
 
 
 # Positional parameters of the functional forms, named like the module attributes they stand for.
@@ -223,37 +229,10 @@ def _describe(node, modules):
     return f"Tensor.{node.target}()"
 
 
-_HBPC_DIR = str(Path(__file__).resolve().parent.parent)
-
-
 def _source(node) -> str:
     if "hbpc_source" in node.meta:
         return node.meta["hbpc_source"]
     return f"module self.{node.target}" if node.op == "call_module" else "<unknown>"
-
-
-class _SourceTracer(fx.Tracer):
-    """An fx tracer that records the user's ``file:line`` for every node (cheaper than stack traces)."""
-
-    def is_leaf_module(self, module, qualified_name):
-        """Standard torch modules, and user modules whose class name has a user rule (``--rules``), are leaves.
-
-        Any other class is traced into, even if its name is a built-in rule's.
-        """
-        return super().is_leaf_module(module, qualified_name) or type(module).__name__.lower() in USER_KEYS
-
-    def create_node(self, *args, **kwargs):
-        node = super().create_node(*args, **kwargs)
-        frame = sys._getframe(1)
-        while frame is not None:
-            filename = frame.f_code.co_filename
-            if filename.startswith(_HBPC_DIR):
-                break
-            if "/torch/" not in filename:
-                node.meta["hbpc_source"] = f"{filename}:{frame.f_lineno}"
-                break
-            frame = frame.f_back
-        return node
 
 
 def _identifier(name: str, prefix: str, taken: set) -> str:
@@ -281,7 +260,7 @@ class _InterpretedGraphModule(fx.GraphModule):
 
 
 def _trace(model, example_input):
-    tracer = _SourceTracer()
+    tracer = ShapeTracer(example_input)
     try:
         graph = tracer.trace(model)
         module = _InterpretedGraphModule(tracer.root, graph, type(model).__name__)
@@ -291,6 +270,7 @@ def _trace(model, example_input):
                         _user_location(error, model),
                         "make forward traceable: no Python control flow on tensor values and no errors on "
                         "example_input") from None
+    forget_values(module.graph)
     inputs = [node.name for node in module.graph.nodes if node.op == "placeholder"]
     if len(inputs) != 1:
         raise HbpcError(f"the model's forward pass failed on example_input: forward takes the inputs "
@@ -333,7 +313,7 @@ def _user_location(error, model) -> str:
     import traceback
 
     frames = [f for e in (error, _root_cause(error)) for f in traceback.extract_tb(e.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.startswith(_HBPC_DIR) and not f.filename.startswith("<")]
+              if "/torch/" not in f.filename and not f.filename.startswith(HBPC_DIR) and not f.filename.startswith("<")]
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else type(model).__name__ + ".forward"
 
 
@@ -380,6 +360,13 @@ def _scalar_op(op, node):
     return None
 
 
+def _parameter_operand(node, module):
+    """The name of the parameter a binary op reads directly (``x + self.pos``), else None."""
+    parameters = dict(module.named_parameters())
+    names = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in parameters]
+    return names[0] if len(names) == 1 and len(node.args) == 2 else None
+
+
 def _cat_dim(node):
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     return dim
@@ -388,16 +375,22 @@ def _cat_dim(node):
 def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     """(rule, hyper, params, param_shapes) of one fx node; raises ValueError for unsupported options."""
     hyper, params, param_shapes = {}, {}, {}
+    if op in ("add", "mul") and len(tensor_args) == 1 and _parameter_operand(node, module) is not None:
+        name = _parameter_operand(node, module)
+        p_shape = tuple(module.get_parameter(name).shape)
+        key, hyper, role = broadcast_parameter(op, tuple(tensor_args[0].meta["tensor_meta"].shape[1:]), p_shape)
+        return TABLE[key], hyper, {role: name}, {role: p_shape}
     if op in ("mul", "truediv", "div", "add", "sub", "neg") and len(tensor_args) == 1:
         scalar = _scalar_op(op, node)
         if scalar is None:
             raise ValueError(f"'{op}' with these arguments is not supported")
         key, hyper = scalar
         return TABLE[key], hyper, params, param_shapes
-    if op in ("adaptiveavgpool2d", "adaptive_avg_pool2d"):
+    if op in ("adaptiveavgpool1d", "adaptive_avg_pool1d", "adaptiveavgpool2d", "adaptive_avg_pool2d"):
         module_or_none = modules.get(node.target) if node.op == "call_module" else None
         x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
-        return TABLE["avg_pool2d"], _adaptive_as_avg_pool(node, module_or_none, x_shape), params, param_shapes
+        hyper = _adaptive_as_avg_pool(node, op, module_or_none, x_shape)
+        return TABLE[f"avg_pool{len(hyper['kernel_size'])}d"], hyper, params, param_shapes
     if rule is None:
         raise KeyError(op)
     if rule.key == "identity" and node.op == "call_function":
@@ -430,6 +423,8 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
             hyper = {**hyper, "buffers": buffers}
     elif rule.key in _FUNCTIONAL_ARGS:
         hyper, params, param_shapes = _functional_call(rule.key, node, module)
+    if hyper.pop("ceil_mode", False):
+        rule = TABLE[f"{rule.key}_ceil"]  # the last windows may pass the end: torch's own forward records them
     if rule.key == "linear" and len(tensor_args[0].meta["tensor_meta"].shape) != 2:
         shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
         raise ValueError(f"linear needs inputs of shape (N, features), got {shape}; flatten the input first")
@@ -458,6 +453,10 @@ def _user_normalization(rule, module, param_names):
     if shape is None or not all(isinstance(size, int) and size > 0 for size in shape):
         raise ValueError(f"a module matched by the normalization rule '{rule.key}' needs an attribute "
                          f"normalized_shape of positive ints (the trailing dimensions it normalizes), got {shape!r}")
+    unset = [name for name in rule.hyper if getattr(module, name, 0.0) is None]
+    if unset:
+        raise ValueError(f"the module's {unset[0]} is None; set it to a number (e.g. nn.RMSNorm(..., eps=1e-6): "
+                         "eps=None means the machine epsilon of the input's dtype, which hbpc does not follow)")
     hyper = {"normalized_shape": shape,
              **{name: float(getattr(module, name, default)) for name, default in rule.hyper.items()}}
     roles = _param_roles(module)
@@ -483,6 +482,93 @@ def _with_affine(ir_node, taken):
              "x_shapes": [shape], "hyper": {"normalized_shape": ir_node["hyper"]["normalized_shape"]}}]
 
 
+def _ir_node(node, name, rule, hyper, inputs, x_shapes, y_shape, params=None, param_shapes=None):
+    return dict(name=name, op=rule.key, rule=rule, hyper=hyper, buffers={}, inputs=inputs, x_shapes=x_shapes,
+                x_shape=x_shapes[0], y_shape=y_shape, params=params or {}, param_shapes=param_shapes or {},
+                source=_source(node), fx_name=node.name)
+
+
+def _chain_ir(node, source, x_shape, steps, taken, stem=None):
+    """IR nodes for ``steps`` (``(rule key, hyper, y_shape[, params, param_shapes])``) applied to IR node ``source``."""
+    chain = []
+    for key, hyper, y_shape, *params in steps:
+        rule = TABLE[key]
+        name = _identifier(stem or (node.name if not chain else f"{node.name}_{key}"), rule.key, taken)
+        chain.append(_ir_node(node, name, rule, hyper, [source], [x_shape], y_shape, *params))
+        source, x_shape, stem = name, y_shape, None
+    return chain
+
+
+def _window_pool_ir(node, source, x_shape, axes, taken):
+    """Average pooling with windows of different sizes, one axis after the other: each output position is the mean
+    (sum / divisor) of a crop of its window, and ``cat`` joins them (a constant linear map, exact).
+    ``axes``: {axis counted with the batch: [(start, stop, divisor), ...]}."""
+    chain = []
+    for axis, windows in axes.items():
+        ends = [_chain_ir(node, source, x_shape, steps, taken, f"{node.name}_{axis}_{j}")
+                for j, steps in enumerate(window_branches(x_shape, axis, windows))]
+        chain += [n for branch in ends for n in branch]
+        y_shape = tuple(len(windows) if a == axis - 1 else s for a, s in enumerate(x_shape))
+        if len(ends) == 1:  # one window: no cat
+            source, x_shape = ends[0][-1]["name"] if ends[0] else source, y_shape
+            continue
+        name = _identifier(f"{node.name}_{axis}", "cat", taken)
+        chain.append(_ir_node(node, name, TABLE["cat"], {"dim": axis}, [b[-1]["name"] for b in ends],
+                              [b[-1]["y_shape"] for b in ends], y_shape))
+        source, x_shape = name, y_shape
+    return chain
+
+
+def _uneven_pool_windows(node, op, rule, module, x_shape):
+    """{axis: windows} of an average pooling whose windows differ in size or divisor, else None (``chains.py``)."""
+    if op in ("adaptiveavgpool1d", "adaptive_avg_pool1d", "adaptiveavgpool2d", "adaptive_avg_pool2d"):
+        out = _adaptive_output_size(node, op, module, x_shape)
+        if all(x % o == 0 for x, o in zip(x_shape[-len(out):], out)):
+            return None  # even windows: an average pooling
+        first = len(x_shape) - len(out) + 1
+        return {axis: adaptive_windows(x_shape[axis - 1], o) for axis, o in enumerate(out, start=first)
+                if o != x_shape[axis - 1]}
+    if rule is None or not rule.key.startswith("avg_pool"):
+        return None
+    if module is None:
+        bound = {**_FUNCTIONAL_DEFAULTS[rule.key], **dict(zip(_FUNCTIONAL_ARGS[rule.key], node.args)), **node.kwargs}
+        module = SimpleNamespace(**bound)
+    override = getattr(module, "divisor_override", None)
+    if not module.ceil_mode and module.count_include_pad and not override:
+        return None
+    size = {"1d": _single, "3d": _triple}.get(rule.key[-2:], _pair)
+    kernel, padding = size(module.kernel_size), size(module.padding)
+    stride = size(module.stride or module.kernel_size)
+    first = len(x_shape) - len(kernel) + 1
+    axes = {axis: avg_pool_windows(x_shape[axis - 1], k, s, p, module.ceil_mode, module.count_include_pad)
+            for axis, k, s, p in zip(range(first, len(x_shape) + 1), kernel, stride, padding)}
+    if override:  # sum over the window, divided by the override once
+        axes = {axis: [(a, b, override if axis == len(x_shape) else 1) for a, b, _ in windows]
+                for axis, windows in axes.items()}
+    return axes
+
+
+def _chained_nodes(node, op, tensor_args, modules, param_names, names, taken):
+    """(source fx node, IR nodes) for an op lowered as several existing rules, else ``None`` (``chains.py``)."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:]) if tensor_args else None
+    windows = _uneven_pool_windows(node, op, TABLE.get(op), module, x_shape) if tensor_args else None
+    if windows is not None:
+        source, steps = tensor_args[0], None
+    elif op == "groupnorm" and module is not None:
+        source, steps = tensor_args[0], group_norm_chain(module, x_shape, param_names)
+    else:
+        chain = shape_chain(node, op)
+        if chain is None:
+            return None
+        (source, steps), x_shape = chain, tuple(chain[0].meta["tensor_meta"].shape[1:])
+    if source not in names:
+        return source, []  # its input failed to lower; that is reported
+    if steps is None:
+        return source, _window_pool_ir(node, names[source], x_shape, windows, taken)
+    return source, _chain_ir(node, names[source], x_shape, steps, taken)
+
+
 def _lower_nodes(module, example_input, absorb_log_softmax=False):
     """IR nodes in topological order; ``inputs`` names the producing IR nodes (``"x"`` for the model input)."""
     modules = dict(module.named_modules())
@@ -503,6 +589,23 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
                 u.op == "output" for u in node.users):
             names[node] = node.name
             ir_nodes.append(dict(name=node.name, op="log_softmax", fx_name=node.name, inputs=[names[tensor_args[0]]]))
+            continue
+        if isinstance(meta, TensorMetadata) and meta.shape[:1] != example_input.shape[:1]:
+            problems.append(f"its output has shape {tuple(meta.shape)}, which does not keep the batch "
+                            f"({example_input.shape[0]}) as its first axis (hbpc compiles per-sample maps): {where}")
+            continue
+        if is_split(op, meta):
+            continue  # each output is lowered where a getitem picks it
+        try:
+            chained = _chained_nodes(node, op, tensor_args, modules, param_names, names, taken)
+        except ValueError as error:
+            problems.append(f"{error}: {where}")
+            continue
+        if chained is not None:
+            source, chain = chained
+            if source in names:
+                ir_nodes += chain
+                names[node] = chain[-1]["name"] if chain else names[source]
             continue
         try:
             rule, hyper, params, param_shapes = _lower_node(node, op, TABLE.get(op), tensor_args, modules, module,
