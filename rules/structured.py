@@ -5,6 +5,9 @@
 ``g`` at kernel offset ``k`` of output location ``l``), ``"transposed_patches"`` (the same for a
 transposed convolution: the patches of the zero-inserted, padded input, kernel offsets reversed) or ``"standardize"``
 (eval-mode normalisation with the running statistics: ``X = (x − μ_c) / sqrt(σ²_c + ε)``).
+
+``SHAPE_OPS`` are parameter-free linear maps (and GroupNorm's per-channel affine map) that hbpc/export/chains.py
+lowers shape ops, uneven pooling and GroupNorm onto; ``crop`` is ``pad`` with negative padding.
 """
 from math import prod
 
@@ -148,7 +151,8 @@ SHAPE_OPS = [
     Structured("mean", out=(n, g, l), expr=Σ(X[n, g, k, l], k) / K, params={}, views=_reduce_views,
                constants=lambda h: {K: h["divisor"]}, forward="{x}.sum({dim}, keepdim=True) / {divisor}"),
     Structured("channel_affine", out=(n, c, l), expr=W[c] * X[n, c, l] + b[c], params={"weight": W, "bias": b},
-               views=_norm_views, forward="torch.addcmul({bias}.reshape({broadcast}), {x}, {weight}.reshape({broadcast}))"),
+               views=_norm_views,
+               forward="torch.addcmul({bias}.reshape({broadcast}), {x}, {weight}.reshape({broadcast}))"),
 ]
 
 SELECTIONS = [
@@ -164,8 +168,10 @@ SELECTIONS = [
                 "{padding}, {dilation}, ceil_mode=True, return_indices=True)") for d in (1, 2, 3)),
     Selection("pad", "pad", "torch.nn.functional.pad({x}, {padding})", aliases=("zeropad2d",)),
     Selection("crop", "crop", "torch.nn.functional.pad({x}, {padding})"),  # negative padding crops
-    Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})", aliases=("flatten", "view", "unflatten", "unsqueeze", "squeeze")),
-    Selection("identity", "identity", "{x}", aliases=("dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous")),
+    Selection("reshape", "reshape", "{x}.reshape({x}.shape[0], *{y_shape})",
+              aliases=("flatten", "view", "unflatten", "unsqueeze", "squeeze")),
+    Selection("identity", "identity", "{x}",
+              aliases=("dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous")),
     Selection("add", "add", "{x0} + {x1}"),
     Selection("cat", "cat", "torch.cat([{xs}], {dim})"),
 ]

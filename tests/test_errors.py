@@ -72,8 +72,9 @@ CASES = {
                     ["CrossEntropyLoss with weight is not supported", "use CrossEntropyLoss() without weight"]),
     "loss-not-module": ("model = nn.Linear(3, 2)\nexample_input = torch.zeros(2, 3)\nloss_fn = 'mse'\n",
                         ["`loss_fn` must be an nn.Module"]),
-    "ceil-mode": ("model = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten())\n"
-                  "example_input = torch.zeros(2, 1, 4, 4)\nloss_fn = nn.MSELoss()\n", ["ceil_mode=True"]),
+    "padding-mode": ("model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode='reflect'), nn.Flatten())\n"
+                     "example_input = torch.zeros(2, 1, 4, 4)\nloss_fn = nn.MSELoss()\n",
+                     ["only numeric zero padding is supported"]),
     "ce-on-images": ("model = nn.Conv2d(1, 2, 3)\nexample_input = torch.zeros(2, 1, 5, 5)\n",
                      ["needs logits of shape (N, C)", "use MSELoss"]),
 }

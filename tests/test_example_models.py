@@ -19,6 +19,7 @@ PARAMETERS = {
     "mlp_fashion_mnist": 109_386,
     "cnn_fashion_mnist": 5_994,
     "logreg_fashion_mnist": 7_850,
+    "cnn1d_fashion_mnist": 2_954,
 }
 
 

@@ -180,8 +180,8 @@ def test_blocks_match_per_sample_reference(key, curvature_name, flags):
 
 
 def test_unsupported_options_are_refused():
-    for layer in (nn.Conv1d(2, 2, 3, padding="same"), nn.MaxPool1d(2, ceil_mode=True),
-                  nn.AvgPool1d(2, count_include_pad=False), nn.Conv1d(2, 2, 3, padding_mode="circular")):
+    for layer in (nn.Conv1d(2, 2, 3, padding="same"), nn.ReflectionPad1d(1),
+                  nn.Upsample(scale_factor=2), nn.Conv1d(2, 2, 3, padding_mode="circular")):
         model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(3))
         model(torch.zeros(2, 2, 8))
         with pytest.raises(hbpc.HbpcError, match="supported"):

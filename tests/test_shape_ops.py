@@ -1,11 +1,14 @@
 """Issue 16 (front end): shape-specialized tracing, shape ops, uneven pooling, RMSNorm and GroupNorm lowered onto
 existing rules; exact against autograd in float64."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import hbpc
+from hbpc.export import load_model_file
 from hbpc.export.chains import adaptive_windows, avg_pool_windows
 from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
@@ -100,8 +103,18 @@ def _blocks_of(matrix, model):
 @pytest.mark.parametrize("loss_key", list(LOSSES))
 @pytest.mark.parametrize("key", list(MODELS))
 def test_ops_are_exact(key, loss_key):
+    _assert_exact(*_setup(key, loss_key, 3))
+
+
+def test_example_cnn1d_with_uneven_adaptive_pooling_is_exact():
+    spec = load_model_file(Path(__file__).parents[1] / "examples" / "models" / "cnn1d_fashion_mnist.py")
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, *spec.example_input.shape[1:], generator=generator, dtype=torch.float64)
+    _assert_exact(spec.model.double(), x, torch.randint(10, (3,), generator=generator), spec.loss_fn)
+
+
+def _assert_exact(model, x, t, loss_fn):
     """Loss, gradient, full Hessian and GGN products, exact block products, and the blocks at N = 1."""
-    model, x, t, loss_fn = _setup(key, loss_key, 3)
     curvature = hbpc.compile_model(model, x[:2], loss_fn).Curvature(model)  # compiled for N = 2, run at N = 3
     loss = curvature.forward_backward(x, t)
     expected = loss_fn(model(x), t)
@@ -211,15 +224,16 @@ def test_nanogpt_attention_traces_and_names_the_missing_ops():
 
 
 @pytest.mark.parametrize("forward, fragment", [
-    (lambda x: x.view(-1, 2).sum(1, keepdim=True).view(4, -1), "does not keep the batch"),
-    (lambda x: x.sum(), "does not keep the batch"),
-    (lambda x: x[0], "indexing the batch axis"),
-    (lambda x: x[:, [0, 2]], "indexing with tensors, lists or booleans"),
-    (lambda x: x.permute(1, 0), "keep the batch axis first"),
-    (lambda x: x.transpose(0, 1), "is the batch axis"),
-    (lambda x: x.mean(0), "is the batch axis"),
+    (lambda x, m: x.view(-1, 2).sum(1, keepdim=True).view(4, -1), "does not keep the batch"),
+    (lambda x, m: x.sum(), "does not keep the batch"),
+    (lambda x, m: x[0], "indexing the batch axis"),
+    (lambda x, m: x[:, [0, 2]], "indexing with tensors, lists or booleans"),
+    (lambda x, m: x.permute(1, 0), "keep the batch axis first"),
+    (lambda x, m: x.transpose(0, 1), "is the batch axis"),
+    (lambda x, m: x.mean(0), "is the batch axis"),
+    (lambda x, m: x + m.fc.weight[:, 0], "unsupported op 'getitem'"),  # a parameter sliced
 ])
-def test_shape_ops_on_the_batch_are_refused(forward, fragment):
+def test_shape_ops_on_the_batch_and_sliced_parameters_are_refused(forward, fragment):
     """The example batch (4) equals the feature size, so only the ops' own checks can tell the axes apart."""
     class Model(nn.Module):
         def __init__(self):
@@ -227,7 +241,7 @@ def test_shape_ops_on_the_batch_are_refused(forward, fragment):
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
-            return forward(self.fc(x))
+            return forward(self.fc(x), self)
 
     with pytest.raises(hbpc.HbpcError, match=fragment):
         hbpc.compile_model(Model(), torch.zeros(4, 4), nn.CrossEntropyLoss())

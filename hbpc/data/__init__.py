@@ -13,6 +13,7 @@ from hbpc.data.datasets import (
 )
 from hbpc.data.errors import CorruptDataFile, DatasetMissing
 from hbpc.data.idx import read_idx
+from hbpc.data.text import TextCorpus, load_stdlib_text, token_batches
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -20,11 +21,14 @@ __all__ = [
     "CorruptDataFile",
     "DatasetMissing",
     "ImageData",
+    "TextCorpus",
     "load_cifar10",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
     "load_mnist",
+    "load_stdlib_text",
     "minibatches",
     "read_idx",
+    "token_batches",
 ]

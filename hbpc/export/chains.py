@@ -37,6 +37,13 @@ def _is_multi_output(meta) -> bool:
     return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
 
 
+def _name(node) -> str:
+    """The op name of a call: ``x.split`` and ``torch.split`` are both ``split``."""
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
 def _shape(node):
     return tuple(node.meta["tensor_meta"].shape)
 
@@ -132,7 +139,7 @@ def _index_chain(x_shape, y_shape, index):
 
 def _split_chain(split, position, x_shape):
     """Output ``position`` of a split/chunk/unbind of an input of per-sample shape ``x_shape``: a crop."""
-    op = split.target if split.op == "call_method" else split.target.__name__
+    op = _name(split)
     rank = len(x_shape) + 1
     dim = _arg(split, 1 if op == "unbind" else 2, "dim", 0)
     axis = _axis(dim, rank)
@@ -160,10 +167,12 @@ def shape_chain(node, op):
     if op not in SHAPE_CHAINS or node.op not in ("call_function", "call_method"):
         return None
     source = node.args[0] if node.args else node.kwargs.get("input")
-    if not isinstance(source, fx.Node):
-        return None
+    if not isinstance(source, fx.Node) or source.op == "get_attr":
+        return None  # a parameter or constant sliced: not a map of the input (reported as unsupported)
     y_shape = tuple(node.meta["tensor_meta"].shape[1:])
     if op == "getitem" and _is_multi_output(source.meta.get("tensor_meta")):
+        if _name(source) not in _SPLITS:
+            return None  # an output of another multi-output op (an LSTM's): not a selection
         split, position = source, node.args[1]
         return split.args[0], _split_chain(split, position, _shape(split.args[0])[1:])
     x_shape = _shape(source)[1:]

@@ -1,4 +1,6 @@
-"""Trace a model with torch.fx and lower it to the IR: a ``networkx.DiGraph`` chain.
+"""Trace a model with torch.fx (sizes specialized to the example input: ``trace.py``) and lower it to the IR:
+a ``networkx.DiGraph`` chain. Ops that are several existing rules in a row (shape ops, GroupNorm, uneven
+pooling) become several IR nodes (``chains.py``).
 
 Every IR node has the attributes
 

@@ -1,6 +1,7 @@
-# A loop over the batch dimension cannot be traced either.
-# expect: torch.fx could not trace the model
-# expect: no Python control flow on tensor values
+# A loop over the batch dimension is unrolled for the example's batch size (sizes are specialized while tracing),
+# and refused: its ops index single samples, so they do not keep the batch first.
+# expect: the model uses ops hbpc cannot compile
+# expect: does not keep the batch (2) as its first axis (hbpc compiles per-sample maps): node `getitem`
 import torch
 from torch import nn
 

@@ -1,5 +1,5 @@
 # Every unsupported op is reported at once.
-# expect: unsupported op 'groupnorm'
+# expect: unsupported op 'hardswish'
 # expect: unsupported op 'prelu'
 # expect: unsupported op 'exp'
 # expect: {here}
@@ -11,7 +11,7 @@ class M(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(3, 4)
-        self.norm = nn.GroupNorm(2, 4)
+        self.norm = nn.Hardswish()
         self.act = nn.PReLU()
         self.out = nn.Linear(4, 2)
 
