@@ -10,6 +10,7 @@ from torch import nn
 import hbpc
 from hbpc.export import load_model_file
 from hbpc.export.chains import adaptive_windows, avg_pool_windows
+from reference import hbp_blocks, recursion_blocks
 from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
 
@@ -257,3 +258,42 @@ def test_batch_norm_in_training_mode_is_still_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).train()
     with pytest.raises(hbpc.HbpcError, match="couples the samples"):
         hbpc.compile_model(model, torch.zeros(2, 4), nn.CrossEntropyLoss())
+
+
+class ChainOfShapeOps(nn.Module):
+    """A chain (for the per-sample reference recursion): transpose, strided slice, permute, GroupNorm, uneven
+    adaptive pooling, RMSNorm, mean over an axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 2)
+        self.group_norm = nn.GroupNorm(2, 4)
+        self.rms_norm = nn.RMSNorm(3, eps=1e-5)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):                                         # (N, 2, 11)
+        h = torch.tanh(self.conv(x)).transpose(1, 2)[:, ::3]      # (N, 4, 4)
+        h = self.group_norm(torch.sigmoid(h).permute(0, 2, 1))    # (N, 4, 4)
+        h = self.rms_norm(torch.tanh(F.adaptive_avg_pool1d(h, 3)))  # (N, 4, 3)
+        return self.fc(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("flags", [(True, True), (False, False)])
+@pytest.mark.parametrize("curvature_name", ["hessian", "ggn", "pch-abs", "pch-clip"])
+def test_blocks_match_per_sample_reference(curvature_name, flags):
+    torch.manual_seed(0)
+    model = ChainOfShapeOps().double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 11, generator=generator, dtype=torch.float64)
+    t = torch.randint(3, (3,), generator=generator)
+    loss_fn = nn.CrossEntropyLoss()
+    curvature = hbpc.compile_model(model, x, loss_fn).Curvature(model)
+    curvature.forward_backward(x, t)
+    expected = hbp_blocks(model, loss_fn, x, t, curvature_name, *flags)
+    blocks = curvature.blocks(curvature_name, *flags)
+    exact = recursion_blocks(model, loss_fn, x, t, curvature_name)
+    products = curvature.block_products(curvature_name)
+    for name, p in model.named_parameters():
+        assert torch.allclose(blocks[name].to_dense(), expected[name], atol=1e-10), name
+        basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
+        assert torch.allclose(products[name](basis).reshape(p.numel(), -1), exact[name], atol=1e-10), name
