@@ -13,7 +13,7 @@ import sympy as sp
 
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import torch_code
+from hbpc.derive.printer import formula, torch_code
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
 from .names import safe_text
@@ -40,12 +40,13 @@ class NodeCode:
     mean_vjp: object = None
     blocks: dict = field(default_factory=dict)  # role -> method name taking (S, average)
     cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
+    tangent_view: str = None  # the method viewing an input tangent as the rule's X, if it is not the tangent itself
     cross: object = None  # multi-input nodes: (i, j) -> code for E[J_i]ᵀ S E[J_j]
     curvature_temporaries: list = None  # per input: entries input_curvature[i] allocates besides S and its result
-    block_factor_entries: list = field(default_factory=list)  # code: entries of the factors blocks() keeps besides S
+    block_factor_entries: list = field(default_factory=list)  # (b, gram) per Kronecker block blocks() keeps
 
 
-CHUNK_ENTRIES = 2**22  # the chunk_entries default of the prelude's chunked helpers
+CHUNK_ENTRIES = 2**22  # the chunk_entries default of hbpc.runtime's chunked helpers
 
 
 def sandwich_temporaries(d_x, d_y) -> int:
@@ -106,7 +107,9 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")
         code.residual = f"self.{name}_r"
         code.residual_product = lambda t, mode: f"residual_product(self.{name}_r, {t}, {mode})"
-    doc = f"φ = {rule.phi},  φ′ = {derivation.d1},  φ″ = {derivation.d2}"
+        code.methods += _method(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
+                                [f"return residual_product(self.{name}_r, t, curvature)"])
+    doc = f"φ = {formula(rule.phi)},  φ′ = {formula(derivation.d1)},  φ″ = {formula(derivation.d2)}"
     code.methods += _method(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
     code.methods += _method(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"
@@ -176,6 +179,10 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     if rule.primitive == "add":
         code.jvp = lambda tangents: " + ".join(t for t in tangents if t)
         code.vjp = lambda u: [u] * len(input_vars)
+        code.methods += _method(f"_{name}_jvp(self, tangents)", "J v = Σ_i v_i over the inputs with a tangent",
+                                ["present = [t for t in tangents if t is not None]", "total = present[0]",
+                                 "for t in present[1:]:", "    total = total + t", "return total"])
+        code.methods += _method(f"_{name}_vjp(self, u)", "Jᵢᵀ u = u for every input", [f"return [u] * {len(input_vars)}"])
         code.input_curvature = ["S"] * len(input_vars)
         code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
@@ -187,6 +194,10 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
         code.methods += _method(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
                                 [f"return u.narrow({axis}, {offset}, {shape[axis]})"])
     code.jvp = lambda tangents: f"cat_tangents([{', '.join(t or 'None' for t in tangents)}], {x_shapes!r}, {axis})"
+    code.methods += _method(f"_{name}_jvp(self, tangents)", "J v: the inputs' tangents concatenated, zeros where none",
+                            [f"return cat_tangents(tangents, {x_shapes!r}, {axis})"])
+    code.methods += _method(f"_{name}_vjp(self, u)", "Jᵢᵀ u for every input: its slice",
+                            [f"return [{', '.join(f'self._{name}_vjp{i}(u)' for i in range(len(x_shapes)))}]"])
     code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
     code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
                             for i, shape in enumerate(x_shapes)]
@@ -247,13 +258,12 @@ def _patch_args(node):
     return f"{kernel_size!r}, {stride!r}, {padding!r}, {dilation!r}"
 
 
-def tangent_view(name, node, tangent) -> str:
-    """Code for an input tangent as the rule's ``X`` (the view itself unless it is affine; the tangent itself
-    where a convolution is lowered to torch's kernels, which read the input unfolded)."""
+def tangent_view_method(name, node):
+    """The method viewing an input tangent as the rule's ``X`` (the view itself unless it is affine), or None where
+    that is the tangent itself (a convolution lowered to torch's kernels reads the input unfolded)."""
     if convolution_lowering(node) or _view_is_input(node):
-        return tangent
-    method = f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
-    return f"self.{method}({tangent})"
+        return None
+    return f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
 
 
 def _view_is_input(node) -> bool:
@@ -347,7 +357,7 @@ def _param_view(node, views, role) -> str:
 
 
 def _formula(derivation) -> str:
-    return str(derivation.jacobian).replace("\n", " ")
+    return formula(derivation.jacobian)
 
 
 def structured_code(name, node, input_vars, caches_view) -> NodeCode:
@@ -356,7 +366,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     views, constants = _view_shapes(node)
     x_rank = len(node["x_shape"])
     names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
-    expr = f"Y[{', '.join(map(str, rule.out))}] = {rule.expr}"
+    expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
     conv = convolution_lowering(node)
     code = NodeCode()
     code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
@@ -367,6 +377,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     if not _view_is_input(node):
         code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
                                 [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
+    code.tangent_view = tangent_view_method(name, node)
     if rule.input_view == "standardize":
         code.methods += _method(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
                                 [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
@@ -457,7 +468,8 @@ def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight,
     jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {_dims(views['Y'])})")
     vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {_dims(views['X'])})")
     y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
-    view_tangent = [] if _view_is_input(node) else [f"v = {tangent_view(name, node, 'v')}"]
+    view = tangent_view_method(name, node)
+    view_tangent = [f"v = self.{view}(v)"] if view else []
     view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast or not y_is_view else [])
     view_u += [] if y_is_view else [f"u = u.reshape(*lead, {_dims(views['Y'])})"]
     unview_x = (["return X"] if _view_is_input(node) else
@@ -534,10 +546,9 @@ def _kronecker_sizes(block, shape):
     return a, prod(shape) // a
 
 
-def _kronecker_factor_entries(block, shape) -> str:
-    """Code for the entries of B (or of its root R, N × b, when there are fewer samples than b)."""
-    b = _kronecker_sizes(block, shape)[1]
-    return f"min(self.N, {b}) * {b}" if _is_gram(block.factors[1]) else str(b * b)
+def _kronecker_factor_entries(block, shape) -> tuple:
+    """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
+    return _kronecker_sizes(block, shape)[1], _is_gram(block.factors[1])
 
 
 def _block_method(name, node, role, param, block, views, shape, names) -> list:

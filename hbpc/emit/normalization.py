@@ -10,7 +10,7 @@ from math import prod
 
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import torch_code
+from hbpc.derive.printer import formula, torch_code
 
 from .nodes import NodeCode, _dims, _fmt, _method, _single_input
 
@@ -22,7 +22,7 @@ def _statistics_method(name, node, derivation, groups, entries) -> list:
     names = [str(s) for s, _ in derivation.statistics]
     needed = max((names.index(r) + 1 for r in reads if r in names), default=0)
     lines = [f"{s} = {torch_code(definition.subs(values))}" for s, definition in derivation.statistics[:needed]]
-    definitions = ", ".join(f"{s} = {definition}" for s, definition in derivation.statistics)
+    definitions = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)
     return _method(f"_{name}_statistics(self, x, y)",
                    f"{', '.join(reads)} over each group of {entries} normalized entries, with {definitions}",
                    [f"x, y = x.reshape(-1, {groups}, {entries}), y.reshape(-1, {groups}, {entries})", *lines,
@@ -35,7 +35,7 @@ def _product_method(name, node, derivation, which, argument, doc, groups, entrie
     cached = [str(s) for s in derivation.reads() if s in expr.free_symbols] + (["g"] if which == "residual" else [])
     shared, out = derivation.code(which, node["hyper"])
     return _method(
-        f"_{name}_{which}(self, {argument})", doc.format(expr=expr),
+        f"_{name}_{which}(self, {argument})", doc.format(expr=formula(expr)),
         [*([f"{', '.join(cached)} = {', '.join(f'self.{name}_{c}' for c in cached)}"] if cached else []),
          f"lead = lead_shape({argument}, {len(node['x_shape'])})",
          f"{argument} = {argument}.reshape(*lead, {groups}, {entries})", *shared,
@@ -63,12 +63,12 @@ def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals().sum(0), "
                             "average_input_jacobian, curvature)"]
     code.mean_vjp = lambda i, M: f"grouped_mean_transpose(self._{name}_jacobians(), {M})"
-    statistics = ", ".join(f"{s} = {definition}" for s, definition in derivation.statistics)
+    statistics = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)
     args = (groups, entries)
     code.methods += [
         *(_statistics_method(name, node, derivation, *args) if reads else []),
         *_product_method(name, node, derivation, "jvp", "v",
-                         f"J v = {{expr}}, derived from y = {rule.phi} with {statistics}", *args),
+                         f"J v = {{expr}}, derived from y = {formula(rule.phi)} with {statistics}", *args),
         *_product_method(name, node, derivation, "vjp", "u", "Jᵀ u = {expr} (derived)", *args),
         *_product_method(name, node, derivation, "residual", "t",
                          "R t = {expr} (derived), R = Σ_i g_i ∂²y_i/∂x², g the gradient at the output", *args),
