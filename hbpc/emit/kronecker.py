@@ -17,19 +17,9 @@ from math import prod
 
 from .nodes import _method, cached_input_view
 
-FACTOR_OPS = ("linear", "conv1d", "conv2d", "conv3d")
-
-
-def factor_nodes(graph, order, uses) -> dict:
-    """{node: {role: parameter}} for Linear/ConvNd nodes (one group) whose parameters are used nowhere else
-    (``uses``: {parameter: [(node, role), ...]})."""
-    found = {}
-    for name in order:
-        node = graph.nodes[name]
-        if (node["op"] in FACTOR_OPS and node["hyper"].get("groups", 1) == 1 and "weight" in node["params"]
-                and all(len(uses[p]) == 1 for p in node["params"].values())):
-            found[name] = dict(node["params"])
-    return found
+def factor_nodes(graph, order) -> dict:
+    """{node: {role: parameter}} for the layers the plan made KFAC-family layers."""
+    return {name: dict(graph.nodes[name]["params"]) for name in order if graph.nodes[name]["plan"].kronecker}
 
 
 def factor_methods(name, node) -> list:

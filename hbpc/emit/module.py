@@ -44,7 +44,7 @@ def _with_classes(lines, classes):
     return [f"C = {classes}", *lines] if reads else lines
 
 
-def _loss_lines(graph, last):
+def _loss_lines(graph, last, loss_plan):
     rule = graph.graph["loss_rule"]
     derivation = derive(rule)
     N, C = sp.symbols("N C", positive=True, integer=True)
@@ -57,7 +57,7 @@ def _loss_lines(graph, last):
         raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
                         "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
                         "index entries 0 to C-1 only, or compile a model with more outputs")
-    smoothing = hyper.get("label_smoothing", 0.0)
+    smoothing = loss_plan.label_smoothing
     target = "t.to(z.dtype)" if rule.target == "class" else "t.reshape(N, -1).to(z.dtype)"
     if smoothing:
         target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
@@ -83,7 +83,7 @@ def _loss_lines(graph, last):
         "def _loss_hessian_product(self, v):",
         f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(doc)}"""', *_indent(hvp, 1), "",
     ]
-    if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
+    if loss_plan.sampled_fisher:
         sampled = [
             "labels = torch.multinomial(self.loss_softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"t = torch.nn.functional.one_hot(labels, {classes}).to(self.loss_z.dtype)  # (N, S, C) sampled targets",
@@ -120,15 +120,6 @@ def _backward(graph, order, codes, plan):
             if source in plan.upstream:
                 contributions.setdefault(source, []).append(codes[name].vjp(f"g_{name}")[i])
     return lines
-
-
-def _parameter_uses(graph, order):
-    """{parameter name: [(node, role), ...]} in graph order; a tied parameter has several uses."""
-    uses = {}
-    for name in order:
-        for role, param in graph.nodes[name]["params"].items():
-            uses.setdefault(param, []).append((name, role))
-    return uses
 
 
 def _pair(a, b, position):
@@ -265,11 +256,12 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     graph, plan = with_stems(graph, plan)  # node names as the identifiers' stems: no name can collide
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
+    for name in order:
+        graph.nodes[name]["plan"] = plans[name]
     codes = {name: node_code(name, graph.nodes[name], _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
-    loss_lines, loss_methods = _loss_lines(graph, last)
-    uses = _parameter_uses(graph, order)
-    factors = factor_nodes(graph, order, uses)
+    loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
+    factors = factor_nodes(graph, order)
     ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
     sweep = _sweep_method(graph, order, codes, plan, ledger)
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
@@ -282,8 +274,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     rule = graph.graph["loss_rule"]
     y_shape = graph.nodes[last]["y_shape"]
     classes = prod(y_shape)
-    sampled = "softmax" in derive(rule).intermediates
-    probabilities = rule.target == "class" and sampled and rule.key == "cross_entropy"  # its Hessian ignores t
+    sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
     if rule.target == "class":
         target_doc = f"class labels (N,) in [0, {classes})" + (
             f" or class probabilities (N, {classes}), rows summing to 1" if probabilities else "")

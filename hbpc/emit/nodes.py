@@ -14,6 +14,7 @@ import sympy as sp
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.printer import formula, torch_code
+from hbpc.derive.structured import is_gram, kronecker_split
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
 from .names import safe_text
@@ -276,29 +277,11 @@ def cached_input_view(name, node) -> str:
     return f"self._{name}_view(self.{name}_X)" if convolution_lowering(node) else f"self.{name}_X"
 
 
-# The derived input jvp of a convolution over unfolded patches: Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l]
-# (transposed: W[g, c, o, k]). Einsum spec and operands -> whether the map is the transposed convolution.
-_CONVOLUTION_JVPS = {
-    ("...abcd,...eacdf->...eabf", ("W", "v")): False,
-    ("...abcd,...eabdf->...eacf", ("W", "v")): True,
-}
-
-
 def convolution_lowering(node):
-    """``conv_options(...)`` code when torch's convolution kernels should compute the node's derived map, else None.
-
-    A lowering choice, not a second derivation: it applies only where the derived input jvp is the convolution
-    contraction over the patches view, and only where the patches hold more entries than the input (they
-    cost K× its memory and an unfold/fold per product); 1×1 kernels keep the einsums, whose patches are the input.
-    """
-    rule = node["rule"]
-    if rule.input_view not in ("patches", "transposed_patches") or "weight" not in node["params"]:
+    """``conv_options(...)`` code when the plan lowers the node's derived maps to torch's convolution kernels, else None."""
+    if not node["plan"].lowering:
         return None
-    jvp = derive(rule).tensors["X"].jvp
-    transposed = _CONVOLUTION_JVPS.get((jvp.spec, jvp.operands))
-    views, _ = _view_shapes(node)
-    if transposed != (rule.input_view == "transposed_patches") or jvp.coeff != 1 or prod(views["X"]) <= prod(node["x_shape"]):
-        return None
+    transposed = node["rule"].input_view == "transposed_patches"
     h = node["hyper"]
     output_padding = h.get("output_padding", (0,) * len(h["kernel_size"]))
     return (f"conv_options(stride={h['stride']!r}, padding={h['padding']!r}, dilation={h['dilation']!r}, "
@@ -406,7 +389,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
         code.blocks[role] = f"_{name}_{role}_block"
-        if tensor.block.kind == "kronecker":
+        if node["plan"].block(role).representation == "kronecker":
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
@@ -505,10 +488,9 @@ def _einsum_parameter_methods(name, node, role, param, tensor, views, constants,
 
 
 def _jacobian_is_weight(node, jx) -> bool:
-    """Whether the derived input jvp is Y[n, o] = Σ_i W[o, i] v[n, i] on the flat input: the Jacobian is W itself."""
+    """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
     views, _ = _view_shapes(node)
-    return (node["rule"].input_view == "reshape" and (jx.jvp.spec, jx.jvp.operands) == ("...ab,...cb->...ca", ("W", "v"))
-            and jx.jvp.coeff == 1 and len(views["X"]) == len(views["Y"]) == 1)
+    return node["plan"].kind == "matmul" and node["rule"].input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
 
 
 def _sandwich_code(name, node, jx) -> str:
@@ -524,14 +506,6 @@ def _sandwich_temporaries(node, jx) -> int:
     return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
 
 
-def _is_gram(einsum) -> bool:
-    """Whether the factor is Σ_n X[n, i] X[n, j] (a Gram matrix over samples)."""
-    inputs, output = einsum.spec.replace("...", "").split("->")
-    first, second = inputs.split(",") if "," in inputs else ("", "")
-    return (einsum.operands == ("X", "X") and len(first) == len(second) == 2 and first[0] == second[0]
-            and output == first[1] + second[1])
-
-
 def _gram_root(a, b, full) -> list:
     """Fewer samples than inputs (always so for x̄ x̄ᵀ): keep B's root X / sqrt(N) instead of B."""
     return [f"if X.shape[0] < {b}:  # B = R Rᵀ has rank <= N",
@@ -541,34 +515,35 @@ def _gram_root(a, b, full) -> list:
 
 def _kronecker_sizes(block, shape):
     """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
-    split = len(block.factors[0].spec.split("->")[1].replace("...", "")) // 2
-    a = prod(shape[:split])
+    a = prod(shape[:kronecker_split(block)])
     return a, prod(shape) // a
 
 
 def _kronecker_factor_entries(block, shape) -> tuple:
     """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
-    return _kronecker_sizes(block, shape)[1], _is_gram(block.factors[1])
+    return _kronecker_sizes(block, shape)[1], is_gram(block.factors[1])
 
 
 def _block_method(name, node, role, param, block, views, shape, names) -> list:
+    """The block method in the plan's representation (matrix-free where it chose that over the derived form)."""
+    representation = node["plan"].block(role).representation
     y_view = tuple(views["Y"])
     full = node["param_shapes"][role]
     size = prod(full)
     signature = f"_{name}_{role}_block(self, S, average)"
     reshape_s = f"S = S.reshape({_dims(y_view)}, {_dims(y_view)})"
-    if block.kind == "dense":
+    if representation == "dense":
         return _method(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
                        [reshape_s, f"B = {block.matrix.code(names)}",
                         f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
-    if block.kind == "kronecker":
+    if representation == "kronecker":
         a_factor, b_factor = block.factors
         a = _kronecker_sizes(block, shape)[0]
         return _method(
             signature,
             f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
             [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
-             *(_gram_root(a, size // a, full) if _is_gram(b_factor) else []),
+             *(_gram_root(a, size // a, full) if is_gram(b_factor) else []),
              f"B = {b_factor.code(names)}", "B /= X.shape[0]",
              f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
     return _method(
