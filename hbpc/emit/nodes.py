@@ -6,7 +6,6 @@ are tensors cached by ``forward_backward``; ``_<node>_jvp`` / ``_<node>_vjp``
 apply the node's input Jacobian, ``_<node>_<role>_jvp`` / ``_vjp`` its parameter Jacobians.
 ``<node>`` is the node's stem (``hbpc.emit.names``): no two nodes' identifiers collide.
 """
-from dataclasses import dataclass, field
 from math import prod
 
 import sympy as sp
@@ -15,36 +14,11 @@ from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.printer import formula, torch_code
 from hbpc.derive.structured import is_gram, kronecker_split
+from hbpc.kinds import handler
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
-from .names import safe_text
-
-
-@dataclass
-class NodeCode:
-    """Everything the module assembler needs from one node.
-
-    ``jvp(tangents)`` and ``vjp(u)`` return code: the output tangent from the inputs' tangents
-    (``None`` where an input has none), and one input cotangent per input. ``input_curvature[i]``
-    is code for ``S`` at input ``i`` given ``S`` at the output; ``mean_vjp(i, M)`` is code for
-    ``E[J_i]ᵀ M`` for a ``(d_y, k)`` matrix ``M`` (the cross terms of HBP over a graph).
-    """
-
-    forward: list = field(default_factory=list)
-    jvp: object = None
-    vjp: object = None
-    backward: list = field(default_factory=list)
-    methods: list = field(default_factory=list)
-    residual: str = None          # attribute holding the residual coefficient r = g ⊙ φ″, if any
-    residual_product: object = None  # (t, mode) -> code for mode(R) t, if the node has a residual
-    input_curvature: list = field(default_factory=list)
-    mean_vjp: object = None
-    blocks: dict = field(default_factory=dict)  # role -> method name taking (S, average)
-    cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
-    tangent_view: str = None  # the method viewing an input tangent as the rule's X, if it is not the tangent itself
-    cross: object = None  # multi-input nodes: (i, j) -> code for E[J_i]ᵀ S E[J_j]
-    curvature_temporaries: list = None  # per input: entries input_curvature[i] allocates besides S and its result
-    block_factor_entries: list = field(default_factory=list)  # (b, gram) per Kronecker block blocks() keeps
+from .code import NodeCode, dims, fill_template, method_lines, param_code, single_input
+from .normalization import normalization_code
 
 
 CHUNK_ENTRIES = 2**22  # the chunk_entries default of hbpc.runtime's chunked helpers
@@ -62,34 +36,6 @@ def take_temporaries(d_x, d_y) -> int:
     return max(2 * d_y * d_x, 5 * max(d_y * d_y, min(CHUNK_ENTRIES, d_x * d_x)))
 
 
-def _single_input(code, name):
-    code.jvp = lambda tangents: f"self._{name}_jvp({tangents[0]})"
-    code.vjp = lambda u: [f"self._{name}_vjp({u})"]
-
-
-def _dims(shape) -> str:
-    """``(1, 8, 25)`` as ``1, 8, 25`` for reshape arguments."""
-    return ", ".join(map(str, shape))
-
-
-def param_code(name: str) -> str:
-    return f"self.p[{name!r}]"
-
-
-def _method(signature: str, doc: str, body: list) -> list:
-    return [f"def {signature}:", f'    """{safe_text(doc)}"""', *("    " + line for line in body), ""]
-
-
-def _fmt(template: str, node, input_vars: list) -> str:
-    values = {key: repr(value) for key, value in node["hyper"].items()}
-    values.update({role: param_code(name) for role, name in node["params"].items()})
-    values.update({role: f"self.buffers[{name!r}]" for role, name in node.get("buffers", {}).items()})
-    values.setdefault("bias", "None")
-    values.update({f"x{i}": var for i, var in enumerate(input_vars)})
-    values.update(x=input_vars[0], xs=", ".join(input_vars), y_shape=repr(node["y_shape"]))
-    return template.format(**values)
-
-
 def elementwise_code(name, node, input_vars) -> NodeCode:
     rule, derivation = node["rule"], derive(node["rule"])
     input_var = input_vars[0]
@@ -100,19 +46,19 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     d1 = f"torch.full_like({input_var}, {torch_code(d1_expr)})" if d1_expr.is_number else torch_code(d1_expr)
     d2 = derivation.d2.subs(values).subs(rename)
     code = NodeCode()
-    forward = (_fmt(rule.forward, node, input_vars) if rule.forward
+    forward = (fill_template(rule.forward, node, input_vars) if rule.forward
                else torch_code(rule.phi.subs(values).subs(rename)))
     code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {d1}"]
-    _single_input(code, name)
+    single_input(code, name)
     if d2 != 0:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")
         code.residual = f"self.{name}_r"
         code.residual_product = lambda t, mode: f"residual_product(self.{name}_r, {t}, {mode})"
-        code.methods += _method(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
+        code.methods += method_lines(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
                                 [f"return residual_product(self.{name}_r, t, curvature)"])
     doc = f"φ = {formula(rule.phi)},  φ′ = {formula(derivation.d1)},  φ″ = {formula(derivation.d2)}"
-    code.methods += _method(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
-    code.methods += _method(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
+    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
+    code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"
     code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
     code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
@@ -147,7 +93,7 @@ def selection_code(name, node, input_vars) -> NodeCode:
     values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
     d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
     code = NodeCode()
-    forward = _fmt(rule.forward, node, input_vars)
+    forward = fill_template(rule.forward, node, input_vars)
     if rule.primitive == "take":
         code.forward = [f"a_{name}, self.{name}_idx = {forward}"]
         if flat:
@@ -165,10 +111,10 @@ def selection_code(name, node, input_vars) -> NodeCode:
         code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {x_shape}, {y_shape})"]
         code.curvature_temporaries = [sandwich_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {y_shape})"
-    _single_input(code, name)
-    code.methods += _method(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
+    single_input(code, name)
+    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
                             [f"return {jvp.format(**values)}"])
-    code.methods += _method(f"_{name}_vjp(self, u)", f"Jᵀ u for {rule.key}", [f"return {vjp.format(**values)}"])
+    code.methods += method_lines(f"_{name}_vjp(self, u)", f"Jᵀ u for {rule.key}", [f"return {vjp.format(**values)}"])
     return code
 
 
@@ -176,14 +122,14 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     """``add`` (Jᵢ = I) and ``cat`` (Jᵢ selects input i's slice): linear and sample-independent."""
     rule, y_shape, x_shapes = node["rule"], node["y_shape"], node["x_shapes"]
     code = NodeCode()
-    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
+    code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
     if rule.primitive == "add":
         code.jvp = lambda tangents: " + ".join(t for t in tangents if t)
         code.vjp = lambda u: [u] * len(input_vars)
-        code.methods += _method(f"_{name}_jvp(self, tangents)", "J v = Σ_i v_i over the inputs with a tangent",
+        code.methods += method_lines(f"_{name}_jvp(self, tangents)", "J v = Σ_i v_i over the inputs with a tangent",
                                 ["present = [t for t in tangents if t is not None]", "total = present[0]",
                                  "for t in present[1:]:", "    total = total + t", "return total"])
-        code.methods += _method(f"_{name}_vjp(self, u)", "Jᵢᵀ u = u for every input", [f"return [u] * {len(input_vars)}"])
+        code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u = u for every input", [f"return [u] * {len(input_vars)}"])
         code.input_curvature = ["S"] * len(input_vars)
         code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
@@ -192,12 +138,12 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     axis = node["hyper"]["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
     offsets = [sum(shape[axis] for shape in x_shapes[:i]) for i in range(len(x_shapes))]
     for i, (offset, shape) in enumerate(zip(offsets, x_shapes)):
-        code.methods += _method(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
+        code.methods += method_lines(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
                                 [f"return u.narrow({axis}, {offset}, {shape[axis]})"])
     code.jvp = lambda tangents: f"cat_tangents([{', '.join(t or 'None' for t in tangents)}], {x_shapes!r}, {axis})"
-    code.methods += _method(f"_{name}_jvp(self, tangents)", "J v: the inputs' tangents concatenated, zeros where none",
+    code.methods += method_lines(f"_{name}_jvp(self, tangents)", "J v: the inputs' tangents concatenated, zeros where none",
                             [f"return cat_tangents(tangents, {x_shapes!r}, {axis})"])
-    code.methods += _method(f"_{name}_vjp(self, u)", "Jᵢᵀ u for every input: its slice",
+    code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u for every input: its slice",
                             [f"return [{', '.join(f'self._{name}_vjp{i}(u)' for i in range(len(x_shapes)))}]"])
     code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
     code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
@@ -302,27 +248,27 @@ def _input_view(node, views, tensor, tangent=False) -> str:
     view = node["rule"].input_view
     if view == "transposed_patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
-        return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {_dims(views['X'])})"
+        return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {dims(views['X'])})"
     if view == "patches" and _is_3d(node):
-        return f"patches_nd({tensor}, {_nd_args(node)}).reshape(*lead, {_dims(views['X'])})"
+        return f"patches_nd({tensor}, {_nd_args(node)}).reshape(*lead, {dims(views['X'])})"
     if view == "patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
-        return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {_dims(views['X'])})"
+        return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {dims(views['X'])})"
     if view == "standardize":
-        flat = f"{tensor}.reshape(*lead, {_dims(views['X'])})"
+        flat = f"{tensor}.reshape(*lead, {dims(views['X'])})"
         centred = flat if tangent else f"({flat} - {_buffer(node, 'running_mean')}[:, None])"
         return f"{centred} * {_rstd(node)}"
-    return f"{tensor}.reshape(*lead, {_dims(views['X'])})"
+    return f"{tensor}.reshape(*lead, {dims(views['X'])})"
 
 
 def _input_view_adjoint(node, views, tensor) -> str:
     if node["rule"].input_view == "standardize":
-        return f"({tensor} * {_rstd(node)}).reshape(*lead, {_dims(node['x_shape'])})"
+        return f"({tensor} * {_rstd(node)}).reshape(*lead, {dims(node['x_shape'])})"
     if node["rule"].input_view == "transposed_patches":
         flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
         x_shape = _as_2d(node)[-1]
         adjoint = f"transposed_patches_adjoint({flat}, {x_shape!r}, {_transposed_args(node)})"
-        return f"{adjoint}.reshape(*lead, {_dims(node['x_shape'])})" if _is_1d(node) else adjoint
+        return f"{adjoint}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else adjoint
     if node["rule"].input_view == "patches" and _is_3d(node):
         flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
         return f"patches_nd_adjoint({flat}, {node['x_shape']!r}, {_nd_args(node)})"
@@ -330,8 +276,8 @@ def _input_view_adjoint(node, views, tensor) -> str:
         k, _, _, _, x_shape = _as_2d(node)
         flat = f"{tensor}.reshape(*lead, {x_shape[0] * k[0] * k[1]}, {views['X'][-1]})"
         folded = f"patches_adjoint({flat}, {x_shape!r}, {_patch_args(node)})"
-        return f"{folded}.reshape(*lead, {_dims(node['x_shape'])})" if _is_1d(node) else folded
-    return f"{tensor}.reshape(*lead, {_dims(node['x_shape'])})"
+        return f"{folded}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else folded
+    return f"{tensor}.reshape(*lead, {dims(node['x_shape'])})"
 
 
 def _param_view(node, views, role) -> str:
@@ -352,17 +298,17 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
     conv = convolution_lowering(node)
     code = NodeCode()
-    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
+    code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
     if caches_view:
         view = input_var if conv or _view_is_input(node) else f"self._{name}_view({input_var})"
         code.forward.append(f"self.{name}_X = {view}")
         code.backward.append(f"self.{name}_g = g_{name}")
     if not _view_is_input(node):
-        code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
+        code.methods += method_lines(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
                                 [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
     code.tangent_view = tangent_view_method(name, node)
     if rule.input_view == "standardize":
-        code.methods += _method(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
+        code.methods += method_lines(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
                                 [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
 
     jx = derivation.tensors["X"]
@@ -376,7 +322,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.methods += _conv_input_methods(name, node, conv, expr)
     else:
         code.methods += _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature)
-    _single_input(code, name)
+    single_input(code, name)
 
     for role, param in node["params"].items():
         tensor = derivation.tensors[role]
@@ -405,19 +351,19 @@ def _conv_input_methods(name, node, conv, expr) -> list:
     weight = param_code(node["params"]["weight"])
     lowered = "the einsum over unfolded patches, computed by torch's convolution"
     return [
-        *_method(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
+        *method_lines(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
                  [f"return conv_apply(v, {weight}, {conv})"]),
-        *_method(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
+        *method_lines(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
                  [f"return conv_input_vjp(u, {weight} if W is None else W, {node['x_shape']!r}, {conv})"]),
     ]
 
 
 def _conv_weight_methods(name, param, conv, full, tensor) -> list:
     return [
-        *_method(f"_{name}_weight_jvp(self, v, X)",
+        *method_lines(f"_{name}_weight_jvp(self, v, X)",
                  f"J_θ v = conv(X, v) for θ = {param}: ∂Y/∂θ = {_formula(tensor)}, X the input",
                  [f"return conv_apply(X, v, {conv})"]),
-        *_method(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
+        *method_lines(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
                  [f"return conv_weight_vjp(u, X, {full!r}, {conv})"]),
     ]
 
@@ -448,22 +394,22 @@ def product_code(einsum, names, out_shape) -> str:
 
 def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature) -> list:
     y_rank = len(node["y_shape"])
-    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {_dims(views['Y'])})")
-    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {_dims(views['X'])})")
+    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {dims(views['Y'])})")
+    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {dims(views['X'])})")
     y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
     view = tangent_view_method(name, node)
     view_tangent = [f"v = self.{view}(v)"] if view else []
     view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast or not y_is_view else [])
-    view_u += [] if y_is_view else [f"u = u.reshape(*lead, {_dims(views['Y'])})"]
+    view_u += [] if y_is_view else [f"u = u.reshape(*lead, {dims(views['Y'])})"]
     unview_x = (["return X"] if _view_is_input(node) else
                 [f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
     return [
-        *_method(
+        *method_lines(
             f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
             [*view_tangent, *[w.replace(" if W is None else W", "") for w in weight],
              *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
              "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"]),
-        *_method(
+        *method_lines(
             f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
             [*view_u, *weight, f"X = {vjp}", *unview_x]),
     ]
@@ -472,17 +418,17 @@ def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight,
 def _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names) -> list:
     shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
     full = node["param_shapes"][role]
-    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {_dims(views['Y'])})")
+    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {dims(views['Y'])})")
     p_vjp = product_code(_coeff(tensor.vjp, constants), names, repr(shape))
     y_is_view, param_is_view = tuple(views["Y"]) == tuple(node["y_shape"]), shape == tuple(full)
     return [
-        *_method(
+        *method_lines(
             f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
             [*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]), f"Y = {p_jvp}",
-             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {_dims(node['y_shape'])})"]),
-        *_method(
+             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node['y_shape'])})"]),
+        *method_lines(
             f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
-            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {_dims(views['Y'])})"]),
+            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {dims(views['Y'])})"]),
              f"G = {p_vjp}", "return G" if param_is_view else f"return reshape_to(G, {shape!r}, {full!r})"]),
     ]
 
@@ -531,22 +477,22 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
     full = node["param_shapes"][role]
     size = prod(full)
     signature = f"_{name}_{role}_block(self, S, average)"
-    reshape_s = f"S = S.reshape({_dims(y_view)}, {_dims(y_view)})"
+    reshape_s = f"S = S.reshape({dims(y_view)}, {dims(y_view)})"
     if representation == "dense":
-        return _method(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
+        return method_lines(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
                        [reshape_s, f"B = {block.matrix.code(names)}",
                         f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
     if representation == "kronecker":
         a_factor, b_factor = block.factors
         a = _kronecker_sizes(block, shape)[0]
-        return _method(
+        return method_lines(
             signature,
             f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
             [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
              *(_gram_root(a, size // a, full) if is_gram(b_factor) else []),
              f"B = {b_factor.code(names)}", "B /= X.shape[0]",
              f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
-    return _method(
+    return method_lines(
         signature, f"B v = E[J_θᵀ S J_θ] v for θ = {param} (E[J_θ]ᵀ S E[J_θ] when average), matrix-free",
         [f"X = batch_mean(self.{name}_X, average)",
          "",
@@ -557,16 +503,16 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
          f"return OperatorBlock(product, {full!r}, S)"])
 
 
-def node_code(name, node, input_vars, node_plan) -> NodeCode:
-    rule = node["rule"]
-    if isinstance(rule, Elementwise):
-        return elementwise_code(name, node, input_vars)
-    if isinstance(rule, Selection):
-        return selection_code(name, node, input_vars)
-    if isinstance(rule, Structured):
-        return structured_code(name, node, input_vars, node_plan.caches_input_view)
-    if isinstance(rule, Normalization):
-        from .normalization import normalization_code  # it builds on this module's helpers
+# Each rule kind's emitter, registered once: (name, node, input variables, the node's plan) -> NodeCode.
+EMITTERS = {
+    Elementwise: lambda name, node, input_vars, node_plan: elementwise_code(name, node, input_vars),
+    Selection: lambda name, node, input_vars, node_plan: selection_code(name, node, input_vars),
+    Structured: lambda name, node, input_vars, node_plan: structured_code(name, node, input_vars,
+                                                                          node_plan.caches_input_view),
+    Normalization: lambda name, node, input_vars, node_plan: normalization_code(name, node, input_vars,
+                                                                                any(node_plan.input_needs_grad)),
+}
 
-        return normalization_code(name, node, input_vars, any(node_plan.input_needs_grad))
-    raise TypeError(f"no emitter for {rule!r}")
+
+def node_code(name, node, input_vars, node_plan) -> NodeCode:
+    return handler(EMITTERS, node["rule"], "emitter")(name, node, input_vars, node_plan)

@@ -22,6 +22,7 @@ import networkx as nx
 
 from hbpc.derive import derive
 from hbpc.derive.structured import classify, is_gram, kronecker_split
+from hbpc.kinds import handler
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
@@ -172,13 +173,6 @@ def _structured(node, context) -> dict:
 _KINDS = {Elementwise: _elementwise, Selection: _selection, Normalization: _normalization, Structured: _structured}
 
 
-def _decisions(rule):
-    for kind in type(rule).__mro__:
-        if kind in _KINDS:
-            return _KINDS[kind]
-    raise TypeError(f"no plan for rule {rule!r}")
-
-
 def _loss_plan(graph) -> LossPlan:
     rule = graph.graph["loss_rule"]
     intermediates = derive(rule).intermediates
@@ -198,7 +192,7 @@ def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) 
         needs_grad = tuple(i in upstream for i in node["inputs"])
         context = dict(upstream=any(needs_grad), uses=uses, batch=batch, element_size=element_size,
                        memory_limit=memory_limit)
-        nodes.append(NodePlan(name, needs_grad, bool(node["params"]), **_decisions(node["rule"])(node, context)))
+        nodes.append(NodePlan(name, needs_grad, bool(node["params"]), **handler(_KINDS, node["rule"], "plan")(node, context)))
     return Plan(tuple(nodes), upstream, _loss_plan(graph), memory_limit, batch, element_size)
 
 
