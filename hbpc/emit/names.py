@@ -44,9 +44,8 @@ SUFFIXES = (
 # Curvature's own attributes and methods (besides the loss's intermediates, self.loss_<name>): what the generated
 # class defines and sets, and everything it inherits from hbpc.runtime.CurvatureModule.
 MEMBERS = frozenset({
-    "p", "buffers", "N", "_state", "loss_scale", "loss_z", "loss_t", "forward_backward", "_hbp_sweep", "_root_backward",
-    "_ggn_product", "_hessian_product", "_fisher_product", "_loss_hessian_product", "_loss_sampled_gradients",
-    *vars(CurvatureModule), "model", "_ready",
+    "p", "buffers", "N", "_state", "loss_scale", "loss_z", "loss_t", "forward_backward", "_hbp_sweep",
+    "_loss_hessian_product", "_loss_sampled_gradients", *vars(CurvatureModule), "model", "_ready",
 })
 
 
