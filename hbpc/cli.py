@@ -1,4 +1,4 @@
-"""``hbpc`` command line: compile, rules, graph. Errors exit with status 2 and one clear message."""
+"""``hbpc`` command line: compile, rules, graph, plan. Errors exit with status 2 and one clear message."""
 import argparse
 import re
 import sys
@@ -97,6 +97,19 @@ def _graph(args):
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print(f"loss: {graph.graph['loss']} ({graph.graph['reduction']})")
+
+
+def _plan(args):
+    from hbpc.export import export, load_model_file, load_rules_file
+    from hbpc.plan import plan, table
+    from hbpc.rules import extended
+
+    spec = load_model_file(args.model)
+    like = next(spec.model.parameters(), spec.example_input)
+    with extended(load_rules_file(args.rules) if args.rules else []):
+        graph = export(spec.model, spec.example_input, spec.loss_fn, args.loss)
+        decided = plan(graph, int(args.memory_limit * 2**30), spec.example_input.shape[0], like.element_size())
+    print(table(graph, decided))
 
 
 def _show(expr, latex):
@@ -207,6 +220,13 @@ def parser():
     graph.add_argument("model")
     graph.add_argument("--loss")
     graph.set_defaults(run=_graph)
+    plan = commands.add_parser("plan", help="print the plan of model.py: per node what is cached, each block's "
+                               "representation and bytes")
+    plan.add_argument("model")
+    plan.add_argument("--loss")
+    plan.add_argument("--rules", help="a Python file with extra rules")
+    plan.add_argument("--memory-limit", type=float, default=2.0, help="GiB a single block may take (default 2)")
+    plan.set_defaults(run=_plan)
     return top
 
 

@@ -143,7 +143,7 @@ def test_lin_next_to_lin_weight_defines_each_method_once():
     model = nn.Sequential(OrderedDict([("lin", nn.Linear(WIDTH, WIDTH)), ("lin_weight", nn.Linear(WIDTH, CLASSES))]))
     module = check_exact(model, nn.CrossEntropyLoss())
     text = compile_source(model, torch.randn(2, WIDTH, dtype=torch.float64), nn.CrossEntropyLoss())
-    definitions = re.findall(r"^    def (\w+)\(", text[text.index("class Curvature:"):], re.MULTILINE)
+    definitions = re.findall(r"^    def (\w+)\(", text[text.index("class Curvature("):], re.MULTILINE)
     assert len(definitions) == len(set(definitions)), sorted(d for d in definitions if definitions.count(d) > 1)
     assert hasattr(module.Curvature, "_lin_weight_vjp") and hasattr(module.Curvature, "_lin_weight_2_vjp")
 

@@ -14,6 +14,8 @@ def test_fcnn_blocks_at_batch_500_are_kronecker_and_skip_first_input_curvature()
     module = import_generated(ROOT / "examples" / "generated" / "fcnn_cifar10.py")
     formed = []
     for helper in ("sandwich_independent", "elementwise_input_curvature"):
+        if not hasattr(module, helper):  # the module imports from hbpc.runtime only the helpers it calls
+            continue
         original = getattr(module, helper)
 
         def recording(*args, _original=original, **kwargs):

@@ -13,6 +13,7 @@ from pathlib import Path
 import sympy as sp
 
 from hbpc import __version__
+from hbpc.kinds import handler
 from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structured, X, n
 
 from .elementwise import ElementwiseDerivation, derive_elementwise
@@ -29,18 +30,13 @@ _EXPECTED = {Elementwise: ElementwiseDerivation, Structured: StructuredDerivatio
 _SOURCES = hashlib.sha256("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py"))).encode()).hexdigest()
 
 
+# Each rule kind's derivation, registered once (a selection's Jacobian is a structural primitive: nothing to derive).
+DERIVATIONS = {Elementwise: derive_elementwise, Structured: lambda rule: derive_structured(rule, X, n), Loss: derive_loss,
+               Normalization: derive_normalization, Selection: lambda rule: None}
+
+
 def _derive_now(rule):
-    if isinstance(rule, Elementwise):
-        return derive_elementwise(rule)
-    if isinstance(rule, Structured):
-        return derive_structured(rule, X, n)
-    if isinstance(rule, Loss):
-        return derive_loss(rule)
-    if isinstance(rule, Normalization):
-        return derive_normalization(rule)
-    if isinstance(rule, Selection):
-        return None
-    raise TypeError(f"not a rule: {rule!r}")
+    return handler(DERIVATIONS, rule, "derivation")(rule)
 
 
 def _fingerprint(rule) -> str:

@@ -135,7 +135,8 @@ class Einsum:
         ``v`` over samples): they are inserted as size-1 axes and expanded.
         """
         args = ", ".join(names.get(op, op) for op in self.operands)
-        call = f'torch.einsum("{self.spec}", {args})'
+        inputs, output = self.spec.split("->")
+        call = args if inputs == output else f'torch.einsum("{self.spec}", {args})'  # an identity: the operand
         if self.broadcast:
             rank = len(self.spec.split("->")[1].replace("...", "")) + len(self.broadcast)
             axes = ", ".join("None" if p in self.broadcast else ":" for p in range(rank))

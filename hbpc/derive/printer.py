@@ -17,7 +17,9 @@ raises ``UnprintableTerm`` naming the term; ``derive`` turns that into a compile
 A normalization's ``Mean(f(x))`` prints as ``(f(x)).mean(-1, keepdim=True)``.
 """
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pytorch import TorchPrinter
+from sympy.printing.str import StrPrinter
 
 
 class UnprintableTerm(ValueError):
@@ -196,3 +198,19 @@ def torch_lines(named_exprs: dict, prefix: str) -> tuple[list[str], dict]:
     shared, reduced = sp.cse(exprs, symbols=symbols, optimizations="basic", ignore=tuple(summed))
     lines = [f"{sym} = {torch_code(value)}" for sym, value in shared]
     return lines, {name: torch_code(expr) for name, expr in zip(names, reduced)}
+
+
+class _FormulaPrinter(StrPrinter):
+    """Math for docstrings: δ[a, b] for Kronecker deltas, Σ_i f for sums over a whole index range."""
+
+    def _print_KroneckerDelta(self, expr):
+        return f"δ[{self._print(expr.args[0])}, {self._print(expr.args[1])}]"
+
+    def _print_Sum(self, expr):
+        indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
+        return f"Σ_{indices} {self.parenthesize(expr.function, PRECEDENCE['Mul'])}"
+
+
+def formula(expr) -> str:
+    """``expr`` as one line of readable math (docstrings of generated code)."""
+    return _FormulaPrinter().doprint(expr).replace("\n", " ")

@@ -136,3 +136,31 @@ def derive_structured(rule, input_base, batch) -> StructuredDerivation:
     for role, base in rule.params.items():
         tensors[role] = derive_tensor(expr, rule.out, base, batch, True, input_base)
     return StructuredDerivation(tensors)
+
+
+# The derived input jvps that are a known map: Y[n, o] = Σ_i W[o, i] v[n, i] on the flat input (a matrix product),
+# and Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l] over unfolded patches (transposed: W[g, c, o, k]), a convolution.
+_INPUT_MAPS = {
+    ("...ab,...cb->...ca", ("W", "v")): "matmul",
+    ("...abcd,...eacdf->...eabf", ("W", "v")): "convolution",
+    ("...abcd,...eabdf->...eacf", ("W", "v")): "transposed convolution",
+}
+
+
+def classify(derivation: StructuredDerivation) -> str:
+    """What the derived input map is: "matmul", "convolution", "transposed convolution" or "generic"."""
+    jvp = derivation.tensors["X"].jvp
+    return _INPUT_MAPS.get((jvp.spec, jvp.operands), "generic") if jvp.coeff == 1 else "generic"
+
+
+def is_gram(einsum: Einsum) -> bool:
+    """Whether the einsum is Σ_n X[n, i] X[n, j], a Gram matrix over samples (the rank-N factor x̄ x̄ᵀ)."""
+    inputs, output = einsum.spec.replace("...", "").split("->")
+    first, second = inputs.split(",") if "," in inputs else ("", "")
+    return (einsum.operands == ("X", "X") and len(first) == len(second) == 2 and first[0] == second[0]
+            and output == first[1] + second[1])
+
+
+def kronecker_split(block: ParameterBlock) -> int:
+    """How many leading axes of the parameter's view index the factor A of B = A ⊗ B."""
+    return len(block.factors[0].spec.split("->")[1].replace("...", "")) // 2

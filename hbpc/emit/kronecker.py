@@ -15,21 +15,12 @@ These are BackPACK's conventions (its KFAC/KFLR/KFRA), so the values can be comp
 """
 from math import prod
 
-from .nodes import _method, cached_input_view
+from .code import method_lines
+from .nodes import cached_input_view
 
-FACTOR_OPS = ("linear", "conv1d", "conv2d", "conv3d")
-
-
-def factor_nodes(graph, order, uses) -> dict:
-    """{node: {role: parameter}} for Linear/ConvNd nodes (one group) whose parameters are used nowhere else
-    (``uses``: {parameter: [(node, role), ...]})."""
-    found = {}
-    for name in order:
-        node = graph.nodes[name]
-        if (node["op"] in FACTOR_OPS and node["hyper"].get("groups", 1) == 1 and "weight" in node["params"]
-                and all(len(uses[p]) == 1 for p in node["params"].values())):
-            found[name] = dict(node["params"])
-    return found
+def factor_nodes(graph, order) -> dict:
+    """{node: {role: parameter}} for the layers the plan made KFAC-family layers."""
+    return {name: dict(graph.nodes[name]["params"]) for name in order if graph.nodes[name]["plan"].kronecker}
 
 
 def factor_methods(name, node) -> list:
@@ -38,74 +29,13 @@ def factor_methods(name, node) -> list:
     locations = prod(node["y_shape"][1:])
     d_k = prod(node["param_shapes"]["weight"][1:])
     return [
-        *_method(f"_{name}_input_factor(self)",
+        *method_lines(f"_{name}_input_factor(self)",
                  f"A = (1/N) Σ_n Σ_l x_l x_lᵀ over the {d_k} inputs of each output location: ({d_k}, {d_k})",
                  [f"X = {cached_input_view(name, node)}.reshape(self.N, {d_k}, -1)", "return torch.einsum('nil,njl->ij', X, X) / self.N"]),
-        *_method(f"_{name}_root_factor(self, u)",
+        *method_lines(f"_{name}_root_factor(self, u)",
                  f"G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: ({c_out}, {c_out})",
                  [f"s = u.reshape(*u.shape[:2], {c_out}, -1).sum(-1)", "return torch.einsum('vno,vnp->op', s, s)"]),
-        *_method(f"_{name}_curvature_factor(self, S)",
+        *method_lines(f"_{name}_curvature_factor(self, S)",
                  f"G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: ({c_out}, {c_out})",
                  [f"return S.reshape({c_out}, {locations}, {c_out}, {locations}).sum((1, 3))"]),
     ]
-
-
-def root_backward_method(graph, order, codes, factors) -> list:
-    """Straight-line code backpropagating roots u (V, N, *z) to every factor node's output (vjps only)."""
-    needed, body = set(), ["G = {}", f"u_{order[-1]} = u"]
-    for name in order:  # tensors with a factor node at or below them in the graph
-        if name in factors or any(i in needed for i in graph.nodes[name]["inputs"]):
-            needed.add(name)
-    contributions = {}
-    for name in reversed(order):
-        if name not in needed:
-            continue
-        if name != order[-1]:
-            body.append(f"u_{name} = {' + '.join(contributions[name])}")
-        if name in factors:
-            body.append(f"G[{name!r}] = self._{name}_root_factor(u_{name})")
-        for i, source in enumerate(graph.nodes[name]["inputs"]):
-            if source in needed:
-                contributions.setdefault(source, []).append(codes[name].vjp(f"u_{name}")[i])
-    body.append("return G")
-    return _method("_root_backward(self, u)",
-                   "Jᵀ u from the loss down to every Linear/Conv output; G = the node's root factor there", body)
-
-
-def kronecker_factors_method(graph, factors) -> list:
-    """``kronecker_factors(kind, samples, generator)``: {parameter: KroneckerBlock(G, A) or DenseBlock(G)}."""
-    assemble = []
-    for name, params in factors.items():
-        shapes = graph.nodes[name]["param_shapes"]
-        assemble.append(f"    {params['weight']!r}: "
-                        f"KroneckerBlock(G[{name!r}], self._{name}_input_factor(), {shapes['weight']!r}),")
-        if "bias" in params:
-            assemble.append(f"    {params['bias']!r}: DenseBlock(G[{name!r}], {shapes['bias']!r}),")
-    body = [
-        "check_kronecker_kind(kind)",
-        "self._check_ready()",
-        "if kind == 'kfra':",
-        "    self._check_memory()",
-        "    G = {}",
-        "",
-        "    def visit(node, S):  # S at the output of a node with parameters",
-        f"        if node in {tuple(factors)!r}:",
-        "            G[node] = getattr(self, f'_{node}_curvature_factor')(S)",
-        "",
-        "    self._hbp_sweep('ggn', False, visit)",
-        "else:",
-        "    u = self._loss_hessian_root() if kind == 'kflr' else self._loss_sampled_root(samples, generator)",
-        "    G = self._root_backward(u)",
-        "return {",
-        *assemble,
-        "}",
-    ]
-    doc = ("Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:\n"
-           "        weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).\n\n"
-           "        A = (1/N) Σ_n Σ_l x_l x_lᵀ over the input patches x_l of the output locations l (Linear: one).\n"
-           "        G = Σ_(v,n) s sᵀ, s = Σ_l u[v, n, :, l], u square-root factors backpropagated from the loss:\n"
-           "        kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),\n"
-           "        S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP\n"
-           "        recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.\n        ")
-    return ["@torch.no_grad()", "def kronecker_factors(self, kind=\"kflr\", samples=1, generator=None):",
-            f'    """{doc}"""', *("    " + line for line in body), ""]

@@ -1,23 +1,21 @@
 """Assemble the generated ``curv_model.py`` from node code, the loss derivation and the plan."""
+import io
 import re
+import tokenize
 from math import prod
-from pathlib import Path
 
 import sympy as sp
 
 from hbpc import __version__
 from hbpc.derive import derive
-from hbpc.derive.printer import torch_code
+from hbpc.derive.printer import formula, torch_code
 from hbpc.errors import HbpcError
+from hbpc.runtime import NAMES
 
-from .kronecker import factor_methods, factor_nodes, kronecker_factors_method, root_backward_method
+from .kronecker import factor_methods, factor_nodes
 from .names import INPUT, safe_text, with_stems
-from .nodes import node_code, param_code, sandwich_temporaries, tangent_view
+from .nodes import node_code, sandwich_temporaries
 
-PRELUDE = (Path(__file__).with_name("prelude.py")).read_text()
-PRELUDE_ND = (Path(__file__).with_name("prelude_nd.py")).read_text()
-PRELUDE_CONV = (Path(__file__).with_name("prelude_conv.py")).read_text()
-PRELUDE_NORM = (Path(__file__).with_name("prelude_norm.py")).read_text()
 _INDENT = "    "
 
 
@@ -40,7 +38,13 @@ def _needed(shared, code):
     return kept
 
 
-def _loss_lines(graph, last):
+def _with_classes(lines, classes):
+    """``C = classes`` ahead of lines that read the number of classes C."""
+    reads = any(re.search(r"\bC\b", line.partition("#")[0]) for line in lines)
+    return [f"C = {classes}", *lines] if reads else lines
+
+
+def _loss_lines(graph, last, loss_plan):
     rule = graph.graph["loss_rule"]
     derivation = derive(rule)
     N, C = sp.symbols("N C", positive=True, integer=True)
@@ -53,77 +57,45 @@ def _loss_lines(graph, last):
         raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
                         "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
                         "index entries 0 to C-1 only, or compile a model with more outputs")
-    smoothing = hyper.get("label_smoothing", 0.0)
-    target = "target.to(z.dtype)" if rule.target == "class" else "target.reshape(N, -1).to(z.dtype)"
+    smoothing = loss_plan.label_smoothing
+    target = "t.to(z.dtype)" if rule.target == "class" else "t.reshape(N, -1).to(z.dtype)"
     if smoothing:
         target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
-    lines = [f"z = a_{last}.reshape(N, -1)", f"C = {classes}", f"t = {target}"]
+    lines = [f"z = a_{last}.reshape(N, -1)", f"t = {target}"]
     lines += [f"{name} = {code}" for name, code in derivation.intermediates.items()]
     lines += _needed(shared, exprs["value"] + " " + exprs["grad"])
     lines += [f"scale = {scale}", f"loss = scale * ({exprs['value']}).sum()",
               f"g_{last} = (scale * ({exprs['grad']})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
               "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
     lines += [f"self.loss_{name} = {name}" for name in derivation.intermediates]
-    restore = ["z, t, scale = self.loss_z, self.loss_t, self.loss_scale"]
-    restore += [f"{name} = self.loss_{name}" for name in derivation.intermediates]
+    lines = [lines[0], *_with_classes(lines[1:], classes)]
+    hvp_lines = _needed(shared, exprs["hvp"])
+    uses = " ".join([*hvp_lines, exprs["hvp"]])
+    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derivation.intermediates)
+                                             if re.search(rf"\b{name}\b", uses)]
     rank = len(graph.nodes[last]["y_shape"])
     flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
     unflatten = ".reshape(shape)" if rank > 1 else ""
-    hvp = restore + flatten + _needed(shared, exprs["hvp"]) + [f"return (scale * ({exprs['hvp']}) + 0 * v){unflatten}"]
-    doc = f"ℓ(z, t) = {rule.ell};  Hv = {derivation.hessian_product}"
-    z_shape = _shape_args(graph.nodes[last]["y_shape"])
-    if "softmax" in derivation.intermediates:  # a softmax likelihood: the Fisher can be sampled
+    zero = "" if re.search(r"\bv\b", uses) else " + 0 * v"  # a constant Hessian product still has v's shape
+    hvp = _with_classes(restore + flatten + hvp_lines + [f"return (scale * ({exprs['hvp']}){zero}){unflatten}"], classes)
+    doc = f"ℓ(z, t) = {formula(rule.ell)};  Hv = {formula(derivation.hessian_product)}"
+    methods = [
+        "def _loss_hessian_product(self, v):",
+        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(doc)}"""', *_indent(hvp, 1), "",
+    ]
+    if loss_plan.sampled_fisher:
         sampled = [
-            "check_samples(samples)",
-            *restore,
-            "labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)",
-            f"t = torch.nn.functional.one_hot(labels, {classes}).to(z.dtype)  # (N, S, C) sampled targets",
-            *[f"{name} = {name}[:, None, :]" for name in ("z", *derivation.intermediates)
+            "labels = torch.multinomial(self.loss_softmax, samples, replacement=True, generator=generator)  # (N, S)",
+            f"t = torch.nn.functional.one_hot(labels, {classes}).to(self.loss_z.dtype)  # (N, S, C) sampled targets",
+            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derivation.intermediates)
               if re.search(rf"\b{name}\b", exprs["grad"])],
             *_needed(shared, exprs["grad"]),
             f"return {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
         ]
-        fisher = [
-            *flatten,
-            "s, scale = self._loss_sampled_gradients(samples, generator), self.loss_scale",
-            "return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))"
-            + unflatten,
-        ]
-        root = ["s = self._loss_sampled_gradients(samples, generator)",
-                f"return (self.loss_scale / samples) ** 0.5 * s.permute(1, 0, 2).reshape(samples, self.N, {z_shape})"]
-        fisher_method = [
+        methods += [
             "def _loss_sampled_gradients(self, samples, generator):",
             '    """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""',
-            *_indent(sampled, 1), "",
-            "def _loss_fisher_product(self, v, samples, generator):",
-            '    """(c/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""',
-            *_indent(fisher, 1), ""]
-    else:
-        root = [f"raise ValueError(\"kind='kfac' samples labels from a softmax likelihood; {safe_text(graph.graph['loss'])} has \"",
-                "                 \"none: use kind='kflr' (exact factors) or 'kfra'\")"]
-        fisher_method = []
-    fisher_method += [
-        "def _loss_sampled_root(self, samples, generator):",
-        '    """√(c/S) s, the Monte Carlo square root of ∇²_z L per sample (E[u uᵀ] = ∇²_{z_n} L): (S, N, *z)."""',
-        *_indent(root, 1), ""]
-    methods = [
-        "def _loss_hessian_product(self, v):",
-        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(doc)}"""', *_indent(hvp, 1), "",
-        "def _loss_hessian_sum(self):",
-        '    """S_z = Σ_n ∇²_{z_n} L: (C, C)."""',
-        f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
-        f"    basis = eye[:, None, :].expand({classes}, self.N, {classes}).reshape({classes}, self.N, {_shape_args(graph.nodes[last]['y_shape'])})",
-        f"    return self._loss_hessian_product(basis).sum(1).reshape({classes}, {classes})", "",
-        "def _loss_hessian_root(self):",
-        '    """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""',
-        f"    eye = torch.eye({classes}, dtype=self.loss_z.dtype, device=self.loss_z.device)",
-        f"    basis = eye[:, None, :].expand({classes}, self.N, {classes}).reshape({classes}, self.N, {z_shape})",
-        f"    H = self._loss_hessian_product(basis).reshape({classes}, self.N, {classes}).transpose(0, 1)  # (N, C, C)",
-        "    eigenvalues, Q = eigh_upcast(H)",
-        "    root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]",
-        f"    return root.permute(2, 0, 1).reshape({classes}, self.N, {z_shape})", "",
-        *fisher_method,
-    ]
+            *_indent(_with_classes(sampled, classes), 1), ""]
     return lines, methods
 
 
@@ -148,96 +120,6 @@ def _backward(graph, order, codes, plan):
             if source in plan.upstream:
                 contributions.setdefault(source, []).append(codes[name].vjp(f"g_{name}")[i])
     return lines
-
-
-def _product(graph, order, codes, active, second_order, loss_product):
-    """Straight-line code for C v restricted to the parameters in ``active``, reusing forward_backward's cache.
-
-    Forward: t_out = Σ_i J_i t_i + Σ_θ J_θ v_θ. Backward: u_in = Σ_consumers J_iᵀ u_out, plus second-order terms:
-    ``second_order`` is ``None`` (GGN), ``"hessian"`` (every residual R t_in and the parameter-input cross terms
-    J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or ``"curvature"`` (residuals under the runtime ``curvature`` mode;
-    cross terms, which only tied weights create in a diagonal block, only for ``"hessian"``).
-    """
-    tangent, lines = set(), []
-    for name in order:
-        node = graph.nodes[name]
-        tangents = [f"t_{i}" if i in tangent else None for i in node["inputs"]]
-        terms = [codes[name].jvp(tangents)] if any(tangents) else []
-        terms += [f"self._{name}_{role}_jvp(v[{param!r}], self.{name}_X)"
-                  for role, param in node["params"].items() if param in active]
-        if terms:
-            lines.append(f"t_{name} = {_sum(terms)}")
-            tangent.add(name)
-    last = order[-1]
-    lines.append(f"u_{last} = {loss_product.format(t=f't_{last}')}")
-    mode = "'hessian'" if second_order == "hessian" else "curvature"
-    cross = (lambda term: term) if second_order == "hessian" else (lambda term: f"({term} if curvature == 'hessian' else 0)")
-    contributions, out = {}, {}
-    for name in reversed(order):
-        if name not in tangent:
-            continue
-        node, code = graph.nodes[name], codes[name]
-        if name != last:
-            lines.append(f"u_{name} = {_sum(contributions[name])}")
-        inputs = node["inputs"]
-        input_tangent = f"t_{inputs[0]}" if inputs[0] in tangent else None
-        for role, param in node["params"].items():
-            if param not in active:
-                continue
-            terms = [f"self._{name}_{role}_vjp(u_{name}, self.{name}_X)"]
-            if second_order and role in code.cross_terms and input_tangent:
-                terms.append(cross(f"self._{name}_{role}_vjp(self.{name}_g, {tangent_view(name, node, input_tangent)})"))
-            out.setdefault(param, []).extend(terms)
-        for i, source in enumerate(inputs):
-            if source not in tangent:
-                continue
-            terms = [code.vjp(f"u_{name}")[i]]
-            if second_order and code.residual_product:
-                terms.append(code.residual_product(f"t_{source}", mode))
-            if second_order and "weight" in code.cross_terms and node["params"]["weight"] in active:
-                terms.append(cross(f"self._{name}_vjp(self.{name}_g, v[{node['params']['weight']!r}])"))
-            contributions.setdefault(source, []).append(_sum(terms))
-    lines += [f"out[{param!r}] = {_sum(terms)}" for param, terms in out.items()]
-    return ["out = {}", *lines]
-
-
-def _parameter_uses(graph, order):
-    """{parameter name: [(node, role), ...]} in graph order; a tied parameter has several uses."""
-    uses = {}
-    for name in order:
-        for role, param in graph.nodes[name]["params"].items():
-            uses.setdefault(param, []).append((name, role))
-    return uses
-
-
-def _block_product(graph, order, codes, param, method):
-    body = ["v = {" + repr(param) + ": v}",
-            *_product(graph, order, codes, {param}, "curvature", "self._loss_hessian_product({t})"),
-            f"return out[{param!r}]"]
-    doc = f"C_θθ v for θ = {param}: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"
-    return [f"def {method}(self, v, curvature):", f'    """{safe_text(doc)}"""', *_indent(body, 1), ""]
-
-
-_FULL_PRODUCTS = {
-    "ggn": ("ggn_vector_product(self, vs)", "G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton)",
-            None, "self._loss_hessian_product({t})"),
-    "hessian": ("hessian_vector_product(self, vs)",
-                "H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term",
-                "hessian", "self._loss_hessian_product({t})"),
-    "fisher": ("fisher_mc_vector_product(self, vs, samples=1, generator=None)",
-               "F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call",
-               None, "self._loss_fisher_product({t}, samples, generator)"),
-}
-
-
-def _full_product(graph, order, codes, kind):
-    signature, doc, second_order, loss_product = _FULL_PRODUCTS[kind]
-    active = set(_parameter_uses(graph, order))
-    body = ["self._check_ready()", "v, single = as_vectors(vs, PARAMETERS, self.loss_z)",
-            *_product(graph, order, codes, active, second_order, loss_product),
-            "return from_vectors(out, v, single)"]
-    return ["@torch.no_grad()", f"def {signature}:", f'    """{doc}; vs is a list shaped like the parameters,'
-            ' optionally with a leading V."""', *_indent(body, 1), ""]
 
 
 def _pair(a, b, position):
@@ -346,45 +228,43 @@ def _sweep_method(graph, order, codes, plan, ledger):
     return ["def _hbp_sweep(self, curvature, average_input_jacobian, visit):", f'    """{doc}"""', *_indent(body, 1), ""]
 
 
-def _blocks_method(graph, order, codes):
-    """``blocks()``: the sweep, with every node's parameter blocks computed from its S on the way."""
-    methods = {name: [(graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items()]
-               for name in order if codes[name].blocks}
-    body = [
-        "check_curvature(curvature)", "check_split(split)", "check_flag('average_input_jacobian', average_input_jacobian)",
-        "check_flag('average_parameter_jacobian', average_parameter_jacobian)", "self._check_ready()", "self._check_memory()",
-        "methods = {  # node: [(parameter, block method)]", *[f"    {name!r}: {entries!r}," for name, entries in methods.items()],
-        "}", "blocks = {}", "",
-        "def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses",
-        "    for param, method in methods[node]:",
-        "        block = getattr(self, method)(S, average_parameter_jacobian)",
-        "        blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block", "",
-        "self._hbp_sweep(curvature, average_input_jacobian, visit)",
-        "return {name: split_block(blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z), split)",
-        "        for name, shape in PARAMETERS.items()}  # a parameter the loss ignores: 0",
-    ]
-    doc = ("HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.\n\n"
-           "        S as in _hbp_sweep; B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ] with S at the\n"
-           "        output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).\n        ")
-    return ["@torch.no_grad()",
-            "def blocks(self, curvature=\"ggn\", average_input_jacobian=True, average_parameter_jacobian=True, split=1):",
-            f'    """{doc}"""', *_indent(body, 1), ""]
+def _runtime_imports(code: str) -> list:
+    """``from hbpc.runtime import ...`` naming the runtime's names the code reads (not attributes or strings)."""
+    used = set()
+    previous = None
+    for token in tokenize.generate_tokens(io.StringIO(code).readline):
+        if token.type == tokenize.NAME and token.string in NAMES and previous != ".":
+            used.add(token.string)
+        previous = token.string
+    lines, line = [], "from hbpc.runtime import ("
+    for name in sorted(used):
+        if len(line) + len(name) + 2 > 120:
+            lines.append(line.rstrip())
+            line = "    "
+        line += f"{name}, "
+    return [*lines, line.rstrip(", ") + ")"]
+
+
+def _table(name, entries, comment="") -> list:
+    """A class attribute holding a dict, one entry a line (``{}`` when empty)."""
+    if not entries:
+        return [f"{name} = {{}}{comment}"]
+    return [f"{name} = {{{comment}", *[f"    {key!r}: {value!r}," for key, value in entries.items()], "}"]
 
 
 def emit(graph, plan, source_name: str, digest: str) -> str:
     graph, plan = with_stems(graph, plan)  # node names as the identifiers' stems: no name can collide
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
+    for name in order:
+        graph.nodes[name]["plan"] = plans[name]
     codes = {name: node_code(name, graph.nodes[name], _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
-    loss_lines, loss_methods = _loss_lines(graph, last)
-    uses = _parameter_uses(graph, order)
-    factors = factor_nodes(graph, order, uses)
+    loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
+    factors = factor_nodes(graph, order)
     ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
     sweep = _sweep_method(graph, order, codes, plan, ledger)
-    classes = prod(graph.nodes[last]["y_shape"])
-    batch_entries = " + ".join([f"5 * self.N * {classes * classes}",  # the loss Hessian's basis and its products
-                                *(e for name in order for e in codes[name].block_factor_entries)])
+    kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
     buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
     eval_mode_modules = sorted({graph.nodes[n].get("buffers", {}).get("running_mean", "*").rpartition(".")[0]
                                 or "*" for n in order if graph.nodes[n]["op"] == "batch_norm"}
@@ -392,29 +272,24 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
     rule = graph.graph["loss_rule"]
-    if rule.target == "class":  # probabilities (soft labels) only for cross-entropy, whose Hessian ignores them
-        probabilities = "softmax" in derive(rule).intermediates and rule.key == "cross_entropy"
-        check_target = f"target = check_class_target(target, N, {classes}, {probabilities}, x.device)"
+    y_shape = graph.nodes[last]["y_shape"]
+    classes = prod(y_shape)
+    sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
+    if rule.target == "class":
         target_doc = f"class labels (N,) in [0, {classes})" + (
             f" or class probabilities (N, {classes}), rows summing to 1" if probabilities else "")
     else:
-        check_target = f"target = check_dense_target(target, N, {graph.nodes[last]['y_shape']!r}, x.device)"
-        target_doc = f"shaped like the output, (N, {_shape_args(graph.nodes[last]['y_shape'])})"
+        target_doc = f"shaped like the output, (N, {_shape_args(y_shape)})"
     fb_body = [
-        "check_eval_mode(self.model, EVAL_MODE_MODULES)",
-        "params, buffers = bind(self.model, ARCHITECTURE, BUFFERS)  # the model's current tensors",
-        "check_input(x, INPUT_SHAPE, next(iter(params.values()), None))",
-        "N, inputs = x.shape[0], [('x', x), ('target', target)]", check_target,
-        "self.p, self.buffers, self.N = params, buffers, N",
-        "self._ready = False  # a failure below leaves no half-updated cache in use",
+        "N, t = self._begin(x, target)",
         "with torch.no_grad():",
         *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
-        "self._state = tensor_state(self.model, inputs)", "self._ready = True", "return loss",
+        "return self._end(loss, x, target)",
     ]
-    methods = {param: f"_block_product_{name}_{role}" for param, ((name, role), *_) in uses.items()}
-    products = [line for param, method in methods.items() for line in _block_product(graph, order, codes, param, method)]
-    product_map = ", ".join(f"{param!r}: self.{methods[param]}" if param in methods else f"{param!r}: zero_product"
-                            for param in params)
+    nodes = {name: (tuple(graph.nodes[name]["inputs"]), dict(graph.nodes[name]["params"])) for name in order}
+    second_order = {name: (codes[name].residual_product is not None, tuple(codes[name].cross_terms),
+                           codes[name].tangent_view)
+                    for name in order if codes[name].residual_product or codes[name].cross_terms}
     graph_doc = "\n".join(f"    a_{n} = {safe_text(graph.nodes[n]['op'])}({', '.join(_input_vars(graph, n))})    "
                           f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
                           for n in order)
@@ -433,54 +308,29 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         "See hbpc's docs/curvature.md for the definitions of every quantity.",
         '"""',
     ]
+    blocks = {name: tuple((graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items())
+              for name in order if codes[name].blocks}
     cls = [
-        f"PARAMETERS = {{{', '.join(f'{k!r}: {v!r}' for k, v in params.items())}}}  # the ones the loss depends on",
-        f"ARCHITECTURE = {{{', '.join(f'{k!r}: {v!r}' for k, v in graph.graph['architecture'].items())}}}",
-        f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
-        f"BUFFERS = {tuple(buffers)!r}",
-        f"EVAL_MODE_MODULES = {tuple(eval_mode_modules)!r}  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout",
-        f"GRAPH_HASH = {digest!r}",
-        "",
-        "",
-        "class Curvature:",
-        f'    """Curvature of {loss} for {model}: HBP blocks and exact products."""',
-        "",
-        f"    memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary",
-        f"    factored_parameters = {tuple(p for params in factors.values() for p in params.values())!r}"
-        "  # kronecker_factors() keys",
+        "class Curvature(CurvatureModule):",
+        f'    """Curvature of {loss} for {model}: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""',
         "",
         *_indent([
-            "def __init__(self, model):",
-            '    """Bind to a model of the compiled architecture; names and shapes must match.',
-            "",
-            "    forward_backward re-reads the model's parameters and buffers, so replacing one on the model is picked up.",
-            '    """',
-            "    self.model = check_model(model)",
-            "    self.p, self.buffers = bind(model, ARCHITECTURE, BUFFERS)",
-            "    self._ready = False",
-            "",
-            "def _check_ready(self):",
-            "    if not self._ready:",
-            "        raise RuntimeError(\"call forward_backward(x, target) before asking for curvature\")",
-            "    check_state(self._state)",
-            "",
-            "def check_current(self):",
-            '    """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""',
-            "    self._check_ready()",
-            "",
-            "def blocks_memory(self):",
-            '    """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step\'s temporaries)."""',
-            "    self._check_ready()",
-            f"    return ({ledger.peak} + {batch_entries}) * self.loss_z.element_size()",
-            "",
-            "def _check_memory(self):",
-            '    """Refuse blocks() before it allocates anything."""',
-            "    needed = self.blocks_memory()",
-            "    if needed > self.memory_limit:",
-            "        raise MemoryError(",
-            f"            f\"blocks() needs {{needed / 2**30:.2f}} GiB for the curvature at {ledger.where}, more than \"",
-            "            f\"memory_limit ({self.memory_limit / 2**30:.2f} GiB); use block_products() or raise memory_limit\"",
-            "        )",
+            *_table("PARAMETERS", params, "  # as model.named_parameters()"),
+            f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
+            f"OUTPUT_SHAPE = {tuple(y_shape)!r}",
+            *([f"BUFFERS = {tuple(buffers)!r}"] if buffers else []),
+            *([f"EVAL_MODE_MODULES = {tuple(eval_mode_modules)!r}  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout"]
+              if eval_mode_modules else []),
+            *([f"TARGET = {rule.target!r}"] if rule.target != "class" else []),
+            *([f"PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities"] if probabilities else []),
+            f"LOSS = {graph.graph['loss']!r}",
+            *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
+            *_table("NODES", nodes, "  # node: (inputs, {role: parameter}), in graph order"),
+            *_table("SECOND_ORDER", second_order, "  # node: (has a residual, roles coupled to the input, tangent view)"),
+            *_table("BLOCKS", blocks, "  # node: ((parameter, block method), ...)"),
+            *_table("FACTORS", {name: (p["weight"], p.get("bias")) for name, p in factors.items()},
+                    "  # the KFAC family's layers: node: (weight, bias)"),
+            f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",
             '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.',
@@ -489,39 +339,11 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             '    """',
             *_indent(fb_body, 1), "",
             *sweep,
-            *_blocks_method(graph, order, codes),
-            "def block_products(self, curvature=\"ggn\", split=1):",
-            '    """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v.',
-            "",
-            "    split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).",
-            '    """',
-            "    check_curvature(curvature)",
-            "    check_split(split)",
-            "    self._check_ready()",
-            f"    products = {{{product_map}}}",
-            "    return {",
-            "        name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split, self.loss_z, self._check_ready)",
-            "        for name, f in products.items()",
-            "    }",
-            "",
-            *kronecker_factors_method(graph, factors),
-            *root_backward_method(graph, order, codes, factors),
-            *products,
-            *_full_product(graph, order, codes, "ggn"),
-            *_full_product(graph, order, codes, "hessian"),
-            *(_full_product(graph, order, codes, "fisher") if "softmax" in derive(graph.graph["loss_rule"]).intermediates
-              else []),
             *loss_methods,
             *[line for name in order for line in codes[name].methods
               + (factor_methods(name, graph.nodes[name]) if name in factors else [])],
         ], 1),
     ]
-    prelude = PRELUDE.replace("import torch\n", "", 1).strip()
-    if any("patches_nd" in line or "transposed_patches" in line for line in cls):  # 3D conv / pool, conv_transpose
-        prelude += "\n\n\n" + PRELUDE_ND.strip()
-    if any("conv_apply(" in line for line in cls):  # convolutions lowered to torch's kernels
-        prelude += "\n\n\n" + PRELUDE_CONV.strip()
-    if any("grouped_matrices(" in line for line in cls):  # a normalization
-        prelude += "\n\n\n" + PRELUDE_NORM.strip()
-    text = "\n".join([*header, "import torch", "", prelude, "", "", *cls])
+    body = "\n".join(cls)
+    text = "\n".join([*header, "import torch", "", *_runtime_imports(body), "", "", body])
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"

@@ -26,6 +26,7 @@ import networkx as nx
 
 from hbpc.derive import derive
 from hbpc.rules.spec import Normalization
+from hbpc.runtime import CurvatureModule
 
 INPUT = "x"  # the model input in the IR's ``inputs`` and in generated code
 LOCAL_PREFIXES = ("a", "g", "t", "u", "S")
@@ -40,13 +41,11 @@ SUFFIXES = (
     *(f"{role}_{kind}" for role in ROLES for kind in ("jvp", "vjp", "block")),
 )
 
-# Curvature's own attributes and methods (besides the loss's intermediates, self.loss_<name>).
+# Curvature's own attributes and methods (besides the loss's intermediates, self.loss_<name>): what the generated
+# class defines and sets, and everything it inherits from hbpc.runtime.CurvatureModule.
 MEMBERS = frozenset({
-    "model", "p", "buffers", "N", "_ready", "memory_limit", "factored_parameters", "loss_scale", "loss_z", "loss_t",
-    "__init__", "_check_input", "_check_ready", "_check_memory", "blocks_memory", "forward_backward", "_hbp_sweep",
-    "blocks", "block_products", "kronecker_factors", "_root_backward", "ggn_vector_product", "hessian_vector_product",
-    "fisher_mc_vector_product", "_loss_hessian_product", "_loss_hessian_sum", "_loss_hessian_root",
-    "_loss_sampled_gradients", "_loss_fisher_product", "_loss_sampled_root", "_state", "check_current",
+    "p", "buffers", "N", "_state", "loss_scale", "loss_z", "loss_t", "forward_backward", "_hbp_sweep",
+    "_loss_hessian_product", "_loss_sampled_gradients", *vars(CurvatureModule), "model", "_ready",
 })
 
 

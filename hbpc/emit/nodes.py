@@ -6,46 +6,22 @@ are tensors cached by ``forward_backward``; ``_<node>_jvp`` / ``_<node>_vjp``
 apply the node's input Jacobian, ``_<node>_<role>_jvp`` / ``_vjp`` its parameter Jacobians.
 ``<node>`` is the node's stem (``hbpc.emit.names``): no two nodes' identifiers collide.
 """
-from dataclasses import dataclass, field
 from math import prod
 
 import sympy as sp
 
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import torch_code
+from hbpc.derive.printer import formula, torch_code
+from hbpc.derive.structured import is_gram, kronecker_split
+from hbpc.kinds import handler
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
-from .names import safe_text
+from .code import NodeCode, dims, fill_template, method_lines, param_code, single_input
+from .normalization import normalization_code
 
 
-@dataclass
-class NodeCode:
-    """Everything the module assembler needs from one node.
-
-    ``jvp(tangents)`` and ``vjp(u)`` return code: the output tangent from the inputs' tangents
-    (``None`` where an input has none), and one input cotangent per input. ``input_curvature[i]``
-    is code for ``S`` at input ``i`` given ``S`` at the output; ``mean_vjp(i, M)`` is code for
-    ``E[J_i]ᵀ M`` for a ``(d_y, k)`` matrix ``M`` (the cross terms of HBP over a graph).
-    """
-
-    forward: list = field(default_factory=list)
-    jvp: object = None
-    vjp: object = None
-    backward: list = field(default_factory=list)
-    methods: list = field(default_factory=list)
-    residual: str = None          # attribute holding the residual coefficient r = g ⊙ φ″, if any
-    residual_product: object = None  # (t, mode) -> code for mode(R) t, if the node has a residual
-    input_curvature: list = field(default_factory=list)
-    mean_vjp: object = None
-    blocks: dict = field(default_factory=dict)  # role -> method name taking (S, average)
-    cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
-    cross: object = None  # multi-input nodes: (i, j) -> code for E[J_i]ᵀ S E[J_j]
-    curvature_temporaries: list = None  # per input: entries input_curvature[i] allocates besides S and its result
-    block_factor_entries: list = field(default_factory=list)  # code: entries of the factors blocks() keeps besides S
-
-
-CHUNK_ENTRIES = 2**22  # the chunk_entries default of the prelude's chunked helpers
+CHUNK_ENTRIES = 2**22  # the chunk_entries default of hbpc.runtime's chunked helpers
 
 
 def sandwich_temporaries(d_x, d_y) -> int:
@@ -60,34 +36,6 @@ def take_temporaries(d_x, d_y) -> int:
     return max(2 * d_y * d_x, 5 * max(d_y * d_y, min(CHUNK_ENTRIES, d_x * d_x)))
 
 
-def _single_input(code, name):
-    code.jvp = lambda tangents: f"self._{name}_jvp({tangents[0]})"
-    code.vjp = lambda u: [f"self._{name}_vjp({u})"]
-
-
-def _dims(shape) -> str:
-    """``(1, 8, 25)`` as ``1, 8, 25`` for reshape arguments."""
-    return ", ".join(map(str, shape))
-
-
-def param_code(name: str) -> str:
-    return f"self.p[{name!r}]"
-
-
-def _method(signature: str, doc: str, body: list) -> list:
-    return [f"def {signature}:", f'    """{safe_text(doc)}"""', *("    " + line for line in body), ""]
-
-
-def _fmt(template: str, node, input_vars: list) -> str:
-    values = {key: repr(value) for key, value in node["hyper"].items()}
-    values.update({role: param_code(name) for role, name in node["params"].items()})
-    values.update({role: f"self.buffers[{name!r}]" for role, name in node.get("buffers", {}).items()})
-    values.setdefault("bias", "None")
-    values.update({f"x{i}": var for i, var in enumerate(input_vars)})
-    values.update(x=input_vars[0], xs=", ".join(input_vars), y_shape=repr(node["y_shape"]))
-    return template.format(**values)
-
-
 def elementwise_code(name, node, input_vars) -> NodeCode:
     rule, derivation = node["rule"], derive(node["rule"])
     input_var = input_vars[0]
@@ -98,17 +46,19 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     d1 = f"torch.full_like({input_var}, {torch_code(d1_expr)})" if d1_expr.is_number else torch_code(d1_expr)
     d2 = derivation.d2.subs(values).subs(rename)
     code = NodeCode()
-    forward = (_fmt(rule.forward, node, input_vars) if rule.forward
+    forward = (fill_template(rule.forward, node, input_vars) if rule.forward
                else torch_code(rule.phi.subs(values).subs(rename)))
     code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {d1}"]
-    _single_input(code, name)
+    single_input(code, name)
     if d2 != 0:
         code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")
         code.residual = f"self.{name}_r"
         code.residual_product = lambda t, mode: f"residual_product(self.{name}_r, {t}, {mode})"
-    doc = f"φ = {rule.phi},  φ′ = {derivation.d1},  φ″ = {derivation.d2}"
-    code.methods += _method(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
-    code.methods += _method(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
+        code.methods += method_lines(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
+                                [f"return residual_product(self.{name}_r, t, curvature)"])
+    doc = f"φ = {formula(rule.phi)},  φ′ = {formula(derivation.d1)},  φ″ = {formula(derivation.d2)}"
+    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
+    code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"
     code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
     code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
@@ -144,7 +94,7 @@ def selection_code(name, node, input_vars) -> NodeCode:
     values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
     d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
     code = NodeCode()
-    forward = _fmt(rule.forward, node, input_vars)
+    forward = fill_template(rule.forward, node, input_vars)
     if rule.primitive == "take":
         code.forward = [f"a_{name}, self.{name}_idx = {forward}"]
         if flat:
@@ -162,10 +112,10 @@ def selection_code(name, node, input_vars) -> NodeCode:
         code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {x_shape}, {y_shape})"]
         code.curvature_temporaries = [sandwich_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {y_shape})"
-    _single_input(code, name)
-    code.methods += _method(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
+    single_input(code, name)
+    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
                             [f"return {jvp.format(**values)}"])
-    code.methods += _method(f"_{name}_vjp(self, u)", f"Jᵀ u for {rule.key}", [f"return {vjp.format(**values)}"])
+    code.methods += method_lines(f"_{name}_vjp(self, u)", f"Jᵀ u for {rule.key}", [f"return {vjp.format(**values)}"])
     return code
 
 
@@ -173,10 +123,14 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     """``add`` (Jᵢ = I) and ``cat`` (Jᵢ selects input i's slice): linear and sample-independent."""
     rule, y_shape, x_shapes = node["rule"], node["y_shape"], node["x_shapes"]
     code = NodeCode()
-    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
+    code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
     if rule.primitive == "add":
         code.jvp = lambda tangents: " + ".join(t for t in tangents if t)
         code.vjp = lambda u: [u] * len(input_vars)
+        code.methods += method_lines(f"_{name}_jvp(self, tangents)", "J v = Σ_i v_i over the inputs with a tangent",
+                                ["present = [t for t in tangents if t is not None]", "total = present[0]",
+                                 "for t in present[1:]:", "    total = total + t", "return total"])
+        code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u = u for every input", [f"return [u] * {len(input_vars)}"])
         code.input_curvature = ["S"] * len(input_vars)
         code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
@@ -185,9 +139,13 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     axis = node["hyper"]["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
     offsets = [sum(shape[axis] for shape in x_shapes[:i]) for i in range(len(x_shapes))]
     for i, (offset, shape) in enumerate(zip(offsets, x_shapes)):
-        code.methods += _method(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
+        code.methods += method_lines(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
                                 [f"return u.narrow({axis}, {offset}, {shape[axis]})"])
     code.jvp = lambda tangents: f"cat_tangents([{', '.join(t or 'None' for t in tangents)}], {x_shapes!r}, {axis})"
+    code.methods += method_lines(f"_{name}_jvp(self, tangents)", "J v: the inputs' tangents concatenated, zeros where none",
+                            [f"return cat_tangents(tangents, {x_shapes!r}, {axis})"])
+    code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u for every input: its slice",
+                            [f"return [{', '.join(f'self._{name}_vjp{i}(u)' for i in range(len(x_shapes)))}]"])
     code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
     code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
                             for i, shape in enumerate(x_shapes)]
@@ -248,13 +206,12 @@ def _patch_args(node):
     return f"{kernel_size!r}, {stride!r}, {padding!r}, {dilation!r}"
 
 
-def tangent_view(name, node, tangent) -> str:
-    """Code for an input tangent as the rule's ``X`` (the view itself unless it is affine; the tangent itself
-    where a convolution is lowered to torch's kernels, which read the input unfolded)."""
+def tangent_view_method(name, node):
+    """The method viewing an input tangent as the rule's ``X`` (the view itself unless it is affine), or None where
+    that is the tangent itself (a convolution lowered to torch's kernels reads the input unfolded)."""
     if convolution_lowering(node) or _view_is_input(node):
-        return tangent
-    method = f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
-    return f"self.{method}({tangent})"
+        return None
+    return f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
 
 
 def _view_is_input(node) -> bool:
@@ -267,29 +224,11 @@ def cached_input_view(name, node) -> str:
     return f"self._{name}_view(self.{name}_X)" if convolution_lowering(node) else f"self.{name}_X"
 
 
-# The derived input jvp of a convolution over unfolded patches: Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l]
-# (transposed: W[g, c, o, k]). Einsum spec and operands -> whether the map is the transposed convolution.
-_CONVOLUTION_JVPS = {
-    ("...abcd,...eacdf->...eabf", ("W", "v")): False,
-    ("...abcd,...eabdf->...eacf", ("W", "v")): True,
-}
-
-
 def convolution_lowering(node):
-    """``conv_options(...)`` code when torch's convolution kernels should compute the node's derived map, else None.
-
-    A lowering choice, not a second derivation: it applies only where the derived input jvp is the convolution
-    contraction over the patches view, and only where the patches hold more entries than the input (they
-    cost K× its memory and an unfold/fold per product); 1×1 kernels keep the einsums, whose patches are the input.
-    """
-    rule = node["rule"]
-    if rule.input_view not in ("patches", "transposed_patches") or "weight" not in node["params"]:
+    """``conv_options(...)`` code when the plan lowers the node's derived maps to torch's convolution kernels, else None."""
+    if not node["plan"].lowering:
         return None
-    jvp = derive(rule).tensors["X"].jvp
-    transposed = _CONVOLUTION_JVPS.get((jvp.spec, jvp.operands))
-    views, _ = _view_shapes(node)
-    if transposed != (rule.input_view == "transposed_patches") or jvp.coeff != 1 or prod(views["X"]) <= prod(node["x_shape"]):
-        return None
+    transposed = node["rule"].input_view == "transposed_patches"
     h = node["hyper"]
     output_padding = h.get("output_padding", (0,) * len(h["kernel_size"]))
     return (f"conv_options(stride={h['stride']!r}, padding={h['padding']!r}, dilation={h['dilation']!r}, "
@@ -310,27 +249,27 @@ def _input_view(node, views, tensor, tangent=False) -> str:
     view = node["rule"].input_view
     if view == "transposed_patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
-        return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {_dims(views['X'])})"
+        return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {dims(views['X'])})"
     if view == "patches" and _is_3d(node):
-        return f"patches_nd({tensor}, {_nd_args(node)}).reshape(*lead, {_dims(views['X'])})"
+        return f"patches_nd({tensor}, {_nd_args(node)}).reshape(*lead, {dims(views['X'])})"
     if view == "patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
-        return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {_dims(views['X'])})"
+        return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {dims(views['X'])})"
     if view == "standardize":
-        flat = f"{tensor}.reshape(*lead, {_dims(views['X'])})"
+        flat = f"{tensor}.reshape(*lead, {dims(views['X'])})"
         centred = flat if tangent else f"({flat} - {_buffer(node, 'running_mean')}[:, None])"
         return f"{centred} * {_rstd(node)}"
-    return f"{tensor}.reshape(*lead, {_dims(views['X'])})"
+    return f"{tensor}.reshape(*lead, {dims(views['X'])})"
 
 
 def _input_view_adjoint(node, views, tensor) -> str:
     if node["rule"].input_view == "standardize":
-        return f"({tensor} * {_rstd(node)}).reshape(*lead, {_dims(node['x_shape'])})"
+        return f"({tensor} * {_rstd(node)}).reshape(*lead, {dims(node['x_shape'])})"
     if node["rule"].input_view == "transposed_patches":
         flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
         x_shape = _as_2d(node)[-1]
         adjoint = f"transposed_patches_adjoint({flat}, {x_shape!r}, {_transposed_args(node)})"
-        return f"{adjoint}.reshape(*lead, {_dims(node['x_shape'])})" if _is_1d(node) else adjoint
+        return f"{adjoint}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else adjoint
     if node["rule"].input_view == "patches" and _is_3d(node):
         flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
         return f"patches_nd_adjoint({flat}, {node['x_shape']!r}, {_nd_args(node)})"
@@ -338,8 +277,8 @@ def _input_view_adjoint(node, views, tensor) -> str:
         k, _, _, _, x_shape = _as_2d(node)
         flat = f"{tensor}.reshape(*lead, {x_shape[0] * k[0] * k[1]}, {views['X'][-1]})"
         folded = f"patches_adjoint({flat}, {x_shape!r}, {_patch_args(node)})"
-        return f"{folded}.reshape(*lead, {_dims(node['x_shape'])})" if _is_1d(node) else folded
-    return f"{tensor}.reshape(*lead, {_dims(node['x_shape'])})"
+        return f"{folded}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else folded
+    return f"{tensor}.reshape(*lead, {dims(node['x_shape'])})"
 
 
 def _param_view(node, views, role) -> str:
@@ -348,7 +287,7 @@ def _param_view(node, views, role) -> str:
 
 
 def _formula(derivation) -> str:
-    return str(derivation.jacobian).replace("\n", " ")
+    return formula(derivation.jacobian)
 
 
 def structured_code(name, node, input_vars, caches_view) -> NodeCode:
@@ -357,19 +296,20 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     views, constants = _view_shapes(node)
     x_rank = len(node["x_shape"])
     names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
-    expr = f"Y[{', '.join(map(str, rule.out))}] = {rule.expr}"
+    expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
     conv = convolution_lowering(node)
     code = NodeCode()
-    code.forward = [f"a_{name} = {_fmt(rule.forward, node, input_vars)}"]
+    code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
     if caches_view:
         view = input_var if conv or _view_is_input(node) else f"self._{name}_view({input_var})"
         code.forward.append(f"self.{name}_X = {view}")
         code.backward.append(f"self.{name}_g = g_{name}")
     if not _view_is_input(node):
-        code.methods += _method(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
+        code.methods += method_lines(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
                                 [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
+    code.tangent_view = tangent_view_method(name, node)
     if rule.input_view == "standardize":
-        code.methods += _method(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
+        code.methods += method_lines(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
                                 [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
 
     jx = derivation.tensors["X"]
@@ -383,7 +323,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.methods += _conv_input_methods(name, node, conv, expr)
     else:
         code.methods += _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature)
-    _single_input(code, name)
+    single_input(code, name)
 
     for role, param in node["params"].items():
         tensor = derivation.tensors[role]
@@ -396,7 +336,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
         code.blocks[role] = f"_{name}_{role}_block"
-        if tensor.block.kind == "kronecker":
+        if node["plan"].block(role).representation == "kronecker":
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
@@ -412,19 +352,19 @@ def _conv_input_methods(name, node, conv, expr) -> list:
     weight = param_code(node["params"]["weight"])
     lowered = "the einsum over unfolded patches, computed by torch's convolution"
     return [
-        *_method(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
+        *method_lines(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
                  [f"return conv_apply(v, {weight}, {conv})"]),
-        *_method(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
+        *method_lines(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
                  [f"return conv_input_vjp(u, {weight} if W is None else W, {node['x_shape']!r}, {conv})"]),
     ]
 
 
 def _conv_weight_methods(name, param, conv, full, tensor) -> list:
     return [
-        *_method(f"_{name}_weight_jvp(self, v, X)",
+        *method_lines(f"_{name}_weight_jvp(self, v, X)",
                  f"J_θ v = conv(X, v) for θ = {param}: ∂Y/∂θ = {_formula(tensor)}, X the input",
                  [f"return conv_apply(X, v, {conv})"]),
-        *_method(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
+        *method_lines(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
                  [f"return conv_weight_vjp(u, X, {full!r}, {conv})"]),
     ]
 
@@ -455,21 +395,22 @@ def product_code(einsum, names, out_shape) -> str:
 
 def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature) -> list:
     y_rank = len(node["y_shape"])
-    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {_dims(views['Y'])})")
-    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {_dims(views['X'])})")
+    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {dims(views['Y'])})")
+    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {dims(views['X'])})")
     y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
-    view_tangent = [] if _view_is_input(node) else [f"v = {tangent_view(name, node, 'v')}"]
+    view = tangent_view_method(name, node)
+    view_tangent = [f"v = self.{view}(v)"] if view else []
     view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast or not y_is_view else [])
-    view_u += [] if y_is_view else [f"u = u.reshape(*lead, {_dims(views['Y'])})"]
+    view_u += [] if y_is_view else [f"u = u.reshape(*lead, {dims(views['Y'])})"]
     unview_x = (["return X"] if _view_is_input(node) else
                 [f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
     return [
-        *_method(
+        *method_lines(
             f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
             [*view_tangent, *[w.replace(" if W is None else W", "") for w in weight],
              *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
              "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"]),
-        *_method(
+        *method_lines(
             f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
             [*view_u, *weight, f"X = {vjp}", *unview_x]),
     ]
@@ -478,26 +419,25 @@ def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight,
 def _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names) -> list:
     shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
     full = node["param_shapes"][role]
-    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {_dims(views['Y'])})")
+    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {dims(views['Y'])})")
     p_vjp = product_code(_coeff(tensor.vjp, constants), names, repr(shape))
     y_is_view, param_is_view = tuple(views["Y"]) == tuple(node["y_shape"]), shape == tuple(full)
     return [
-        *_method(
+        *method_lines(
             f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
             [*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]), f"Y = {p_jvp}",
-             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {_dims(node['y_shape'])})"]),
-        *_method(
+             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node['y_shape'])})"]),
+        *method_lines(
             f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
-            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {_dims(views['Y'])})"]),
+            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {dims(views['Y'])})"]),
              f"G = {p_vjp}", "return G" if param_is_view else f"return reshape_to(G, {shape!r}, {full!r})"]),
     ]
 
 
 def _jacobian_is_weight(node, jx) -> bool:
-    """Whether the derived input jvp is Y[n, o] = Σ_i W[o, i] v[n, i] on the flat input: the Jacobian is W itself."""
+    """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
     views, _ = _view_shapes(node)
-    return (node["rule"].input_view == "reshape" and (jx.jvp.spec, jx.jvp.operands) == ("...ab,...cb->...ca", ("W", "v"))
-            and jx.jvp.coeff == 1 and len(views["X"]) == len(views["Y"]) == 1)
+    return node["plan"].kind == "matmul" and node["rule"].input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
 
 
 def _sandwich_code(name, node, jx) -> str:
@@ -513,14 +453,6 @@ def _sandwich_temporaries(node, jx) -> int:
     return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
 
 
-def _is_gram(einsum) -> bool:
-    """Whether the factor is Σ_n X[n, i] X[n, j] (a Gram matrix over samples)."""
-    inputs, output = einsum.spec.replace("...", "").split("->")
-    first, second = inputs.split(",") if "," in inputs else ("", "")
-    return (einsum.operands == ("X", "X") and len(first) == len(second) == 2 and first[0] == second[0]
-            and output == first[1] + second[1])
-
-
 def _gram_root(a, b, full) -> list:
     """Fewer samples than inputs (always so for x̄ x̄ᵀ): keep B's root X / sqrt(N) instead of B."""
     return [f"if X.shape[0] < {b}:  # B = R Rᵀ has rank <= N",
@@ -530,38 +462,38 @@ def _gram_root(a, b, full) -> list:
 
 def _kronecker_sizes(block, shape):
     """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
-    split = len(block.factors[0].spec.split("->")[1].replace("...", "")) // 2
-    a = prod(shape[:split])
+    a = prod(shape[:kronecker_split(block)])
     return a, prod(shape) // a
 
 
-def _kronecker_factor_entries(block, shape) -> str:
-    """Code for the entries of B (or of its root R, N × b, when there are fewer samples than b)."""
-    b = _kronecker_sizes(block, shape)[1]
-    return f"min(self.N, {b}) * {b}" if _is_gram(block.factors[1]) else str(b * b)
+def _kronecker_factor_entries(block, shape) -> tuple:
+    """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
+    return _kronecker_sizes(block, shape)[1], is_gram(block.factors[1])
 
 
 def _block_method(name, node, role, param, block, views, shape, names) -> list:
+    """The block method in the plan's representation (matrix-free where it chose that over the derived form)."""
+    representation = node["plan"].block(role).representation
     y_view = tuple(views["Y"])
     full = node["param_shapes"][role]
     size = prod(full)
     signature = f"_{name}_{role}_block(self, S, average)"
-    reshape_s = f"S = S.reshape({_dims(y_view)}, {_dims(y_view)})"
-    if block.kind == "dense":
-        return _method(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
+    reshape_s = f"S = S.reshape({dims(y_view)}, {dims(y_view)})"
+    if representation == "dense":
+        return method_lines(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
                        [reshape_s, f"B = {block.matrix.code(names)}",
                         f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
-    if block.kind == "kronecker":
+    if representation == "kronecker":
         a_factor, b_factor = block.factors
         a = _kronecker_sizes(block, shape)[0]
-        return _method(
+        return method_lines(
             signature,
             f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
             [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
-             *(_gram_root(a, size // a, full) if _is_gram(b_factor) else []),
+             *(_gram_root(a, size // a, full) if is_gram(b_factor) else []),
              f"B = {b_factor.code(names)}", "B /= X.shape[0]",
              f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
-    return _method(
+    return method_lines(
         signature, f"B v = E[J_θᵀ S J_θ] v for θ = {param} (E[J_θ]ᵀ S E[J_θ] when average), matrix-free",
         [f"X = batch_mean(self.{name}_X, average)",
          "",
@@ -572,16 +504,16 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
          f"return OperatorBlock(product, {full!r}, S)"])
 
 
-def node_code(name, node, input_vars, node_plan) -> NodeCode:
-    rule = node["rule"]
-    if isinstance(rule, Elementwise):
-        return elementwise_code(name, node, input_vars)
-    if isinstance(rule, Selection):
-        return selection_code(name, node, input_vars)
-    if isinstance(rule, Structured):
-        return structured_code(name, node, input_vars, node_plan.caches_input_view)
-    if isinstance(rule, Normalization):
-        from .normalization import normalization_code  # it builds on this module's helpers
+# Each rule kind's emitter, registered once: (name, node, input variables, the node's plan) -> NodeCode.
+EMITTERS = {
+    Elementwise: lambda name, node, input_vars, node_plan: elementwise_code(name, node, input_vars),
+    Selection: lambda name, node, input_vars, node_plan: selection_code(name, node, input_vars),
+    Structured: lambda name, node, input_vars, node_plan: structured_code(name, node, input_vars,
+                                                                          node_plan.caches_input_view),
+    Normalization: lambda name, node, input_vars, node_plan: normalization_code(name, node, input_vars,
+                                                                                any(node_plan.input_needs_grad)),
+}
 
-        return normalization_code(name, node, input_vars, any(node_plan.input_needs_grad))
-    raise TypeError(f"no emitter for {rule!r}")
+
+def node_code(name, node, input_vars, node_plan) -> NodeCode:
+    return handler(EMITTERS, node["rule"], "emitter")(name, node, input_vars, node_plan)

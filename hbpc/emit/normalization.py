@@ -10,9 +10,9 @@ from math import prod
 
 from hbpc.derive import derive
 from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import torch_code
+from hbpc.derive.printer import formula, torch_code
 
-from .nodes import NodeCode, _dims, _fmt, _method, _single_input
+from .code import NodeCode, dims, fill_template, method_lines, single_input
 
 
 def _statistics_method(name, node, derivation, groups, entries) -> list:
@@ -22,8 +22,8 @@ def _statistics_method(name, node, derivation, groups, entries) -> list:
     names = [str(s) for s, _ in derivation.statistics]
     needed = max((names.index(r) + 1 for r in reads if r in names), default=0)
     lines = [f"{s} = {torch_code(definition.subs(values))}" for s, definition in derivation.statistics[:needed]]
-    definitions = ", ".join(f"{s} = {definition}" for s, definition in derivation.statistics)
-    return _method(f"_{name}_statistics(self, x, y)",
+    definitions = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)
+    return method_lines(f"_{name}_statistics(self, x, y)",
                    f"{', '.join(reads)} over each group of {entries} normalized entries, with {definitions}",
                    [f"x, y = x.reshape(-1, {groups}, {entries}), y.reshape(-1, {groups}, {entries})", *lines,
                     f"return {', '.join(reads)}"])
@@ -34,12 +34,12 @@ def _product_method(name, node, derivation, which, argument, doc, groups, entrie
     expr = getattr(derivation, which)
     cached = [str(s) for s in derivation.reads() if s in expr.free_symbols] + (["g"] if which == "residual" else [])
     shared, out = derivation.code(which, node["hyper"])
-    return _method(
-        f"_{name}_{which}(self, {argument})", doc.format(expr=expr),
+    return method_lines(
+        f"_{name}_{which}(self, {argument})", doc.format(expr=formula(expr)),
         [*([f"{', '.join(cached)} = {', '.join(f'self.{name}_{c}' for c in cached)}"] if cached else []),
          f"lead = lead_shape({argument}, {len(node['x_shape'])})",
          f"{argument} = {argument}.reshape(*lead, {groups}, {entries})", *shared,
-         f"return ({out}).reshape(*lead, {_dims(node['y_shape'])})"])
+         f"return ({out}).reshape(*lead, {dims(node['y_shape'])})"])
 
 
 def normalization_code(name, node, input_vars, upstream) -> NodeCode:
@@ -50,8 +50,8 @@ def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     groups = prod(x_shape) // entries
     reads = [f"self.{name}_{s}" for s in derivation.reads()]
     like = reads[0] if reads else f"self.{name}_g"
-    code = NodeCode(forward=[f"a_{name} = {_fmt(rule.forward, node, input_vars)}"])
-    _single_input(code, name)
+    code = NodeCode(forward=[f"a_{name} = {fill_template(rule.forward, node, input_vars)}"])
+    single_input(code, name)
     if not upstream:
         return code
     if reads:
@@ -63,20 +63,20 @@ def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals().sum(0), "
                             "average_input_jacobian, curvature)"]
     code.mean_vjp = lambda i, M: f"grouped_mean_transpose(self._{name}_jacobians(), {M})"
-    statistics = ", ".join(f"{s} = {definition}" for s, definition in derivation.statistics)
+    statistics = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)
     args = (groups, entries)
     code.methods += [
         *(_statistics_method(name, node, derivation, *args) if reads else []),
         *_product_method(name, node, derivation, "jvp", "v",
-                         f"J v = {{expr}}, derived from y = {rule.phi} with {statistics}", *args),
+                         f"J v = {{expr}}, derived from y = {formula(rule.phi)} with {statistics}", *args),
         *_product_method(name, node, derivation, "vjp", "u", "Jᵀ u = {expr} (derived)", *args),
         *_product_method(name, node, derivation, "residual", "t",
                          "R t = {expr} (derived), R = Σ_i g_i ∂²y_i/∂x², g the gradient at the output", *args),
-        *_method(f"_{name}_jacobians(self)", "J_n per sample and group, (N, G, D, D): J v on the identity",
+        *method_lines(f"_{name}_jacobians(self)", "J_n per sample and group, (N, G, D, D): J v on the identity",
                  [f"return grouped_matrices(self._{name}_jvp, {like}, {x_shape!r}, {groups})"]),
-        *_method(f"_{name}_residuals(self)", "R_n per sample and group, (N, G, D, D): R t on the identity",
+        *method_lines(f"_{name}_residuals(self)", "R_n per sample and group, (N, G, D, D): R t on the identity",
                  [f"return grouped_matrices(self._{name}_residual, {like}, {x_shape!r}, {groups})"]),
-        *_method(f"_{name}_residual_product(self, t, curvature)",
+        *method_lines(f"_{name}_residual_product(self, t, curvature)",
                  "mode(R) t: R t (hessian), 0 (ggn), or through each R_n's eigendecomposition (pch-abs, pch-clip)",
                  ["if curvature == 'hessian':", f"    return self._{name}_residual(t)", "if curvature == 'ggn':",
                   "    return 0", f"if curvature not in self.{name}_modes:",

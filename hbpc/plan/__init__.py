@@ -1,15 +1,45 @@
-"""Stage 3: decide what the generated code computes and caches, from shapes alone.
+"""Stage 3: decide what the generated code computes, caches and keeps, from the graph and its derivations.
 
-* A tensor needs a gradient, a tangent and a curvature only if some parameter lies upstream of it
-  (the first layer's input curvature is never formed).
-* A node with parameters caches its input view ``X`` for parameter gradients and blocks.
-* HBP blocks walk the graph backwards keeping a *frontier*: the tensors whose consumers are
-  all processed; the emitter counts what that sweep holds (``hbpc.emit.module._MemoryLedger``),
-  so the generated code can refuse before allocating.
+``plan(graph)`` returns a ``Plan``; the emitter prints it and decides nothing of this itself:
+
+* **upstream**: a tensor needs a gradient, a tangent and a curvature only if some parameter lies upstream of it
+  (the first layer's input curvature is never formed);
+* **caches**: per node, what ``forward_backward`` keeps and which quantities read it (``Plan.caches_for``);
+* **blocks**: per parameter, the representation of its HBP block (Kronecker, dense or matrix-free), from the
+  derived factorisation, and matrix-free where the structured form alone would exceed ``memory_limit``;
+* **kronecker**: KFAC-family layers, from the derived classification of the input map (a matrix product or a
+  convolution, one group, parameters used once), not from op names;
+* **lowering**: convolutions whose derived maps torch's convolution kernels compute (patches larger than the input);
+* **loss**: the loss's curvature (its exact Hessian; a sampled Fisher for a softmax likelihood; label smoothing).
+
+Each rule kind registers its decisions once, in ``_KINDS``. The HBP sweep's peak memory (the S matrices it holds)
+is still counted by the emitter (``hbpc.emit.module._MemoryLedger``) as it prints the sweep.
 """
 from dataclasses import dataclass
+from math import prod
 
 import networkx as nx
+
+from hbpc.derive import derive
+from hbpc.derive.structured import classify, is_gram, kronecker_split
+from hbpc.kinds import handler
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
+
+QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
+ALL = frozenset(QUANTITIES)
+CURVATURE = ALL - {"gradient"}
+MEMORY_LIMIT = 2 * 1024**3  # bytes: the generated modules' default memory_limit
+FACTORED_MAPS = ("matmul", "convolution")  # input maps whose weight block the KFAC family factors as G ⊗ A
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The HBP block of one parameter at one node: its representation and the entries blocks() keeps for it."""
+
+    parameter: str  # as in model.named_parameters()
+    role: str
+    representation: str  # "kronecker", "dense" or "matrix-free"
+    entries: int
 
 
 @dataclass(frozen=True)
@@ -17,12 +47,52 @@ class NodePlan:
     name: str
     input_needs_grad: tuple  # per input: does a parameter lie upstream of it?
     caches_input_view: bool
+    kind: str = ""  # the derived classification: matmul, convolution, ..., elementwise, selection, normalization
+    caches: tuple = ()  # ((cached tensor, frozenset of the quantities that read it), ...)
+    blocks: tuple = ()  # BlockPlan per parameter role
+    kronecker: bool = False  # a KFAC-family layer (kronecker_factors)
+    lowering: bool = False  # torch's convolution kernels compute the derived maps
+
+    def block(self, role):
+        return next(b for b in self.blocks if b.role == role)
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    rule: str
+    reduction: str
+    sampled_fisher: bool  # a softmax likelihood: labels can be sampled (MC-Fisher, KFAC)
+    probability_targets: bool  # cross-entropy also takes class probabilities (its Hessian ignores t)
+    label_smoothing: float
+    caches: tuple = ()
+
+    @property
+    def curvature(self) -> str:
+        smoothing = f", label smoothing {self.label_smoothing}" if self.label_smoothing else ""
+        return "exact Hessian" + (" + MC-Fisher" if self.sampled_fisher else "") + smoothing
 
 
 @dataclass(frozen=True)
 class Plan:
     nodes: tuple
-    upstream: frozenset       # tensors (node names) with a parameter upstream, inclusive
+    upstream: frozenset  # tensors (node names) with a parameter upstream, inclusive
+    loss: LossPlan = None
+    memory_limit: int = MEMORY_LIMIT
+    batch: int = 1  # the batch size block entries are counted at
+    element_size: int = 4
+
+    def node(self, name) -> NodePlan:
+        return next(p for p in self.nodes if p.name == name)
+
+    def caches_for(self, quantities) -> dict:
+        """{node: (cached tensors)} that the given quantities read (the loss under the key "loss")."""
+        wanted = set(quantities)
+        unknown = wanted - ALL
+        if unknown:
+            raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {QUANTITIES}")
+        entries = [(p.name, p.caches) for p in self.nodes] + [("loss", self.loss.caches if self.loss else ())]
+        found = {name: tuple(item for item, readers in caches if readers & wanted) for name, caches in entries}
+        return {name: items for name, items in found.items() if items}
 
 
 def upstream_of_params(graph: nx.DiGraph) -> frozenset:
@@ -34,8 +104,119 @@ def upstream_of_params(graph: nx.DiGraph) -> frozenset:
     return frozenset(found)
 
 
-def plan(graph: nx.DiGraph) -> Plan:
+def _uses(graph) -> dict:
+    """{parameter: number of nodes using it}."""
+    count = {}
+    for name in graph.graph["order"]:
+        for param in graph.nodes[name]["params"].values():
+            count[param] = count.get(param, 0) + 1
+    return count
+
+
+def _elementwise(node, context) -> dict:
+    caches = [("d1", ALL)]
+    if derive(node["rule"]).d2 != 0:
+        caches.append(("r", frozenset({"hessian"})))  # r = g ⊙ φ″: the residual
+    return dict(kind="elementwise", caches=tuple(caches))
+
+
+def _selection(node, context) -> dict:
+    primitive = node["rule"].primitive
+    return dict(kind=f"selection ({primitive})", caches=(("idx", ALL),) if primitive == "take" else ())
+
+
+def _normalization(node, context) -> dict:
+    if not context["upstream"]:
+        return dict(kind="normalization")
+    reads = tuple((str(s), ALL) for s in derive(node["rule"]).reads())
+    return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),))
+
+
+def _block_entries(block, view, batch) -> int:
+    """Entries blocks() keeps for a derived block: A and B (or B's root, N × b, for a Gram factor), or θ²."""
+    size = prod(view)
+    if block.kind == "dense":
+        return size * size
+    a = prod(view[:kronecker_split(block)])
+    b = size // a
+    return a * a + (min(batch, b) * b if is_gram(block.factors[1]) else b * b)
+
+
+def _representation(block, entries, context) -> str:
+    if block.kind == "operator" or entries * context["element_size"] > context["memory_limit"]:
+        return "matrix-free"
+    return block.kind
+
+
+def _structured(node, context) -> dict:
+    rule = node["rule"]
+    derivation = derive(rule)
+    kind = classify(derivation)
+    views = rule.views(node["hyper"], node["x_shape"], node["y_shape"])
+    blocks = []
+    for role, param in node["params"].items():
+        block = derivation.tensors[role].block
+        entries = 0 if block.kind == "operator" else _block_entries(block, views[{"weight": "W", "bias": "b"}[role]],
+                                                                    context["batch"])
+        representation = _representation(block, entries, context)
+        blocks.append(BlockPlan(param, role, representation, entries if representation != "matrix-free" else 0))
+    params = node["params"]
+    kronecker = (kind in FACTORED_MAPS and "weight" in params and node["hyper"].get("groups", 1) == 1
+                 and all(context["uses"][p] == 1 for p in params.values()))
+    lowering = (kind in ("convolution", "transposed convolution") and "weight" in params
+                and prod(views["X"]) > prod(node["x_shape"]))  # 1×1 kernels: the patches are the input
+    caches = (("X", ALL), ("g", frozenset({"hessian"}))) if params else ()
+    return dict(kind=kind, caches=caches, blocks=tuple(blocks), kronecker=kronecker, lowering=lowering)
+
+
+# Each rule kind's decisions, registered once: (node, context) -> NodePlan fields.
+_KINDS = {Elementwise: _elementwise, Selection: _selection, Normalization: _normalization, Structured: _structured}
+
+
+def _loss_plan(graph) -> LossPlan:
+    rule = graph.graph["loss_rule"]
+    intermediates = derive(rule).intermediates
+    sampled = "softmax" in intermediates
+    caches = (*((name, ALL) for name in intermediates), ("z, t, scale", CURVATURE))
+    return LossPlan(rule.key, graph.graph["reduction"], sampled, rule.target == "class" and sampled
+                    and rule.key == "cross_entropy", graph.graph["loss_hyper"].get("label_smoothing", 0.0), caches)
+
+
+def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:
+    """Every decision for the graph; blocks are counted at ``batch`` samples of ``element_size`` bytes."""
     upstream = upstream_of_params(graph)
-    nodes = tuple(NodePlan(name, tuple(i in upstream for i in graph.nodes[name]["inputs"]),
-                           bool(graph.nodes[name]["params"])) for name in graph.graph["order"])
-    return Plan(nodes, upstream)
+    uses = _uses(graph)
+    nodes = []
+    for name in graph.graph["order"]:
+        node = graph.nodes[name]
+        needs_grad = tuple(i in upstream for i in node["inputs"])
+        context = dict(upstream=any(needs_grad), uses=uses, batch=batch, element_size=element_size,
+                       memory_limit=memory_limit)
+        nodes.append(NodePlan(name, needs_grad, bool(node["params"]), **handler(_KINDS, node["rule"], "plan")(node, context)))
+    return Plan(tuple(nodes), upstream, _loss_plan(graph), memory_limit, batch, element_size)
+
+
+def table(graph, the_plan: Plan) -> str:
+    """The plan as text: a row per node (parameters named as in model.named_parameters()), then the loss."""
+    rows = [("node", "op", "kind", "parameters", "cached", "block", "bytes", "kfac")]
+    for entry in the_plan.nodes:
+        node = graph.nodes[entry.name]
+        blocks = {b.parameter: b for b in entry.blocks}
+        params = list(node["params"].values()) or ["-"]
+        cached = ", ".join(item for item, readers in entry.caches) or "-"
+        for k, param in enumerate(params):
+            block = blocks.get(param)
+            kind = entry.kind + (" (torch kernels)" if entry.lowering else "")
+            rows.append((entry.name if k == 0 else "", node["op"] if k == 0 else "", kind if k == 0 else "",
+                         param, cached if k == 0 else "", block.representation if block else "-",
+                         str(block.entries * the_plan.element_size) if block else "-",
+                         ("yes" if entry.kronecker else "no") if block else ""))
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    loss = the_plan.loss
+    lines.append(f"loss: {loss.rule} ({loss.reduction}): {loss.curvature}; cached: "
+                 + ", ".join(item for item, _ in loss.caches))
+    lines.append(f"bytes at N = {the_plan.batch}, {the_plan.element_size} bytes an entry; memory_limit "
+                 f"{the_plan.memory_limit / 2**30:.2f} GiB; cached tensors serve: d1, X, idx and statistics every "
+                 "quantity, r and g the Hessian and pch-* curvatures")
+    return "\n".join(lines)

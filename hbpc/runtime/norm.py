@@ -1,8 +1,10 @@
-# ---------------------------------------------------------------------------
-# Runtime helpers for normalizations (copied by hbpc into the generated modules that use them,
-# after the shared prelude). A normalization acts on groups of D normalized entries: a sample's
-# tensor seen as (G, D), per-sample matrices as (N, G, D, D), block-diagonal over the G groups.
-# ---------------------------------------------------------------------------
+"""Normalizations: a map acting on groups of D normalized entries.
+
+A sample's tensor is seen as (G, D), per-sample matrices as (N, G, D, D), block-diagonal over the G groups.
+"""
+import torch
+
+from .helpers import eigh_upcast, lead_shape, numel, residual
 
 
 def grouped_matrices(product, like, x_shape, groups):

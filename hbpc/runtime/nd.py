@@ -1,7 +1,7 @@
-# ---------------------------------------------------------------------------
-# Runtime helpers for 3D convolution and pooling and for transposed convolution (copied by hbpc
-# into the generated modules that use them, after the shared prelude).
-# ---------------------------------------------------------------------------
+"""Patches for 3D convolution and pooling and for transposed convolution, and their adjoints."""
+import torch
+
+from .helpers import lead_shape, numel, patches, patches_adjoint
 
 
 def patches_nd(x, kernel_size, stride, padding, dilation):

@@ -1,10 +1,12 @@
-# ---------------------------------------------------------------------------
-# Runtime helpers for convolutions lowered to torch's convolution kernels (copied by hbpc into the
-# generated modules that use them, after the shared prelude). The maps are the ones the rule's einsums
-# over unfolded patches derive, Y[n, g, o, l] = Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l] (transposed:
-# W[g, c, o, k]); the kernels compute them without materialising the patches.
-# A leading V on a weight or on a second operand is vectorised with torch.vmap.
-# ---------------------------------------------------------------------------
+"""Convolutions lowered to torch's convolution kernels.
+
+The maps are the ones the rule's einsums over unfolded patches derive, Y[n, g, o, l] = Σ_{c,k} W[g, o, c, k]
+X[n, g, c, k, l] (transposed: W[g, c, o, k]); the kernels compute them without materialising the patches.
+A leading V on a weight or on a second operand is vectorised with torch.vmap.
+"""
+import torch
+
+from .helpers import lead_shape
 
 
 def conv_options(stride, padding, dilation, transposed, output_padding, groups):

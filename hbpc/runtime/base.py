@@ -1,0 +1,331 @@
+"""``CurvatureModule``: the model-independent methods of every generated ``Curvature`` class.
+
+A generated module subclasses it and declares its model in class attributes (the tables below); it adds only
+what is specific to the model: ``forward_backward``'s straight-line forward, loss and backward with its
+caches, the HBP sweep ``_hbp_sweep``, the per-node derivative methods and the loss's derived products.
+"""
+import torch
+
+from .blocks import (DenseBlock, KroneckerBlock, OperatorBlock, SumBlock, as_vectors, from_vectors, split_block,
+                     split_product, zero_product)
+from .checks import (bind, check_class_target, check_curvature, check_dense_target, check_eval_mode, check_flag,
+                     check_input, check_kronecker_kind, check_model, check_samples, check_split, check_state,
+                     tensor_state)
+from .helpers import eigh_upcast, numel
+
+
+class CurvatureModule:
+    """HBP blocks, exact block products, full GGN/Hessian/MC-Fisher products and Kronecker factors of one model.
+
+    The generated subclass declares:
+
+    ===================  =============================================================================
+    PARAMETERS           {name: shape} in model order (as ``model.named_parameters()``)
+    BUFFERS              buffer names forward_backward reads
+    EVAL_MODE_MODULES    modules compiled as their eval-mode map ('*': functional dropout)
+    INPUT_SHAPE          per-sample input shape; OUTPUT_SHAPE: per-sample logits' shape
+    TARGET               'class' (labels, or probabilities if PROBABILITY_TARGETS) or 'dense'
+    LOSS                 the loss's name, for messages; SAMPLED_FISHER: a softmax likelihood (labels sampled)
+    NODES                {node: (inputs, {role: parameter})} in graph order; 'x' is the model input
+    SECOND_ORDER         {node: (has a residual, roles θ with ∂²y/∂x∂θ ≠ 0, method viewing a tangent as θ's input)}
+    BLOCKS               {node: ((parameter, block method), ...)}: what blocks() builds from S at node
+    FACTORS              {node: (weight, bias or None)}: the KFAC family's layers
+    MEMORY               (peak entries of the HBP sweep, where it peaks, ((b, gram), ...) factors kept)
+    ===================  =============================================================================
+    """
+
+    memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
+    PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE = {}, (), (), (), ()
+    TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER = "class", False, "the loss", False
+    NODES, SECOND_ORDER, BLOCKS, FACTORS, MEMORY = {}, {}, {}, {}, (0, "the loss", ())
+
+    def __init__(self, model):
+        """Bind to a model of the compiled architecture; names and shapes must match.
+
+        forward_backward re-reads the model's parameters and buffers, so replacing one on the model is picked up.
+        """
+        self.model = check_model(model)
+        self.p, self.buffers = bind(model, self.PARAMETERS, self.BUFFERS)
+        self._ready = False
+
+    @property
+    def factored_parameters(self):
+        """kronecker_factors() keys."""
+        return tuple(p for weight, bias in self.FACTORS.values() for p in (weight, bias) if p is not None)
+
+    def _check_ready(self):
+        if not self._ready:
+            raise RuntimeError("call forward_backward(x, target) before asking for curvature")
+        check_state(self._state)
+
+    def check_current(self):
+        """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""
+        self._check_ready()
+
+    def _begin(self, x, target):
+        """forward_backward's argument checks: (N, the target as a tensor (N, C) or (N, *y)); binds the model."""
+        check_eval_mode(self.model, self.EVAL_MODE_MODULES)
+        params, buffers = bind(self.model, self.PARAMETERS, self.BUFFERS)  # the model's current tensors
+        check_input(x, self.INPUT_SHAPE, next(iter(params.values()), None))
+        N = x.shape[0]
+        if self.TARGET == "class":
+            checked = check_class_target(target, N, numel(self.OUTPUT_SHAPE), self.PROBABILITY_TARGETS, x.device)
+        else:
+            checked = check_dense_target(target, N, self.OUTPUT_SHAPE, x.device)
+        self.p, self.buffers, self.N = params, buffers, N
+        self._ready = False  # a failure before _end leaves no half-updated cache in use
+        return N, checked
+
+    def _end(self, loss, x, target):
+        """Record what the cache depends on; curvature calls are allowed from now on."""
+        self._state = tensor_state(self.model, [("x", x), ("target", target)])
+        self._ready = True
+        return loss
+
+    def blocks_memory(self):
+        """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step's temporaries)."""
+        self._check_ready()
+        peak, _, factors = self.MEMORY
+        classes = numel(self.OUTPUT_SHAPE)
+        kept = sum(min(self.N, b) * b if gram else b * b for b, gram in factors)
+        loss_hessian = 5 * self.N * classes * classes  # the loss Hessian's basis and its products
+        return (peak + loss_hessian + kept) * self.loss_z.element_size()
+
+    def _check_memory(self):
+        """Refuse blocks() before it allocates anything."""
+        needed = self.blocks_memory()
+        if needed > self.memory_limit:
+            raise MemoryError(
+                f"blocks() needs {needed / 2**30:.2f} GiB for the curvature at {self.MEMORY[1]}, more than "
+                f"memory_limit ({self.memory_limit / 2**30:.2f} GiB); use block_products() or raise memory_limit"
+            )
+
+    @torch.no_grad()
+    def blocks(self, curvature="ggn", average_input_jacobian=True, average_parameter_jacobian=True, split=1):
+        """HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.
+
+        S as in _hbp_sweep; B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ] with S at the
+        output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).
+        """
+        check_curvature(curvature)
+        check_split(split)
+        check_flag("average_input_jacobian", average_input_jacobian)
+        check_flag("average_parameter_jacobian", average_parameter_jacobian)
+        self._check_ready()
+        self._check_memory()
+        blocks = {}
+
+        def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses
+            for param, method in self.BLOCKS[node]:
+                block = getattr(self, method)(S, average_parameter_jacobian)
+                blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block
+
+        self._hbp_sweep(curvature, average_input_jacobian, visit)
+        return {name: split_block(blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z), split)
+                for name, shape in self.PARAMETERS.items()}  # a parameter the loss ignores: 0
+
+    def block_products(self, curvature="ggn", split=1):
+        """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v.
+
+        split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).
+        """
+        check_curvature(curvature)
+        check_split(split)
+        self._check_ready()
+        used = {param for _, params in self.NODES.values() for param in params.values()}
+        products = {name: self._block_product(name) if name in used else zero_product for name in self.PARAMETERS}
+        return {
+            name: split_product(lambda v, f=f: f(v, curvature), self.PARAMETERS[name], split, self.loss_z,
+                                self._check_ready)
+            for name, f in products.items()
+        }
+
+    @torch.no_grad()
+    def kronecker_factors(self, kind="kflr", samples=1, generator=None):
+        """Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:
+        weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).
+
+        A = (1/N) Σ_n Σ_l x_l x_lᵀ over the input patches x_l of the output locations l (Linear: one).
+        G = Σ_(v,n) s sᵀ, s = Σ_l u[v, n, :, l], u square-root factors backpropagated from the loss:
+        kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),
+        S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP
+        recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.
+        """
+        check_kronecker_kind(kind)
+        self._check_ready()
+        if kind == "kfra":
+            self._check_memory()
+            G = {}
+
+            def visit(node, S):  # S at the output of a node with parameters
+                if node in self.FACTORS:
+                    G[node] = getattr(self, f"_{node}_curvature_factor")(S)
+
+            self._hbp_sweep("ggn", False, visit)
+        else:
+            u = self._loss_hessian_root() if kind == "kflr" else self._loss_sampled_root(samples, generator)
+            G = self._root_backward(u) if self.FACTORS else {}
+        factors = {}
+        for node, (weight, bias) in self.FACTORS.items():
+            factors[weight] = KroneckerBlock(G[node], getattr(self, f"_{node}_input_factor")(), self.PARAMETERS[weight])
+            if bias is not None:
+                factors[bias] = DenseBlock(G[node], self.PARAMETERS[bias])
+        return factors
+
+    def _full_product(self, vs, product, *args):
+        """product(v, *args) on {name: (V, *θ)} for vs a list shaped like the parameters (optionally with a V)."""
+        self._check_ready()
+        v, single = as_vectors(vs, self.PARAMETERS, self.loss_z)
+        return from_vectors(product(v, *args), v, single)
+
+    @torch.no_grad()
+    def ggn_vector_product(self, vs):
+        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the
+        parameters, optionally with a leading V."""
+        return self._full_product(vs, self._product, None, "ggn", self._loss_hessian_product)
+
+    @torch.no_grad()
+    def hessian_vector_product(self, vs):
+        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs as for
+        ggn_vector_product."""
+        return self._full_product(vs, self._product, "hessian", "hessian", self._loss_hessian_product)
+
+    @torch.no_grad()
+    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
+        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs as for
+        ggn_vector_product."""
+        self._require_sampling("fisher_mc_vector_product", "use ggn_vector_product (the GGN it estimates)")
+        check_samples(samples)
+
+        def loss_product(t):
+            return self._loss_fisher_product(t, samples, generator)
+
+        return self._full_product(vs, self._product, None, "ggn", loss_product)
+
+    def _block_product(self, name):
+        """(v, curvature) -> C_θθ v for θ = name: the diagonal block by the exact recursion, (V, *θ) -> (V, *θ)."""
+        return lambda v, curvature: self._product({name: v}, "curvature", curvature, self._loss_hessian_product)[name]
+
+    def _jvp(self, name, tangents):
+        """The node's output tangent from its inputs' tangents (None where an input has none)."""
+        jvp = getattr(self, f"_{name}_jvp")
+        return jvp(tangents[0]) if len(tangents) == 1 else jvp(tangents)
+
+    def _vjps(self, name, inputs, u):
+        """Jᵢᵀ u for every input i of the node."""
+        vjp = getattr(self, f"_{name}_vjp")
+        return [vjp(u)] if len(inputs) == 1 else vjp(u)
+
+    def _product(self, v, second_order, curvature, loss_product):
+        """C v for the parameters in v ({name: (V, *θ)}), on forward_backward's cache: {name: (V, *θ)}.
+
+        Forward: t_out = Σ_i J_i t_i + Σ_θ J_θ v_θ; at the logits u = loss_product(t). Backward:
+        u_in = Σ_consumers J_iᵀ u_out, plus second-order terms: ``second_order`` is None (GGN), "hessian" (every
+        residual R t_in and the parameter-input cross terms J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or "curvature"
+        (residuals under ``curvature``'s mode; the cross terms only for curvature = "hessian").
+        """
+        mode = "hessian" if second_order == "hessian" else curvature
+        residuals, cross = second_order is not None and mode != "ggn", second_order is not None and mode == "hessian"
+        tangent = {}
+        for name, (inputs, params) in self.NODES.items():
+            tangents = [tangent.get(i) for i in inputs]
+            terms = [self._jvp(name, tangents)] if any(t is not None for t in tangents) else []
+            terms += [getattr(self, f"_{name}_{role}_jvp")(v[param], getattr(self, f"{name}_X"))
+                      for role, param in params.items() if param in v]
+            if terms:
+                tangent[name] = _sum(terms)
+        last = next(reversed(self.NODES))
+        cotangent, out = {last: [loss_product(tangent[last])]}, {}
+        for name in reversed(self.NODES):
+            if name not in tangent:
+                continue
+            inputs, params = self.NODES[name]
+            u = _sum(cotangent[name])
+            has_residual, coupled, view = self.SECOND_ORDER.get(name, (False, (), None))
+            input_tangent = tangent.get(inputs[0])
+            for role, param in params.items():
+                if param not in v:
+                    continue
+                vjp, X = getattr(self, f"_{name}_{role}_vjp"), getattr(self, f"{name}_X")
+                out.setdefault(param, []).append(vjp(u, X))
+                if cross and role in coupled and input_tangent is not None:
+                    viewed = getattr(self, view)(input_tangent) if view else input_tangent
+                    out[param].append(vjp(getattr(self, f"{name}_g"), viewed))
+            if not any(i in tangent for i in inputs):
+                continue
+            for source, term in zip(inputs, self._vjps(name, inputs, u)):
+                if source not in tangent:
+                    continue
+                terms = [term]
+                if residuals and has_residual:
+                    terms.append(getattr(self, f"_{name}_residual_product")(tangent[source], mode))
+                if cross and "weight" in coupled and params["weight"] in v:
+                    terms.append(getattr(self, f"_{name}_vjp")(getattr(self, f"{name}_g"), v[params["weight"]]))
+                cotangent.setdefault(source, []).append(_sum(terms))
+        return {param: _sum(terms) for param, terms in out.items()}
+
+    def _root_backward(self, u):
+        """Jᵀ u (V, N, *z) from the loss down to every KFAC-family layer; G = the layer's root factor there."""
+        needed = set()
+        for name, (inputs, _) in self.NODES.items():  # tensors with a factor layer at or below them
+            if name in self.FACTORS or any(i in needed for i in inputs):
+                needed.add(name)
+        last = next(reversed(self.NODES))
+        cotangent, G = {last: [u]}, {}
+        for name in reversed(self.NODES):
+            if name not in needed:
+                continue
+            inputs, _ = self.NODES[name]
+            u = _sum(cotangent[name])
+            if name in self.FACTORS:
+                G[name] = getattr(self, f"_{name}_root_factor")(u)
+            if any(i in needed for i in inputs):
+                for source, term in zip(inputs, self._vjps(name, inputs, u)):
+                    if source in needed:
+                        cotangent.setdefault(source, []).append(term)
+        return G
+
+    def _loss_basis(self):
+        """The identity on the logits, per sample: (C, N, *z)."""
+        classes = numel(self.OUTPUT_SHAPE)
+        eye = torch.eye(classes, dtype=self.loss_z.dtype, device=self.loss_z.device)
+        return eye[:, None, :].expand(classes, self.N, classes).reshape(classes, self.N, *self.OUTPUT_SHAPE)
+
+    def _loss_hessian_sum(self):
+        """S_z = Σ_n ∇²_{z_n} L: (C, C)."""
+        classes = numel(self.OUTPUT_SHAPE)
+        return self._loss_hessian_product(self._loss_basis()).sum(1).reshape(classes, classes)
+
+    def _loss_hessian_root(self):
+        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""
+        classes = numel(self.OUTPUT_SHAPE)
+        H = self._loss_hessian_product(self._loss_basis()).reshape(classes, self.N, classes).transpose(0, 1)
+        eigenvalues, Q = eigh_upcast(H)  # H: (N, C, C)
+        root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]
+        return root.permute(2, 0, 1).reshape(classes, self.N, *self.OUTPUT_SHAPE)
+
+    def _require_sampling(self, what, instead):
+        if not self.SAMPLED_FISHER:
+            raise ValueError(f"{what} samples labels from a softmax likelihood; {self.LOSS} has none: {instead}")
+
+    def _loss_fisher_product(self, v, samples, generator):
+        """(c/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v; v (V, N, *z)."""
+        s = self._loss_sampled_gradients(samples, generator)  # (N, S, C)
+        flat = v.reshape(*v.shape[:2], -1)
+        product = torch.einsum("nsc,...ns->...nc", s, torch.einsum("nsc,...nc->...ns", s, flat))
+        return (self.loss_scale / samples * product).reshape(v.shape)
+
+    def _loss_sampled_root(self, samples, generator):
+        """√(c/S) s, the Monte Carlo square root of ∇²_z L per sample (E[u uᵀ] = ∇²_{z_n} L): (S, N, *z)."""
+        self._require_sampling("kind='kfac'", "use kind='kflr' (exact factors) or 'kfra'")
+        check_samples(samples)
+        s = self._loss_sampled_gradients(samples, generator)
+        return (self.loss_scale / samples) ** 0.5 * s.permute(1, 0, 2).reshape(samples, self.N, *self.OUTPUT_SHAPE)
+
+
+def _sum(terms):
+    """terms[0] + terms[1] + ... (no leading 0 +)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total

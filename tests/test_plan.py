@@ -1,0 +1,119 @@
+"""Stage 3 on its own: every plan decision is data, tested without generating code (except where the emitted
+module is checked to follow a decision)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hbpc.emit import emit
+from hbpc.export import export
+from hbpc.plan import plan
+
+ROOT = Path(__file__).resolve().parent.parent
+F64 = dict(dtype=torch.float64)
+
+
+def _graph(model, input_shape, loss_fn=None):
+    return export(model.double(), torch.randn(2, *input_shape, **F64), loss_fn or nn.CrossEntropyLoss())
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
+
+
+def test_block_representation_follows_the_derivation_and_the_memory_limit():
+    graph = _graph(_mlp(), (6,))
+    blocks = {b.parameter: b for p in plan(graph, element_size=8).nodes for b in p.blocks}
+    assert blocks["0.weight"].representation == "kronecker"  # A (5×5) ⊗ B, B = x xᵀ: a Gram factor, root N × 6
+    assert blocks["0.weight"].entries == 5 * 5 + 1 * 6  # at N = 1: A and B's root
+    assert blocks["0.bias"].representation == "dense" and blocks["0.bias"].entries == 25
+    limited = {b.parameter: b for p in plan(graph, memory_limit=31 * 8, element_size=8).nodes for b in p.blocks}
+    assert limited["0.weight"].representation == "kronecker" and limited["0.bias"].representation == "dense"
+    tight = {b.parameter: b for p in plan(graph, memory_limit=24 * 8, element_size=8).nodes for b in p.blocks}
+    assert tight["0.weight"].representation == "matrix-free" and tight["0.weight"].entries == 0
+    assert tight["0.bias"].representation == "matrix-free" and tight["2.bias"].representation == "dense"  # 9 entries
+
+
+def test_emitted_blocks_follow_the_planned_representation():
+    """A block the plan makes matrix-free is emitted as an OperatorBlock, and it is still the exact block."""
+    from hbpc.compiler import verified_module
+
+    torch.manual_seed(0)
+    model, x = _mlp().double(), torch.randn(1, 6, **F64)
+    graph = export(model, x, nn.CrossEntropyLoss())
+    text = emit(graph, plan(graph, memory_limit=24 * 8, element_size=8), "mlp", "0")
+    module = verified_module(graph, text, model, x, nn.CrossEntropyLoss())
+    curvature = module.Curvature(model)
+    curvature.forward_backward(x, torch.tensor([1]))
+    blocks = curvature.blocks("ggn")
+    assert type(blocks["0.weight"]).__name__ == "OperatorBlock" and type(blocks["2.bias"]).__name__ == "DenseBlock"
+    v = torch.randn(5, 6, **F64)
+    exact = curvature.block_products("ggn")["0.weight"](v)  # at N = 1 HBP's block is the exact GGN block
+    assert torch.allclose(blocks["0.weight"] @ v, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_cache_set_per_requested_quantity():
+    graph = _graph(nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), (6,))
+    decided = plan(graph)
+    gradient = decided.caches_for({"gradient"})
+    assert gradient["linear0"] == ("X",) and gradient["sigmoid1"] == ("d1",) and gradient["relu3"] == ("d1",)
+    hessian = decided.caches_for({"hessian"})
+    assert hessian["linear0"] == ("X", "g") and hessian["sigmoid1"] == ("d1", "r")
+    assert hessian["relu3"] == ("d1",)  # ReLU: φ″ = 0 almost everywhere, no residual to keep
+    assert "z, t, scale" in hessian["loss"] and "z, t, scale" not in gradient["loss"]
+    with pytest.raises(ValueError, match="unknown quantities"):
+        decided.caches_for({"fisher"})
+
+
+def test_kfac_eligibility_comes_from_the_derived_classification():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    cases = [
+        (nn.Sequential(nn.Linear(4, 3)), (4,), {0: ("matmul", True)}),
+        (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 3)), (2, 4, 4),
+         {0: ("convolution", True), 2: ("matmul", True)}),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3)), (2, 4, 4),
+         {0: ("convolution", False)}),  # two groups: no single G ⊗ A
+        (nn.Sequential(nn.ConvTranspose2d(2, 1, 2), nn.Flatten(), nn.Linear(25, 3)), (2, 4, 4),
+         {0: ("transposed convolution", False)}),
+        (Tied(), (4,), {0: ("matmul", False)}),  # a parameter used twice has no factors of its own
+    ]
+    for model, shape, expected in cases:
+        decided = plan(_graph(model, shape))
+        for position, (kind, kronecker) in expected.items():
+            entry = decided.nodes[position]
+            assert (entry.kind, entry.kronecker) == (kind, kronecker), (model, entry.name)
+
+
+def test_convolution_lowering_needs_patches_larger_than_the_input():
+    decided = plan(_graph(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(8, 3)),
+                          (2, 4, 4)))
+    assert [p.lowering for p in decided.nodes[:2]] == [True, False]  # a 1×1 kernel's patches are its input
+
+
+def test_loss_curvature():
+    mlp = _mlp()
+    assert plan(_graph(mlp, (6,))).loss.curvature == "exact Hessian + MC-Fisher"
+    smoothed = plan(_graph(mlp, (6,), nn.CrossEntropyLoss(label_smoothing=0.1))).loss
+    assert smoothed.label_smoothing == 0.1 and smoothed.probability_targets
+    mse = plan(_graph(mlp, (6,), nn.MSELoss())).loss
+    assert mse.curvature == "exact Hessian" and not mse.sampled_fisher and not mse.probability_targets
+
+
+def test_plan_command_prints_a_row_per_node_with_parameter_names():
+    run = subprocess.run([sys.executable, "-m", "hbpc.cli", "plan", str(ROOT / "examples/models/mlp_fashion_mnist.py")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["node", "op", "kind", "parameters", "cached", "block", "bytes", "kfac"]
+    assert any("1.weight" in line and "kronecker" in line for line in lines)
+    assert lines[-2].startswith("loss: cross_entropy (mean): exact Hessian + MC-Fisher")
