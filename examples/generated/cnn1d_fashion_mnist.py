@@ -27,849 +27,70 @@ See hbpc's docs/curvature.md for the definitions of every quantity.
 """
 import torch
 
-# ---------------------------------------------------------------------------
-# Runtime helpers shared by every generated module (copied verbatim by hbpc).
-#
-# Shape glossary: N batch size, V number of vectors multiplied at once,
-# *x / *y a node's per-sample input / output shape, d_x / d_y their numel.
-# A tangent or cotangent has shape (*lead, *x) with lead = (N,) or (V, N).
-# ---------------------------------------------------------------------------
-
-CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
-
-
-def check_curvature(curvature):
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-
-
-KRONECKER_KINDS = ("kfac", "kflr", "kfra")
-
-
-def check_kronecker_kind(kind):
-    if kind not in KRONECKER_KINDS:
-        raise ValueError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
-
-
-# ---------------------------------------------------------------------------
-# Argument and state checks: one clear error naming the argument, what was expected and what was passed.
-# Shape and dtype comparisons only, one min/max for class labels, one row sum for probability targets.
-# ---------------------------------------------------------------------------
-
-
-def describe(value):
-    """What was passed, for error messages: a tensor's shape, dtype and device, else its type."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"a {type(value).__name__}"
-
-
-def check_tensor(name, value, like=None):
-    """value is a tensor with like's dtype and device (no silent casts or transfers); returns value."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
-    if like is not None and value.dtype != like.dtype:
-        raise TypeError(f"{name} must have dtype {like.dtype} (the parameters' dtype), got {describe(value)}")
-    if like is not None and value.device != like.device:
-        raise ValueError(f"{name} must be on {like.device} (the parameters' device), got {describe(value)}")
-    return value
-
-
-def check_vector(name, v, param_shape, like):
-    """v shaped like θ or (V, *θ), of like's dtype and device; True for a single vector (no leading V)."""
-    check_tensor(name, v, like)
-    shape = tuple(v.shape)
-    if shape == param_shape:
-        return True
-    if len(shape) == len(param_shape) + 1 and shape[1:] == param_shape:
-        return False
-    batched = "(V, " + ", ".join(map(str, param_shape)) + ")"
-    raise ValueError(f"{name} must have shape {param_shape} (like the parameter) or {batched}, got {describe(v)}; "
-                     "flattened or transposed vectors are not reshaped silently")
-
-
-def check_model(model):
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module of the compiled architecture, got {describe(model)}")
-    return model
-
-
-def bind(model, architecture, buffers):
-    """The model's current parameters and buffers by name, checked against the compiled architecture.
-
-    Called at every forward_backward, so a Parameter or buffer replaced on the model is used, not the old one.
-    """
-    params = dict(model.named_parameters())
-    found = {name: tuple(p.shape) for name, p in params.items()}
-    if found != architecture:
-        missing = sorted(set(architecture) - set(found))
-        extra = sorted(set(found) - set(architecture))
-        wrong = sorted(n for n in set(found) & set(architecture) if found[n] != architecture[n])
-        raise ValueError(
-            f"model does not match the compiled architecture: missing {missing}, unexpected {extra}, "
-            f"wrong shape {[(n, found[n], architecture[n]) for n in wrong]}; recompile with hbpc"
-        )
-    kinds = {(p.dtype, p.device) for p in params.values()}
-    if len(kinds) > 1:
-        mixed = {name: f"{p.dtype} on {p.device}" for name, p in params.items()}
-        raise TypeError(f"model parameters must share one dtype and device, got {mixed}")
-    named_buffers = dict(model.named_buffers())
-    missing_buffers = sorted(set(buffers) - set(named_buffers))
-    if missing_buffers:
-        raise ValueError(f"model lacks the buffers {missing_buffers}; recompile with hbpc")
-    return params, named_buffers
-
-
-def check_eval_mode(model, paths):
-    """Refuse training mode for the modules compiled as their eval-mode map (Dropout, BatchNorm) at ``paths``;
-    ``'*'`` (functional dropout, whose training flag the trace read as a constant) stands for every module."""
-    if not paths:
-        return
-    training = [name or "model" for name, module in model.named_modules()
-                if module.training and ("*" in paths or name in paths)]
-    if training:
-        raise RuntimeError(
-            f"model is in training mode ({', '.join(training[:4])}{', ...' if len(training) > 4 else ''} have "
-            "training=True), but its Dropout/BatchNorm were compiled as their eval-mode maps (hbpc has no curvature "
-            "for random dropout or batch statistics); call model.eval() before forward_backward"
-        )
-
-
-def check_input(x, input_shape, like):
-    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite."""
-    check_tensor("x", x)
-    if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (N, *{input_shape}) with N >= 1 (x has per-sample shape "
-                         f"{tuple(x.shape[1:])}, expected {input_shape}), got {describe(x)}")
-    check_tensor("x", x, like)
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
-        raise ValueError("x contains NaN or Inf")
-
-
-def check_class_target(target, N, classes, probabilities, device):
-    """Class labels (N,) of an integer dtype in [0, C), or (probabilities=True) rows of p (N, C) summing to 1.
-
-    Returns the one-hot or probability targets t (N, C) in float64 (cast to the logits' dtype by the caller).
-    """
-    check_tensor("target", target)
-    if target.device != device:
-        raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        if probabilities and target.is_floating_point() and tuple(target.shape) == (N, classes):
-            error = (target.sum(-1) - 1).abs().max()
-            tolerance = torch.finfo(target.dtype).eps ** 0.5
-            if not error <= tolerance:
-                raise ValueError(f"target holds class probabilities of shape (N, C) = ({N}, {classes}) whose rows "
-                                 f"must sum to 1, but a row is off by {float(error):.3g}")
-            return target
-        expected = (f"or class probabilities of shape (N, C) = ({N}, {classes}) with rows summing to 1"
-                    if probabilities else "(this loss takes no probability targets)")
-        raise TypeError(f"target must hold class labels of an integer dtype, shape (N,) = ({N},), {expected}; "
-                        f"got {describe(target)}")
-    if tuple(target.shape) != (N,):
-        raise ValueError(f"target must have shape (N,) = ({N},) with N = x.shape[0] (one class label per sample), "
-                         f"got {describe(target)}")
-    low, high = torch.aminmax(target)
-    if low < 0 or high >= classes:
-        raise ValueError(f"target must hold class labels in [0, {classes - 1}] (C = {classes} classes), got labels "
-                         f"from {int(low)} to {int(high)}")
-    return torch.nn.functional.one_hot(target.long(), classes)
-
-
-def check_dense_target(target, N, y_shape, device):
-    """Targets of the model output's shape (N, *y): no broadcasting, as torch's losses would silently do."""
-    check_tensor("target", target)
-    if target.device != device:
-        raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
-    if target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must be a real tensor, got {describe(target)}")
-    if tuple(target.shape) != (N, *y_shape):
-        raise ValueError(f"target must have the output's shape (N, *{y_shape}) = {(N, *y_shape)} with N = x.shape[0]"
-                         f" (no broadcasting), got {describe(target)}")
-    return target
-
-
-def tensor_state(model, inputs):
-    """What forward_backward's cache depends on: the module tree, every parameter's and buffer's identity and
-    version counter, and the inputs' version counters (in-place changes through ``.data`` bypass the counters).
-
-    Recorded as direct references to the modules' own dicts, so ``check_state`` costs a few dict lookups.
-    """
-    modules = list(model.named_modules())
-    children = [(f"{prefix}.{key}" if prefix else key, parent._modules, key, child)
-                for prefix, parent in modules for key, child in parent._modules.items()]
-    tensors = [(f"{prefix}.{key}" if prefix else key, slots, key, t, t._version) for prefix, module in modules
-               for slots in (module._parameters, module._buffers) for key, t in slots.items() if t is not None]
-    return children, tensors, [(name, t, t._version) for name, t in inputs]
-
-
-def check_state(state):
-    """Refuse when the model or the inputs changed since forward_backward (its cache would mix two points)."""
-    children, tensors, inputs = state
-    again = "; call forward_backward(x, target) again before asking for curvature"
-    for name, slots, key, child in children:
-        if slots.get(key) is not child:
-            raise RuntimeError(f"submodule {name} was replaced on the model since forward_backward{again}")
-    for name, slots, key, tensor, version in tensors:
-        if slots.get(key) is not tensor:
-            raise RuntimeError(f"{name} was replaced on the model since forward_backward{again}")
-        if tensor._version != version:
-            raise RuntimeError(f"{name} was changed in place since forward_backward (e.g. by optimizer.step()){again}")
-    for name, tensor, version in inputs:
-        if tensor._version != version:
-            raise RuntimeError(f"{name} was changed in place since forward_backward{again}")
-
-
-def check_flag(name, value):
-    """A bool option (a positional int here is usually a misplaced ``split``)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}; pass split and the others by keyword")
-
-
-def check_samples(samples):
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int (sampled labels per input), got {samples!r}")
-
-
-def check_damping(damping):
-    """damping: a finite real number >= 0."""
-    if isinstance(damping, torch.Tensor) and damping.numel() == 1:
-        damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-
-
-def residual(r, curvature):
-    """The residual term under a curvature mode: r (hessian), None (ggn), |r| (pch-abs), max(r, 0) (pch-clip)."""
-    if curvature == "ggn":
-        return None
-    if curvature == "pch-abs":
-        return r.abs()
-    if curvature == "pch-clip":
-        return r.clamp(min=0)
-    return r
-
-
-def residual_product(r, t, curvature):
-    """R t for a diagonal residual R = diag(r) under the curvature mode (0 for ggn)."""
-    modified = residual(r, curvature)
-    return 0 if modified is None else modified * t
-
-
-def broadcast_trailing(t, shape):
-    """Expand size-1 axes: (*lead, *s) -> (*lead, *shape)."""
-    return t.expand(*t.shape[: t.dim() - len(shape)], *shape)
-
-
-def lead_shape(t, sample_dims):
-    """The leading (V, N) or (N,) part of a tensor with sample_dims per-sample dimensions."""
-    return t.shape[: t.dim() - sample_dims]
-
-
-def patches(x, kernel_size, stride, padding, dilation):
-    """unfold: (*lead, C, H, W) -> (*lead, C*K, L), K = kh*kw kernel offsets, L output locations."""
-    lead = lead_shape(x, 3)
-    unfolded = torch.nn.functional.unfold(x.reshape(-1, *x.shape[-3:]), kernel_size, dilation, padding, stride)
-    return unfolded.reshape(*lead, *unfolded.shape[1:])
-
-
-def patches_adjoint(p, x_shape, kernel_size, stride, padding, dilation):
-    """fold, the adjoint of ``patches``: (*lead, C*K, L) -> (*lead, C, H, W)."""
-    lead = lead_shape(p, 2)
-    folded = torch.nn.functional.fold(p.reshape(-1, *p.shape[-2:]), x_shape[-2:], kernel_size, dilation, padding, stride)
-    return folded.reshape(*lead, *x_shape)
-
-
-def max_pool2d_with_indices(x, kernel_size, stride, padding, dilation):
-    """y = max over each window; idx (N, C, H', W') records the argmax as a flat index into H*W."""
-    return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, return_indices=True)
-
-
-def take_jvp(v, idx):
-    """J v for a recorded selection: y[n, c, l] = x[n, c, idx[n, c, l]]."""
-    flat = v.flatten(-2)
-    index = idx.flatten(-2).expand(*flat.shape[:-1], -1)
-    return flat.gather(-1, index).reshape(*v.shape[:-2], *idx.shape[-2:])
-
-
-def take_vjp(u, idx, x_shape):
-    """Jᵀ u for a recorded selection: scatter-add u into the selected positions."""
-    flat = u.flatten(-2)
-    index = idx.flatten(-2).expand(*flat.shape[:-1], -1)
-    out = flat.new_zeros(*flat.shape[:-1], x_shape[-2] * x_shape[-1])
-    return out.scatter_add(-1, index, flat).reshape(*u.shape[:-3], *x_shape)
-
-
-def pad_jvp(v, padding):
-    return torch.nn.functional.pad(v, padding)
-
-
-def pad_vjp(u, padding):
-    """Crop, the adjoint of zero padding (left, right, top, bottom, ...) on the trailing dimensions."""
-    slices = [slice(None)] * u.dim()
-    for axis, (before, after) in enumerate(zip(padding[0::2], padding[1::2])):
-        dim = u.dim() - 1 - axis
-        slices[dim] = slice(before, u.shape[dim] - after)
-    return u[tuple(slices)]
-
-
-def reshape_to(t, old_shape, new_shape):
-    """(*lead, *old_shape) -> (*lead, *new_shape)."""
-    return t.reshape(*lead_shape(t, len(old_shape)), *new_shape)
-
-
-def accumulate_grad(param, grad):
-    """param.grad += grad, as loss.backward() does (frozen parameters keep grad None).
-
-    grad is stored without a copy: the parameter vjps sum over samples, so it is a fresh tensor that
-    nothing else holds (never a view of a cached tensor, which a later in-place update of p.grad would change).
-    """
-    if param.requires_grad:
-        param.grad = grad if param.grad is None else param.grad + grad
-
-
-def numel(shape):
-    total = 1
-    for size in shape:
-        total *= size
-    return total
-
-
-def apply_per_sample(S, t, y_shape):
-    """S applied to every sample's slice: (*lead, *y) -> (*lead, *y), S is (d_y, d_y)."""
-    flat = t.reshape(*lead_shape(t, len(y_shape)), -1)
-    return (flat @ S).reshape(t.shape)
-
-
-def batch_mean(X, average):
-    """E[X] over the batch as a batch of one (average=True), else X itself."""
-    return X.mean(0, keepdim=True) if average else X
-
-
-def transpose_matrix(M, vjp, y_shape):
-    """Jᵀ M for a sample-independent linear map and a (d_y, k) matrix M: (d_x, k)."""
-    k = M.shape[1]
-    return vjp(M.T.reshape(k, 1, *y_shape)).reshape(k, -1).T.contiguous()
-
-
-def cross_independent(S, vjp_a, vjp_b, xa_shape, xb_shape, y_shape):
-    """J_aᵀ S J_b for two sample-independent linear maps out of the same output: (d_xa, d_xb)."""
-    S_Jb = transpose_matrix(S, vjp_b, y_shape).T  # (d_y, d_xb), S symmetric
-    return transpose_matrix(S_Jb, vjp_a, y_shape)
-
-
-def sandwich_independent(S, vjp, x_shape, y_shape, chunk_entries=2**22):
-    """S_x = Jᵀ S J for a sample-independent linear map and a symmetric S: (d_x, d_x).
-
-    Two passes of the vjp over rows, chunk_entries entries of rows in and out at a time: the rows of S give
-    S J (row i is Jᵀ S[i]), the rows of (S J)ᵀ give Jᵀ S J. Holds S J and S_x, no transposed copies.
-    """
-    d_x = numel(x_shape)
-    step = max(1, chunk_entries // (d_x + numel(y_shape)))
-
-    def rows_through(M):
-        out = M.new_empty(M.shape[0], d_x)
-        for start in range(0, M.shape[0], step):
-            rows = M[start:start + step]
-            out[start:start + step] = vjp(rows.reshape(rows.shape[0], 1, *y_shape)).reshape(rows.shape[0], d_x)
-        return out
-
-    return rows_through(rows_through(S).T)
-
-
-def weight_sandwich(S, W):
-    """S_x = Wᵀ S W for a map whose Jacobian is the weight W (d_y, d_x): two gemms."""
-    return W.T @ S @ W
-
-
-def take_mean_transpose(M, idx, x_shape):
-    """E[P]ᵀ M for a recorded selection (the mean of the per-sample selection matrices): (d_x, k)."""
-    N, d_y = idx.shape[0], M.shape[0]
-    plane = x_shape[-2] * x_shape[-1]
-    channel = torch.arange(x_shape[0], device=idx.device).reshape(1, -1, 1) * plane
-    cols = (idx.flatten(2) + channel).reshape(N, d_y)
-    out = M.new_zeros(numel(x_shape), M.shape[1])
-    return out.index_add_(0, cols.flatten(), M.repeat(N, 1)) / N
-
-
-def cat_tangents(tangents, x_shapes, axis):
-    """torch.cat of input tangents along ``axis`` (from the end), zeros for inputs without one."""
-    like = next(t for t in tangents if t is not None)
-    lead = lead_shape(like, len(x_shapes[tangents.index(like)]))
-    parts = [t if t is not None else like.new_zeros(*lead, *shape) for t, shape in zip(tangents, x_shapes)]
-    return torch.cat(parts, axis)
-
-
-def elementwise_input_curvature(S, d1, r, average, curvature):
-    """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d)."""
-    d = d1.flatten(1)
-    S_x = torch.outer(d.mean(0), d.mean(0)) if average else (d.T @ d).div_(d.shape[0])
-    S_x.mul_(S)
-    if r is not None:
-        modified = residual(r.flatten(1).sum(0), curvature)
-        if modified is not None:
-            S_x.diagonal().add_(modified)
-    return S_x
-
-
-def take_input_curvature(S, idx, x_shape, average, chunk_entries=2**22):
-    """S_x for a recorded selection P_n: E[P]ᵀ S E[P] (average) or (1/N) Σ_n P_nᵀ S P_n."""
-    N, d_y, d_x = idx.shape[0], S.shape[0], numel(x_shape)
-    plane = x_shape[-2] * x_shape[-1]
-    channel = torch.arange(x_shape[0], device=idx.device).reshape(1, -1, 1) * plane
-    cols = (idx.flatten(2) + channel).reshape(N, d_y)
-    if average:
-        rows = torch.arange(d_y, device=idx.device).expand(N, d_y)
-        E = S.new_zeros(d_y, d_x).index_put_((rows, cols), S.new_full((N, d_y), 1.0 / N), accumulate=True)
-        return E.T @ S @ E
-    S_x = S.new_zeros(d_x, d_x)
-    step = max(1, min(chunk_entries, d_x * d_x) // max(1, d_y * d_y))  # index chunks no larger than S_x
-    for start in range(0, N, step):
-        c = cols[start:start + step]
-        m = c.shape[0]
-        S_x.index_put_((c[:, :, None].expand(m, d_y, d_y), c[:, None, :].expand(m, d_y, d_y)),
-                       S.expand(m, d_y, d_y), accumulate=True)
-    return S_x / N
-
-
-class Block:
-    """A curvature block B_θ acting on tensors shaped like θ (optionally with a leading V)."""
-
-    kronecker_factors = None
-
-    def __init__(self, param_shape, like):
-        self.param_shape = tuple(param_shape)
-        self.numel = numel(self.param_shape)
-        self.shape = (self.numel, self.numel)
-        self._like = like
-
-    def _matmat(self, V):
-        """(V, numel) -> (V, numel): rows B v."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def __matmul__(self, v):
-        single = check_vector("v", v, self.param_shape, self._like)
-        out = self._matmat(v.reshape(-1, self.numel))
-        return out.reshape(v.shape) if not single else out.reshape(self.param_shape)
-
-    @torch.no_grad()
-    def to_dense(self):
-        """The (numel, numel) matrix."""
-        eye = torch.eye(self.numel, dtype=self._like.dtype, device=self._like.device)
-        return self._matmat(eye).T
-
-    def _check_solve(self, rhs, damping):
-        check_vector("rhs", rhs, self.param_shape, self._like)
-        check_damping(damping)
-
-    @torch.no_grad()
-    def solve(self, rhs, damping):
-        """(B + damping·I)⁻¹ rhs, rhs shaped like θ or (V, *θ); float16/bfloat16 are solved in float32."""
-        self._check_solve(rhs, damping)
-        flat = rhs.reshape(-1, self.numel).to(solve_dtype(rhs.dtype))
-        A = self.to_dense().to(flat.dtype) + damping * torch.eye(self.numel, dtype=flat.dtype, device=flat.device)
-        return torch.linalg.solve(A, flat.T).T.reshape(rhs.shape).to(rhs.dtype)
-
-    def part(self, start, stop):
-        """The diagonal sub-block of rows start:stop of θ's first dimension, acting on θ[start:stop]."""
-        rest = self.numel // self.param_shape[0]
-        first, last = start * rest, stop * rest
-
-        def product(v):
-            full = v.new_zeros(v.shape[0], self.numel)
-            full[:, first:last] = v.reshape(v.shape[0], -1)
-            return self._matmat(full)[:, first:last].reshape(v.shape)
-
-        return OperatorBlock(product, (stop - start, *self.param_shape[1:]), self._like)
-
-
-class DenseBlock(Block):
-    """B_θ stored as a (numel, numel) matrix."""
-
-    def __init__(self, matrix, param_shape):
-        super().__init__(param_shape, matrix)
-        self.matrix = matrix
-
-    def _matmat(self, V):
-        return V @ self.matrix.T
-
-    def to_dense(self):
-        return self.matrix
-
-    def part(self, start, stop):
-        rest = self.numel // self.param_shape[0]
-        rows = slice(start * rest, stop * rest)
-        return DenseBlock(self.matrix[rows, rows], (stop - start, *self.param_shape[1:]))
-
-
-class KroneckerBlock(Block):
-    """B_θ = A ⊗ B on row-major vec(θ) with θ viewed as (a, b): B_θ vec(X) = vec(A X Bᵀ)."""
-
-    def __init__(self, A, B, param_shape):
-        super().__init__(param_shape, A)
-        self.A, self.B = A, B
-        self.kronecker_factors = (A, B)
-
-    def _matmat(self, V):
-        X = V.reshape(-1, self.A.shape[0], self.B.shape[0])
-        return (self.A @ X @ self.B.T).reshape(V.shape)
-
-    def to_dense(self):
-        return torch.kron(self.A, self.B)
-
-    def factor_rows(self, start, stop):
-        """A's rows covering θ[start:stop] when they align with A (always so for θ viewed (out, in)), else None."""
-        rest, b = self.numel // self.param_shape[0], self.numel // self.A.shape[0]
-        if (start * rest) % b or (stop * rest) % b:
-            return None
-        return slice(start * rest // b, stop * rest // b)
-
-    def part(self, start, stop):
-        rows = self.factor_rows(start, stop)
-        if rows is None:
-            return Block.part(self, start, stop)
-        return KroneckerBlock(self.A[rows, rows], self.B, (stop - start, *self.param_shape[1:]))
-
-    @torch.no_grad()
-    def solve(self, rhs, damping):
-        """Through eigendecompositions A = Qa Λa Qaᵀ, B = Qb Λb Qbᵀ: divide by λa λb + damping."""
-        self._check_solve(rhs, damping)
-        work = solve_dtype(rhs.dtype)
-        la, Qa = torch.linalg.eigh(self.A.to(work))
-        lb, Qb = torch.linalg.eigh(self.B.to(work))
-        X = rhs.reshape(-1, self.A.shape[0], self.B.shape[0]).to(work)
-        rotated = Qa.T @ X @ Qb
-        return (Qa @ (rotated / (la[:, None] * lb[None, :] + damping)) @ Qb.T).reshape(rhs.shape).to(rhs.dtype)
-
-
-class KroneckerGramBlock(KroneckerBlock):
-    """B_θ = A ⊗ R Rᵀ with a thin root R (b, r), r < b, as for the rank-one x̄ x̄ᵀ.
-
-    Products cost O(a² r + a b r) instead of O(a² b + a b²); ``solve`` needs only A's
-    eigendecomposition and R's thin SVD (B = U diag(s²) Uᵀ, zero on U's complement).
-    """
-
-    def __init__(self, A, R, param_shape):
-        Block.__init__(self, param_shape, A)
-        self.A, self.R = A, R
-
-    @property
-    def B(self):
-        return self.R @ self.R.T
-
-    @property
-    def kronecker_factors(self):
-        return self.A, self.B
-
-    def _matmat(self, V):
-        X = V.reshape(-1, self.A.shape[0], self.R.shape[0])
-        return (self.A @ (X @ self.R) @ self.R.T).reshape(V.shape)
-
-    @torch.no_grad()
-    def solve(self, rhs, damping):
-        self._check_solve(rhs, damping)
-        work = solve_dtype(rhs.dtype)
-        la, Qa = torch.linalg.eigh(self.A.to(work))
-        U, s, _ = torch.linalg.svd(self.R.to(work), full_matrices=False)
-        X = rhs.reshape(-1, self.A.shape[0], self.R.shape[0]).to(work)
-        XU = X @ U
-        inside = Qa @ ((Qa.T @ XU) / (la[:, None] * s[None, :] ** 2 + damping)) @ U.T
-        return (inside + (X - XU @ U.T) / damping).reshape(rhs.shape).to(rhs.dtype)
-
-    def part(self, start, stop):
-        rows = self.factor_rows(start, stop)
-        if rows is None:
-            return Block.part(self, start, stop)
-        return KroneckerGramBlock(self.A[rows, rows], self.R, (stop - start, *self.param_shape[1:]))
-
-
-def solve_dtype(dtype):
-    """The dtype eigh, svd and solve run in: float32 for float16/bfloat16 (torch has no half-precision kernels)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def eigh_upcast(H):
-    """torch.linalg.eigh of symmetric H in at least float32, returned in H's dtype."""
-    eigenvalues, Q = torch.linalg.eigh(H.to(solve_dtype(H.dtype)))
-    return eigenvalues.to(H.dtype), Q.to(H.dtype)
-
-
-class OperatorBlock(Block):
-    """B_θ known only through its product v -> B_θ v on tensors shaped (V, *θ)."""
-
-    def __init__(self, product, param_shape, like):
-        super().__init__(param_shape, like)
-        self.product = product
-
-    def _matmat(self, V):
-        return self.product(V.reshape(-1, *self.param_shape)).reshape(V.shape)
-
-
-def as_vectors(vs, shapes, like):
-    """A list shaped like the parameters (all with or all without one leading V) -> ({name: (V, *θ)}, single).
-
-    Every tensor must have like's dtype and device; a dict, a lone tensor, mixed or flattened shapes are refused.
-    """
-    expected = f"a list of {len(shapes)} tensors shaped like the parameters {list(shapes)}, in that order"
-    if isinstance(vs, (dict, torch.Tensor, str)) or not hasattr(vs, "__iter__"):
-        hint = " (pass list(vs.values()) in parameter order)" if isinstance(vs, dict) else ""
-        raise TypeError(f"vs must be {expected}{hint}, got {describe(vs)}")
-    vs = list(vs)
-    if len(vs) != len(shapes):
-        raise ValueError(f"vs must be {expected}, got {len(vs)} tensors")
-    singles = [check_vector(f"vs[{i}] ({name})", v, shapes[name], like) for i, (name, v) in enumerate(zip(shapes, vs))]
-    batched = {v.shape[0] for v, single in zip(vs, singles) if not single}
-    if len(set(singles)) > 1 or len(batched) > 1:
-        shapes_passed = [tuple(v.shape) for v in vs]
-        raise ValueError(f"vs must be all single vectors (shaped like θ) or all batched with one V (V, *θ), got "
-                         f"shapes {shapes_passed}")
-    single = singles[0] if singles else True
-    return {name: (v.unsqueeze(0) if single else v) for name, v in zip(shapes, vs)}, single
-
-
-def from_vectors(out, v, single):
-    """Inverse of ``as_vectors``: a list in parameter order; parameters the loss ignores get zeros."""
-    full = [out[name] if name in out else torch.zeros_like(v[name]) for name in v]
-    return [t.squeeze(0) if single else t for t in full]
-
-
-def zero_product(v, curvature):
-    """The curvature block of a parameter the loss does not depend on."""
-    return torch.zeros_like(v)
-
-
-class SumBlock(Block):
-    """The sum of blocks (a parameter used at several nodes)."""
-
-    def __init__(self, blocks):
-        super().__init__(blocks[0].param_shape, blocks[0]._like)
-        self.blocks = blocks
-
-    def _matmat(self, V):
-        return sum(block._matmat(V) for block in self.blocks)
-
-    def part(self, start, stop):
-        return SumBlock([block.part(start, stop) for block in self.blocks])
-
-
-def check_split(split):
-    if not isinstance(split, int) or split < 1:
-        raise ValueError(f"split must be a positive int (sub-blocks per parameter), got {split!r}")
-
-
-def row_chunks(rows, parts):
-    """(start, stop) of torch.chunk(θ, parts, 0): ⌈rows/parts⌉ rows each, the last may be smaller."""
-    size = -(-rows // parts)
-    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
-def splittable(param_shape, parts):
-    return parts > 1 and len(param_shape) > 0 and param_shape[0] > 1
-
-
-class SplitBlock(Block):
-    """The block-diagonal part of B_θ over row chunks of θ (``split``): parts[j] = (start, stop, B_jj),
-    B_jj the diagonal sub-block acting on θ[start:stop]. Products and ``solve`` work chunk by chunk."""
-
-    def __init__(self, block, parts):
-        super().__init__(block.param_shape, block._like)
-        self.parts = [(start, stop, block.part(start, stop)) for start, stop in row_chunks(self.param_shape[0], parts)]
-
-    def _matmat(self, V):
-        X = V.reshape(V.shape[0], self.param_shape[0], -1)
-        out = [part._matmat(X[:, start:stop].reshape(V.shape[0], -1)) for start, stop, part in self.parts]
-        return torch.cat([o.reshape(V.shape[0], -1) for o in out], 1)
-
-    @torch.no_grad()
-    def solve(self, rhs, damping):
-        self._check_solve(rhs, damping)
-        lead = rhs.shape[: rhs.dim() - len(self.param_shape)]
-        X = rhs.reshape(*lead, self.param_shape[0], -1)
-        out = [part.solve(X[..., start:stop, :].reshape(*lead, *part.param_shape), damping).reshape(*lead, stop - start, -1)
-               for start, stop, part in self.parts]
-        return torch.cat(out, -2).reshape(rhs.shape)
-
-
-def split_block(block, parts):
-    """``block`` itself for parts = 1 (or a parameter with one row), else its ``SplitBlock``."""
-    return SplitBlock(block, parts) if splittable(block.param_shape, parts) else block
-
-
-def part_product(product, param_shape, start, stop):
-    """v -> (C P v)[start:stop] for v shaped (V, *θ[start:stop]): the diagonal sub-block of a block product."""
-
-    def apply(v):
-        full = v.new_zeros(v.shape[0], *param_shape)
-        full[:, start:stop] = v
-        return product(full)[:, start:stop]
-
-    return apply
-
-
-class SplitProduct:
-    """v -> Σ_j P_j C P_j v, the block-diagonal part of a block product over row chunks of θ (one batched
-    product of split·V vectors); parts[j] = (start, stop, product of the sub-block on θ[start:stop])."""
-
-    def __init__(self, product, param_shape, parts, like, check):
-        self.product, self.param_shape, self.like, self.check = product, tuple(param_shape), like, check
-        self.parts = [(start, stop, with_vectors(part_product(product, self.param_shape, start, stop),
-                                                 (stop - start, *self.param_shape[1:]), like, check))
-                      for start, stop in row_chunks(self.param_shape[0], parts)]
-
-    @torch.no_grad()
-    def __call__(self, v):
-        self.check()
-        single = check_vector("v", v, self.param_shape, self.like)
-        v = v.unsqueeze(0) if single else v
-        masked = v.new_zeros(len(self.parts), *v.shape)
-        for j, (start, stop, _) in enumerate(self.parts):
-            masked[j, :, start:stop] = v[:, start:stop]
-        out = self.product(masked.reshape(-1, *self.param_shape)).reshape(masked.shape)
-        result = torch.cat([out[j, :, start:stop] for j, (start, stop, _) in enumerate(self.parts)], 1)
-        return result.squeeze(0) if single else result
-
-
-def split_product(product, param_shape, parts, like, check):
-    """``product`` (v -> C v on (V, *θ)) as a callable on θ or (V, *θ), split into row chunks if parts > 1.
-
-    Every call first runs check() (the cache is current) and checks v against θ's shape and like's dtype/device.
-    """
-    if splittable(param_shape, parts):
-        return SplitProduct(product, param_shape, parts, like, check)
-    return with_vectors(product, param_shape, like, check)
-
-
-def with_vectors(product, param_shape, like, check):
-    """Accept v shaped like θ or (V, *θ) after check(); the generated products always see (V, *θ)."""
-    param_shape = tuple(param_shape)
-
-    @torch.no_grad()
-    def apply(v):
-        check()
-        if check_vector("v", v, param_shape, like):
-            return product(v.unsqueeze(0)).squeeze(0)
-        return product(v)
-
-    return apply
-
-
-# ---------------------------------------------------------------------------
-# Runtime helpers for convolutions lowered to torch's convolution kernels (copied by hbpc into the
-# generated modules that use them, after the shared prelude). The maps are the ones the rule's einsums
-# over unfolded patches derive, Y[n, g, o, l] = Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l] (transposed:
-# W[g, c, o, k]); the kernels compute them without materialising the patches.
-# A leading V on a weight or on a second operand is vectorised with torch.vmap.
-# ---------------------------------------------------------------------------
-
-
-def conv_options(stride, padding, dilation, transposed, output_padding, groups):
-    """The hyperparameters of ``torch.ops.aten.convolution``, as a tuple in its argument order."""
-    return stride, padding, dilation, transposed, output_padding, groups
-
-
-def _over_weights(function, W, dims):
-    """Apply function(w) to each weight of W (*V, *θ) with torch.vmap: (*V, *result)."""
-    lead = W.shape[: W.dim() - dims - 2]
-    out = torch.vmap(function)(W.reshape(-1, *W.shape[len(lead):]))
-    return out.reshape(*lead, *out.shape[1:])
-
-
-def conv_apply(x, W, conv):
-    """conv(x, W) without bias: (*lead, C, *s) -> (*lead, C', *s'); W (*V, *θ) gives (*V, *lead, C', *s')."""
-    dims = len(conv[0])
-    if W.dim() > dims + 2:
-        return _over_weights(lambda w: conv_apply(x, w, conv), W, dims)
-    lead = lead_shape(x, dims + 1)
-    y = torch.ops.aten.convolution(x.reshape(-1, *x.shape[len(lead):]), W, None, *conv)
-    return y.reshape(*lead, *y.shape[1:])
-
-
-def conv_input_vjp(u, W, x_shape, conv):
-    """Jᵀ u, the input gradient of conv(·, W): (*lead, C', *s') -> (*lead, *x_shape); W (*V, *θ) gives (*V, *lead, *x)."""
-    dims = len(conv[0])
-    if W.dim() > dims + 2:
-        return _over_weights(lambda w: conv_input_vjp(u, w, x_shape, conv), W, dims)
-    lead = lead_shape(u, dims + 1)
-    flat = u.reshape(-1, *u.shape[len(lead):])
-    shape_only = flat.new_empty(1).expand(flat.shape[0], *x_shape)  # convolution_backward reads only its shape
-    grad = torch.ops.aten.convolution_backward(flat, shape_only, W, None, *conv, (True, False, False))[0]
-    return grad.reshape(*lead, *x_shape)
-
-
-def conv_weight_vjp(u, X, W_shape, conv):
-    """J_θᵀ u summed over samples: u (*V, N, C', *s'), X (*V, N, C, *s), either without V -> (*V, *W_shape)."""
-    sample_dims = len(conv[0]) + 2
-    u_lead, X_lead = u.dim() > sample_dims, X.dim() > sample_dims
-    if u_lead or X_lead:
-        function = torch.vmap(lambda u, X: conv_weight_vjp(u, X, W_shape, conv), in_dims=(0 if u_lead else None,
-                                                                                         0 if X_lead else None))
-        lead = (u if u_lead else X).shape[:-sample_dims]
-        out = function(u.reshape(-1, *u.shape[-sample_dims:]) if u_lead else u,
-                       X.reshape(-1, *X.shape[-sample_dims:]) if X_lead else X)
-        return out.reshape(*lead, *W_shape)
-    shape_only = u.new_empty(1).expand(W_shape)  # convolution_backward reads only its shape
-    return torch.ops.aten.convolution_backward(u, X, shape_only, None, *conv, (False, True, False))[1]
-
-
-PARAMETERS = {'0.weight': (16, 28, 3), '0.bias': (16,), '2.weight': (16, 16, 3), '2.bias': (16,), '6.weight': (10, 80), '6.bias': (10,)}  # the ones the loss depends on
-ARCHITECTURE = {'0.weight': (16, 28, 3), '0.bias': (16,), '2.weight': (16, 16, 3), '2.bias': (16,), '6.weight': (10, 80), '6.bias': (10,)}
-INPUT_SHAPE = (28, 28)
-BUFFERS = ()
-EVAL_MODE_MODULES = ()  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout
-GRAPH_HASH = 'd8237631c27314be'
-
-
-class Curvature:
-    """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products."""
-
-    memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
-    factored_parameters = ('0.weight', '0.bias', '2.weight', '2.bias', '6.weight', '6.bias')  # kronecker_factors() keys
-
-    def __init__(self, model):
-        """Bind to a model of the compiled architecture; names and shapes must match.
-
-        forward_backward re-reads the model's parameters and buffers, so replacing one on the model is picked up.
-        """
-        self.model = check_model(model)
-        self.p, self.buffers = bind(model, ARCHITECTURE, BUFFERS)
-        self._ready = False
-
-    def _check_ready(self):
-        if not self._ready:
-            raise RuntimeError("call forward_backward(x, target) before asking for curvature")
-        check_state(self._state)
-
-    def check_current(self):
-        """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""
-        self._check_ready()
-
-    def blocks_memory(self):
-        """Bytes blocks() holds at most at once (S matrices, what its blocks keep, each step's temporaries)."""
-        self._check_ready()
-        return (1301604 + 5 * self.N * 100 + min(self.N, 80) * 80) * self.loss_z.element_size()
-
-    def _check_memory(self):
-        """Refuse blocks() before it allocates anything."""
-        needed = self.blocks_memory()
-        if needed > self.memory_limit:
-            raise MemoryError(
-                f"blocks() needs {needed / 2**30:.2f} GiB for the curvature at the inputs of conv1d2, more than "
-                f"memory_limit ({self.memory_limit / 2**30:.2f} GiB); use block_products() or raise memory_limit"
-            )
+from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, OperatorBlock,
+    accumulate_grad, apply_per_sample, batch_mean, broadcast_trailing, cat_tangents, conv_apply, conv_input_vjp,
+    conv_options, conv_weight_vjp, cross_independent, elementwise_input_curvature, lead_shape, patches, reshape_to,
+    sandwich_independent, transpose_matrix, weight_sandwich)
+
+
+class Curvature(CurvatureModule):
+    """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""
+
+    PARAMETERS = {  # as model.named_parameters()
+        '0.weight': (16, 28, 3),
+        '0.bias': (16,),
+        '2.weight': (16, 16, 3),
+        '2.bias': (16,),
+        '6.weight': (10, 80),
+        '6.bias': (10,),
+    }
+    INPUT_SHAPE = (28, 28)
+    OUTPUT_SHAPE = (10,)
+    PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
+    LOSS = 'cross_entropy'
+    SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
+    NODES = {  # node: (inputs, {role: parameter}), in graph order
+        'conv1d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}),
+        'relu1': (('conv1d0',), {}),
+        'conv1d2': (('relu1',), {'weight': '2.weight', 'bias': '2.bias'}),
+        'relu3': (('conv1d2',), {}),
+        'crop4_2_0': (('relu3',), {}),
+        'mean4_mean': (('crop4_2_0',), {}),
+        'crop4_2_1': (('relu3',), {}),
+        'mean4_mean_2': (('crop4_2_1',), {}),
+        'crop4_2_2': (('relu3',), {}),
+        'mean4_mean_3': (('crop4_2_2',), {}),
+        'crop4_2_3': (('relu3',), {}),
+        'mean4_mean_4': (('crop4_2_3',), {}),
+        'crop4_2_4': (('relu3',), {}),
+        'mean4_mean_5': (('crop4_2_4',), {}),
+        'cat4_2': (('mean4_mean', 'mean4_mean_2', 'mean4_mean_3', 'mean4_mean_4', 'mean4_mean_5'), {}),
+        'reshape5': (('cat4_2',), {}),
+        'linear6': (('reshape5',), {'weight': '6.weight', 'bias': '6.bias'}),
+    }
+    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
+        'conv1d0': (False, ('weight',), None),
+        'conv1d2': (False, ('weight',), None),
+        'linear6': (False, ('weight',), None),
+    }
+    BLOCKS = {  # node: ((parameter, block method), ...)
+        'conv1d0': (('0.weight', '_conv1d0_weight_block'), ('0.bias', '_conv1d0_bias_block')),
+        'conv1d2': (('2.weight', '_conv1d2_weight_block'), ('2.bias', '_conv1d2_bias_block')),
+        'linear6': (('6.weight', '_linear6_weight_block'), ('6.bias', '_linear6_bias_block')),
+    }
+    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
+        'conv1d0': ('0.weight', '0.bias'),
+        'conv1d2': ('2.weight', '2.bias'),
+        'linear6': ('6.weight', '6.bias'),
+    }
+    MEMORY = (1301604, 'the inputs of conv1d2', ((80, True),))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
         """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.
 
         x: (N, 28, 28) in the parameters' dtype; target: class labels (N,) in [0, 10) or class probabilities (N, 10), rows summing to 1.
         """
-        check_eval_mode(self.model, EVAL_MODE_MODULES)
-        params, buffers = bind(self.model, ARCHITECTURE, BUFFERS)  # the model's current tensors
-        check_input(x, INPUT_SHAPE, next(iter(params.values()), None))
-        N, inputs = x.shape[0], [('x', x), ('target', target)]
-        target = check_class_target(target, N, 10, True, x.device)
-        self.p, self.buffers, self.N = params, buffers, N
-        self._ready = False  # a failure below leaves no half-updated cache in use
+        N, t = self._begin(x, target)
         with torch.no_grad():
             # forward
             a_conv1d0 = torch.nn.functional.conv1d(x, self.p['0.weight'], self.p['0.bias'], (1,), (0,), (1,), 1)
@@ -896,8 +117,7 @@ class Curvature:
             self.linear6_X = a_reshape5
             # loss
             z = a_linear6.reshape(N, -1)
-            C = 10
-            t = target.to(z.dtype)
+            t = t.to(z.dtype)
             lse = torch.logsumexp(z, -1, keepdim=True)
             softmax = torch.exp(z - lse)
             scale = 1 / N
@@ -932,9 +152,7 @@ class Curvature:
             self.conv1d0_g = g_conv1d0
             accumulate_grad(self.p['0.weight'], self._conv1d0_weight_vjp(g_conv1d0, self.conv1d0_X))
             accumulate_grad(self.p['0.bias'], self._conv1d0_bias_vjp(g_conv1d0, self.conv1d0_X))
-        self._state = tensor_state(self.model, inputs)
-        self._ready = True
-        return loss
+        return self._end(loss, x, target)
 
     def _hbp_sweep(self, curvature, average_input_jacobian, visit):
         """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
@@ -1037,468 +255,18 @@ class Curvature:
         del S_relu1
         visit('conv1d0', S_conv1d0)
 
-    @torch.no_grad()
-    def blocks(self, curvature="ggn", average_input_jacobian=True, average_parameter_jacobian=True, split=1):
-        """HBP blocks (the paper's batch-averaged recursion) keyed by parameter name.
-
-        S as in _hbp_sweep; B_θ = E[J_θ]ᵀ S E[J_θ] (average_parameter_jacobian) or E[J_θᵀ S J_θ] with S at the
-        output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).
-        """
-        check_curvature(curvature)
-        check_split(split)
-        check_flag('average_input_jacobian', average_input_jacobian)
-        check_flag('average_parameter_jacobian', average_parameter_jacobian)
-        self._check_ready()
-        self._check_memory()
-        methods = {  # node: [(parameter, block method)]
-            'conv1d0': [('0.weight', '_conv1d0_weight_block'), ('0.bias', '_conv1d0_bias_block')],
-            'conv1d2': [('2.weight', '_conv1d2_weight_block'), ('2.bias', '_conv1d2_bias_block')],
-            'linear6': [('6.weight', '_linear6_weight_block'), ('6.bias', '_linear6_bias_block')],
-        }
-        blocks = {}
-
-        def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses
-            for param, method in methods[node]:
-                block = getattr(self, method)(S, average_parameter_jacobian)
-                blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block
-
-        self._hbp_sweep(curvature, average_input_jacobian, visit)
-        return {name: split_block(blocks.get(name) or OperatorBlock(torch.zeros_like, shape, self.loss_z), split)
-                for name, shape in PARAMETERS.items()}  # a parameter the loss ignores: 0
-
-    def block_products(self, curvature="ggn", split=1):
-        """Exact diagonal-block products keyed by parameter name: v (θ or (V, *θ)) -> C_θθ v.
-
-        split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).
-        """
-        check_curvature(curvature)
-        check_split(split)
-        self._check_ready()
-        products = {'0.weight': self._block_product_conv1d0_weight, '0.bias': self._block_product_conv1d0_bias, '2.weight': self._block_product_conv1d2_weight, '2.bias': self._block_product_conv1d2_bias, '6.weight': self._block_product_linear6_weight, '6.bias': self._block_product_linear6_bias}
-        return {
-            name: split_product(lambda v, f=f: f(v, curvature), PARAMETERS[name], split, self.loss_z, self._check_ready)
-            for name, f in products.items()
-        }
-
-    @torch.no_grad()
-    def kronecker_factors(self, kind="kflr", samples=1, generator=None):
-        """Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:
-        weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).
-
-        A = (1/N) Σ_n Σ_l x_l x_lᵀ over the input patches x_l of the output locations l (Linear: one).
-        G = Σ_(v,n) s sᵀ, s = Σ_l u[v, n, :, l], u square-root factors backpropagated from the loss:
-        kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),
-        S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP
-        recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.
-        """
-        check_kronecker_kind(kind)
-        self._check_ready()
-        if kind == 'kfra':
-            self._check_memory()
-            G = {}
-
-            def visit(node, S):  # S at the output of a node with parameters
-                if node in ('conv1d0', 'conv1d2', 'linear6'):
-                    G[node] = getattr(self, f'_{node}_curvature_factor')(S)
-
-            self._hbp_sweep('ggn', False, visit)
-        else:
-            u = self._loss_hessian_root() if kind == 'kflr' else self._loss_sampled_root(samples, generator)
-            G = self._root_backward(u)
-        return {
-            '0.weight': KroneckerBlock(G['conv1d0'], self._conv1d0_input_factor(), (16, 28, 3)),
-            '0.bias': DenseBlock(G['conv1d0'], (16,)),
-            '2.weight': KroneckerBlock(G['conv1d2'], self._conv1d2_input_factor(), (16, 16, 3)),
-            '2.bias': DenseBlock(G['conv1d2'], (16,)),
-            '6.weight': KroneckerBlock(G['linear6'], self._linear6_input_factor(), (10, 80)),
-            '6.bias': DenseBlock(G['linear6'], (10,)),
-        }
-
-    def _root_backward(self, u):
-        """Jᵀ u from the loss down to every Linear/Conv output; G = the node's root factor there"""
-        G = {}
-        u_linear6 = u
-        G['linear6'] = self._linear6_root_factor(u_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        G['conv1d2'] = self._conv1d2_root_factor(u_conv1d2)
-        u_relu1 = self._conv1d2_vjp(u_conv1d2)
-        u_conv1d0 = self._relu1_vjp(u_relu1)
-        G['conv1d0'] = self._conv1d0_root_factor(u_conv1d0)
-        return G
-
-    def _block_product_conv1d0_weight(self, v, curvature):
-        """C_θθ v for θ = 0.weight: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
-        v = {'0.weight': v}
-        out = {}
-        t_conv1d0 = self._conv1d0_weight_jvp(v['0.weight'], self.conv1d0_X)
-        t_relu1 = self._relu1_jvp(t_conv1d0)
-        t_conv1d2 = self._conv1d2_jvp(t_relu1)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        u_relu1 = self._conv1d2_vjp(u_conv1d2)
-        u_conv1d0 = self._relu1_vjp(u_relu1)
-        out['0.weight'] = self._conv1d0_weight_vjp(u_conv1d0, self.conv1d0_X)
-        return out['0.weight']
-
-    def _block_product_conv1d0_bias(self, v, curvature):
-        """C_θθ v for θ = 0.bias: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
-        v = {'0.bias': v}
-        out = {}
-        t_conv1d0 = self._conv1d0_bias_jvp(v['0.bias'], self.conv1d0_X)
-        t_relu1 = self._relu1_jvp(t_conv1d0)
-        t_conv1d2 = self._conv1d2_jvp(t_relu1)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        u_relu1 = self._conv1d2_vjp(u_conv1d2)
-        u_conv1d0 = self._relu1_vjp(u_relu1)
-        out['0.bias'] = self._conv1d0_bias_vjp(u_conv1d0, self.conv1d0_X)
-        return out['0.bias']
-
-    def _block_product_conv1d2_weight(self, v, curvature):
-        """C_θθ v for θ = 2.weight: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
-        v = {'2.weight': v}
-        out = {}
-        t_conv1d2 = self._conv1d2_weight_jvp(v['2.weight'], self.conv1d2_X)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        out['2.weight'] = self._conv1d2_weight_vjp(u_conv1d2, self.conv1d2_X)
-        return out['2.weight']
-
-    def _block_product_conv1d2_bias(self, v, curvature):
-        """C_θθ v for θ = 2.bias: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
-        v = {'2.bias': v}
-        out = {}
-        t_conv1d2 = self._conv1d2_bias_jvp(v['2.bias'], self.conv1d2_X)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        out['2.bias'] = self._conv1d2_bias_vjp(u_conv1d2, self.conv1d2_X)
-        return out['2.bias']
-
-    def _block_product_linear6_weight(self, v, curvature):
-        """C_θθ v for θ = 6.weight: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
-        v = {'6.weight': v}
-        out = {}
-        t_linear6 = self._linear6_weight_jvp(v['6.weight'], self.linear6_X)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        out['6.weight'] = self._linear6_weight_vjp(u_linear6, self.linear6_X)
-        return out['6.weight']
-
-    def _block_product_linear6_bias(self, v, curvature):
-        """C_θθ v for θ = 6.bias: the diagonal block of the curvature by the exact recursion, (V, *θ) -> (V, *θ)"""
-        v = {'6.bias': v}
-        out = {}
-        t_linear6 = self._linear6_bias_jvp(v['6.bias'], self.linear6_X)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        out['6.bias'] = self._linear6_bias_vjp(u_linear6, self.linear6_X)
-        return out['6.bias']
-
-    @torch.no_grad()
-    def ggn_vector_product(self, vs):
-        """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the parameters, optionally with a leading V."""
-        self._check_ready()
-        v, single = as_vectors(vs, PARAMETERS, self.loss_z)
-        out = {}
-        t_conv1d0 = self._conv1d0_weight_jvp(v['0.weight'], self.conv1d0_X) + self._conv1d0_bias_jvp(v['0.bias'], self.conv1d0_X)
-        t_relu1 = self._relu1_jvp(t_conv1d0)
-        t_conv1d2 = self._conv1d2_jvp(t_relu1) + self._conv1d2_weight_jvp(v['2.weight'], self.conv1d2_X) + self._conv1d2_bias_jvp(v['2.bias'], self.conv1d2_X)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5) + self._linear6_weight_jvp(v['6.weight'], self.linear6_X) + self._linear6_bias_jvp(v['6.bias'], self.linear6_X)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        u_relu1 = self._conv1d2_vjp(u_conv1d2)
-        u_conv1d0 = self._relu1_vjp(u_relu1)
-        out['6.weight'] = self._linear6_weight_vjp(u_linear6, self.linear6_X)
-        out['6.bias'] = self._linear6_bias_vjp(u_linear6, self.linear6_X)
-        out['2.weight'] = self._conv1d2_weight_vjp(u_conv1d2, self.conv1d2_X)
-        out['2.bias'] = self._conv1d2_bias_vjp(u_conv1d2, self.conv1d2_X)
-        out['0.weight'] = self._conv1d0_weight_vjp(u_conv1d0, self.conv1d0_X)
-        out['0.bias'] = self._conv1d0_bias_vjp(u_conv1d0, self.conv1d0_X)
-        return from_vectors(out, v, single)
-
-    @torch.no_grad()
-    def hessian_vector_product(self, vs):
-        """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs is a list shaped like the parameters, optionally with a leading V."""
-        self._check_ready()
-        v, single = as_vectors(vs, PARAMETERS, self.loss_z)
-        out = {}
-        t_conv1d0 = self._conv1d0_weight_jvp(v['0.weight'], self.conv1d0_X) + self._conv1d0_bias_jvp(v['0.bias'], self.conv1d0_X)
-        t_relu1 = self._relu1_jvp(t_conv1d0)
-        t_conv1d2 = self._conv1d2_jvp(t_relu1) + self._conv1d2_weight_jvp(v['2.weight'], self.conv1d2_X) + self._conv1d2_bias_jvp(v['2.bias'], self.conv1d2_X)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5) + self._linear6_weight_jvp(v['6.weight'], self.linear6_X) + self._linear6_bias_jvp(v['6.bias'], self.linear6_X)
-        u_linear6 = self._loss_hessian_product(t_linear6)
-        u_reshape5 = self._linear6_vjp(u_linear6) + self._linear6_vjp(self.linear6_g, v['6.weight'])
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        u_relu1 = self._conv1d2_vjp(u_conv1d2) + self._conv1d2_vjp(self.conv1d2_g, v['2.weight'])
-        u_conv1d0 = self._relu1_vjp(u_relu1)
-        out['6.weight'] = self._linear6_weight_vjp(u_linear6, self.linear6_X) + self._linear6_weight_vjp(self.linear6_g, t_reshape5)
-        out['6.bias'] = self._linear6_bias_vjp(u_linear6, self.linear6_X)
-        out['2.weight'] = self._conv1d2_weight_vjp(u_conv1d2, self.conv1d2_X) + self._conv1d2_weight_vjp(self.conv1d2_g, t_relu1)
-        out['2.bias'] = self._conv1d2_bias_vjp(u_conv1d2, self.conv1d2_X)
-        out['0.weight'] = self._conv1d0_weight_vjp(u_conv1d0, self.conv1d0_X)
-        out['0.bias'] = self._conv1d0_bias_vjp(u_conv1d0, self.conv1d0_X)
-        return from_vectors(out, v, single)
-
-    @torch.no_grad()
-    def fisher_mc_vector_product(self, vs, samples=1, generator=None):
-        """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs is a list shaped like the parameters, optionally with a leading V."""
-        self._check_ready()
-        v, single = as_vectors(vs, PARAMETERS, self.loss_z)
-        out = {}
-        t_conv1d0 = self._conv1d0_weight_jvp(v['0.weight'], self.conv1d0_X) + self._conv1d0_bias_jvp(v['0.bias'], self.conv1d0_X)
-        t_relu1 = self._relu1_jvp(t_conv1d0)
-        t_conv1d2 = self._conv1d2_jvp(t_relu1) + self._conv1d2_weight_jvp(v['2.weight'], self.conv1d2_X) + self._conv1d2_bias_jvp(v['2.bias'], self.conv1d2_X)
-        t_relu3 = self._relu3_jvp(t_conv1d2)
-        t_crop4_2_0 = self._crop4_2_0_jvp(t_relu3)
-        t_mean4_mean = self._mean4_mean_jvp(t_crop4_2_0)
-        t_crop4_2_1 = self._crop4_2_1_jvp(t_relu3)
-        t_mean4_mean_2 = self._mean4_mean_2_jvp(t_crop4_2_1)
-        t_crop4_2_2 = self._crop4_2_2_jvp(t_relu3)
-        t_mean4_mean_3 = self._mean4_mean_3_jvp(t_crop4_2_2)
-        t_crop4_2_3 = self._crop4_2_3_jvp(t_relu3)
-        t_mean4_mean_4 = self._mean4_mean_4_jvp(t_crop4_2_3)
-        t_crop4_2_4 = self._crop4_2_4_jvp(t_relu3)
-        t_mean4_mean_5 = self._mean4_mean_5_jvp(t_crop4_2_4)
-        t_cat4_2 = cat_tangents([t_mean4_mean, t_mean4_mean_2, t_mean4_mean_3, t_mean4_mean_4, t_mean4_mean_5], [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
-        t_reshape5 = self._reshape5_jvp(t_cat4_2)
-        t_linear6 = self._linear6_jvp(t_reshape5) + self._linear6_weight_jvp(v['6.weight'], self.linear6_X) + self._linear6_bias_jvp(v['6.bias'], self.linear6_X)
-        u_linear6 = self._loss_fisher_product(t_linear6, samples, generator)
-        u_reshape5 = self._linear6_vjp(u_linear6)
-        u_cat4_2 = self._reshape5_vjp(u_reshape5)
-        u_mean4_mean_5 = self._cat4_2_vjp4(u_cat4_2)
-        u_crop4_2_4 = self._mean4_mean_5_vjp(u_mean4_mean_5)
-        u_mean4_mean_4 = self._cat4_2_vjp3(u_cat4_2)
-        u_crop4_2_3 = self._mean4_mean_4_vjp(u_mean4_mean_4)
-        u_mean4_mean_3 = self._cat4_2_vjp2(u_cat4_2)
-        u_crop4_2_2 = self._mean4_mean_3_vjp(u_mean4_mean_3)
-        u_mean4_mean_2 = self._cat4_2_vjp1(u_cat4_2)
-        u_crop4_2_1 = self._mean4_mean_2_vjp(u_mean4_mean_2)
-        u_mean4_mean = self._cat4_2_vjp0(u_cat4_2)
-        u_crop4_2_0 = self._mean4_mean_vjp(u_mean4_mean)
-        u_relu3 = self._crop4_2_4_vjp(u_crop4_2_4) + self._crop4_2_3_vjp(u_crop4_2_3) + self._crop4_2_2_vjp(u_crop4_2_2) + self._crop4_2_1_vjp(u_crop4_2_1) + self._crop4_2_0_vjp(u_crop4_2_0)
-        u_conv1d2 = self._relu3_vjp(u_relu3)
-        u_relu1 = self._conv1d2_vjp(u_conv1d2)
-        u_conv1d0 = self._relu1_vjp(u_relu1)
-        out['6.weight'] = self._linear6_weight_vjp(u_linear6, self.linear6_X)
-        out['6.bias'] = self._linear6_bias_vjp(u_linear6, self.linear6_X)
-        out['2.weight'] = self._conv1d2_weight_vjp(u_conv1d2, self.conv1d2_X)
-        out['2.bias'] = self._conv1d2_bias_vjp(u_conv1d2, self.conv1d2_X)
-        out['0.weight'] = self._conv1d0_weight_vjp(u_conv1d0, self.conv1d0_X)
-        out['0.bias'] = self._conv1d0_bias_vjp(u_conv1d0, self.conv1d0_X)
-        return from_vectors(out, v, single)
-
     def _loss_hessian_product(self, v):
-        """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Sum(exp(z[k]), (k, 0, oo))) - Sum(t[k]*z[k], (k, 0, oo));  Hv = softmax[i]*v[i] - softmax[i]*Sum(softmax[j_3_2]*v[j_3_2], (j_3_2, 0, oo))"""
-        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
-        lse = self.loss_lse
+        """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
+        scale = self.loss_scale
         softmax = self.loss_softmax
-        return (scale * ((v - (softmax*v).sum(-1, keepdim=True))*softmax) + 0 * v)
-
-    def _loss_hessian_sum(self):
-        """S_z = Σ_n ∇²_{z_n} L: (C, C)."""
-        eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
-        basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
-        return self._loss_hessian_product(basis).sum(1).reshape(10, 10)
-
-    def _loss_hessian_root(self):
-        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""
-        eye = torch.eye(10, dtype=self.loss_z.dtype, device=self.loss_z.device)
-        basis = eye[:, None, :].expand(10, self.N, 10).reshape(10, self.N, 10)
-        H = self._loss_hessian_product(basis).reshape(10, self.N, 10).transpose(0, 1)  # (N, C, C)
-        eigenvalues, Q = eigh_upcast(H)
-        root = Q * eigenvalues.clamp(min=0).sqrt()[:, None, :]
-        return root.permute(2, 0, 1).reshape(10, self.N, 10)
+        return (scale * ((v - (softmax*v).sum(-1, keepdim=True))*softmax))
 
     def _loss_sampled_gradients(self, samples, generator):
         """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""
-        check_samples(samples)
-        z, t, scale = self.loss_z, self.loss_t, self.loss_scale
-        lse = self.loss_lse
-        softmax = self.loss_softmax
-        labels = torch.multinomial(softmax, samples, replacement=True, generator=generator)  # (N, S)
-        t = torch.nn.functional.one_hot(labels, 10).to(z.dtype)  # (N, S, C) sampled targets
-        softmax = softmax[:, None, :]
+        labels = torch.multinomial(self.loss_softmax, samples, replacement=True, generator=generator)  # (N, S)
+        t = torch.nn.functional.one_hot(labels, 10).to(self.loss_z.dtype)  # (N, S, C) sampled targets
+        softmax = self.loss_softmax[:, None, :]
         return softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
-
-    def _loss_fisher_product(self, v, samples, generator):
-        """(c/S) Σ_s s sᵀ v per sample with sampled labels: an unbiased estimate of ∇²_z L v."""
-        s, scale = self._loss_sampled_gradients(samples, generator), self.loss_scale
-        return (scale / samples * torch.einsum('nsc,...ns->...nc', s, torch.einsum('nsc,...nc->...ns', s, v)))
-
-    def _loss_sampled_root(self, samples, generator):
-        """√(c/S) s, the Monte Carlo square root of ∇²_z L per sample (E[u uᵀ] = ∇²_{z_n} L): (S, N, *z)."""
-        s = self._loss_sampled_gradients(samples, generator)
-        return (self.loss_scale / samples) ** 0.5 * s.permute(1, 0, 2).reshape(samples, self.N, 10)
 
     def _conv1d0_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 28, 3, 26))"""
@@ -1506,15 +274,15 @@ class Curvature:
         return patches(x.unsqueeze(-2), (1, 3), (1, 1), (0, 0), (1, 1)).reshape(*lead, 1, 28, 3, 26)
 
     def _conv1d0_jvp(self, v):
-        """J v = conv(v, W), derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)) (the einsum over unfolded patches, computed by torch's convolution)"""
+        """J v = conv(v, W), derived from Y[n, g, o, l] = b[g, o] + Σ_c, k (W[g, o, c, k]*X[n, g, c, k, l]) (the einsum over unfolded patches, computed by torch's convolution)"""
         return conv_apply(v, self.p['0.weight'], conv_options(stride=(1,), padding=(0,), dilation=(1,), transposed=False, output_padding=(0,), groups=1))
 
     def _conv1d0_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)): the input gradient of conv; W replaces the weight if given"""
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Σ_c, k (W[g, o, c, k]*X[n, g, c, k, l]): the input gradient of conv; W replaces the weight if given"""
         return conv_input_vjp(u, self.p['0.weight'] if W is None else W, (28, 28), conv_options(stride=(1,), padding=(0,), dilation=(1,), transposed=False, output_padding=(0,), groups=1))
 
     def _conv1d0_weight_jvp(self, v, X):
-        """J_θ v = conv(X, v) for θ = 0.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)), X the input"""
+        """J_θ v = conv(X, v) for θ = 0.weight: ∂Y/∂θ = Σ_c, k (δ[a0, g]*δ[a1, o]*δ[a2, c]*δ[a3, k]*X[n, g, c, k, l]), X the input"""
         return conv_apply(X, v, conv_options(stride=(1,), padding=(0,), dilation=(1,), transposed=False, output_padding=(0,), groups=1))
 
     def _conv1d0_weight_vjp(self, u, X):
@@ -1532,9 +300,9 @@ class Curvature:
         return OperatorBlock(product, (16, 28, 3), S)
 
     def _conv1d0_bias_jvp(self, v, X):
-        """J_θ v for θ = 0.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
+        """J_θ v for θ = 0.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 16, 26))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 26))
         return Y.reshape(*Y.shape[:-3], 16, 26)
 
     def _conv1d0_bias_vjp(self, u, X):
@@ -1577,15 +345,15 @@ class Curvature:
         return patches(x.unsqueeze(-2), (1, 3), (1, 2), (0, 0), (1, 1)).reshape(*lead, 1, 16, 3, 12)
 
     def _conv1d2_jvp(self, v):
-        """J v = conv(v, W), derived from Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)) (the einsum over unfolded patches, computed by torch's convolution)"""
+        """J v = conv(v, W), derived from Y[n, g, o, l] = b[g, o] + Σ_c, k (W[g, o, c, k]*X[n, g, c, k, l]) (the einsum over unfolded patches, computed by torch's convolution)"""
         return conv_apply(v, self.p['2.weight'], conv_options(stride=(2,), padding=(0,), dilation=(1,), transposed=False, output_padding=(0,), groups=1))
 
     def _conv1d2_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Sum(W[g, o, c, k]*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)): the input gradient of conv; W replaces the weight if given"""
+        """Jᵀ u for Y[n, g, o, l] = b[g, o] + Σ_c, k (W[g, o, c, k]*X[n, g, c, k, l]): the input gradient of conv; W replaces the weight if given"""
         return conv_input_vjp(u, self.p['2.weight'] if W is None else W, (16, 26), conv_options(stride=(2,), padding=(0,), dilation=(1,), transposed=False, output_padding=(0,), groups=1))
 
     def _conv1d2_weight_jvp(self, v, X):
-        """J_θ v = conv(X, v) for θ = 2.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, g)*KroneckerDelta(a1, o)*KroneckerDelta(a2, c)*KroneckerDelta(a3, k)*X[n, g, c, k, l], (c, 0, oo), (k, 0, oo)), X the input"""
+        """J_θ v = conv(X, v) for θ = 2.weight: ∂Y/∂θ = Σ_c, k (δ[a0, g]*δ[a1, o]*δ[a2, c]*δ[a3, k]*X[n, g, c, k, l]), X the input"""
         return conv_apply(X, v, conv_options(stride=(2,), padding=(0,), dilation=(1,), transposed=False, output_padding=(0,), groups=1))
 
     def _conv1d2_weight_vjp(self, u, X):
@@ -1603,9 +371,9 @@ class Curvature:
         return OperatorBlock(product, (16, 16, 3), S)
 
     def _conv1d2_bias_jvp(self, v, X):
-        """J_θ v for θ = 2.bias: ∂Y/∂θ = KroneckerDelta(a0, g)*KroneckerDelta(a1, o)"""
+        """J_θ v for θ = 2.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(torch.einsum("...ab->...ab", v)[..., None, :, :, None], (self.N, 1, 16, 12))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 12))
         return Y.reshape(*Y.shape[:-3], 16, 12)
 
     def _conv1d2_bias_vjp(self, u, X):
@@ -1656,15 +424,15 @@ class Curvature:
         return x.reshape(*lead, 16, 3, 1)
 
     def _mean4_mean_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         v = self._mean4_mean_view(v)
         Y = 1/3 * torch.einsum("...abcd->...abd", v)
         return Y
 
     def _mean4_mean_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(torch.einsum("...abc->...abc", u)[..., :, :, None, :], (lead[-1], 16, 3, 1))
+        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 3)
 
@@ -1682,15 +450,15 @@ class Curvature:
         return x.reshape(*lead, 16, 3, 1)
 
     def _mean4_mean_2_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         v = self._mean4_mean_2_view(v)
         Y = 1/3 * torch.einsum("...abcd->...abd", v)
         return Y
 
     def _mean4_mean_2_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(torch.einsum("...abc->...abc", u)[..., :, :, None, :], (lead[-1], 16, 3, 1))
+        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 3)
 
@@ -1708,15 +476,15 @@ class Curvature:
         return x.reshape(*lead, 16, 4, 1)
 
     def _mean4_mean_3_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         v = self._mean4_mean_3_view(v)
         Y = 1/4 * torch.einsum("...abcd->...abd", v)
         return Y
 
     def _mean4_mean_3_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/4 * broadcast_trailing(torch.einsum("...abc->...abc", u)[..., :, :, None, :], (lead[-1], 16, 4, 1))
+        X = 1/4 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 4, 1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 4)
 
@@ -1734,15 +502,15 @@ class Curvature:
         return x.reshape(*lead, 16, 3, 1)
 
     def _mean4_mean_4_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         v = self._mean4_mean_4_view(v)
         Y = 1/3 * torch.einsum("...abcd->...abd", v)
         return Y
 
     def _mean4_mean_4_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(torch.einsum("...abc->...abc", u)[..., :, :, None, :], (lead[-1], 16, 3, 1))
+        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 3)
 
@@ -1760,15 +528,15 @@ class Curvature:
         return x.reshape(*lead, 16, 3, 1)
 
     def _mean4_mean_5_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         v = self._mean4_mean_5_view(v)
         Y = 1/3 * torch.einsum("...abcd->...abd", v)
         return Y
 
     def _mean4_mean_5_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Sum(X[n, g, k, l], (k, 0, oo))/K"""
+        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(torch.einsum("...abc->...abc", u)[..., :, :, None, :], (lead[-1], 16, 3, 1))
+        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 3)
 
@@ -1792,6 +560,14 @@ class Curvature:
         """Jᵀ u for input 4 of cat: its slice"""
         return u.narrow(-1, 4, 1)
 
+    def _cat4_2_jvp(self, tangents):
+        """J v: the inputs' tangents concatenated, zeros where none"""
+        return cat_tangents(tangents, [(16, 1), (16, 1), (16, 1), (16, 1), (16, 1)], -1)
+
+    def _cat4_2_vjp(self, u):
+        """Jᵢᵀ u for every input: its slice"""
+        return [self._cat4_2_vjp0(u), self._cat4_2_vjp1(u), self._cat4_2_vjp2(u), self._cat4_2_vjp3(u), self._cat4_2_vjp4(u)]
+
     def _reshape5_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (16, 5), (80,))
@@ -1801,19 +577,19 @@ class Curvature:
         return reshape_to(u, (80,), (16, 5))
 
     def _linear6_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo))"""
+        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
         W = self.p['6.weight']
         Y = v @ W.mT
         return Y
 
     def _linear6_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Sum(W[o, i]*X[n, i], (i, 0, oo)); W replaces the weight if given"""
+        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
         W = self.p['6.weight'] if W is None else W
         X = u @ W
         return X
 
     def _linear6_weight_jvp(self, v, X):
-        """J_θ v for θ = 6.weight: ∂Y/∂θ = Sum(KroneckerDelta(a0, o)*KroneckerDelta(a1, i)*X[n, i], (i, 0, oo))"""
+        """J_θ v for θ = 6.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
         Y = X @ v.mT
         return Y
 
@@ -1826,7 +602,7 @@ class Curvature:
         """B = A ⊗ B for θ = 6.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear6_X, average)
         S = S.reshape(10, 10)
-        A = torch.einsum("...ab->...ab", S)
+        A = S
         if X.shape[0] < 80:  # B = R Rᵀ has rank <= N
             R = X.reshape(X.shape[0], 80).T / X.shape[0] ** 0.5
             return KroneckerGramBlock(A.reshape(10, 10), R, (10, 80))
@@ -1835,8 +611,8 @@ class Curvature:
         return KroneckerBlock(A.reshape(10, 10), B.reshape(80, 80), (10, 80))
 
     def _linear6_bias_jvp(self, v, X):
-        """J_θ v for θ = 6.bias: ∂Y/∂θ = KroneckerDelta(a0, o)"""
-        Y = broadcast_trailing(torch.einsum("...a->...a", v)[..., None, :], (self.N, 10))
+        """J_θ v for θ = 6.bias: ∂Y/∂θ = δ[a0, o]"""
+        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
         return Y
 
     def _linear6_bias_vjp(self, u, X):
@@ -1847,7 +623,7 @@ class Curvature:
     def _linear6_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 6.bias; J_θ is the same for every sample"""
         S = S.reshape(10, 10)
-        B = torch.einsum("...ab->...ab", S)
+        B = S
         return DenseBlock(B.reshape(10, 10), (10,))
 
     def _linear6_input_factor(self):
