@@ -135,7 +135,7 @@ class KFAC(torch.optim.Optimizer):
         damping = {self.names[p]: group["damping"] for group in self.param_groups for p in group["params"]}
         for name, factors in self.factors.items():
             work = [F.to(torch.promote_types(F.dtype, torch.float32)) for F in factors]  # no half kernels
-            means = [float(F.diagonal().mean()) or 1.0 for F in work]  # ḡ, ā (mean eigenvalues); 1 for a zero factor
+            means = [float(F.diagonal().mean()) or 1.0 for F in work]  # ḡ, ā (mean eigenvalues); 1 if F = 0
             gamma = damping.get(name, self.defaults["damping"])
             if self.relative_damping:
                 shift = gamma if len(work) == 1 else math.sqrt(gamma)
@@ -150,14 +150,16 @@ class KFAC(torch.optim.Optimizer):
                 self.eigen[name] = decompositions
 
     def model_damping(self, name: str, damping: float) -> float:
-        """The Tikhonov term of ``name`` in the quadratic model: ``damping``; relative ``damping·ḡ·ā`` (bias ``damping·ḡ``)."""
+        """The Tikhonov term of ``name`` in the quadratic model: ``damping``; relative ``damping·ḡ·ā`` (bias ``·ḡ``)."""
         return damping * self.scales.get(name, 1.0) if self.relative_damping else damping
 
     def direction(self, name: str, grad: Tensor, damping: float) -> Tensor:
-        """The damped Kronecker-preconditioned gradient ``(G ⊗ A + D)⁻¹ ∇θ`` (``∇θ`` for a parameter without factors).
+        """The damped Kronecker-preconditioned gradient ``(G ⊗ A + D)⁻¹ ∇θ`` (``∇θ`` for a parameter without
+        factors).
 
         Relative: ``(G + √damping ḡ I)⁻¹ ∇W (A + √damping ā I)⁻¹`` (bias ``(G + damping ḡ I)⁻¹ ∇b``), with the
-        inverses of the latest ``update_inverses``. Absolute: ``Q_G [(Q_Gᵀ ∇W Q_A) / (λ_G λ_Aᵀ + damping)] Q_Aᵀ``.
+        inverses of the latest ``update_inverses``. Absolute:
+        ``Q_G [(Q_Gᵀ ∇W Q_A) / (λ_G λ_Aᵀ + damping)] Q_Aᵀ``.
         """
         if self.relative_damping:
             if name not in self.inverses:
@@ -187,8 +189,8 @@ class KFAC(torch.optim.Optimizer):
         if self.steps % self.inverse_interval == 0:
             self.update_inverses()
         active = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        directions = [self.trust_region(p, -self.direction(self.names[p], p.grad, group["damping"]).reshape(p.shape),
-                                        group["lr"]) for group, p in active]
+        directions = [self.trust_region(p, -self.direction(self.names[p], p.grad, group["damping"]), group["lr"])
+                      for group, p in active]
         if self.step_size == "quadratic":
             updates = self.quadratic_updates(active, directions)
         else:
@@ -201,7 +203,7 @@ class KFAC(torch.optim.Optimizer):
         return loss
 
     def trust_region(self, p: Tensor, u: Tensor, lr: float) -> Tensor:
-        """``u`` shrunk so that ``‖lr·u‖ ≤ max_change · max(‖p‖, 0.01 √numel)`` (unchanged without ``max_change``)."""
+        """``u`` shrunk to ``‖lr·u‖ ≤ max_change · max(‖p‖, 0.01 √numel)`` (unchanged without ``max_change``)."""
         if self.max_change is None:
             return u
         limit = self.max_change * max(float(p.norm()), 1e-2 * math.sqrt(p.numel()))
