@@ -299,3 +299,30 @@ def test_kfac_max_change_bounds_every_tensors_step():
             assert ratio <= 1 + 1e-9
             reached += ratio > 1 - 1e-9
     assert reached > 0
+
+
+def test_kfac_defaults_move_every_layer_of_a_deep_sigmoid_net_alike():
+    """Five sigmoid layers: G's scale falls 1e9 from the output to the first layer (exp08's plateau in small).
+
+    Absolute damping turns the early layers' step into a tiny gradient step (relative change 1e-3 against 1e-1
+    at the top); the defaults (relative damping, max_change) move every weight by a similar fraction of its norm.
+    """
+    def relative_changes(**options):
+        torch.manual_seed(0)
+        layers = [m for _ in range(5) for m in (nn.Linear(6, 6), nn.Sigmoid())]
+        model = nn.Sequential(*layers, nn.Linear(6, 3)).double()
+        x = torch.randn(32, 6, **F64)
+        curvature = hbpc.compile_model(model, x, nn.CrossEntropyLoss()).Curvature(model)
+        optimizer = KFAC(model.parameters(), curvature, kind="kflr", **options)
+        weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+        before = [w.detach().clone() for w in weights]
+        curvature.forward_backward(x, x[:, :3].argmax(1))
+        optimizer.step()
+        scales = [float(optimizer.factors[f"{i}.weight"][0].diagonal().mean()) for i in range(0, 11, 2)]
+        assert scales[-1] / scales[0] > 1e8
+        return [float((w.detach() - b).norm() / b.norm()) for w, b in zip(weights, before)]
+
+    defaults = relative_changes()
+    assert max(defaults) < 2 * min(defaults)
+    absolute = relative_changes(relative_damping=False, max_change=None)
+    assert absolute[0] < 0.02 * max(absolute)
