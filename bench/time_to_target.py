@@ -83,7 +83,7 @@ def configs(problem: str) -> list[Config]:
     """The learning-rate sweeps: SGD (momentum 0.9) and Adam over three rates, KFAC and Newton-CG over two."""
     sweep = [Config("SGD", f"lr {lr:g}, momentum 0.9", "sgd", dict(lr=lr, momentum=0.9)) for lr in (0.01, 0.1, 0.5)]
     sweep += [Config("Adam", f"lr {lr:g}", "adam", dict(lr=lr)) for lr in (3e-4, 1e-3, 3e-3)]
-    sweep += [Config("KFAC", f"lr {lr:g}", "kfac", dict(lr=lr)) for lr in (0.5, 1.0)]
+    sweep += [Config("KFAC", f"lr {lr:g}", "kfac", dict(lr=lr)) for lr in (0.5, 1.0)]  # defaults otherwise
     sweep += [Config("Newton-CG (defaults)", "NewtonCG(params, curv), step(closure)", "newton", {}, closure=True)]
     sweep += [Config("Newton-CG (tuned)", f"{describe(options)}", "newton", options, closure=True)
               for options in NEWTON_TUNED[problem]]
@@ -283,6 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every per-run budget")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write (default: %(default)s)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated table rows to run (e.g. Adam,KFAC; default: all)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -297,7 +299,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     sections: list[str] = []
     for key in args.problems.split(","):
-        sections += table(PROBLEMS[key], run_problem(PROBLEMS[key], data, args.test, args.budget_scale), args.budget_scale)
+        sweep = [c for c in configs(key) if args.methods is None or c.method in args.methods.split(",")]
+        sections += table(PROBLEMS[key], run_problem(PROBLEMS[key], data, args.test, args.budget_scale, sweep=sweep),
+                          args.budget_scale)
         text = "\n".join(header(args.test, time.perf_counter() - started) + sections)
         args.out.write_text(text + "\n")  # after every problem, so that an interrupted run keeps what it measured
     print(text)
