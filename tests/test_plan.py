@@ -61,11 +61,34 @@ def test_cache_set_per_requested_quantity():
     gradient = decided.caches_for({"gradient"})
     assert gradient["linear0"] == ("X",) and gradient["sigmoid1"] == ("d1",) and gradient["relu3"] == ("d1",)
     hessian = decided.caches_for({"hessian"})
-    assert hessian["linear0"] == ("X", "g") and hessian["sigmoid1"] == ("d1", "r")
+    assert hessian["linear0"] == ("X", "g") and hessian["sigmoid1"] == ("d1", "g", "y")
     assert hessian["relu3"] == ("d1",)  # ReLU: φ″ = 0 almost everywhere, no residual to keep
     assert "z, t, scale" in hessian["loss"] and "z, t, scale" not in gradient["loss"]
     with pytest.raises(ValueError, match="unknown quantities"):
         decided.caches_for({"fisher"})
+
+
+def test_the_residual_is_formed_on_first_use_only():
+    """forward_backward keeps g (and what φ″ reads); r = g ⊙ φ″ is formed by the first Hessian product, once."""
+    from hbpc.compiler import verified_module
+
+    torch.manual_seed(0)
+    model, x, target = _mlp().double(), torch.randn(4, 6, **F64), torch.tensor([0, 2, 1, 0])
+    graph = export(model, x, nn.CrossEntropyLoss())
+    module = verified_module(graph, emit(graph, plan(graph), "mlp", "0"), model, x, nn.CrossEntropyLoss())
+    curvature = module.Curvature(model)
+    loss = curvature.forward_backward(x, target)
+    assert curvature.sigmoid1_r is None
+    curvature.blocks("ggn")
+    assert curvature.sigmoid1_r is None  # the GGN has no residual
+    curvature.blocks("hessian")
+    r = curvature.sigmoid1_r
+    s = torch.sigmoid(model[0](x))  # r = g ⊙ φ″ with φ″ = s (1 - s)(1 - 2 s) and g = ∂L/∂s
+    g = torch.autograd.grad(nn.CrossEntropyLoss()(model[2](s), target), s)[0]
+    assert torch.allclose(r, g * s * (1 - s) * (1 - 2 * s), rtol=1e-12, atol=1e-14)
+    curvature.blocks("pch-abs")
+    assert curvature.sigmoid1_r is r  # formed once per forward_backward
+    assert torch.isclose(loss, nn.CrossEntropyLoss()(model(x), target))
 
 
 def test_kfac_eligibility_comes_from_the_derived_classification():

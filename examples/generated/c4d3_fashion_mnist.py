@@ -121,29 +121,35 @@ class Curvature(CurvatureModule):
             self.conv2d0_X = x
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
+            self.sigmoid1_y = a_sigmoid1
             a_conv2d2 = torch.nn.functional.conv2d(a_sigmoid1, self.p['2.weight'], self.p['2.bias'], (1, 1), (1, 1), (1, 1), 1)
             self.conv2d2_X = a_sigmoid1
             a_sigmoid3 = torch.sigmoid(a_conv2d2)
             self.sigmoid3_d1 = a_sigmoid3*(1 - a_sigmoid3)
+            self.sigmoid3_y = a_sigmoid3
             a_max_pool2d4, self.max_pool2d4_idx = max_pool2d_with_indices(a_sigmoid3, (2, 2), (2, 2), (0, 0), (1, 1))
             a_conv2d5 = torch.nn.functional.conv2d(a_max_pool2d4, self.p['5.weight'], self.p['5.bias'], (1, 1), (1, 1), (1, 1), 1)
             self.conv2d5_X = a_max_pool2d4
             a_sigmoid6 = torch.sigmoid(a_conv2d5)
             self.sigmoid6_d1 = a_sigmoid6*(1 - a_sigmoid6)
+            self.sigmoid6_y = a_sigmoid6
             a_conv2d7 = torch.nn.functional.conv2d(a_sigmoid6, self.p['7.weight'], self.p['7.bias'], (1, 1), (1, 1), (1, 1), 1)
             self.conv2d7_X = a_sigmoid6
             a_sigmoid8 = torch.sigmoid(a_conv2d7)
             self.sigmoid8_d1 = a_sigmoid8*(1 - a_sigmoid8)
+            self.sigmoid8_y = a_sigmoid8
             a_max_pool2d9, self.max_pool2d9_idx = max_pool2d_with_indices(a_sigmoid8, (2, 2), (2, 2), (0, 0), (1, 1))
             a_reshape10 = a_max_pool2d9.reshape(a_max_pool2d9.shape[0], *(1568,))
             a_linear11 = torch.nn.functional.linear(a_reshape10, self.p['11.weight'], self.p['11.bias'])
             self.linear11_X = a_reshape10
             a_sigmoid12 = torch.sigmoid(a_linear11)
             self.sigmoid12_d1 = a_sigmoid12*(1 - a_sigmoid12)
+            self.sigmoid12_y = a_sigmoid12
             a_linear13 = torch.nn.functional.linear(a_sigmoid12, self.p['13.weight'], self.p['13.bias'])
             self.linear13_X = a_sigmoid12
             a_sigmoid14 = torch.sigmoid(a_linear13)
             self.sigmoid14_d1 = a_sigmoid14*(1 - a_sigmoid14)
+            self.sigmoid14_y = a_sigmoid14
             a_linear15 = torch.nn.functional.linear(a_sigmoid14, self.p['15.weight'], self.p['15.bias'])
             self.linear15_X = a_sigmoid14
             # loss
@@ -162,13 +168,13 @@ class Curvature(CurvatureModule):
             accumulate_grad(self.p['15.weight'], self._linear15_weight_vjp(g_linear15, self.linear15_X))
             accumulate_grad(self.p['15.bias'], self._linear15_bias_vjp(g_linear15, self.linear15_X))
             g_sigmoid14 = self._linear15_vjp(g_linear15)
-            self.sigmoid14_r = g_sigmoid14 * (a_sigmoid14*(a_sigmoid14 - 1)*(2*a_sigmoid14 - 1))
+            self.sigmoid14_g, self.sigmoid14_r = g_sigmoid14, None  # r = g ⊙ φ″ is formed on first use
             g_linear13 = self._sigmoid14_vjp(g_sigmoid14)
             self.linear13_g = g_linear13
             accumulate_grad(self.p['13.weight'], self._linear13_weight_vjp(g_linear13, self.linear13_X))
             accumulate_grad(self.p['13.bias'], self._linear13_bias_vjp(g_linear13, self.linear13_X))
             g_sigmoid12 = self._linear13_vjp(g_linear13)
-            self.sigmoid12_r = g_sigmoid12 * (a_sigmoid12*(a_sigmoid12 - 1)*(2*a_sigmoid12 - 1))
+            self.sigmoid12_g, self.sigmoid12_r = g_sigmoid12, None  # r = g ⊙ φ″ is formed on first use
             g_linear11 = self._sigmoid12_vjp(g_sigmoid12)
             self.linear11_g = g_linear11
             accumulate_grad(self.p['11.weight'], self._linear11_weight_vjp(g_linear11, self.linear11_X))
@@ -176,26 +182,26 @@ class Curvature(CurvatureModule):
             g_reshape10 = self._linear11_vjp(g_linear11)
             g_max_pool2d9 = self._reshape10_vjp(g_reshape10)
             g_sigmoid8 = self._max_pool2d9_vjp(g_max_pool2d9)
-            self.sigmoid8_r = g_sigmoid8 * (a_sigmoid8*(a_sigmoid8 - 1)*(2*a_sigmoid8 - 1))
+            self.sigmoid8_g, self.sigmoid8_r = g_sigmoid8, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d7 = self._sigmoid8_vjp(g_sigmoid8)
             self.conv2d7_g = g_conv2d7
             accumulate_grad(self.p['7.weight'], self._conv2d7_weight_vjp(g_conv2d7, self.conv2d7_X))
             accumulate_grad(self.p['7.bias'], self._conv2d7_bias_vjp(g_conv2d7, self.conv2d7_X))
             g_sigmoid6 = self._conv2d7_vjp(g_conv2d7)
-            self.sigmoid6_r = g_sigmoid6 * (a_sigmoid6*(a_sigmoid6 - 1)*(2*a_sigmoid6 - 1))
+            self.sigmoid6_g, self.sigmoid6_r = g_sigmoid6, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d5 = self._sigmoid6_vjp(g_sigmoid6)
             self.conv2d5_g = g_conv2d5
             accumulate_grad(self.p['5.weight'], self._conv2d5_weight_vjp(g_conv2d5, self.conv2d5_X))
             accumulate_grad(self.p['5.bias'], self._conv2d5_bias_vjp(g_conv2d5, self.conv2d5_X))
             g_max_pool2d4 = self._conv2d5_vjp(g_conv2d5)
             g_sigmoid3 = self._max_pool2d4_vjp(g_max_pool2d4)
-            self.sigmoid3_r = g_sigmoid3 * (a_sigmoid3*(a_sigmoid3 - 1)*(2*a_sigmoid3 - 1))
+            self.sigmoid3_g, self.sigmoid3_r = g_sigmoid3, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d2 = self._sigmoid3_vjp(g_sigmoid3)
             self.conv2d2_g = g_conv2d2
             accumulate_grad(self.p['2.weight'], self._conv2d2_weight_vjp(g_conv2d2, self.conv2d2_X))
             accumulate_grad(self.p['2.bias'], self._conv2d2_bias_vjp(g_conv2d2, self.conv2d2_X))
             g_sigmoid1 = self._conv2d2_vjp(g_conv2d2)
-            self.sigmoid1_r = g_sigmoid1 * (a_sigmoid1*(a_sigmoid1 - 1)*(2*a_sigmoid1 - 1))
+            self.sigmoid1_g, self.sigmoid1_r = g_sigmoid1, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d0 = self._sigmoid1_vjp(g_sigmoid1)
             self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
@@ -214,14 +220,14 @@ class Curvature(CurvatureModule):
         S_sigmoid14 = weight_sandwich(S, self.p['15.weight'])
         del S_linear15
         S = S_sigmoid14  # at the output of sigmoid14; propagate to its inputs
-        S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self.sigmoid14_r, average_input_jacobian, curvature)
+        S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self._sigmoid14_residual, average_input_jacobian, curvature)
         del S_sigmoid14
         visit('linear13', S_linear13)
         S = S_linear13  # at the output of linear13; propagate to its inputs
         S_sigmoid12 = weight_sandwich(S, self.p['13.weight'])
         del S_linear13
         S = S_sigmoid12  # at the output of sigmoid12; propagate to its inputs
-        S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self.sigmoid12_r, average_input_jacobian, curvature)
+        S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self._sigmoid12_residual, average_input_jacobian, curvature)
         del S_sigmoid12
         visit('linear11', S_linear11)
         S = S_linear11  # at the output of linear11; propagate to its inputs
@@ -234,14 +240,14 @@ class Curvature(CurvatureModule):
         S_sigmoid8 = take_input_curvature(S, self.max_pool2d9_idx, (32, 14, 14), average_input_jacobian)
         del S_max_pool2d9
         S = S_sigmoid8  # at the output of sigmoid8; propagate to its inputs
-        S_conv2d7 = elementwise_input_curvature(S, self.sigmoid8_d1, self.sigmoid8_r, average_input_jacobian, curvature)
+        S_conv2d7 = elementwise_input_curvature(S, self.sigmoid8_d1, self._sigmoid8_residual, average_input_jacobian, curvature)
         del S_sigmoid8
         visit('conv2d7', S_conv2d7)
         S = S_conv2d7  # at the output of conv2d7; propagate to its inputs
         S_sigmoid6 = sandwich_independent(S, self._conv2d7_vjp, (32, 14, 14), (32, 14, 14))
         del S_conv2d7
         S = S_sigmoid6  # at the output of sigmoid6; propagate to its inputs
-        S_conv2d5 = elementwise_input_curvature(S, self.sigmoid6_d1, self.sigmoid6_r, average_input_jacobian, curvature)
+        S_conv2d5 = elementwise_input_curvature(S, self.sigmoid6_d1, self._sigmoid6_residual, average_input_jacobian, curvature)
         del S_sigmoid6
         visit('conv2d5', S_conv2d5)
         S = S_conv2d5  # at the output of conv2d5; propagate to its inputs
@@ -251,14 +257,14 @@ class Curvature(CurvatureModule):
         S_sigmoid3 = take_input_curvature(S, self.max_pool2d4_idx, (16, 28, 28), average_input_jacobian)
         del S_max_pool2d4
         S = S_sigmoid3  # at the output of sigmoid3; propagate to its inputs
-        S_conv2d2 = elementwise_input_curvature(S, self.sigmoid3_d1, self.sigmoid3_r, average_input_jacobian, curvature)
+        S_conv2d2 = elementwise_input_curvature(S, self.sigmoid3_d1, self._sigmoid3_residual, average_input_jacobian, curvature)
         del S_sigmoid3
         visit('conv2d2', S_conv2d2)
         S = S_conv2d2  # at the output of conv2d2; propagate to its inputs
         S_sigmoid1 = sandwich_independent(S, self._conv2d2_vjp, (16, 28, 28), (16, 28, 28))
         del S_conv2d2
         S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
-        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self.sigmoid1_r, average_input_jacobian, curvature)
+        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self._sigmoid1_residual, average_input_jacobian, curvature)
         del S_sigmoid1
         visit('conv2d0', S_conv2d0)
 
@@ -338,9 +344,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
         return S.reshape(16, 784, 16, 784).sum((1, 3))
 
+    def _sigmoid1_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid1_r is None:
+            y = self.sigmoid1_y
+            self.sigmoid1_r = self.sigmoid1_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid1_r
+
     def _sigmoid1_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid1_r, t, curvature)
+        return residual_product(self._sigmoid1_residual(), t, curvature)
 
     def _sigmoid1_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -413,9 +426,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
         return S.reshape(16, 784, 16, 784).sum((1, 3))
 
+    def _sigmoid3_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid3_r is None:
+            y = self.sigmoid3_y
+            self.sigmoid3_r = self.sigmoid3_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid3_r
+
     def _sigmoid3_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid3_r, t, curvature)
+        return residual_product(self._sigmoid3_residual(), t, curvature)
 
     def _sigmoid3_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -496,9 +516,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
         return S.reshape(32, 196, 32, 196).sum((1, 3))
 
+    def _sigmoid6_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid6_r is None:
+            y = self.sigmoid6_y
+            self.sigmoid6_r = self.sigmoid6_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid6_r
+
     def _sigmoid6_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid6_r, t, curvature)
+        return residual_product(self._sigmoid6_residual(), t, curvature)
 
     def _sigmoid6_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -571,9 +598,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
         return S.reshape(32, 196, 32, 196).sum((1, 3))
 
+    def _sigmoid8_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid8_r is None:
+            y = self.sigmoid8_y
+            self.sigmoid8_r = self.sigmoid8_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid8_r
+
     def _sigmoid8_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid8_r, t, curvature)
+        return residual_product(self._sigmoid8_residual(), t, curvature)
 
     def _sigmoid8_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -663,9 +697,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
         return S.reshape(512, 1, 512, 1).sum((1, 3))
 
+    def _sigmoid12_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid12_r is None:
+            y = self.sigmoid12_y
+            self.sigmoid12_r = self.sigmoid12_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid12_r
+
     def _sigmoid12_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid12_r, t, curvature)
+        return residual_product(self._sigmoid12_residual(), t, curvature)
 
     def _sigmoid12_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -739,9 +780,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
         return S.reshape(64, 1, 64, 1).sum((1, 3))
 
+    def _sigmoid14_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid14_r is None:
+            y = self.sigmoid14_y
+            self.sigmoid14_r = self.sigmoid14_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid14_r
+
     def _sigmoid14_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid14_r, t, curvature)
+        return residual_product(self._sigmoid14_residual(), t, curvature)
 
     def _sigmoid14_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""

@@ -81,11 +81,13 @@ class Curvature(CurvatureModule):
             self.conv2d0_X = x
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
+            self.sigmoid1_y = a_sigmoid1
             a_max_pool2d2, self.max_pool2d2_idx = max_pool2d_with_indices(a_sigmoid1, (2, 2), (2, 2), (0, 0), (1, 1))
             a_conv2d3 = torch.nn.functional.conv2d(a_max_pool2d2, self.p['3.weight'], self.p['3.bias'], (1, 1), (0, 0), (1, 1), 1)
             self.conv2d3_X = a_max_pool2d2
             a_sigmoid4 = torch.sigmoid(a_conv2d3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
+            self.sigmoid4_y = a_sigmoid4
             a_max_pool2d5, self.max_pool2d5_idx = max_pool2d_with_indices(a_sigmoid4, (2, 2), (2, 2), (0, 0), (1, 1))
             a_reshape6 = a_max_pool2d5.reshape(a_max_pool2d5.shape[0], *(256,))
             a_linear7 = torch.nn.functional.linear(a_reshape6, self.p['7.weight'], self.p['7.bias'])
@@ -108,14 +110,14 @@ class Curvature(CurvatureModule):
             g_reshape6 = self._linear7_vjp(g_linear7)
             g_max_pool2d5 = self._reshape6_vjp(g_reshape6)
             g_sigmoid4 = self._max_pool2d5_vjp(g_max_pool2d5)
-            self.sigmoid4_r = g_sigmoid4 * (a_sigmoid4*(a_sigmoid4 - 1)*(2*a_sigmoid4 - 1))
+            self.sigmoid4_g, self.sigmoid4_r = g_sigmoid4, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d3 = self._sigmoid4_vjp(g_sigmoid4)
             self.conv2d3_g = g_conv2d3
             accumulate_grad(self.p['3.weight'], self._conv2d3_weight_vjp(g_conv2d3, self.conv2d3_X))
             accumulate_grad(self.p['3.bias'], self._conv2d3_bias_vjp(g_conv2d3, self.conv2d3_X))
             g_max_pool2d2 = self._conv2d3_vjp(g_conv2d3)
             g_sigmoid1 = self._max_pool2d2_vjp(g_max_pool2d2)
-            self.sigmoid1_r = g_sigmoid1 * (a_sigmoid1*(a_sigmoid1 - 1)*(2*a_sigmoid1 - 1))
+            self.sigmoid1_g, self.sigmoid1_r = g_sigmoid1, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d0 = self._sigmoid1_vjp(g_sigmoid1)
             self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
@@ -140,7 +142,7 @@ class Curvature(CurvatureModule):
         S_sigmoid4 = take_input_curvature(S, self.max_pool2d5_idx, (16, 8, 8), average_input_jacobian)
         del S_max_pool2d5
         S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
-        S_conv2d3 = elementwise_input_curvature(S, self.sigmoid4_d1, self.sigmoid4_r, average_input_jacobian, curvature)
+        S_conv2d3 = elementwise_input_curvature(S, self.sigmoid4_d1, self._sigmoid4_residual, average_input_jacobian, curvature)
         del S_sigmoid4
         visit('conv2d3', S_conv2d3)
         S = S_conv2d3  # at the output of conv2d3; propagate to its inputs
@@ -150,7 +152,7 @@ class Curvature(CurvatureModule):
         S_sigmoid1 = take_input_curvature(S, self.max_pool2d2_idx, (8, 24, 24), average_input_jacobian)
         del S_max_pool2d2
         S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
-        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self.sigmoid1_r, average_input_jacobian, curvature)
+        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self._sigmoid1_residual, average_input_jacobian, curvature)
         del S_sigmoid1
         visit('conv2d0', S_conv2d0)
 
@@ -230,9 +232,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (8, 8)"""
         return S.reshape(8, 576, 8, 576).sum((1, 3))
 
+    def _sigmoid1_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid1_r is None:
+            y = self.sigmoid1_y
+            self.sigmoid1_r = self.sigmoid1_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid1_r
+
     def _sigmoid1_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid1_r, t, curvature)
+        return residual_product(self._sigmoid1_residual(), t, curvature)
 
     def _sigmoid1_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -313,9 +322,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
         return S.reshape(16, 64, 16, 64).sum((1, 3))
 
+    def _sigmoid4_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid4_r is None:
+            y = self.sigmoid4_y
+            self.sigmoid4_r = self.sigmoid4_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid4_r
+
     def _sigmoid4_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid4_r, t, curvature)
+        return residual_product(self._sigmoid4_residual(), t, curvature)
 
     def _sigmoid4_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""

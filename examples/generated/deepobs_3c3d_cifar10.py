@@ -121,12 +121,14 @@ class Curvature(CurvatureModule):
             self.conv2d0_X = x
             a_sigmoid1 = torch.sigmoid(a_conv2d0)
             self.sigmoid1_d1 = a_sigmoid1*(1 - a_sigmoid1)
+            self.sigmoid1_y = a_sigmoid1
             a_pad2 = torch.nn.functional.pad(a_sigmoid1, (0, 1, 0, 1))
             a_max_pool2d3, self.max_pool2d3_idx = max_pool2d_with_indices(a_pad2, (3, 3), (2, 2), (0, 0), (1, 1))
             a_conv2d4 = torch.nn.functional.conv2d(a_max_pool2d3, self.p['4.weight'], self.p['4.bias'], (1, 1), (0, 0), (1, 1), 1)
             self.conv2d4_X = a_max_pool2d3
             a_sigmoid5 = torch.sigmoid(a_conv2d4)
             self.sigmoid5_d1 = a_sigmoid5*(1 - a_sigmoid5)
+            self.sigmoid5_y = a_sigmoid5
             a_pad6 = torch.nn.functional.pad(a_sigmoid5, (0, 1, 0, 1))
             a_max_pool2d7, self.max_pool2d7_idx = max_pool2d_with_indices(a_pad6, (3, 3), (2, 2), (0, 0), (1, 1))
             a_pad8 = torch.nn.functional.pad(a_max_pool2d7, (1, 1, 1, 1))
@@ -134,6 +136,7 @@ class Curvature(CurvatureModule):
             self.conv2d9_X = a_pad8
             a_sigmoid10 = torch.sigmoid(a_conv2d9)
             self.sigmoid10_d1 = a_sigmoid10*(1 - a_sigmoid10)
+            self.sigmoid10_y = a_sigmoid10
             a_pad11 = torch.nn.functional.pad(a_sigmoid10, (0, 1, 0, 1))
             a_max_pool2d12, self.max_pool2d12_idx = max_pool2d_with_indices(a_pad11, (3, 3), (2, 2), (0, 0), (1, 1))
             a_reshape13 = a_max_pool2d12.reshape(a_max_pool2d12.shape[0], *(1152,))
@@ -141,10 +144,12 @@ class Curvature(CurvatureModule):
             self.linear14_X = a_reshape13
             a_sigmoid15 = torch.sigmoid(a_linear14)
             self.sigmoid15_d1 = a_sigmoid15*(1 - a_sigmoid15)
+            self.sigmoid15_y = a_sigmoid15
             a_linear16 = torch.nn.functional.linear(a_sigmoid15, self.p['16.weight'], self.p['16.bias'])
             self.linear16_X = a_sigmoid15
             a_sigmoid17 = torch.sigmoid(a_linear16)
             self.sigmoid17_d1 = a_sigmoid17*(1 - a_sigmoid17)
+            self.sigmoid17_y = a_sigmoid17
             a_linear18 = torch.nn.functional.linear(a_sigmoid17, self.p['18.weight'], self.p['18.bias'])
             self.linear18_X = a_sigmoid17
             # loss
@@ -163,13 +168,13 @@ class Curvature(CurvatureModule):
             accumulate_grad(self.p['18.weight'], self._linear18_weight_vjp(g_linear18, self.linear18_X))
             accumulate_grad(self.p['18.bias'], self._linear18_bias_vjp(g_linear18, self.linear18_X))
             g_sigmoid17 = self._linear18_vjp(g_linear18)
-            self.sigmoid17_r = g_sigmoid17 * (a_sigmoid17*(a_sigmoid17 - 1)*(2*a_sigmoid17 - 1))
+            self.sigmoid17_g, self.sigmoid17_r = g_sigmoid17, None  # r = g ⊙ φ″ is formed on first use
             g_linear16 = self._sigmoid17_vjp(g_sigmoid17)
             self.linear16_g = g_linear16
             accumulate_grad(self.p['16.weight'], self._linear16_weight_vjp(g_linear16, self.linear16_X))
             accumulate_grad(self.p['16.bias'], self._linear16_bias_vjp(g_linear16, self.linear16_X))
             g_sigmoid15 = self._linear16_vjp(g_linear16)
-            self.sigmoid15_r = g_sigmoid15 * (a_sigmoid15*(a_sigmoid15 - 1)*(2*a_sigmoid15 - 1))
+            self.sigmoid15_g, self.sigmoid15_r = g_sigmoid15, None  # r = g ⊙ φ″ is formed on first use
             g_linear14 = self._sigmoid15_vjp(g_sigmoid15)
             self.linear14_g = g_linear14
             accumulate_grad(self.p['14.weight'], self._linear14_weight_vjp(g_linear14, self.linear14_X))
@@ -178,7 +183,7 @@ class Curvature(CurvatureModule):
             g_max_pool2d12 = self._reshape13_vjp(g_reshape13)
             g_pad11 = self._max_pool2d12_vjp(g_max_pool2d12)
             g_sigmoid10 = self._pad11_vjp(g_pad11)
-            self.sigmoid10_r = g_sigmoid10 * (a_sigmoid10*(a_sigmoid10 - 1)*(2*a_sigmoid10 - 1))
+            self.sigmoid10_g, self.sigmoid10_r = g_sigmoid10, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d9 = self._sigmoid10_vjp(g_sigmoid10)
             self.conv2d9_g = g_conv2d9
             accumulate_grad(self.p['9.weight'], self._conv2d9_weight_vjp(g_conv2d9, self.conv2d9_X))
@@ -187,7 +192,7 @@ class Curvature(CurvatureModule):
             g_max_pool2d7 = self._pad8_vjp(g_pad8)
             g_pad6 = self._max_pool2d7_vjp(g_max_pool2d7)
             g_sigmoid5 = self._pad6_vjp(g_pad6)
-            self.sigmoid5_r = g_sigmoid5 * (a_sigmoid5*(a_sigmoid5 - 1)*(2*a_sigmoid5 - 1))
+            self.sigmoid5_g, self.sigmoid5_r = g_sigmoid5, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d4 = self._sigmoid5_vjp(g_sigmoid5)
             self.conv2d4_g = g_conv2d4
             accumulate_grad(self.p['4.weight'], self._conv2d4_weight_vjp(g_conv2d4, self.conv2d4_X))
@@ -195,7 +200,7 @@ class Curvature(CurvatureModule):
             g_max_pool2d3 = self._conv2d4_vjp(g_conv2d4)
             g_pad2 = self._max_pool2d3_vjp(g_max_pool2d3)
             g_sigmoid1 = self._pad2_vjp(g_pad2)
-            self.sigmoid1_r = g_sigmoid1 * (a_sigmoid1*(a_sigmoid1 - 1)*(2*a_sigmoid1 - 1))
+            self.sigmoid1_g, self.sigmoid1_r = g_sigmoid1, None  # r = g ⊙ φ″ is formed on first use
             g_conv2d0 = self._sigmoid1_vjp(g_sigmoid1)
             self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
@@ -214,14 +219,14 @@ class Curvature(CurvatureModule):
         S_sigmoid17 = weight_sandwich(S, self.p['18.weight'])
         del S_linear18
         S = S_sigmoid17  # at the output of sigmoid17; propagate to its inputs
-        S_linear16 = elementwise_input_curvature(S, self.sigmoid17_d1, self.sigmoid17_r, average_input_jacobian, curvature)
+        S_linear16 = elementwise_input_curvature(S, self.sigmoid17_d1, self._sigmoid17_residual, average_input_jacobian, curvature)
         del S_sigmoid17
         visit('linear16', S_linear16)
         S = S_linear16  # at the output of linear16; propagate to its inputs
         S_sigmoid15 = weight_sandwich(S, self.p['16.weight'])
         del S_linear16
         S = S_sigmoid15  # at the output of sigmoid15; propagate to its inputs
-        S_linear14 = elementwise_input_curvature(S, self.sigmoid15_d1, self.sigmoid15_r, average_input_jacobian, curvature)
+        S_linear14 = elementwise_input_curvature(S, self.sigmoid15_d1, self._sigmoid15_residual, average_input_jacobian, curvature)
         del S_sigmoid15
         visit('linear14', S_linear14)
         S = S_linear14  # at the output of linear14; propagate to its inputs
@@ -237,7 +242,7 @@ class Curvature(CurvatureModule):
         S_sigmoid10 = sandwich_independent(S, self._pad11_vjp, (128, 6, 6), (128, 7, 7))
         del S_pad11
         S = S_sigmoid10  # at the output of sigmoid10; propagate to its inputs
-        S_conv2d9 = elementwise_input_curvature(S, self.sigmoid10_d1, self.sigmoid10_r, average_input_jacobian, curvature)
+        S_conv2d9 = elementwise_input_curvature(S, self.sigmoid10_d1, self._sigmoid10_residual, average_input_jacobian, curvature)
         del S_sigmoid10
         visit('conv2d9', S_conv2d9)
         S = S_conv2d9  # at the output of conv2d9; propagate to its inputs
@@ -253,7 +258,7 @@ class Curvature(CurvatureModule):
         S_sigmoid5 = sandwich_independent(S, self._pad6_vjp, (96, 12, 12), (96, 13, 13))
         del S_pad6
         S = S_sigmoid5  # at the output of sigmoid5; propagate to its inputs
-        S_conv2d4 = elementwise_input_curvature(S, self.sigmoid5_d1, self.sigmoid5_r, average_input_jacobian, curvature)
+        S_conv2d4 = elementwise_input_curvature(S, self.sigmoid5_d1, self._sigmoid5_residual, average_input_jacobian, curvature)
         del S_sigmoid5
         visit('conv2d4', S_conv2d4)
         S = S_conv2d4  # at the output of conv2d4; propagate to its inputs
@@ -266,7 +271,7 @@ class Curvature(CurvatureModule):
         S_sigmoid1 = sandwich_independent(S, self._pad2_vjp, (64, 28, 28), (64, 29, 29))
         del S_pad2
         S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
-        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self.sigmoid1_r, average_input_jacobian, curvature)
+        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self._sigmoid1_residual, average_input_jacobian, curvature)
         del S_sigmoid1
         visit('conv2d0', S_conv2d0)
 
@@ -346,9 +351,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
         return S.reshape(64, 784, 64, 784).sum((1, 3))
 
+    def _sigmoid1_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid1_r is None:
+            y = self.sigmoid1_y
+            self.sigmoid1_r = self.sigmoid1_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid1_r
+
     def _sigmoid1_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid1_r, t, curvature)
+        return residual_product(self._sigmoid1_residual(), t, curvature)
 
     def _sigmoid1_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -437,9 +449,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (96, 96)"""
         return S.reshape(96, 144, 96, 144).sum((1, 3))
 
+    def _sigmoid5_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid5_r is None:
+            y = self.sigmoid5_y
+            self.sigmoid5_r = self.sigmoid5_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid5_r
+
     def _sigmoid5_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid5_r, t, curvature)
+        return residual_product(self._sigmoid5_residual(), t, curvature)
 
     def _sigmoid5_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -536,9 +555,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (128, 128)"""
         return S.reshape(128, 36, 128, 36).sum((1, 3))
 
+    def _sigmoid10_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid10_r is None:
+            y = self.sigmoid10_y
+            self.sigmoid10_r = self.sigmoid10_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid10_r
+
     def _sigmoid10_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid10_r, t, curvature)
+        return residual_product(self._sigmoid10_residual(), t, curvature)
 
     def _sigmoid10_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -636,9 +662,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
         return S.reshape(512, 1, 512, 1).sum((1, 3))
 
+    def _sigmoid15_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid15_r is None:
+            y = self.sigmoid15_y
+            self.sigmoid15_r = self.sigmoid15_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid15_r
+
     def _sigmoid15_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid15_r, t, curvature)
+        return residual_product(self._sigmoid15_residual(), t, curvature)
 
     def _sigmoid15_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -712,9 +745,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (256, 256)"""
         return S.reshape(256, 1, 256, 1).sum((1, 3))
 
+    def _sigmoid17_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid17_r is None:
+            y = self.sigmoid17_y
+            self.sigmoid17_r = self.sigmoid17_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid17_r
+
     def _sigmoid17_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid17_r, t, curvature)
+        return residual_product(self._sigmoid17_residual(), t, curvature)
 
     def _sigmoid17_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""

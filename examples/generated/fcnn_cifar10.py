@@ -126,30 +126,37 @@ class Curvature(CurvatureModule):
             self.linear1_X = a_reshape0
             a_sigmoid2 = torch.sigmoid(a_linear1)
             self.sigmoid2_d1 = a_sigmoid2*(1 - a_sigmoid2)
+            self.sigmoid2_y = a_sigmoid2
             a_linear3 = torch.nn.functional.linear(a_sigmoid2, self.p['3.weight'], self.p['3.bias'])
             self.linear3_X = a_sigmoid2
             a_sigmoid4 = torch.sigmoid(a_linear3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
+            self.sigmoid4_y = a_sigmoid4
             a_linear5 = torch.nn.functional.linear(a_sigmoid4, self.p['5.weight'], self.p['5.bias'])
             self.linear5_X = a_sigmoid4
             a_sigmoid6 = torch.sigmoid(a_linear5)
             self.sigmoid6_d1 = a_sigmoid6*(1 - a_sigmoid6)
+            self.sigmoid6_y = a_sigmoid6
             a_linear7 = torch.nn.functional.linear(a_sigmoid6, self.p['7.weight'], self.p['7.bias'])
             self.linear7_X = a_sigmoid6
             a_sigmoid8 = torch.sigmoid(a_linear7)
             self.sigmoid8_d1 = a_sigmoid8*(1 - a_sigmoid8)
+            self.sigmoid8_y = a_sigmoid8
             a_linear9 = torch.nn.functional.linear(a_sigmoid8, self.p['9.weight'], self.p['9.bias'])
             self.linear9_X = a_sigmoid8
             a_sigmoid10 = torch.sigmoid(a_linear9)
             self.sigmoid10_d1 = a_sigmoid10*(1 - a_sigmoid10)
+            self.sigmoid10_y = a_sigmoid10
             a_linear11 = torch.nn.functional.linear(a_sigmoid10, self.p['11.weight'], self.p['11.bias'])
             self.linear11_X = a_sigmoid10
             a_sigmoid12 = torch.sigmoid(a_linear11)
             self.sigmoid12_d1 = a_sigmoid12*(1 - a_sigmoid12)
+            self.sigmoid12_y = a_sigmoid12
             a_linear13 = torch.nn.functional.linear(a_sigmoid12, self.p['13.weight'], self.p['13.bias'])
             self.linear13_X = a_sigmoid12
             a_sigmoid14 = torch.sigmoid(a_linear13)
             self.sigmoid14_d1 = a_sigmoid14*(1 - a_sigmoid14)
+            self.sigmoid14_y = a_sigmoid14
             a_linear15 = torch.nn.functional.linear(a_sigmoid14, self.p['15.weight'], self.p['15.bias'])
             self.linear15_X = a_sigmoid14
             # loss
@@ -168,43 +175,43 @@ class Curvature(CurvatureModule):
             accumulate_grad(self.p['15.weight'], self._linear15_weight_vjp(g_linear15, self.linear15_X))
             accumulate_grad(self.p['15.bias'], self._linear15_bias_vjp(g_linear15, self.linear15_X))
             g_sigmoid14 = self._linear15_vjp(g_linear15)
-            self.sigmoid14_r = g_sigmoid14 * (a_sigmoid14*(a_sigmoid14 - 1)*(2*a_sigmoid14 - 1))
+            self.sigmoid14_g, self.sigmoid14_r = g_sigmoid14, None  # r = g ⊙ φ″ is formed on first use
             g_linear13 = self._sigmoid14_vjp(g_sigmoid14)
             self.linear13_g = g_linear13
             accumulate_grad(self.p['13.weight'], self._linear13_weight_vjp(g_linear13, self.linear13_X))
             accumulate_grad(self.p['13.bias'], self._linear13_bias_vjp(g_linear13, self.linear13_X))
             g_sigmoid12 = self._linear13_vjp(g_linear13)
-            self.sigmoid12_r = g_sigmoid12 * (a_sigmoid12*(a_sigmoid12 - 1)*(2*a_sigmoid12 - 1))
+            self.sigmoid12_g, self.sigmoid12_r = g_sigmoid12, None  # r = g ⊙ φ″ is formed on first use
             g_linear11 = self._sigmoid12_vjp(g_sigmoid12)
             self.linear11_g = g_linear11
             accumulate_grad(self.p['11.weight'], self._linear11_weight_vjp(g_linear11, self.linear11_X))
             accumulate_grad(self.p['11.bias'], self._linear11_bias_vjp(g_linear11, self.linear11_X))
             g_sigmoid10 = self._linear11_vjp(g_linear11)
-            self.sigmoid10_r = g_sigmoid10 * (a_sigmoid10*(a_sigmoid10 - 1)*(2*a_sigmoid10 - 1))
+            self.sigmoid10_g, self.sigmoid10_r = g_sigmoid10, None  # r = g ⊙ φ″ is formed on first use
             g_linear9 = self._sigmoid10_vjp(g_sigmoid10)
             self.linear9_g = g_linear9
             accumulate_grad(self.p['9.weight'], self._linear9_weight_vjp(g_linear9, self.linear9_X))
             accumulate_grad(self.p['9.bias'], self._linear9_bias_vjp(g_linear9, self.linear9_X))
             g_sigmoid8 = self._linear9_vjp(g_linear9)
-            self.sigmoid8_r = g_sigmoid8 * (a_sigmoid8*(a_sigmoid8 - 1)*(2*a_sigmoid8 - 1))
+            self.sigmoid8_g, self.sigmoid8_r = g_sigmoid8, None  # r = g ⊙ φ″ is formed on first use
             g_linear7 = self._sigmoid8_vjp(g_sigmoid8)
             self.linear7_g = g_linear7
             accumulate_grad(self.p['7.weight'], self._linear7_weight_vjp(g_linear7, self.linear7_X))
             accumulate_grad(self.p['7.bias'], self._linear7_bias_vjp(g_linear7, self.linear7_X))
             g_sigmoid6 = self._linear7_vjp(g_linear7)
-            self.sigmoid6_r = g_sigmoid6 * (a_sigmoid6*(a_sigmoid6 - 1)*(2*a_sigmoid6 - 1))
+            self.sigmoid6_g, self.sigmoid6_r = g_sigmoid6, None  # r = g ⊙ φ″ is formed on first use
             g_linear5 = self._sigmoid6_vjp(g_sigmoid6)
             self.linear5_g = g_linear5
             accumulate_grad(self.p['5.weight'], self._linear5_weight_vjp(g_linear5, self.linear5_X))
             accumulate_grad(self.p['5.bias'], self._linear5_bias_vjp(g_linear5, self.linear5_X))
             g_sigmoid4 = self._linear5_vjp(g_linear5)
-            self.sigmoid4_r = g_sigmoid4 * (a_sigmoid4*(a_sigmoid4 - 1)*(2*a_sigmoid4 - 1))
+            self.sigmoid4_g, self.sigmoid4_r = g_sigmoid4, None  # r = g ⊙ φ″ is formed on first use
             g_linear3 = self._sigmoid4_vjp(g_sigmoid4)
             self.linear3_g = g_linear3
             accumulate_grad(self.p['3.weight'], self._linear3_weight_vjp(g_linear3, self.linear3_X))
             accumulate_grad(self.p['3.bias'], self._linear3_bias_vjp(g_linear3, self.linear3_X))
             g_sigmoid2 = self._linear3_vjp(g_linear3)
-            self.sigmoid2_r = g_sigmoid2 * (a_sigmoid2*(a_sigmoid2 - 1)*(2*a_sigmoid2 - 1))
+            self.sigmoid2_g, self.sigmoid2_r = g_sigmoid2, None  # r = g ⊙ φ″ is formed on first use
             g_linear1 = self._sigmoid2_vjp(g_sigmoid2)
             self.linear1_g = g_linear1
             accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
@@ -223,49 +230,49 @@ class Curvature(CurvatureModule):
         S_sigmoid14 = weight_sandwich(S, self.p['15.weight'])
         del S_linear15
         S = S_sigmoid14  # at the output of sigmoid14; propagate to its inputs
-        S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self.sigmoid14_r, average_input_jacobian, curvature)
+        S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self._sigmoid14_residual, average_input_jacobian, curvature)
         del S_sigmoid14
         visit('linear13', S_linear13)
         S = S_linear13  # at the output of linear13; propagate to its inputs
         S_sigmoid12 = weight_sandwich(S, self.p['13.weight'])
         del S_linear13
         S = S_sigmoid12  # at the output of sigmoid12; propagate to its inputs
-        S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self.sigmoid12_r, average_input_jacobian, curvature)
+        S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self._sigmoid12_residual, average_input_jacobian, curvature)
         del S_sigmoid12
         visit('linear11', S_linear11)
         S = S_linear11  # at the output of linear11; propagate to its inputs
         S_sigmoid10 = weight_sandwich(S, self.p['11.weight'])
         del S_linear11
         S = S_sigmoid10  # at the output of sigmoid10; propagate to its inputs
-        S_linear9 = elementwise_input_curvature(S, self.sigmoid10_d1, self.sigmoid10_r, average_input_jacobian, curvature)
+        S_linear9 = elementwise_input_curvature(S, self.sigmoid10_d1, self._sigmoid10_residual, average_input_jacobian, curvature)
         del S_sigmoid10
         visit('linear9', S_linear9)
         S = S_linear9  # at the output of linear9; propagate to its inputs
         S_sigmoid8 = weight_sandwich(S, self.p['9.weight'])
         del S_linear9
         S = S_sigmoid8  # at the output of sigmoid8; propagate to its inputs
-        S_linear7 = elementwise_input_curvature(S, self.sigmoid8_d1, self.sigmoid8_r, average_input_jacobian, curvature)
+        S_linear7 = elementwise_input_curvature(S, self.sigmoid8_d1, self._sigmoid8_residual, average_input_jacobian, curvature)
         del S_sigmoid8
         visit('linear7', S_linear7)
         S = S_linear7  # at the output of linear7; propagate to its inputs
         S_sigmoid6 = weight_sandwich(S, self.p['7.weight'])
         del S_linear7
         S = S_sigmoid6  # at the output of sigmoid6; propagate to its inputs
-        S_linear5 = elementwise_input_curvature(S, self.sigmoid6_d1, self.sigmoid6_r, average_input_jacobian, curvature)
+        S_linear5 = elementwise_input_curvature(S, self.sigmoid6_d1, self._sigmoid6_residual, average_input_jacobian, curvature)
         del S_sigmoid6
         visit('linear5', S_linear5)
         S = S_linear5  # at the output of linear5; propagate to its inputs
         S_sigmoid4 = weight_sandwich(S, self.p['5.weight'])
         del S_linear5
         S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
-        S_linear3 = elementwise_input_curvature(S, self.sigmoid4_d1, self.sigmoid4_r, average_input_jacobian, curvature)
+        S_linear3 = elementwise_input_curvature(S, self.sigmoid4_d1, self._sigmoid4_residual, average_input_jacobian, curvature)
         del S_sigmoid4
         visit('linear3', S_linear3)
         S = S_linear3  # at the output of linear3; propagate to its inputs
         S_sigmoid2 = weight_sandwich(S, self.p['3.weight'])
         del S_linear3
         S = S_sigmoid2  # at the output of sigmoid2; propagate to its inputs
-        S_linear1 = elementwise_input_curvature(S, self.sigmoid2_d1, self.sigmoid2_r, average_input_jacobian, curvature)
+        S_linear1 = elementwise_input_curvature(S, self.sigmoid2_d1, self._sigmoid2_residual, average_input_jacobian, curvature)
         del S_sigmoid2
         visit('linear1', S_linear1)
 
@@ -354,9 +361,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (1024, 1024)"""
         return S.reshape(1024, 1, 1024, 1).sum((1, 3))
 
+    def _sigmoid2_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid2_r is None:
+            y = self.sigmoid2_y
+            self.sigmoid2_r = self.sigmoid2_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid2_r
+
     def _sigmoid2_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid2_r, t, curvature)
+        return residual_product(self._sigmoid2_residual(), t, curvature)
 
     def _sigmoid2_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -430,9 +444,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
         return S.reshape(512, 1, 512, 1).sum((1, 3))
 
+    def _sigmoid4_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid4_r is None:
+            y = self.sigmoid4_y
+            self.sigmoid4_r = self.sigmoid4_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid4_r
+
     def _sigmoid4_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid4_r, t, curvature)
+        return residual_product(self._sigmoid4_residual(), t, curvature)
 
     def _sigmoid4_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -506,9 +527,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (256, 256)"""
         return S.reshape(256, 1, 256, 1).sum((1, 3))
 
+    def _sigmoid6_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid6_r is None:
+            y = self.sigmoid6_y
+            self.sigmoid6_r = self.sigmoid6_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid6_r
+
     def _sigmoid6_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid6_r, t, curvature)
+        return residual_product(self._sigmoid6_residual(), t, curvature)
 
     def _sigmoid6_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -582,9 +610,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (128, 128)"""
         return S.reshape(128, 1, 128, 1).sum((1, 3))
 
+    def _sigmoid8_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid8_r is None:
+            y = self.sigmoid8_y
+            self.sigmoid8_r = self.sigmoid8_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid8_r
+
     def _sigmoid8_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid8_r, t, curvature)
+        return residual_product(self._sigmoid8_residual(), t, curvature)
 
     def _sigmoid8_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -658,9 +693,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
         return S.reshape(64, 1, 64, 1).sum((1, 3))
 
+    def _sigmoid10_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid10_r is None:
+            y = self.sigmoid10_y
+            self.sigmoid10_r = self.sigmoid10_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid10_r
+
     def _sigmoid10_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid10_r, t, curvature)
+        return residual_product(self._sigmoid10_residual(), t, curvature)
 
     def _sigmoid10_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -734,9 +776,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
         return S.reshape(32, 1, 32, 1).sum((1, 3))
 
+    def _sigmoid12_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid12_r is None:
+            y = self.sigmoid12_y
+            self.sigmoid12_r = self.sigmoid12_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid12_r
+
     def _sigmoid12_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid12_r, t, curvature)
+        return residual_product(self._sigmoid12_residual(), t, curvature)
 
     def _sigmoid12_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -810,9 +859,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
         return S.reshape(16, 1, 16, 1).sum((1, 3))
 
+    def _sigmoid14_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid14_r is None:
+            y = self.sigmoid14_y
+            self.sigmoid14_r = self.sigmoid14_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid14_r
+
     def _sigmoid14_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid14_r, t, curvature)
+        return residual_product(self._sigmoid14_residual(), t, curvature)
 
     def _sigmoid14_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""

@@ -76,10 +76,12 @@ class Curvature(CurvatureModule):
             self.linear1_X = a_reshape0
             a_sigmoid2 = torch.sigmoid(a_linear1)
             self.sigmoid2_d1 = a_sigmoid2*(1 - a_sigmoid2)
+            self.sigmoid2_y = a_sigmoid2
             a_linear3 = torch.nn.functional.linear(a_sigmoid2, self.p['3.weight'], self.p['3.bias'])
             self.linear3_X = a_sigmoid2
             a_sigmoid4 = torch.sigmoid(a_linear3)
             self.sigmoid4_d1 = a_sigmoid4*(1 - a_sigmoid4)
+            self.sigmoid4_y = a_sigmoid4
             a_linear5 = torch.nn.functional.linear(a_sigmoid4, self.p['5.weight'], self.p['5.bias'])
             self.linear5_X = a_sigmoid4
             # loss
@@ -98,13 +100,13 @@ class Curvature(CurvatureModule):
             accumulate_grad(self.p['5.weight'], self._linear5_weight_vjp(g_linear5, self.linear5_X))
             accumulate_grad(self.p['5.bias'], self._linear5_bias_vjp(g_linear5, self.linear5_X))
             g_sigmoid4 = self._linear5_vjp(g_linear5)
-            self.sigmoid4_r = g_sigmoid4 * (a_sigmoid4*(a_sigmoid4 - 1)*(2*a_sigmoid4 - 1))
+            self.sigmoid4_g, self.sigmoid4_r = g_sigmoid4, None  # r = g ⊙ φ″ is formed on first use
             g_linear3 = self._sigmoid4_vjp(g_sigmoid4)
             self.linear3_g = g_linear3
             accumulate_grad(self.p['3.weight'], self._linear3_weight_vjp(g_linear3, self.linear3_X))
             accumulate_grad(self.p['3.bias'], self._linear3_bias_vjp(g_linear3, self.linear3_X))
             g_sigmoid2 = self._linear3_vjp(g_linear3)
-            self.sigmoid2_r = g_sigmoid2 * (a_sigmoid2*(a_sigmoid2 - 1)*(2*a_sigmoid2 - 1))
+            self.sigmoid2_g, self.sigmoid2_r = g_sigmoid2, None  # r = g ⊙ φ″ is formed on first use
             g_linear1 = self._sigmoid2_vjp(g_sigmoid2)
             self.linear1_g = g_linear1
             accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
@@ -123,14 +125,14 @@ class Curvature(CurvatureModule):
         S_sigmoid4 = weight_sandwich(S, self.p['5.weight'])
         del S_linear5
         S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
-        S_linear3 = elementwise_input_curvature(S, self.sigmoid4_d1, self.sigmoid4_r, average_input_jacobian, curvature)
+        S_linear3 = elementwise_input_curvature(S, self.sigmoid4_d1, self._sigmoid4_residual, average_input_jacobian, curvature)
         del S_sigmoid4
         visit('linear3', S_linear3)
         S = S_linear3  # at the output of linear3; propagate to its inputs
         S_sigmoid2 = weight_sandwich(S, self.p['3.weight'])
         del S_linear3
         S = S_sigmoid2  # at the output of sigmoid2; propagate to its inputs
-        S_linear1 = elementwise_input_curvature(S, self.sigmoid2_d1, self.sigmoid2_r, average_input_jacobian, curvature)
+        S_linear1 = elementwise_input_curvature(S, self.sigmoid2_d1, self._sigmoid2_residual, average_input_jacobian, curvature)
         del S_sigmoid2
         visit('linear1', S_linear1)
 
@@ -219,9 +221,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (128, 128)"""
         return S.reshape(128, 1, 128, 1).sum((1, 3))
 
+    def _sigmoid2_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid2_r is None:
+            y = self.sigmoid2_y
+            self.sigmoid2_r = self.sigmoid2_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid2_r
+
     def _sigmoid2_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid2_r, t, curvature)
+        return residual_product(self._sigmoid2_residual(), t, curvature)
 
     def _sigmoid2_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
@@ -295,9 +304,16 @@ class Curvature(CurvatureModule):
         """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
         return S.reshape(64, 1, 64, 1).sum((1, 3))
 
+    def _sigmoid4_residual(self):
+        """r = g ⊙ φ″ (per sample, like the output), formed once"""
+        if self.sigmoid4_r is None:
+            y = self.sigmoid4_y
+            self.sigmoid4_r = self.sigmoid4_g * (y*(y - 1)*(2*y - 1))
+        return self.sigmoid4_r
+
     def _sigmoid4_residual_product(self, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self.sigmoid4_r, t, curvature)
+        return residual_product(self._sigmoid4_residual(), t, curvature)
 
     def _sigmoid4_jvp(self, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""

@@ -19,7 +19,7 @@ class NodeCode:
     vjp: object = None
     backward: list = field(default_factory=list)
     methods: list = field(default_factory=list)
-    residual: str = None          # attribute holding the residual coefficient r = g ⊙ φ″, if any
+    residual: str = None          # the method returning the residual coefficient r = g ⊙ φ″ (formed once), if any
     residual_product: object = None  # (t, mode) -> code for mode(R) t, if the node has a residual
     input_curvature: list = field(default_factory=list)
     mean_vjp: object = None

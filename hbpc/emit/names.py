@@ -35,7 +35,7 @@ ROLES = ("weight", "bias")
 # Suffixes of a node's attributes (self.s_<suffix>) and methods (self._s_<suffix>), as nodes.py,
 # normalization.py and kronecker.py emit them; normalization statistics and cat's vjp<i> are added per graph.
 SUFFIXES = (
-    "X", "g", "d1", "r", "idx", "modes",
+    "X", "x", "y", "g", "d1", "r", "idx", "modes",
     "jvp", "vjp", "view", "tangent_view", "statistics", "residual", "residuals", "jacobians", "residual_product",
     "input_factor", "root_factor", "curvature_factor",
     *(f"{role}_{kind}" for role in ROLES for kind in ("jvp", "vjp", "block")),

@@ -51,15 +51,22 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {d1}"]
     single_input(code, name)
     if d2 != 0:
-        code.backward.append(f"self.{name}_r = g_{name} * ({torch_code(d2)})")
-        code.residual = f"self.{name}_r"
-        code.residual_product = lambda t, mode: f"residual_product(self.{name}_r, {t}, {mode})"
+        reads = [(str(s), var) for s, var in ((X_SYMBOL, input_var), (Y_SYMBOL, out)) if s in derivation.d2.free_symbols]
+        code.forward += [f"self.{name}_{s} = {var}" for s, var in reads]
+        code.backward.append(f"self.{name}_g, self.{name}_r = g_{name}, None  # r = g ⊙ φ″ is formed on first use")
+        code.residual = f"self._{name}_residual"
+        code.residual_product = lambda t, mode: f"residual_product(self._{name}_residual(), {t}, {mode})"
+        reads = [f"{s} = self.{name}_{s}" for s, _ in reads]
+        code.methods += method_lines(f"_{name}_residual(self)", "r = g ⊙ φ″ (per sample, like the output), formed once",
+                                     [f"if self.{name}_r is None:", *("    " + line for line in reads),
+                                      f"    self.{name}_r = self.{name}_g * ({torch_code(derivation.d2.subs(values))})",
+                                      f"return self.{name}_r"])
         code.methods += method_lines(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
-                                [f"return residual_product(self.{name}_r, t, curvature)"])
+                                     [f"return residual_product(self._{name}_residual(), t, curvature)"])
     doc = f"φ = {formula(rule.phi)},  φ′ = {formula(derivation.d1)},  φ″ = {formula(derivation.d2)}"
     code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
     code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
-    r = code.residual or "None"
+    r = code.residual or "None"  # the residual's method: elementwise_input_curvature calls it unless the mode is ggn
     code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
     code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
     code.mean_vjp = lambda i, M: f"self.{name}_d1.flatten(1).mean(0)[:, None] * {M}"

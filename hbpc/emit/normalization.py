@@ -60,7 +60,7 @@ def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     code.forward.append(f"self.{name}_modes = {{}}  # mode(R_n) per curvature, formed when a pch product needs it")
     code.backward = [f"self.{name}_g = g_{name}.reshape(-1, {groups}, {entries})"]
     code.residual_product = lambda t, mode: f"self._{name}_residual_product({t}, {mode})"
-    code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals().sum(0), "
+    code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals, "
                             "average_input_jacobian, curvature)"]
     code.mean_vjp = lambda i, M: f"grouped_mean_transpose(self._{name}_jacobians(), {M})"
     statistics = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)

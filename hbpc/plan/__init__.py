@@ -23,7 +23,7 @@ import networkx as nx
 from hbpc.derive import derive
 from hbpc.derive.structured import classify, is_gram, kronecker_split
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X, y as Y
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
 ALL = frozenset(QUANTITIES)
@@ -115,8 +115,9 @@ def _uses(graph) -> dict:
 
 def _elementwise(node, context) -> dict:
     caches = [("d1", ALL)]
-    if derive(node["rule"]).d2 != 0:
-        caches.append(("r", frozenset({"hessian"})))  # r = g ⊙ φ″: the residual
+    d2 = derive(node["rule"]).d2
+    if d2 != 0:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
+        caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(map(str, d2.free_symbols & {X, Y})))]
     return dict(kind="elementwise", caches=tuple(caches))
 
 

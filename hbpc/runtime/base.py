@@ -89,7 +89,10 @@ class CurvatureModule:
         classes = numel(self.OUTPUT_SHAPE)
         kept = sum(min(self.N, b) * b if gram else b * b for b, gram in factors)
         loss_hessian = 5 * self.N * classes * classes  # the loss Hessian's basis and its products
-        return (peak + loss_hessian + kept) * self.loss_z.element_size()
+        lazy = [getattr(self, f"{name}_g").numel() for name, (has_residual, _, _) in self.SECOND_ORDER.items()
+                if has_residual and hasattr(self, f"{name}_r")]  # r = g ⊙ φ″, formed on first use (maybe in blocks())
+        residuals = sum(lazy) + 3 * max(lazy, default=0)  # each kept, and φ″'s temporaries while one forms
+        return (peak + loss_hessian + kept + residuals) * self.loss_z.element_size()
 
     def _check_memory(self):
         """Refuse blocks() before it allocates anything."""

@@ -168,12 +168,15 @@ def cat_tangents(tangents, x_shapes, axis):
 
 
 def elementwise_input_curvature(S, d1, r, average, curvature):
-    """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d)."""
+    """S_x = S ⊙ E[φ′] E[φ′]ᵀ (average) or S ⊙ E[φ′ φ′ᵀ], plus diag(mode(Σ_n r_n)): (d, d).
+
+    r: a function returning the residual coefficients (N, *x), called only when the mode keeps them, or None.
+    """
     d = d1.flatten(1)
     S_x = torch.outer(d.mean(0), d.mean(0)) if average else (d.T @ d).div_(d.shape[0])
     S_x.mul_(S)
-    if r is not None:
-        modified = residual(r.flatten(1).sum(0), curvature)
+    if r is not None and curvature != "ggn":
+        modified = residual(r().flatten(1).sum(0), curvature)
         if modified is not None:
             S_x.diagonal().add_(modified)
     return S_x

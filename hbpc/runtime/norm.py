@@ -31,10 +31,11 @@ def matrix_residual(R, curvature):
 
 
 def grouped_input_curvature(S, J, R, average, curvature):
-    """S_x for per-sample Jacobians J (N, G, D, D) acting within groups and the summed residual R (G, D, D).
+    """S_x for per-sample Jacobians J (N, G, D, D) acting within groups and the residuals R_n (N, G, D, D).
 
     E[J]ᵀ S E[J] (average) or (1/N) Σ_n J_nᵀ S J_n, plus mode(Σ_n R_n); Σ_n R_n is block-diagonal,
-    so its mode is taken per group. S is (G·D, G·D), and so is the result.
+    so its mode is taken per group. S is (G·D, G·D), and so is the result. R is a function returning the
+    residuals, called only when the mode keeps them.
     """
     N, G, D, _ = J.shape
     S = S.reshape(G, D, G, D)
@@ -44,8 +45,9 @@ def grouped_input_curvature(S, J, R, average, curvature):
     else:
         S_x = torch.einsum("ngab,gahc,nhcd->gbhd", J, S, J) / N
     S_x = S_x.reshape(G * D, G * D).contiguous()
-    modified = matrix_residual(R, curvature)
-    return S_x if modified is None else S_x + torch.block_diag(*modified)
+    if curvature == "ggn":
+        return S_x
+    return S_x + torch.block_diag(*matrix_residual(R().sum(0), curvature))
 
 
 def grouped_mean_transpose(J, M):
