@@ -74,14 +74,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from hbpc.linalg.operators import check_choice, full_operator
-from hbpc.optim.cg import DIVERGED, NEGATIVE_CURVATURE, NON_FINITE, cg, inner
+from hbpc.optim.cg import inner
+from hbpc.optim.preconditioners import block_preconditioner
+from hbpc.optim.presets import (DEFAULT_ALPHA, DEFAULT_AVERAGE_PARAMETER_JACOBIAN, DEFAULT_CG_MAXITER,
+                                DEFAULT_CURVATURE, DEFAULT_LR, DEFAULT_MIN_ALPHA, DEFAULT_PRECONDITIONER,
+                                DEFAULT_SOURCE, DEFAULT_WARM_START, KRONECKER, PAPER)
+from hbpc.optim.safeguards import BACKTRACK, DIVERGENCE, MAX_STEP, is_finite, reduction_ratio, update_damping
+from hbpc.optim.solves import EigenBlock, as_product, damping_scale, quadratic, solve_cg, solve_direct
+from hbpc.optim.stats import ParamStats, StepStats
+
+__all__ = ["EigenBlock", "KRONECKER", "NewtonCG", "PAPER", "ParamStats", "StepStats", "check_choice",
+           "curvature_model", "parameter_names"]
 
 CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
 SOURCES = ("blocks", "block_products", "full")
@@ -90,278 +99,8 @@ PRECONDITIONERS = (None, "diagonal", "kronecker")
 FULL_CURVATURES = ("ggn", "hessian")
 FULL = "full"  # StepStats.params key of the joint solve
 SHARED = ("alpha", "cg_tol", "cg_atol", "cg_maxiter")  # one value for all groups when source="full"
-STOPPED = (NEGATIVE_CURVATURE, NON_FINITE, DIVERGED)  # CG reasons whose iterate is a fallback
 
-BOOST, DECAY = 3.0 / 2.0, 2.0 / 3.0
-RHO_LOW, RHO_HIGH = 0.25, 0.75
-LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
-BACKTRACK = 0.25  # t ← BACKTRACK · t after a rise of the loss
-WARM_DECAY = 0.95
-DIVERGENCE = 100.0  # warn when the loss exceeds this times the first step's loss
-MAX_STEP = 10.0
-COMPLEMENT_TOL = 1e-5  # EigenBlock.solve_relative: a right-hand side this close to range(R) skips the complement  # no parameter moves by more than this times max(‖θ‖, 1) in one step
-
-DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 10
-DEFAULT_SOURCE, DEFAULT_CURVATURE, DEFAULT_AVERAGE_PARAMETER_JACOBIAN = "block_products", "ggn", True
-DEFAULT_WARM_START, DEFAULT_PRECONDITIONER = False, None
-DEFAULT_MIN_ALPHA = 0.1
-
-PAPER = dict(adaptive_damping=False, line_search=False, max_backtracks=None, warm_start=False, preconditioner=None,
-             min_alpha=0.0)
-"""The paper's plain update ``θ ← θ + lr · d`` with fixed ``α`` and no warm start or preconditioner."""
-
-KRONECKER = dict(source="blocks", solver="direct", curvature="pch-abs", average_parameter_jacobian=False,
-                 relative_damping=True, curvature_every=5, lr=2.0, alpha=0.1, min_alpha=0.0)
-"""Kronecker blocks solved through eigendecompositions kept for 5 steps, damped relative to each block's scale
-(``NewtonCG(params, curv, **KRONECKER)``, ``step(closure)``). On the sigmoid FCNN (batch 128) it reached 0.60 test
-accuracy in 16 steps / 4.3 s where Adam (lr 0.003) took 389 steps / 7.7 s (``bench/time_to_target.py``); with two
-other batch orders it took 26-34 steps and lost to Adam in seconds (1.4x, 1.9x), its steps costing 13x Adam's. Not
-the default: it needs ``curvature.blocks`` (memory; HBP blocks of convolutions are approximations) and was measured on
-the FCNN only. ``lr=2`` overshoots the blocks' step on purpose: the full-GGN line search and the loss check shorten
-it (``t``), so the step length comes from the full network's curvature rather than the blocks'."""
-
-
-@dataclass(frozen=True)
-class ParamStats:
-    """How one parameter's direction was found.
-
-    ``fallback`` is ``None`` (the solver's answer was used), ``"best iterate"``
-    (CG stopped early, at negative curvature or a growing residual, after some iterations) or
-    ``"gradient"`` (``d = -g``). ``alpha`` is the damping used for this step.
-    """
-
-    cg_iterations: int
-    residual_norm: float
-    converged: bool
-    negative_curvature: bool
-    fallback: str | None
-    alpha: float
-    reason: str
-
-
-@dataclass
-class StepStats:
-    """Statistics of the latest ``NewtonCG.step``, keyed by parameter name (``source="full"``: one
-    entry, ``"full"``, for the joint solve).
-
-    ``loss`` is the loss before the step (``None`` without a closure), ``loss_after`` the loss at the
-    kept point (closure and a loss check only). ``scale`` is the factor ``t`` applied to ``s = lr · d``
-    (``0`` when the step was undone or skipped), ``predicted`` the undamped model's change
-    ``q(t s) = t gᵀs + ½ t² sᵀ B s`` (the blocks ``B``, or the full ``A``), ``rho`` the reduction
-    ratio the damping followed (``None``: none). ``capped`` names the parameters whose step was
-    shortened to ``max_step · max(‖θ‖, 1)``. ``backtracks`` counts the shrinks, ``accepted`` says whether the step was kept, ``skipped``
-    why nothing moved (``None`` when something did).
-    """
-
-    params: dict[str, ParamStats] = field(default_factory=dict)
-    loss: float | None = None
-    loss_after: float | None = None
-    predicted: float | None = None
-    rho: float | None = None
-    scale: float = 1.0
-    backtracks: int = 0
-    capped: list[str] = field(default_factory=list)
-    accepted: bool = True
-    skipped: str | None = None
-
-    @property
-    def cg_iterations(self) -> int:
-        """Total CG iterations over all parameters."""
-        return sum(s.cg_iterations for s in self.params.values())
-
-    @property
-    def converged(self) -> bool:
-        """Whether every solve converged (vacuously true for no parameters)."""
-        return all(s.converged for s in self.params.values())
-
-    @property
-    def negative_curvature(self) -> bool:
-        """Whether any block showed negative curvature."""
-        return any(s.negative_curvature for s in self.params.values())
-
-    @property
-    def fallbacks(self) -> dict[str, str]:
-        """Parameters whose step did not use the solver's answer, with the fallback used."""
-        return {name: s.fallback for name, s in self.params.items() if s.fallback is not None}
-
-
-def damped_matvec(product: Callable[[Tensor], Tensor], alpha: float) -> Callable[[Tensor], Tensor]:
-    """``v -> (1 - α) B v + α v`` for ``product = v -> B v``."""
-    return lambda v: (1.0 - alpha) * product(v) + alpha * v
-
-
-def solve_cg(product, g: Tensor, alpha: float, tol: float, atol: float, maxiter: int,
-             x0: Tensor | None = None, M=None) -> tuple[Tensor, ParamStats]:
-    """Direction ``d ≈ -[(1 - α) B + α I]⁻¹ g`` by CG (optionally warm-started at ``x0``, preconditioned
-    by ``M``), with the fallbacks of the module docstring."""
-    d, info = cg(damped_matvec(product, alpha), -g, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M)
-    fallback = "best iterate" if info.reason in STOPPED else None
-    if not bool(d.any()) or not is_descent(g, d):
-        fallback, d = "gradient", -g
-    stats = ParamStats(
-        info.iterations, info.residual_norm, info.converged, info.negative_curvature, fallback, alpha, info.reason
-    )
-    return d, stats
-
-
-def is_finite(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is finite (a finite sum of squares has finite terms; one reduction)."""
-    return math.isfinite(inner(t, t).item())
-
-
-def is_descent(g: Tensor, d: Tensor) -> bool:
-    """Whether ``d`` is finite and ``gᵀd < 0`` (true for ``g = 0``: nothing to descend)."""
-    return is_finite(d) and (inner(g, d).item() < 0.0 or not bool(g.any()))
-
-
-def solve_direct(block, g: Tensor, alpha: float, relative: bool = False) -> tuple[Tensor, ParamStats]:
-    """Direction ``d = -block.solve(g, λ) / (1 - α)`` with ``λ = α / (1 - α)``; ``relative``: ``d = -(B + D_λ)⁻¹ g /
-    (1 - α)`` with the block-relative damping ``D_λ`` of ``EigenBlock.solve_relative``. ``-g / c`` (``c`` the block's
-    mean eigenvalue with ``relative``, else 1) when that fails or is no better than 0."""
-    scale = damping_scale(block) if relative else 1.0
-    lam = alpha / (1.0 - alpha)
-    try:
-        d = (block.solve_relative(-g, lam) if relative else block.solve(-g, lam)) / (1.0 - alpha)
-    except torch.linalg.LinAlgError:
-        return -g / scale, ParamStats(0, math.inf, False, False, "gradient", alpha, "singular block")
-    if not is_descent(g, d):
-        return -g / scale, ParamStats(0, math.inf, False, True, "gradient", alpha, "not a descent direction")
-    if relative:  # (B + D_λ) is positive definite by construction: a descent direction is all to check
-        return d, ParamStats(0, 0.0, True, False, None, alpha, "direct")
-    residual = (g + (1.0 - alpha) * (block @ d) + alpha * d).norm().item()
-    if not residual <= g.norm().item():
-        return -g, ParamStats(0, residual, False, False, "gradient", alpha, "singular block")
-    return d, ParamStats(0, residual, True, False, None, alpha, "direct")
-
-
-def damping_scale(block) -> float:
-    """``c = tr(B) / n``, the mean eigenvalue of an ``(n, n)`` block (``tr(A ⊗ B) = tr(A) tr(B)``); 1 when it is 0
-    or not finite, or the block has no cheap trace."""
-    trace = getattr(block, "trace", None)
-    c = trace() / block.numel if trace is not None else 1.0
-    return c if math.isfinite(c) and c > 0.0 else 1.0
-
-
-class EigenBlock:
-    """An HBP block with its eigendecomposition kept, so that ``solve`` for any damping costs rotations only.
-
-    Kronecker blocks ``A ⊗ B`` (``B = R Rᵀ`` from a thin root ``R``: ``B = U diag(s²) Uᵀ``)::
-
-        (A ⊗ B + λ I)⁻¹ vec(X) = vec(Qa [(Qaᵀ X Qb) / (λa λbᵀ + λ)] Qbᵀ + (X - X Qb Qbᵀ) / λ)
-
-    (the last term is zero unless ``Qb`` is thin); dense blocks ``B = Q diag(λ) Qᵀ``; any other block uses its
-    own ``solve``. Products go to the block.
-    """
-
-    def __init__(self, block):
-        self.block, self.param_shape = block, tuple(block.param_shape)
-        self.numel = math.prod(self.param_shape)
-        self.kronecker_factors = block.kronecker_factors
-        self.eigen = None
-
-    def __matmul__(self, v: Tensor) -> Tensor:
-        return self.block @ v
-
-    def trace(self) -> float:
-        """``tr(B)``: ``tr(A) tr(B)`` of a Kronecker block (``tr(R Rᵀ) = ‖R‖²``), the diagonal's sum of a dense one."""
-        block = self.block
-        if hasattr(block, "R"):
-            return (block.A.diagonal().sum() * block.R.square().sum()).item()
-        if self.kronecker_factors is not None:
-            return (self.kronecker_factors[0].diagonal().sum() * self.kronecker_factors[1].diagonal().sum()).item()
-        if hasattr(block, "matrix"):
-            return block.matrix.diagonal().sum().item()
-        return math.nan
-
-    @torch.no_grad()
-    def solve_relative(self, rhs: Tensor, lam: float) -> Tensor:
-        """``(B + D_λ)⁻¹ rhs`` with damping relative to the block's scale (K-FAC's factored Tikhonov, Martens &
-        Grosse 2015, Sec. 6.3, with π from the factors' mean eigenvalues ``a = tr(A)/m``, ``b = tr(B)/n``)::
-
-            A ⊗ B + D_λ = (A + √λ a I) ⊗ (B + √λ b I),     dense B: B + λ (tr(B)/n) I
-
-        so every block is damped in its own units (λ ab on the identity: ``ab`` is the block's mean eigenvalue),
-        and a tiny early-layer curvature is not swamped by an absolute ``λ``. Eigenvalues below 0 (round-off of a
-        positive semi-definite block) count as 0."""
-        eigen = self.decomposition()
-        if eigen is None:
-            return self.block.solve(rhs, lam * damping_scale(self))
-        if len(eigen) == 2:
-            lam_b, Q = eigen
-            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam_b.clamp(min=0) + lam * self.trace() / self.numel))).reshape(
-                rhs.shape)
-        la, Qa, lb, Qb = eigen
-        m, n = Qa.shape[0], self.numel // Qa.shape[0]
-        ga, gb = math.sqrt(lam) * la.sum().item() / m, math.sqrt(lam) * lb.sum().item() / n
-        X = rhs.reshape(m, n)
-        XQ = X @ Qb
-        da = la.clamp(min=0)[:, None] + ga
-        out = Qa @ (((Qa.T @ XQ) / (da * (lb.clamp(min=0)[None, :] + gb))) @ Qb.T)
-        if Qb.shape[1] < n:  # B = R Rᵀ is zero on Qb's complement, where B + √λ b I is √λ b
-            outside = X - XQ @ Qb.T  # zero for a gradient Σ δₙ xₙᵀ with R spanned by the xₙ: skip its rotation
-            if outside.norm() > COMPLEMENT_TOL * X.norm():
-                out = out + Qa @ ((Qa.T @ outside) / (da * gb))
-        return out.reshape(rhs.shape)
-
-    @torch.no_grad()
-    def decomposition(self):
-        """``(λ, Q)`` of a dense block, ``(λa, Qa, λb, Qb)`` of a Kronecker block, ``None`` otherwise."""
-        if self.eigen is None:
-            block = self.block
-            try:
-                self.eigen = self.factorize(block)
-            except torch.linalg.LinAlgError:  # eigh did not converge: the block's own solve (or -g) instead
-                self.eigen = ()
-        return self.eigen or None
-
-    def factorize(self, block) -> tuple:
-        """The eigenpairs of ``decomposition``; ``()`` for a block without factors or matrix."""
-        if hasattr(block, "R"):
-            U, s, _ = torch.linalg.svd(block.R, full_matrices=False)
-            return (*torch.linalg.eigh(block.A), s * s, U)
-        if self.kronecker_factors is not None:
-            return (*torch.linalg.eigh(self.kronecker_factors[0]), *torch.linalg.eigh(self.kronecker_factors[1]))
-        if hasattr(block, "matrix"):
-            return tuple(torch.linalg.eigh(block.matrix))
-        return ()
-
-    @torch.no_grad()
-    def solve(self, rhs: Tensor, damping: float) -> Tensor:
-        """``(B + damping · I)⁻¹ rhs`` for ``rhs`` shaped like θ."""
-        eigen = self.decomposition()
-        if eigen is None:
-            return self.block.solve(rhs, damping)
-        if len(eigen) == 2:
-            lam, Q = eigen
-            return (Q @ ((Q.T @ rhs.reshape(-1)) / (lam + damping))).reshape(rhs.shape)
-        la, Qa, lb, Qb = eigen
-        X = rhs.reshape(Qa.shape[0], -1)
-        XQ = X @ Qb
-        out = Qa @ ((Qa.T @ XQ) / (la[:, None] * lb[None, :] + damping)) @ Qb.T
-        if Qb.shape[1] < Qb.shape[0]:
-            out = out + (X - XQ @ Qb.T) / damping
-        return out.reshape(rhs.shape)
-
-
-def update_damping(alpha: float, rho: float, min_alpha: float = 0.0) -> float:
-    """Levenberg–Marquardt rule (Martens 2010) on ``λ = α / (1 - α)``; returns the new ``α = λ / (1 + λ)``.
-
-    ``ρ < 1/4``: ``λ ← 3/2 λ``; ``ρ > 3/4``: ``λ ← 2/3 λ``; otherwise unchanged; then ``λ`` is
-    clamped to ``[LAMBDA_MIN, LAMBDA_MAX]`` (so an undamped ``α = 0`` can grow) and ``α`` kept
-    at or above ``min_alpha``.
-    """
-    lam = alpha / (1.0 - alpha)
-    if rho < RHO_LOW:
-        lam *= BOOST
-    elif rho > RHO_HIGH:
-        lam *= DECAY
-    lam = min(max(lam, LAMBDA_MIN), LAMBDA_MAX)
-    return max(lam / (1.0 + lam), min_alpha)
-
-
-def reduction_ratio(actual: float, predicted: float) -> float:
-    """``ρ = actual / predicted``; ``-inf`` when the model predicts no decrease (``predicted >= 0``)."""
-    return actual / predicted if predicted < 0.0 else -math.inf
+WARM_DECAY = 0.95  # warm_start: CG starts from this times the previous direction
 
 
 class NewtonCG(torch.optim.Optimizer):
@@ -451,6 +190,7 @@ class NewtonCG(torch.optim.Optimizer):
         split: int = 1,
         relative_damping: bool = False,
         curvature_every: int = 1,
+        fresh_roots: bool = False,
     ):
         check_choice("source", source, SOURCES)
         check_choice("curvature", curvature, CURVATURES)
@@ -494,6 +234,7 @@ class NewtonCG(torch.optim.Optimizer):
         self.split = split
         self.relative_damping = relative_damping
         self.curvature_every = curvature_every
+        self.fresh_roots = fresh_roots
         self.cached: dict | None = None
         self.steps_taken = 0
         self.names: dict[Tensor, str] = {}
@@ -523,13 +264,18 @@ class NewtonCG(torch.optim.Optimizer):
         return self.curvature.block_products(self.kind, **split)
 
     def reused_source(self) -> dict:
-        """``curvature_source()``, formed every ``curvature_every`` steps (with ``solver="direct"`` each block's
-        eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
-        if self.cached is None or self.steps_taken % self.curvature_every == 0:
-            source = self.curvature_source()
-            wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their own parts
-            self.cached = {n: EigenBlock(b) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
+        """``curvature_source()``, with ``solver="direct"`` each block's eigendecomposition kept in an ``EigenBlock``
+        and formed every ``curvature_every`` steps; in between the steps cost products and rotations only, or, with
+        ``fresh_roots``, one HBP sweep for the blocks and the thin SVDs of their inputs' roots."""
+        refresh = self.cached is None or self.steps_taken % self.curvature_every == 0
         self.steps_taken += 1
+        if not (refresh or self.fresh_roots):
+            return self.cached
+        source = self.curvature_source()
+        wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their own parts
+        stale, shared = ({} if refresh else self.cached), {}
+        self.cached = {n: EigenBlock(b, shared, stale.get(n)) if wrap and not hasattr(b, "parts") else b
+                       for n, b in source.items()}
         return self.cached
 
     def preconditioners(self, blocks: dict | None, alpha: float) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -694,7 +440,7 @@ class NewtonCG(torch.optim.Optimizer):
             s = group["lr"] * d
             steps.append((p, s))
         def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
-            return sum(inner(s, as_product(operators[self.names[p]], self.source)(s)).item() for p, s in steps)
+            return sum(quadratic(operators[self.names[p]], s, self.source) for p, s in steps)
 
         return steps, curvature_along
 
@@ -742,35 +488,6 @@ class NewtonCG(torch.optim.Optimizer):
             return inner(s, A.matvec(s)).item()
 
         return list(zip(params, steps)), curvature_along
-
-
-def block_preconditioner(block, alpha: float, kind: str) -> Callable[[Tensor], Tensor] | None:
-    """``r -> [(1 - α) B̃ + α I]⁻¹ r`` for an HBP block ``B̃``: its diagonal (``"diagonal"``) or, with
-    Kronecker factors ``A ⊗ B``, the exact inverse through their eigendecompositions (``"kronecker"``);
-    ``None`` for a block without factors that is not dense."""
-    factors = getattr(block, "kronecker_factors", None)
-    if factors is not None and kind == "kronecker":
-        (la, Qa), (lb, Qb) = (torch.linalg.eigh(F) for F in factors)
-        scale = (1.0 - alpha) * la.clamp(min=0)[:, None] * lb.clamp(min=0)[None, :] + alpha
-
-        def kronecker(r: Tensor) -> Tensor:
-            X = r.reshape(Qa.shape[0], Qb.shape[0])
-            return (Qa @ ((Qa.T @ X @ Qb) / scale) @ Qb.T).reshape(r.shape)
-
-        return kronecker
-    if factors is not None:
-        diagonal = torch.outer(factors[0].diagonal(), factors[1].diagonal())
-    elif hasattr(block, "matrix"):
-        diagonal = block.matrix.diagonal()
-    else:
-        return None
-    diagonal = ((1.0 - alpha) * diagonal.clamp(min=0) + alpha).reshape(block.param_shape)
-    return lambda r: r / diagonal
-
-
-def as_product(operator, source: str) -> Callable[[Tensor], Tensor]:
-    """``v -> B v`` from a ``Block`` (``source="blocks"``) or a block-product callable."""
-    return (lambda v: operator @ v) if source == "blocks" else operator
 
 
 def check_group(group: dict) -> None:
