@@ -82,9 +82,9 @@ from torch import Tensor
 from hbpc.linalg.operators import check_choice, full_operator
 from hbpc.optim.cg import inner
 from hbpc.optim.preconditioners import block_preconditioner
-from hbpc.optim.presets import (DEFAULT_ALPHA, DEFAULT_AVERAGE_PARAMETER_JACOBIAN, DEFAULT_CG_MAXITER,
-                                DEFAULT_CURVATURE, DEFAULT_LR, DEFAULT_MIN_ALPHA, DEFAULT_PRECONDITIONER,
-                                DEFAULT_SOURCE, DEFAULT_WARM_START, KRONECKER, PAPER)
+from hbpc.optim.presets import (AUTO, DEFAULT_ALPHA, DEFAULT_CG_MAXITER, DEFAULT_LR, DEFAULT_MIN_ALPHA,
+                                DEFAULT_PRECONDITIONER, DEFAULT_WARM_START, KRONECKER, KRONECKER_MODE, PAPER,
+                                PRODUCTS_MODE)
 from hbpc.optim.safeguards import BACKTRACK, DIVERGENCE, MAX_STEP, is_finite, reduction_ratio, update_damping
 from hbpc.optim.solves import EigenBlock, as_product, damping_scale, quadratic, solve_cg, solve_direct
 from hbpc.optim.stats import ParamStats, StepStats
@@ -93,7 +93,8 @@ __all__ = ["EigenBlock", "KRONECKER", "NewtonCG", "PAPER", "ParamStats", "StepSt
            "curvature_model", "parameter_names"]
 
 CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
-SOURCES = ("blocks", "block_products", "full")
+SOURCES = (AUTO, "blocks", "block_products", "full")
+KRONECKER_BLOCKS, PRODUCTS = "kronecker", "block products"  # NewtonCG.mode under source="auto"
 SOLVERS = ("cg", "direct")
 PRECONDITIONERS = (None, "diagonal", "kronecker")
 FULL_CURVATURES = ("ggn", "hessian")
@@ -134,16 +135,32 @@ class NewtonCG(torch.optim.Optimizer):
       ``warm_start``, ``preconditioner``: the safeguards and speed-ups of the module docstring; ``**PAPER`` turns them all off. The
       adapted α is written into each group's ``"alpha"``.
 
-    Defaults, and why (figures: ``bench/newton_cg_speed.py``, ``bench/README.md``):
+    Defaults, and why (figures: ``bench/time_to_target.py``, ``bench/newton_cg_speed.py``, ``bench/README.md``):
 
-    * ``source="block_products"``, ``curvature="ggn"``: the exact diagonal GGN blocks. They are
+    * ``source="auto"`` chooses per step, and says which in ``mode``:
+
+      - ``"kronecker"`` (``presets.KRONECKER_MODE``: HBP blocks with per-sample parameter Jacobians, ``pch-abs``,
+        direct solves through eigendecompositions kept for 5 steps, damping relative to each block's scale) when the
+        step has a closure (its loss checks) and ``curvature.blocks`` fits its ``memory_limit``. It is what wins in
+        wall-clock time on the sigmoid FCNN (median of three batch orders, ``bench/RESULTS-time-to-target.md``);
+      - ``"block products"`` (``presets.PRODUCTS_MODE``: CG on the exact diagonal GGN block products) otherwise: in
+        the plain loop, where without loss checks the Kronecker steps diverged on the small user models of
+        ``tests/test_newton_cg_defaults.py``, and once ``blocks()`` refused for memory (the ReLU c4d3 on
+        Fashion-MNIST at batch 128: 2.12 GiB > 2 GiB), from then on.
+
+      Options given explicitly apply to both; one that the Kronecker mode cannot use (``solver="cg"``, a
+      ``preconditioner``, ``split``, or ``PAPER``'s switched-off loss checks and line search) leaves only the
+      block products. An explicit ``source`` means that source with the block products' other options.
+    * ``source="block_products"``, ``curvature="ggn"`` (the block products mode): the exact diagonal GGN blocks. They are
       positive semi-definite (no indefinite fallbacks), exact (HBP blocks with averaged Jacobians
       understate a convolution's curvature by orders of magnitude: the CNN that diverged), and need
       no ``blocks()`` memory (which c4d3 on CIFAR-10 exceeds at the default ``memory_limit``).
       ``source="full"`` is the more accurate solve (cross-layer coupling) at about one gradient per
       CG iteration instead of one per sweep over all blocks.
-    * ``lr=1``, ``alpha=0.1``, ``adaptive_damping=True``, ``min_alpha=0.1``: ``lr=1`` is the step the
-      model predicts, which ``ρ`` checks. ``ρ`` on the step's own mini-batch trusts that batch: on the
+    * ``lr=2``: the line search and the loss check shorten the step to the full GGN's minimiser along it (``t``),
+      so ``lr`` only bounds the step at twice the blocks' Newton step; on the FCNN the Kronecker mode with ``lr=1``
+      did not reach 0.60 test accuracy in 50 steps where ``lr=2`` took 16 (batch-order seed 0).
+    * ``alpha=0.1``, ``adaptive_damping=True``, ``min_alpha=0.1``: ``ρ`` on the step's own mini-batch trusts that batch: on the
       FCNN (batch 128) it drove α to 1e-8 and the test loss rose while each batch's fell; α ≥ 0.1 kept
       it learning (test loss after 60 steps 2.398 at α → 1e-8, 2.348 / 2.324 / 2.319 / 2.316 with
       floors 0.01 / 0.05 / 0.1 / 0.3). Full-batch or convex problems want ``min_alpha=0``.
@@ -175,11 +192,11 @@ class NewtonCG(torch.optim.Optimizer):
         cg_tol: float = 0.1,
         cg_atol: float = 0.0,
         cg_maxiter: int = DEFAULT_CG_MAXITER,
-        source: str = DEFAULT_SOURCE,
-        curvature: str = DEFAULT_CURVATURE,
+        source: str = AUTO,
+        curvature: str | None = None,
         average_input_jacobian: bool = True,
-        average_parameter_jacobian: bool = DEFAULT_AVERAGE_PARAMETER_JACOBIAN,
-        solver: str = "cg",
+        average_parameter_jacobian: bool | None = None,
+        solver: str | None = None,
         adaptive_damping: bool = True,
         line_search: bool | None = True,
         max_backtracks: int | None = 2,
@@ -188,18 +205,61 @@ class NewtonCG(torch.optim.Optimizer):
         warm_start: bool = DEFAULT_WARM_START,
         preconditioner: str | None = DEFAULT_PRECONDITIONER,
         split: int = 1,
-        relative_damping: bool = False,
-        curvature_every: int = 1,
-        fresh_roots: bool = False,
+        relative_damping: bool | None = None,
+        curvature_every: int | None = None,
     ):
         check_choice("source", source, SOURCES)
+        given = {key: value for key, value in dict(curvature=curvature, average_parameter_jacobian=average_parameter_jacobian,
+                                                   solver=solver, relative_damping=relative_damping,
+                                                   curvature_every=curvature_every).items() if value is not None}
+        if source != AUTO:
+            self.modes = {source: {**PRODUCTS_MODE, **given, "source": source}}
+        else:
+            self.modes = {KRONECKER_BLOCKS: {**KRONECKER_MODE, **given}, PRODUCTS: {**PRODUCTS_MODE, **given}}
+            try:
+                self.check_options(**self.modes[KRONECKER_BLOCKS], preconditioner=preconditioner, split=split)
+                if max_backtracks is None or line_search is False:
+                    raise ValueError("the Kronecker mode was measured with its loss checks and line search")
+            except ValueError:  # the options given exclude it (e.g. solver="cg", a preconditioner, split, PAPER)
+                del self.modes[KRONECKER_BLOCKS]
+        self.check_options(**self.modes[PRODUCTS if source == AUTO else source], preconditioner=preconditioner,
+                           split=split)
+        if not 0.0 <= min_alpha < 1.0:
+            raise ValueError(f"min_alpha={min_alpha!r} is out of range, need 0 <= min_alpha < 1")
+        if max_step is not None and not max_step > 0.0:
+            raise ValueError(f"max_step={max_step!r} must be None or positive")
+        if max_backtracks is not None and (not isinstance(max_backtracks, int) or max_backtracks < 0):
+            raise ValueError(f"max_backtracks={max_backtracks!r} must be None or an int >= 0")
+        self.curvature = curv
+        self.average_input_jacobian = average_input_jacobian
+        self.adaptive_damping = adaptive_damping
+        self.line_search_option = line_search
+        self.max_backtracks = max_backtracks
+        self.max_step = max_step
+        self.min_alpha = min_alpha
+        self.warm_start = warm_start
+        self.preconditioner = preconditioner
+        self.split = split
+        self.mode = None
+        self.use(next(iter(self.modes)))
+        self.names: dict[Tensor, str] = {}
+        self.last_stats = StepStats()
+        self.first_loss: float | None = None
+        self.warned = set()  # headlines already warned about
+        defaults = dict(lr=lr, alpha=alpha, cg_tol=cg_tol, cg_atol=cg_atol, cg_maxiter=cg_maxiter)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def check_options(source: str, curvature: str, average_parameter_jacobian: bool, solver: str,
+                      relative_damping: bool, curvature_every: int, preconditioner: str | None, split: int) -> None:
+        """Validate one way of solving (``source`` and the options it reads)."""
         check_choice("curvature", curvature, CURVATURES)
         check_choice("solver", solver, SOLVERS)
         check_choice("preconditioner", preconditioner, PRECONDITIONERS)
         if solver == "direct" and source != "blocks":
             raise ValueError('solver="direct" needs source="blocks": block products and full products have no solve()')
-        if relative_damping and solver != "direct":
-            raise ValueError('relative_damping=True needs solver="direct" (the scale is the block\'s trace)')
+        if relative_damping and (solver != "direct" or split != 1):
+            raise ValueError('relative_damping=True needs solver="direct" and split=1 (the scale is the block\'s trace)')
         if not isinstance(curvature_every, int) or curvature_every < 1:
             raise ValueError(f"curvature_every={curvature_every!r} must be a positive int (steps per curvature)")
         if curvature_every != 1 and solver != "direct":
@@ -212,37 +272,18 @@ class NewtonCG(torch.optim.Optimizer):
             raise ValueError(f'source="full" needs curvature "ggn" or "hessian", got {curvature!r}')
         if preconditioner is not None and (split != 1 or solver == "direct"):
             raise ValueError(f"preconditioner={preconditioner!r} needs solver=\"cg\" and split=1")
-        if not 0.0 <= min_alpha < 1.0:
-            raise ValueError(f"min_alpha={min_alpha!r} is out of range, need 0 <= min_alpha < 1")
-        if max_step is not None and not max_step > 0.0:
-            raise ValueError(f"max_step={max_step!r} must be None or positive")
-        if max_backtracks is not None and (not isinstance(max_backtracks, int) or max_backtracks < 0):
-            raise ValueError(f"max_backtracks={max_backtracks!r} must be None or an int >= 0")
-        self.curvature = curv
-        self.source = source
-        self.kind = curvature
-        self.average_input_jacobian = average_input_jacobian
-        self.average_parameter_jacobian = average_parameter_jacobian
-        self.solver = solver
-        self.adaptive_damping = adaptive_damping
-        self.line_search = line_search if source != "full" else False
-        self.max_backtracks = max_backtracks
-        self.max_step = max_step
-        self.min_alpha = min_alpha
-        self.warm_start = warm_start
-        self.preconditioner = preconditioner
-        self.split = split
-        self.relative_damping = relative_damping
-        self.curvature_every = curvature_every
-        self.fresh_roots = fresh_roots
+
+    def use(self, mode: str) -> None:
+        """Solve the next steps as ``self.modes[mode]`` says; a new mode forgets the kept blocks."""
+        if mode == self.mode:
+            return
+        options = self.modes[mode]
+        self.mode, self.source, self.kind, self.solver = mode, options["source"], options["curvature"], options["solver"]
+        self.average_parameter_jacobian = options["average_parameter_jacobian"]
+        self.relative_damping, self.curvature_every = options["relative_damping"], options["curvature_every"]
+        self.line_search = self.line_search_option if self.source != "full" else False  # CG minimises that model
         self.cached: dict | None = None
         self.steps_taken = 0
-        self.names: dict[Tensor, str] = {}
-        self.last_stats = StepStats()
-        self.first_loss: float | None = None
-        self.warned = set()  # headlines already warned about
-        defaults = dict(lr=lr, alpha=alpha, cg_tol=cg_tol, cg_atol=cg_atol, cg_maxiter=cg_maxiter)
-        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (as ``torch.optim.Optimizer``), validating it and naming its parameters."""
@@ -264,18 +305,16 @@ class NewtonCG(torch.optim.Optimizer):
         return self.curvature.block_products(self.kind, **split)
 
     def reused_source(self) -> dict:
-        """``curvature_source()``, with ``solver="direct"`` each block's eigendecomposition kept in an ``EigenBlock``
-        and formed every ``curvature_every`` steps; in between the steps cost products and rotations only, or, with
-        ``fresh_roots``, one HBP sweep for the blocks and the thin SVDs of their inputs' roots."""
-        refresh = self.cached is None or self.steps_taken % self.curvature_every == 0
-        self.steps_taken += 1
-        if not (refresh or self.fresh_roots):
+        """``curvature_source()``, formed every ``curvature_every`` steps (with ``solver="direct"`` each block's
+        eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
+        if self.cached is not None and self.steps_taken % self.curvature_every != 0:
+            self.steps_taken += 1
             return self.cached
         source = self.curvature_source()
         wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their own parts
-        stale, shared = ({} if refresh else self.cached), {}
-        self.cached = {n: EigenBlock(b, shared, stale.get(n)) if wrap and not hasattr(b, "parts") else b
-                       for n, b in source.items()}
+        shared = {}  # one eigendecomposition per distinct matrix
+        self.cached = {n: EigenBlock(b, shared) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
+        self.steps_taken += 1
         return self.cached
 
     def preconditioners(self, blocks: dict | None, alpha: float) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -315,23 +354,36 @@ class NewtonCG(torch.optim.Optimizer):
         active = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not self.healthy(stats.loss, active, stats) or not active:
             return loss
-        solve = self.full_steps if self.source == "full" else self.block_steps
-        steps, curvature_along = solve(active, stats)  # curvature_along(steps): Σ sᵀ B s of the undamped model
+        self.use(KRONECKER_BLOCKS if KRONECKER_BLOCKS in self.modes and (closure is not None or PRODUCTS not in self.modes)
+                 else next(reversed(self.modes)))
+        try:
+            solve = self.full_steps if self.source == "full" else self.block_steps
+            steps, curvature_along = solve(active, stats)  # curvature_along(steps): Σ sᵀ B s of the undamped model
+        except MemoryError:  # blocks() refused (its memory_limit): block products from now on
+            if self.mode != KRONECKER_BLOCKS or PRODUCTS not in self.modes:
+                raise
+            del self.modes[KRONECKER_BLOCKS]
+            self.use(PRODUCTS)
+            steps, curvature_along = self.block_steps(active, stats)
         if not all(is_finite(s) for _, s in steps):
             stats.skipped, stats.scale = "non-finite step", 0.0
             self.warn("a step was not finite")
             return loss
-        steps = self.capped(steps, stats)
-        quadratic = curvature_along(steps) if self.adaptive_damping or self.line_search is not False else 0.0
+        along = self.adaptive_damping or self.line_search is not False
+        quadratic = curvature_along(steps) if along else 0.0
         gs = sum(inner(p.grad, s).item() for p, s in steps)
-        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
         sGs = None
         if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
             alpha = active[0][0]["alpha"]
-            denominator = (1.0 - alpha) * sGs + alpha * sum(self.state[p].get("damping_scale", 1.0) * inner(s, s).item()
-                                                            for p, s in steps)
+            scales = [self.state[p].get("damping_scale", 1.0) if self.relative_damping else 1.0 for p, _ in steps]
+            denominator = (1.0 - alpha) * sGs + alpha * sum(c * inner(s, s).item() for c, (_, s) in zip(scales, steps))
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
+        if self.capped(steps, stats):  # the shortened steps' model (rare: one more product each)
+            quadratic = curvature_along(steps) if along else 0.0
+            gs = sum(inner(p.grad, s).item() for p, s in steps)
+            sGs = None if sGs is None else self.ggn_quadratic(steps)
+        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
         if closure is not None and (self.max_backtracks is not None or self.adaptive_damping):
@@ -346,24 +398,22 @@ class NewtonCG(torch.optim.Optimizer):
                 group["alpha"] = update_damping(group["alpha"], stats.rho, self.min_alpha)
         return loss
 
-    def capped(self, steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> list[tuple[Tensor, Tensor]]:
-        """Each ``s`` shortened to ``‖s‖ <= max_step · max(‖θ‖, 1)``; warns when that was needed."""
-        kept = []
-        for p, s in steps:
-            if self.max_step is None:
-                kept.append((p, s))
-                continue
+    def capped(self, steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> bool:
+        """Shorten each ``s`` in place in ``steps`` so that the move ``t s`` (``t = stats.scale``, the line search's)
+        has ``‖t s‖ <= max_step · max(‖θ‖, 1)``; warn and return ``True`` when that was needed."""
+        for i, (p, s) in enumerate(steps):
+            if self.max_step is None or stats.scale <= 0.0:
+                break
             bound = self.max_step * max(p.detach().norm().item(), 1.0)
-            norm = s.norm().item()
+            norm = stats.scale * s.norm().item()
             if norm > bound:
                 stats.capped.append(self.names[p])
-                s = s * (bound / norm)
-            kept.append((p, s))
+                steps[i] = (p, s * (bound / norm))
         if stats.capped:
             self.warn(f"the steps of {', '.join(stats.capped)} were over {self.max_step:g} times their parameters' "
                       "norms and were shortened", "or raise max_step if such steps are expected",
                       headline="NewtonCG shortened oversized steps (divergence, or a large lr on purpose)")
-        return kept
+        return bool(stats.capped)
 
     def check_loss(self, closure: Callable[[], Tensor], steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> None:
         """Evaluate ``L(θ + t s)``; shrink ``t`` while the loss rose (``max_backtracks``), else undo the step."""

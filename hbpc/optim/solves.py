@@ -77,12 +77,11 @@ class EigenBlock:
     own ``solve``. Products go to the block.
     """
 
-    def __init__(self, block, shared: dict | None = None, stale: "EigenBlock | None" = None):
+    def __init__(self, block, shared: dict | None = None):
         self.block, self.param_shape = block, tuple(block.param_shape)
         self.numel = math.prod(self.param_shape)
         self.kronecker_factors = block.kronecker_factors
         self.shared = {} if shared is None else shared
-        self.stale = stale if stale is not None and stale.param_shape == self.param_shape else None
         self.eigen = None
         self.solved: tuple[Tensor, float] | None = None  # (latest solve's answer, its outᵀ B out)
 
@@ -142,21 +141,13 @@ class EigenBlock:
                 self.eigen = self.factorize(block)
             except torch.linalg.LinAlgError:  # eigh did not converge: the block's own solve (or -g) instead
                 self.eigen = ()
-            self.stale = None  # keep no chain of old blocks alive
         return self.eigen or None
 
     def factorize(self, block) -> tuple:
-        """The eigenpairs of ``decomposition``; ``()`` for a block without factors or matrix.
-
-        With a ``stale`` EigenBlock (``curvature_every``) its eigenpairs are kept, except a thin root's ``R = U diag(s)
-        Vᵀ``, whose SVD (``O(b r²)``) is redone: the gradient's rows lie in the span of this batch's inputs, outside
-        the stale ``U``, where the solve would otherwise rotate by the dense factor a second time."""
-        stale = self.stale.decomposition() if self.stale is not None else None
+        """The eigenpairs of ``decomposition``; ``()`` for a block without factors or matrix."""
         if hasattr(block, "R"):
             U, s, _ = torch.linalg.svd(block.R, full_matrices=False)
-            return (*(stale[:2] if stale is not None and len(stale) == 4 else self.eigh(block.A)), s * s, U)
-        if stale is not None:
-            return stale
+            return (*self.eigh(block.A), s * s, U)
         if self.kronecker_factors is not None:
             return (*self.eigh(self.kronecker_factors[0]), *self.eigh(self.kronecker_factors[1]))
         if hasattr(block, "matrix"):
