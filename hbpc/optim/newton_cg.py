@@ -46,7 +46,8 @@ Safeguards (defaults on; ``PAPER`` turns them off):
   than ``max_step · max(‖θ‖, 1)`` in one step (an undamped solve on a nearly singular block otherwise
   moved a weight to 3e33).
 * divergence warning (``RuntimeWarning``, once): when the loss or a gradient is not finite, or the
-  loss exceeds ``DIVERGENCE`` times the first step's loss; a capped step gets its own warning (once).
+  loss exceeds ``DIVERGENCE`` times the first step's loss; a capped step gets its own warning (once), except
+  when a loss check follows the step (a closure and ``max_backtracks``), which catches a bad step anyway.
   Both name the settings to change.
 
 Speed (each measured in ``bench/newton_cg_speed.py``):
@@ -62,6 +63,17 @@ Speed (each measured in ``bench/newton_cg_speed.py``):
 * ``SubsampledCurvature(curvature, size)``: the gradient on the whole batch, curvature on ``size`` samples.
 * ``curvature_every=k`` (``solver="direct"``): blocks and their eigendecompositions (``EigenBlock``) are formed
   every ``k`` steps and reused in between with the new gradient (K-FAC's stale inverses, Martens & Grosse 2015).
+  One ``eigh`` per distinct matrix (a Linear layer's bias block is its weight's output factor), and the step's
+  curvature ``sᵀ B s`` for the damping's model comes from the solve's eigenbasis, not from another product. Profile
+  of a step of the FCNN (batch 128, 1 thread, before these two): 0.30 s against Adam's 0.034 s, of which rotations
+  0.15 s (the first layer's thin input factor is stale, so the gradient's part outside it costs two dense
+  ``1024 × 1024`` rotations), eigendecompositions 0.10 s (amortised), two forward-backward passes 0.05 s, the line
+  search's GGN product 0.03 s, the step's block products 0.03 s.
+
+Where things live: ``NewtonCG`` (this module) takes the step and its loss checks; ``hbpc.optim.presets`` holds the
+defaults and the presets ``PAPER`` and ``KRONECKER``; ``hbpc.optim.safeguards`` the damping rule and the finiteness and
+descent checks; ``hbpc.optim.solves`` the per-parameter solves and ``EigenBlock``; ``hbpc.optim.preconditioners`` the
+CG preconditioners; ``hbpc.optim.stats`` ``ParamStats`` and ``StepStats``.
 
 Relative damping (``relative_damping=True``, ``solver="direct"``): an absolute ``λ`` swamps the tiny curvature of
 the early layers of a sigmoid network (mean eigenvalue 5e-8 in the FCNN's first layer against 2e-2 in its last),
@@ -369,9 +381,10 @@ class NewtonCG(torch.optim.Optimizer):
             stats.skipped, stats.scale = "non-finite step", 0.0
             self.warn("a step was not finite")
             return loss
-        along = self.adaptive_damping or self.line_search is not False
-        quadratic = curvature_along(steps) if along else 0.0
+        self.capped(steps, stats, warn=closure is None or self.max_backtracks is None)
+        quadratic = curvature_along(steps) if self.adaptive_damping or self.line_search is not False else 0.0
         gs = sum(inner(p.grad, s).item() for p, s in steps)
+        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
         sGs = None
         if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
@@ -379,11 +392,6 @@ class NewtonCG(torch.optim.Optimizer):
             scales = [self.state[p].get("damping_scale", 1.0) if self.relative_damping else 1.0 for p, _ in steps]
             denominator = (1.0 - alpha) * sGs + alpha * sum(c * inner(s, s).item() for c, (_, s) in zip(scales, steps))
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
-        if self.capped(steps, stats):  # the shortened steps' model (rare: one more product each)
-            quadratic = curvature_along(steps) if along else 0.0
-            gs = sum(inner(p.grad, s).item() for p, s in steps)
-            sGs = None if sGs is None else self.ggn_quadratic(steps)
-        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
         if closure is not None and (self.max_backtracks is not None or self.adaptive_damping):
@@ -398,22 +406,23 @@ class NewtonCG(torch.optim.Optimizer):
                 group["alpha"] = update_damping(group["alpha"], stats.rho, self.min_alpha)
         return loss
 
-    def capped(self, steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> bool:
-        """Shorten each ``s`` in place in ``steps`` so that the move ``t s`` (``t = stats.scale``, the line search's)
-        has ``‖t s‖ <= max_step · max(‖θ‖, 1)``; warn and return ``True`` when that was needed."""
+    def capped(self, steps: list[tuple[Tensor, Tensor]], stats: StepStats, warn: bool) -> None:
+        """Shorten each ``s`` in ``steps`` (in place) to ``‖s‖ <= max_step · max(‖θ‖, 1)``, before the line search;
+        ``warn``: say so. With a loss check after the step (a closure, ``max_backtracks``) the cap is part of the
+        step-length control (early Kronecker steps of zero-initialised biases meet it on the FCNN) and is only
+        recorded in ``stats.capped``; a divergence still warns through the loss."""
         for i, (p, s) in enumerate(steps):
-            if self.max_step is None or stats.scale <= 0.0:
+            if self.max_step is None:
                 break
             bound = self.max_step * max(p.detach().norm().item(), 1.0)
-            norm = stats.scale * s.norm().item()
+            norm = s.norm().item()
             if norm > bound:
                 stats.capped.append(self.names[p])
                 steps[i] = (p, s * (bound / norm))
-        if stats.capped:
+        if stats.capped and warn:
             self.warn(f"the steps of {', '.join(stats.capped)} were over {self.max_step:g} times their parameters' "
                       "norms and were shortened", "or raise max_step if such steps are expected",
                       headline="NewtonCG shortened oversized steps (divergence, or a large lr on purpose)")
-        return bool(stats.capped)
 
     def check_loss(self, closure: Callable[[], Tensor], steps: list[tuple[Tensor, Tensor]], stats: StepStats) -> None:
         """Evaluate ``L(θ + t s)``; shrink ``t`` while the loss rose (``max_backtracks``), else undo the step."""
