@@ -93,6 +93,8 @@ def configs(problem: str) -> list[Config]:
     sweep += [Config("Adam", f"lr {lr:g}", "adam", dict(lr=lr)) for lr in (3e-4, 1e-3, 3e-3)]
     sweep += [Config("KFAC", f"lr {lr:g}", "kfac", dict(lr=lr)) for lr in (0.5, 1.0)]
     sweep += [Config("Newton-CG (defaults)", "NewtonCG(params, curv), step(closure)", "newton", {}, closure=True)]
+    sweep += [Config("Newton-CG (auto)", "source auto, lr 2, step(closure)", "newton", dict(source="auto", lr=2.0),
+                     closure=True)]
     sweep += [Config("Newton-CG (tuned)", f"{describe(options)}", "newton", options, closure=True)
               for options in NEWTON_TUNED[problem]]
     return sweep

@@ -34,7 +34,7 @@ from hbpc.optim import KRONECKER, PAPER, NewtonCG
 MODEL_FILE = Path(__file__).parent / "models" / "fcnn_fashion_mnist.py"
 NEWTON = dict(PAPER, lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50, curvature="pch-abs",
               average_input_jacobian=True, average_parameter_jacobian=True)
-PRESETS = {"defaults": {}, "kronecker": KRONECKER, "paper": NEWTON}
+PRESETS = {"defaults": dict(source="auto", lr=2.0), "kronecker": KRONECKER, "paper": NEWTON}
 SGD_LR, SGD_MOMENTUM = 0.1, 0.9
 
 
@@ -44,8 +44,8 @@ def arguments(argv):
     p.set_defaults(eval_every=40, target=0.5)
     p.add_argument("--compiled", type=Path,
                    help="an already generated module of fcnn_fashion_mnist.py (default: compile it into --out)")
-    p.add_argument("--newton", choices=tuple(PRESETS), default="defaults",
-                   help="defaults: NewtonCG(params, curvature) with step(closure); kronecker: hbpc.optim.KRONECKER "
+    p.add_argument("--newton", choices=tuple(PRESETS), default="kronecker",
+                   help="defaults: NewtonCG(params, curvature, source='auto', lr=2) with step(closure); kronecker: hbpc.optim.KRONECKER "
                         "(relative damping, eigendecompositions reused for 5 steps, step(closure)); paper: the paper's "
                         "CG update (default: %(default)s)")
     p.add_argument("--solver", choices=("cg", "direct"), default="cg",

@@ -110,7 +110,7 @@ def test_auto_solves_with_kronecker_blocks_given_a_closure_and_with_block_produc
     _, generated = compiled
     model = sigmoid_mlp()
     curv = generated.Curvature(model)
-    opt = NewtonCG(model.parameters(), curv)
+    opt = NewtonCG(model.parameters(), curv, source="auto", lr=2.0)
     x, y = batch(16)
     opt.zero_grad()
     opt.step(lambda: curv.forward_backward(x, y))
@@ -126,7 +126,7 @@ def test_auto_falls_back_to_block_products_for_good_when_blocks_refuse(compiled)
     model = sigmoid_mlp()
     curv = generated.Curvature(model)
     curv.memory_limit = 1  # blocks() raises MemoryError
-    opt = NewtonCG(model.parameters(), curv)
+    opt = NewtonCG(model.parameters(), curv, source="auto")
     x, y = batch(16)
     first = float(curv.forward_backward(x, y))
     for _ in range(5):
@@ -140,13 +140,13 @@ def test_auto_falls_back_to_block_products_for_good_when_blocks_refuse(compiled)
                                     dict(max_backtracks=None), dict(line_search=False)])
 def test_options_the_kronecker_mode_cannot_use_leave_block_products(compiled, kwargs):
     model, generated = compiled
-    opt = NewtonCG(model.parameters(), generated.Curvature(model), **kwargs)
+    opt = NewtonCG(model.parameters(), generated.Curvature(model), source="auto", **kwargs)
     assert list(opt.modes) == ["block products"] and opt.source == "block_products"
 
 
 def test_explicit_options_apply_to_both_modes(compiled):
     model, generated = compiled
-    opt = NewtonCG(model.parameters(), generated.Curvature(model), curvature="ggn", curvature_every=1)
+    opt = NewtonCG(model.parameters(), generated.Curvature(model), source="auto", curvature="ggn", curvature_every=1)
     assert [mode["curvature"] for mode in opt.modes.values()] == ["ggn", "ggn"]
     assert opt.modes["kronecker"]["curvature_every"] == 1 and opt.modes["kronecker"]["solver"] == "direct"
 

@@ -1,7 +1,7 @@
 """Hyper-parameter sets of ``NewtonCG``: its defaults, the paper's update (``PAPER``) and Kronecker blocks with
 kept eigendecompositions (``KRONECKER``). Why each default: ``NewtonCG``'s docstring."""
 
-DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 2.0, 0.1, 10
+DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 10
 DEFAULT_WARM_START, DEFAULT_PRECONDITIONER = False, None
 DEFAULT_MIN_ALPHA = 0.1
 AUTO = "auto"  # the default source: KRONECKER_MODE where it can run, else PRODUCTS_MODE
