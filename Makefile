@@ -27,7 +27,7 @@ fashion-mnist:
 	@test -d $(FASHION) || echo "note: Fashion-MNIST not found in $(FASHION); get it with" \
 	  "'sudo apt-get install dataset-fashion-mnist' (the demo now uses scikit-learn's digits instead)"
 
-# Tutorial 2 (sigmoid FCNN, HBP Newton-CG (KRONECKER preset) vs SGD and Adam, 300 steps of batch 500; a few minutes on 2 cores):
+# Tutorial 2 (sigmoid FCNN, HBP Newton-CG (its defaults, step(closure)) vs SGD and Adam, 300 steps of batch 500; a few minutes on 2 cores):
 # out/demo/curves.png (loss and accuracy against steps and seconds), curves.csv and a summary table.
 demo: install fashion-mnist
 	mkdir -p out/demo

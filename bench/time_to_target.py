@@ -18,8 +18,13 @@ evaluation with accuracy >= the problem's target.
 
 A run stops at the target, at ``budget`` seconds of training time, after ``max_steps`` steps, on
 a non-finite loss, or once it has spent ``PRUNE`` times the best time to target of the problem
-(it cannot come closer than that factor). The table reports, per method, the best configuration of
-its learning-rate sweep and its ratio to Adam's best time.
+(it cannot come closer than that factor).
+
+Batch orders: the whole sweep runs once per seed of ``Problem.seeds`` (the FCNN three, whose
+plateau makes single runs vary; the CNN one). A configuration's time to target is the median
+over the seeds (not reached in a seed counts as infinitely slow). The table reports, per method,
+the configuration of its sweep with the best median, its median's ratio to the median of Adam's
+best configuration, and the times per seed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import copy
 import importlib.util
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +63,7 @@ class Problem:
     budget: float  # seconds of training time per run
     max_steps: int
     why: str
+    seeds: tuple[int, ...] = (0,)  # batch orders; the table reports medians over them
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,8 @@ class Config:
 PROBLEMS = {
     "fcnn": Problem("fcnn", "sigmoid FCNN (HBP paper, 784-1024-512-256-128-64-32-16-10)",
                     ROOT / "examples" / "models" / "fcnn_fashion_mnist.py", 128, 0.60, 45.0, 3000,
-                    "a sigmoid plateau at chance (loss ln 10): SGD stays on it, Adam leaves it after a few hundred steps"),
+                    "a sigmoid plateau at chance (loss ln 10): SGD stays on it, Adam leaves it after a few hundred steps",
+                    seeds=(0, 1, 2)),
     "cnn": Problem("cnn", "ReLU c4d3 (4 conv, 3 linear, 853k parameters)",
                    ROOT / "bench" / "models" / "c4d3_relu_fashion_mnist.py", 128, 0.80, 45.0, 3000,
                    "an ordinary ReLU CNN: no plateau, Adam's home ground"),
@@ -85,6 +93,8 @@ def configs(problem: str) -> list[Config]:
     sweep += [Config("Adam", f"lr {lr:g}", "adam", dict(lr=lr)) for lr in (3e-4, 1e-3, 3e-3)]
     sweep += [Config("KFAC", f"lr {lr:g}", "kfac", dict(lr=lr)) for lr in (0.5, 1.0)]  # defaults otherwise
     sweep += [Config("Newton-CG (defaults)", "NewtonCG(params, curv), step(closure)", "newton", {}, closure=True)]
+    sweep += [Config("Newton-CG (auto)", "source auto, lr 2, step(closure)", "newton", dict(source="auto", lr=2.0),
+                     closure=True)]
     sweep += [Config("Newton-CG (tuned)", f"{describe(options)}", "newton", options, closure=True)
               for options in NEWTON_TUNED[problem]]
     return sweep
@@ -236,43 +246,57 @@ def run_problem(problem: Problem, data, test_count: int, budget_scale: float, se
     return runs
 
 
-def best_per_method(runs: list[Run]) -> dict[str, Run]:
-    """Per method, the run that reached the target fastest (else the one with the highest accuracy)."""
-    best: dict[str, Run] = {}
-    for run in runs:
-        key = (run.reached is None, run.reached[0] if run.reached else -run.accuracy)
-        current = best.get(run.config.method)
-        if current is None or key < (current.reached is None,
-                                     current.reached[0] if current.reached else -current.accuracy):
-            best[run.config.method] = run
-    return best
+def median_time(runs: list[Run]) -> float:
+    """Median time to target over the seeds' runs of one configuration (``inf`` for a run that missed)."""
+    return statistics.median(run.reached[0] if run.reached else math.inf for run in runs)
 
 
-def table(problem: Problem, runs: list[Run], budget_scale: float = 1.0) -> list[str]:
-    """Markdown: the best configuration per method with its time, steps and ratio to Adam, then every run."""
-    best = best_per_method(runs)
-    adam = best.get("Adam")
-    adam_time = adam.reached[0] if adam is not None and adam.reached else None
+def by_config(runs_by_seed: dict[int, list[Run]]) -> list[list[Run]]:
+    """The runs of each configuration, one per seed, in sweep order."""
+    return [list(runs) for runs in zip(*runs_by_seed.values())]
+
+
+def best_per_method(runs_by_seed: dict[int, list[Run]]) -> dict[str, list[Run]]:
+    """Per method, the configuration with the best median time (else the best mean last accuracy)."""
+    best: dict[str, tuple[tuple, list[Run]]] = {}
+    for runs in by_config(runs_by_seed):
+        key = (median_time(runs), -statistics.mean(r.accuracy for r in runs))
+        method = runs[0].config.method
+        if method not in best or key < best[method][0]:
+            best[method] = (key, runs)
+    return {method: runs for method, (_, runs) in best.items()}
+
+
+def table(problem: Problem, runs_by_seed: dict[int, list[Run]], budget_scale: float = 1.0) -> list[str]:
+    """Markdown: per method the best configuration's median time, steps and ratio to Adam, then every run."""
+    best = best_per_method(runs_by_seed)
+    adam = median_time(best["Adam"]) if "Adam" in best else math.inf
+    seeds = ", ".join(str(seed) for seed in runs_by_seed)
     lines = [f"### {problem.title}", "",
              f"Target: test accuracy {problem.target:.2f}; batch {problem.batch_size}; budget "
-             f"{problem.budget * budget_scale:g} s of training time per run. Why this problem: {problem.why}.", "",
-             "| method | best configuration | time to target (s) | steps | ratio to Adam | s/step |",
-             "|---|---|---|---|---|---|"]
-    for method, run in best.items():
-        per_step = run.seconds / max(run.steps, 1)
-        if run.reached:
-            seconds, steps = run.reached
-            time_cell, steps_cell = f"{seconds:.1f}", f"{steps}"
-            ratio = f"{seconds / adam_time:.2f}x" if adam_time else "n/a"
+             f"{problem.budget * budget_scale:g} s of training time per run; batch-order seeds {seeds} (median). "
+             f"Why this problem: {problem.why}.", "",
+             "| method | best configuration | median time to target (s) | median steps | ratio to Adam | "
+             "time per seed (s) | s/step |", "|---|---|---|---|---|---|---|"]
+    for method, runs in best.items():
+        seconds = median_time(runs)
+        per_step = sum(r.seconds for r in runs) / max(sum(r.steps for r in runs), 1)
+        per_seed = " / ".join(f"{r.reached[0]:.1f}" if r.reached else f"> {r.seconds:.0f}" for r in runs)
+        if math.isfinite(seconds):
+            steps = statistics.median(r.reached[1] if r.reached else math.inf for r in runs)
+            cells = f"{seconds:.1f} | {steps:g}"
+            ratio = f"{seconds / adam:.2f}x" if math.isfinite(adam) else "n/a"
         else:
-            time_cell = f"not reached ({run.stopped} at {run.seconds:.0f} s, accuracy {run.accuracy:.3f})"
-            steps_cell = f"> {run.steps}"
-            ratio = f"> {run.seconds / adam_time:.2f}x" if adam_time and not run.error else "n/a"
-        lines.append(f"| {method} | {run.config.label} | {time_cell} | {steps_cell} | {ratio} | {per_step:.3f} |")
+            last = runs[len(runs) // 2]
+            cells = f"not reached ({last.stopped}, accuracy {last.accuracy:.3f}) | > {last.steps}"
+            ratio = "n/a" if any(r.error for r in runs) or not math.isfinite(adam) else \
+                f"> {statistics.median(r.seconds for r in runs) / adam:.2f}x"
+        lines.append(f"| {method} | {runs[0].config.label} | {cells} | {ratio} | {per_seed} | {per_step:.3f} |")
     lines += ["", "<details><summary>every run of the sweep</summary>", "",
-              "| method | configuration | stopped | training s | steps | last test accuracy |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.config.method} | {r.config.label} | {r.stopped} | {r.seconds:.1f} | {r.steps} | {r.accuracy:.3f} |"
-              for r in runs]
+              "| method | configuration | seed | stopped | training s | steps | last test accuracy |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.config.method} | {r.config.label} | {seed} | {r.stopped} | {r.seconds:.1f} | {r.steps} | "
+              f"{r.accuracy:.3f} |" for seed, runs in runs_by_seed.items() for r in runs]
     return lines + ["", "</details>", ""]
 
 
@@ -283,8 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every per-run budget")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write (default: %(default)s)")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated table rows to run (e.g. Adam,KFAC; default: all)")
+    parser.add_argument("--methods", default=None, help="comma-separated table rows to run (default: all)")
+    parser.add_argument("--seeds", default=None, help="comma-separated batch-order seeds (default: each problem's)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST's directory (default: hbpc's search)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -292,16 +317,18 @@ def main(argv=None) -> int:
     from hbpc.experiments.setup import load_data
 
     try:
-        data = load_data("fashion-mnist")
+        data = load_data("fashion-mnist", args.data_dir)
     except DatasetMissing as error:
         print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
         return 1
     started = time.perf_counter()
     sections: list[str] = []
     for key in args.problems.split(","):
-        sweep = [c for c in configs(key) if args.methods is None or c.method in args.methods.split(",")]
-        sections += table(PROBLEMS[key], run_problem(PROBLEMS[key], data, args.test, args.budget_scale, sweep=sweep),
-                          args.budget_scale)
+        problem = PROBLEMS[key]
+        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else problem.seeds
+        sweep = [config for config in configs(key) if not args.methods or config.method in args.methods.split(",")]
+        runs = {seed: run_problem(problem, data, args.test, args.budget_scale, seed, sweep) for seed in seeds}
+        sections += table(problem, runs, args.budget_scale)
         text = "\n".join(header(args.test, time.perf_counter() - started) + sections)
         args.out.write_text(text + "\n")  # after every problem, so that an interrupted run keeps what it measured
     print(text)

@@ -9,8 +9,9 @@ input (``average_input_jacobian``: ``S_x = E[J]ᵀ S_y E[J]`` plus the sigmoid r
 Linear layer its Kronecker block ``B_W = S_y ⊗ x̄ x̄ᵀ`` (``average_parameter_jacobian``). ``pch-abs`` takes
 the absolute value of the residuals, which keeps every block positive semi-definite. Newton-CG then uses the
 paper's update and hyper-parameters with ``--newton paper`` (``PAPER``: lr 0.1, α 0.02, CG tol 0.1, maxiter 50,
-batch 500), or by default the preset ``hbpc.optim.KRONECKER`` (per-sample parameter Jacobians, damping relative
-to each block's scale, eigendecompositions reused for 5 steps; see ``bench/time_to_target.py``); the
+batch 500), the preset ``hbpc.optim.KRONECKER`` with ``--newton kronecker``, or by default ``NewtonCG``'s defaults
+(``NewtonCG(params, curvature)``, ``step(closure)``: its Kronecker mode, per-sample parameter Jacobians, damping
+relative to each block's scale, eigendecompositions reused for 5 steps; see ``bench/time_to_target.py``); the
 baselines are SGD with the paper's lr 0.1 and momentum 0.9, and Adam (lr 1e-3), on the same batches.
 
 The protocol (``make demo``): 300 steps of batch 500 (2.5 epochs), evaluation on the whole test set
@@ -33,7 +34,7 @@ from hbpc.optim import KRONECKER, PAPER, NewtonCG
 MODEL_FILE = Path(__file__).parent / "models" / "fcnn_fashion_mnist.py"
 NEWTON = dict(PAPER, lr=0.1, alpha=0.02, cg_tol=0.1, cg_atol=0.0, cg_maxiter=50, curvature="pch-abs",
               average_input_jacobian=True, average_parameter_jacobian=True)
-PRESETS = {"kronecker": KRONECKER, "paper": NEWTON}
+PRESETS = {"defaults": dict(source="auto", lr=2.0), "kronecker": KRONECKER, "paper": NEWTON}
 SGD_LR, SGD_MOMENTUM = 0.1, 0.9
 
 
@@ -44,8 +45,9 @@ def arguments(argv):
     p.add_argument("--compiled", type=Path,
                    help="an already generated module of fcnn_fashion_mnist.py (default: compile it into --out)")
     p.add_argument("--newton", choices=tuple(PRESETS), default="kronecker",
-                   help="kronecker: hbpc.optim.KRONECKER (relative damping, eigendecompositions reused for 5 steps, "
-                        "step(closure)); paper: the paper's CG update (default: %(default)s)")
+                   help="defaults: NewtonCG(params, curvature, source='auto', lr=2) with step(closure); kronecker: hbpc.optim.KRONECKER "
+                        "(relative damping, eigendecompositions reused for 5 steps, step(closure)); paper: the paper's "
+                        "CG update (default: %(default)s)")
     p.add_argument("--solver", choices=("cg", "direct"), default="cg",
                    help="with --newton paper: cg, the paper's CG on each block; direct: Kronecker eigendecompositions")
     return p.parse_args(argv)
@@ -75,9 +77,10 @@ def main(argv=None) -> None:
     curv_fcnn = curvature_module(spec, args)
     runs = _common.baselines(spec.model, spec.loss_fn, SGD_LR, SGD_MOMENTUM)  # copies of the initial weights
     curvature = curv_fcnn.Curvature(spec.model)
-    if args.newton == "kronecker":
-        optimizer = NewtonCG(spec.model.parameters(), curvature, **KRONECKER)
-        newton = _common.Run("Newton-CG (HBP, KRONECKER preset)", spec.model, closure_update(curvature, optimizer))
+    if args.newton != "paper":
+        optimizer = NewtonCG(spec.model.parameters(), curvature, **PRESETS[args.newton])
+        label = "defaults" if args.newton == "defaults" else "KRONECKER preset"
+        newton = _common.Run(f"Newton-CG (HBP, {label})", spec.model, closure_update(curvature, optimizer))
     else:
         optimizer = NewtonCG(spec.model.parameters(), curvature, solver=args.solver, **NEWTON)
         newton = _common.Run(f"Newton-CG (HBP, PCH-abs, {args.solver})", spec.model,

@@ -425,7 +425,7 @@ def test_adaptive_damping_without_closure_follows_the_full_ggn_model():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(source="hessian"), "source='hessian' is not one of 'blocks', 'block_products', 'full'"),
+    [(dict(source="hessian"), "source='hessian' is not one of 'auto', 'blocks', 'block_products', 'full'"),
      (dict(curvature="gn"), "curvature='gn' is not one of 'hessian', 'ggn', 'pch-abs', 'pch-clip'"),
      (dict(preconditioner="ilu"), "preconditioner='ilu' is not one of None, 'diagonal', 'kronecker'"),
      (dict(preconditioner="diagonal", split=2), 'preconditioner=\'diagonal\' needs solver="cg" and split=1'),

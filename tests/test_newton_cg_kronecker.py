@@ -101,3 +101,76 @@ def test_time_to_target_resolves_presets():
 
     assert newton_options(dict(preset="KRONECKER", lr=4.0)) == {**KRONECKER, "lr": 4.0}
     assert newton_options(dict(lr=0.5)) == dict(lr=0.5)
+
+
+# ---- the default source="auto" ------------------------------------------------------------------
+
+
+def test_auto_solves_with_kronecker_blocks_given_a_closure_and_with_block_products_without(compiled):
+    _, generated = compiled
+    model = sigmoid_mlp()
+    curv = generated.Curvature(model)
+    opt = NewtonCG(model.parameters(), curv, source="auto", lr=2.0)
+    x, y = batch(16)
+    opt.zero_grad()
+    opt.step(lambda: curv.forward_backward(x, y))
+    assert opt.mode == "kronecker" and {s.reason for s in opt.last_stats.params.values()} == {"direct"}
+    opt.zero_grad()
+    curv.forward_backward(x, y)
+    opt.step()
+    assert opt.mode == "block products" and all(s.cg_iterations > 0 for s in opt.last_stats.params.values())
+
+
+def test_auto_falls_back_to_block_products_for_good_when_blocks_refuse(compiled):
+    _, generated = compiled
+    model = sigmoid_mlp()
+    curv = generated.Curvature(model)
+    curv.memory_limit = 1  # blocks() raises MemoryError
+    opt = NewtonCG(model.parameters(), curv, source="auto")
+    x, y = batch(16)
+    first = float(curv.forward_backward(x, y))
+    for _ in range(5):
+        opt.zero_grad()
+        opt.step(lambda: curv.forward_backward(x, y))
+        assert opt.mode == "block products" and list(opt.modes) == ["block products"]
+    assert float(curv.forward_backward(x, y)) < first
+
+
+@pytest.mark.parametrize("kwargs", [dict(solver="cg"), dict(preconditioner="diagonal"), dict(split=2),
+                                    dict(max_backtracks=None), dict(line_search=False)])
+def test_options_the_kronecker_mode_cannot_use_leave_block_products(compiled, kwargs):
+    model, generated = compiled
+    opt = NewtonCG(model.parameters(), generated.Curvature(model), source="auto", **kwargs)
+    assert list(opt.modes) == ["block products"] and opt.source == "block_products"
+
+
+def test_explicit_options_apply_to_both_modes(compiled):
+    model, generated = compiled
+    opt = NewtonCG(model.parameters(), generated.Curvature(model), source="auto", curvature="ggn", curvature_every=1)
+    assert [mode["curvature"] for mode in opt.modes.values()] == ["ggn", "ggn"]
+    assert opt.modes["kronecker"]["curvature_every"] == 1 and opt.modes["kronecker"]["solver"] == "direct"
+
+
+def test_eigen_block_reads_the_step_curvature_from_its_solve_and_shares_eigendecompositions(compiled):
+    """``quadratic`` along a multiple of the latest answer equals ``vᵀ B v`` by a product; a bias block (the weight's
+    output factor) costs no second eigendecomposition."""
+    model, generated = compiled
+    curv = generated.Curvature(model)
+    curv.forward_backward(*batch(8))
+    generator = torch.Generator().manual_seed(4)
+    shared = {}
+    blocks = {name: EigenBlock(block, shared) for name, block in curv.blocks("pch-abs", True, False).items()}
+    for name, eigen in blocks.items():
+        rhs = torch.randn(eigen.param_shape, generator=generator, dtype=DTYPE)
+        for solve in (eigen.solve, eigen.solve_relative):
+            v = -2.5 * solve(rhs, 0.1)
+            assert eigen.quadratic(v) == pytest.approx(torch.dot(v.reshape(-1), (eigen.block @ v).reshape(-1)).item(),
+                                                       rel=1e-8), name
+        other = torch.randn(eigen.param_shape, generator=generator, dtype=DTYPE)  # not parallel: a product
+        assert eigen.quadratic(other) == pytest.approx(torch.dot(other.reshape(-1), (eigen.block @ other).reshape(-1))
+                                                       .item(), rel=1e-10)
+    factors = 2 * sum(block.kronecker_factors is not None and not hasattr(block.block, "R") for block in blocks.values())
+    grams = sum(hasattr(block.block, "R") for block in blocks.values())
+    dense = sum(block.kronecker_factors is None for block in blocks.values())
+    assert len(shared) < factors + grams + dense  # every bias's matrix is its weight's A: decomposed once
+    assert len(shared) == factors + grams

@@ -43,15 +43,18 @@ def test_interleaved_runs_reach_or_miss_the_target_and_fill_the_table(tmp_path, 
     assert [r.stopped for r in runs if r.config.optimizer == "adam"] == ["target"]
     assert all(r.stopped in ("target", "max steps") or r.stopped.startswith("over") for r in runs)
     assert all((r.reached is None) == (r.stopped != "target") for r in runs)
-    lines = ttt.table(reachable, runs)
+    again = ttt.run_problem(reachable, data, 128, 1.0, seed=1, sweep=sweep, progress=False)
+    lines = ttt.table(reachable, {0: runs, 1: again})
     rows = [line for line in lines if line.startswith("| Adam |")]
     assert rows[0].split("|")[5].strip() == "1.00x"
-    assert len([line for line in lines if line.startswith("| ")]) == 2 + 2 * len(sweep)
+    assert len([line for line in lines if line.startswith("| ")]) == 2 + 3 * len(sweep)
+    adam = [r for r in runs + again if r.config.optimizer == "adam"]
+    assert rows[0].split("|")[3].strip() == f"{sorted(r.reached[0] for r in adam)[0] / 2 + sorted(r.reached[0] for r in adam)[1] / 2:.1f}"
 
     unreachable = ttt.Problem("tiny", "tiny MLP", path, 32, 1.01, budget=60.0, max_steps=3, why="smoke test")
     runs = ttt.run_problem(unreachable, data, 128, 1.0, sweep=sweep[:2], progress=False)
     assert [(r.stopped, r.steps) for r in runs] == [("max steps", 3)] * 2
-    assert "not reached (max steps" in "\n".join(ttt.table(unreachable, runs))
+    assert "not reached (max steps" in "\n".join(ttt.table(unreachable, {0: runs}))
 
 
 def test_every_run_of_a_problem_sees_the_same_batches():
