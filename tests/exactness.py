@@ -1,14 +1,18 @@
 """One float64 exactness check of a compiled module against autograd: loss, gradient, products, a block;
 and the evaluation scope of a loss rule's emitted code.
 
-Used by the rule tests, the user-rule tests and the user-rule fuzzer. References come from torch.autograd / torch.func only.
+Used by the rule tests, the user-rule tests and the user-rule fuzzer; ``assert_dense_exact`` (every product and
+block against dense autograd matrices, for small models) by the op tests. References come from torch.autograd /
+torch.func only.
 """
 import torch
 from torch.func import functional_call, jvp, vjp
 
+import hbpc
 from hbpc.derive import derive
 
 from reference import ggn_block, hessian_block
+from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
 ATOL, RTOL = 1e-9, 1e-7
 
@@ -80,3 +84,37 @@ def loss_scope(rule, z, t, v) -> tuple[dict, dict]:
         target, expr = line.split(" = ", 1)
         scope[target] = eval(expr, scope)
     return code, scope
+
+
+def _blocks_of(matrix, model):
+    return {name: matrix[where, where] for name, where in parameter_slices(model).items()}
+
+
+def assert_dense_exact(model, x, t, loss_fn):
+    """Loss, gradient, full Hessian and GGN products, exact block products, and the blocks at N = 1."""
+    curvature = hbpc.compile_model(model, x[:2], loss_fn).Curvature(model)  # compiled for N = 2, run at N = 3
+    loss = curvature.forward_backward(x, t)
+    expected = loss_fn(model(x), t)
+    grads = torch.autograd.grad(expected, list(model.parameters()))
+    assert torch.allclose(loss, expected, atol=1e-12)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-12)
+
+    H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
+    vs = [torch.randn(*p.shape, dtype=torch.float64) for p in model.parameters()]
+    flat = torch.cat([v.flatten() for v in vs])
+    for product, truth in ((curvature.hessian_vector_product, H), (curvature.ggn_vector_product, G)):
+        assert torch.allclose(torch.cat([o.flatten() for o in product(vs)]), truth @ flat, atol=1e-10)
+    for name_, truth in (("hessian", H), ("ggn", G)):
+        products, exact = curvature.block_products(name_), _blocks_of(truth, model)
+        for name, p in model.named_parameters():
+            basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
+            dense = products[name](basis).reshape(p.numel(), p.numel())
+            assert torch.allclose(dense, exact[name], atol=1e-10), (name_, name)
+
+    curvature.forward_backward(x[:1], t[:1])
+    for name_, truth in (("hessian", _true_hessian), ("ggn", _true_ggn)):
+        exact = _blocks_of(truth(model, loss_fn, x[:1], t[:1]), model)
+        blocks = curvature.blocks(name_, False, False)
+        for name, _ in model.named_parameters():
+            assert torch.allclose(blocks[name].to_dense(), exact[name], atol=1e-10), (name_, name)

@@ -6,7 +6,7 @@ from torch import nn
 
 import hbpc
 from reference import hbp_blocks, recursion_blocks
-from test_full_products import _true_ggn, _true_hessian, parameter_slices
+from exactness import assert_dense_exact
 
 
 class Functional1d(nn.Module):
@@ -127,39 +127,10 @@ def _setup(key, loss_key, N):
     return model, x, t, loss_fn
 
 
-def _blocks_of(matrix, model):
-    return {name: matrix[where, where] for name, where in parameter_slices(model).items()}
-
-
 @pytest.mark.parametrize("loss_key", list(LOSSES))
 @pytest.mark.parametrize("key", list(MODELS))
 def test_ops_are_exact(key, loss_key):
-    model, x, t, loss_fn = _setup(key, loss_key, 3)
-    curvature = hbpc.compile_model(model, x, loss_fn).Curvature(model)
-    loss = curvature.forward_backward(x, t)
-    expected = loss_fn(model(x), t)
-    grads = torch.autograd.grad(expected, list(model.parameters()))
-    assert torch.allclose(loss, expected, atol=1e-12)
-    for p, g in zip(model.parameters(), grads):
-        assert torch.allclose(p.grad, g, atol=1e-12)
-
-    H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
-    vs = [torch.randn(*p.shape, dtype=torch.float64) for p in model.parameters()]
-    flat = torch.cat([v.flatten() for v in vs])
-    for product, truth in ((curvature.hessian_vector_product, H), (curvature.ggn_vector_product, G)):
-        assert torch.allclose(torch.cat([o.flatten() for o in product(vs)]), truth @ flat, atol=1e-10)
-    for name_, truth in (("hessian", H), ("ggn", G)):
-        products, exact = curvature.block_products(name_), _blocks_of(truth, model)
-        for name, p in model.named_parameters():
-            basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
-            dense = products[name](basis).reshape(p.numel(), p.numel())
-            assert torch.allclose(dense, exact[name], atol=1e-10), (name_, name)
-
-    curvature.forward_backward(x[:1], t[:1])
-    H1 = _blocks_of(_true_hessian(model, loss_fn, x[:1], t[:1]), model)
-    blocks = curvature.blocks("hessian", False, False)
-    for name, _ in model.named_parameters():
-        assert torch.allclose(blocks[name].to_dense(), H1[name], atol=1e-10), name
+    assert_dense_exact(*_setup(key, loss_key, 3))
 
 
 @pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True), (False, False)])

@@ -10,8 +10,8 @@ from torch import nn
 import hbpc
 from hbpc.export import load_model_file
 from hbpc.export.chains import adaptive_windows, avg_pool_windows
+from exactness import assert_dense_exact
 from reference import hbp_blocks, recursion_blocks
-from test_full_products import _true_ggn, _true_hessian, parameter_slices
 
 
 class ShapeOps(nn.Module):
@@ -97,51 +97,17 @@ def _setup(key, loss_key, N):
     return model, x, t, LOSSES[loss_key]
 
 
-def _blocks_of(matrix, model):
-    return {name: matrix[where, where] for name, where in parameter_slices(model).items()}
-
-
 @pytest.mark.parametrize("loss_key", list(LOSSES))
 @pytest.mark.parametrize("key", list(MODELS))
 def test_ops_are_exact(key, loss_key):
-    _assert_exact(*_setup(key, loss_key, 3))
+    assert_dense_exact(*_setup(key, loss_key, 3))
 
 
 def test_example_cnn1d_with_uneven_adaptive_pooling_is_exact():
     spec = load_model_file(Path(__file__).parents[1] / "examples" / "models" / "cnn1d_fashion_mnist.py")
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3, *spec.example_input.shape[1:], generator=generator, dtype=torch.float64)
-    _assert_exact(spec.model.double(), x, torch.randint(10, (3,), generator=generator), spec.loss_fn)
-
-
-def _assert_exact(model, x, t, loss_fn):
-    """Loss, gradient, full Hessian and GGN products, exact block products, and the blocks at N = 1."""
-    curvature = hbpc.compile_model(model, x[:2], loss_fn).Curvature(model)  # compiled for N = 2, run at N = 3
-    loss = curvature.forward_backward(x, t)
-    expected = loss_fn(model(x), t)
-    grads = torch.autograd.grad(expected, list(model.parameters()))
-    assert torch.allclose(loss, expected, atol=1e-12)
-    for p, g in zip(model.parameters(), grads):
-        assert torch.allclose(p.grad, g, atol=1e-12)
-
-    H, G = _true_hessian(model, loss_fn, x, t), _true_ggn(model, loss_fn, x, t)
-    vs = [torch.randn(*p.shape, dtype=torch.float64) for p in model.parameters()]
-    flat = torch.cat([v.flatten() for v in vs])
-    for product, truth in ((curvature.hessian_vector_product, H), (curvature.ggn_vector_product, G)):
-        assert torch.allclose(torch.cat([o.flatten() for o in product(vs)]), truth @ flat, atol=1e-10)
-    for name_, truth in (("hessian", H), ("ggn", G)):
-        products, exact = curvature.block_products(name_), _blocks_of(truth, model)
-        for name, p in model.named_parameters():
-            basis = torch.eye(p.numel(), dtype=p.dtype).reshape(-1, *p.shape)
-            dense = products[name](basis).reshape(p.numel(), p.numel())
-            assert torch.allclose(dense, exact[name], atol=1e-10), (name_, name)
-
-    curvature.forward_backward(x[:1], t[:1])
-    for name_, truth in (("hessian", _true_hessian), ("ggn", _true_ggn)):
-        exact = _blocks_of(truth(model, loss_fn, x[:1], t[:1]), model)
-        blocks = curvature.blocks(name_, False, False)
-        for name, _ in model.named_parameters():
-            assert torch.allclose(blocks[name].to_dense(), exact[name], atol=1e-10), (name_, name)
+    assert_dense_exact(spec.model.double(), x, torch.randint(10, (3,), generator=generator), spec.loss_fn)
 
 
 @pytest.mark.parametrize("options", [dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),
