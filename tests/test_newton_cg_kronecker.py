@@ -7,7 +7,7 @@ from torch import nn
 
 import hbpc
 from hbpc.optim import KRONECKER, NewtonCG
-from hbpc.optim.newton_cg import EigenBlock
+from hbpc.optim.solves import EigenBlock
 
 DTYPE = torch.float64
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hbpc.optim.newton_cg import PAPER
+from hbpc.optim.presets import PAPER
 
 SGD, ADAM, KFAC, NEWTON = "sgd", "adam", "kfac", "newton-cg"
 DATASETS = ("fashion-mnist", "cifar10")

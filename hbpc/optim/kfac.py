@@ -46,7 +46,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpc.optim.newton_cg import check_choice, curvature_model, parameter_names
+from hbpc.linalg.operators import check_choice
+from hbpc.optim.newton_cg import curvature_model, parameter_names
 
 KINDS = ("kfac", "kflr", "kfra")
 STEP_SIZES = ("quadratic", "fixed")

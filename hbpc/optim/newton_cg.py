@@ -95,14 +95,13 @@ from hbpc.linalg.operators import check_choice, full_operator
 from hbpc.optim.cg import inner
 from hbpc.optim.preconditioners import block_preconditioner
 from hbpc.optim.presets import (AUTO, DEFAULT_ALPHA, DEFAULT_CG_MAXITER, DEFAULT_LR, DEFAULT_MIN_ALPHA,
-                                DEFAULT_PRECONDITIONER, DEFAULT_WARM_START, KRONECKER, KRONECKER_MODE, PAPER,
+                                DEFAULT_PRECONDITIONER, DEFAULT_WARM_START, KRONECKER_MODE,
                                 PRODUCTS_MODE)
 from hbpc.optim.safeguards import BACKTRACK, DIVERGENCE, MAX_STEP, is_finite, reduction_ratio, update_damping
 from hbpc.optim.solves import EigenBlock, as_product, damping_scale, quadratic, solve_cg, solve_direct
 from hbpc.optim.stats import ParamStats, StepStats
 
-__all__ = ["EigenBlock", "KRONECKER", "NewtonCG", "PAPER", "ParamStats", "StepStats", "check_choice",
-           "curvature_model", "parameter_names"]
+__all__ = ["NewtonCG", "curvature_model", "parameter_names"]
 
 CURVATURES = ("hessian", "ggn", "pch-abs", "pch-clip")
 SOURCES = (AUTO, "blocks", "block_products", "full")
