@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 # The bench extra brings BackPACK and curvlinops, which the tests compare against; the laplace extra
 # brings laplace-torch for hbpc.laplace (both installed with --no-deps so torch stays as it is).
 test: install $(VENV)/.bench-installed $(VENV)/.laplace-installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package. Nothing is installed here: without it the
 # demo says how to get it and falls back to scikit-learn's digits.

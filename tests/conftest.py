@@ -7,9 +7,13 @@ import pytest
 import torch
 
 # The derivation cache of this test session: never the user's ~/.cache/hbpc (nor an HBPC_CACHE_DIR they set).
-# HBPC_TEST_CACHE_DIR names a folder to reuse between sessions on purpose (it is kept).
-_SESSION_CACHE = os.environ.get("HBPC_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="hbpc-test-cache-")
-os.environ["HBPC_CACHE_DIR"] = _SESSION_CACHE
+# HBPC_TEST_CACHE_DIR names a folder to reuse between sessions on purpose (it is kept). Under pytest-xdist the
+# workers inherit the controller's folder through _HBPC_SESSION_CACHE (entries are written atomically), and only
+# the process that made the folder removes it.
+_KEPT = os.environ.get("HBPC_TEST_CACHE_DIR")
+_INHERITED = os.environ.get("_HBPC_SESSION_CACHE")
+_SESSION_CACHE = _KEPT or _INHERITED or tempfile.mkdtemp(prefix="hbpc-test-cache-")
+os.environ["HBPC_CACHE_DIR"] = os.environ["_HBPC_SESSION_CACHE"] = _SESSION_CACHE
 
 import hbpc  # noqa: E402  (after the cache folder is chosen)
 
@@ -18,7 +22,7 @@ torch.set_num_threads(1)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not os.environ.get("HBPC_TEST_CACHE_DIR"):
+    if not (_KEPT or _INHERITED):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
