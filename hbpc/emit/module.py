@@ -12,9 +12,10 @@ from hbpc.derive.printer import formula, torch_code
 from hbpc.errors import HbpcError
 from hbpc.runtime import NAMES
 
-from .kronecker import factor_methods, factor_nodes
-from .names import INPUT, safe_text, with_stems
-from .nodes import node_code, sandwich_temporaries
+from .code import Method, Target
+from .kronecker import factor_nodes
+from .names import INPUT, family_names, safe_text, with_stems
+from .nodes import node_code, sandwich_temporaries, shares_methods
 
 _INDENT = "    "
 
@@ -76,8 +77,10 @@ def _loss_lines(graph, last, loss_plan):
     rank = len(graph.nodes[last]["y_shape"])
     flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
     unflatten = ".reshape(shape)" if rank > 1 else ""
-    zero = "" if re.search(r"\bv\b", uses) else " + 0 * v"  # a constant Hessian product still has v's shape
-    hvp = _with_classes(restore + flatten + hvp_lines + [f"return (scale * ({exprs['hvp']}){zero}){unflatten}"], classes)
+    if derivation.hessian_product == 0:  # a loss linear in z
+        hvp = ["return torch.zeros_like(v)"]
+    else:
+        hvp = _with_classes(restore + flatten + hvp_lines + [f"return (scale * ({exprs['hvp']})){unflatten}"], classes)
     doc = f"ℓ(z, t) = {formula(rule.ell)};  Hv = {formula(derivation.hessian_product)}"
     methods = [
         "def _loss_hessian_product(self, v):",
@@ -169,63 +172,67 @@ def _input_temporaries(code, i, ledger, name, source):
     return known[i] if known else sandwich_temporaries(ledger.sizes[source], ledger.sizes[name])
 
 
-def _sweep_method(graph, order, codes, plan, ledger):
-    """HBP over the graph: a backward sweep keeping S for every pair of tensors on the frontier.
-
-    ``ledger`` (a ``_MemoryLedger``) records what each step holds, for blocks()' memory check.
-    """
+def _sweep_memory(graph, order, codes, plan, ledger):
+    """Follow hbpc.runtime's HBP sweep over the graph (S for every pair of tensors on the frontier), recording in
+    ``ledger`` (a ``_MemoryLedger``) what each step holds, for blocks()' memory check."""
     position = {name: k for k, name in enumerate(order)}
-    body = [f"S_{order[-1]} = self._loss_hessian_sum()"]
     defined, frontier = {f"S_{order[-1]}"}, [order[-1]]
+
+    def form(variable, entries, temporaries, where):
+        ledger.form(variable, entries, temporaries, where)
+        defined.add(variable)
+
     for name in reversed(order):
         if name not in plan.upstream:
             continue
         node, code = graph.nodes[name], codes[name]
         frontier.remove(name)
         if code.blocks:
-            body.append(f"visit({name!r}, S_{name})")
             ledger.keep(f"S_{name}")
         active = [(i, source) for i, source in enumerate(node["inputs"]) if source in plan.upstream]
         if not active:
             continue
-        body.append(f"S = S_{name}  # at the output of {name}; propagate to its inputs")
         where = f"the inputs of {name}"
         for i, source in active:
-            _accumulate(body, defined, f"S_{source}", code.input_curvature[i])
-            ledger.form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source),
-                        where)
+            form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source), where)
         for (i, a), (j, b) in ((p, q) for k, p in enumerate(active) for q in active[k + 1:]):
-            term = code.cross(i, j)
-            if a == b:
-                _accumulate(body, defined, f"S_{a}", f"{term} + ({term}).T")
-                ledger.form(f"S_{a}", ledger.entries(a, a), 2 * ledger.entries(a, a), where)
-            else:
-                variable, flip = _pair(a, b, position)
-                _accumulate(body, defined, variable, f"({term}).T" if flip else term)
-                ledger.form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
+            variable = f"S_{a}" if a == b else _pair(a, b, position)[0]
+            form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
         for other in frontier:
-            variable, flip = _pair(name, other, position)
-            if variable not in defined:
+            if _pair(name, other, position)[0] not in defined:
                 continue
-            matrix = f"{variable}.T" if flip else variable
             for i, source in active:
-                term = code.mean_vjp(i, matrix)  # E[J_i]ᵀ S_(name, other): (d_source, d_other)
-                if source == other:
-                    _accumulate(body, defined, f"S_{other}", f"{term} + ({term}).T")
-                    ledger.form(f"S_{other}", ledger.entries(other, other), 2 * ledger.entries(other, other), where)
-                else:
-                    target, target_flip = _pair(source, other, position)
-                    _accumulate(body, defined, target, f"({term}).T" if target_flip else term)
-                    ledger.form(target, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
+                variable = f"S_{other}" if source == other else _pair(source, other, position)[0]
+                form(variable, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
         frontier += [source for _, source in active if source not in frontier]
         dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
-        body.append("del " + ", ".join(v for v in dead if v in defined))
         defined -= set(dead)
         ledger.free(dead)
-    doc = ("S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.\n\n"
-           "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).\n"
-           "        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).\n        ")
-    return ["def _hbp_sweep(self, curvature, average_input_jacobian, visit):", f'    """{doc}"""', *_indent(body, 1), ""]
+
+
+def _by_input(codes, indices="i") -> tuple:
+    """A method body returning codes[k] for input k (``indices`` names the argument(s) k is compared with)."""
+    if len(codes) == 1:
+        return (f"return {codes[0][1]}",)
+    lines = []
+    for key, code in codes[:-1]:
+        lines += [f"if {indices} == {key!r}:", f"    return {code}"]
+    return (*lines, f"return {codes[-1][1]}")
+
+
+def _sweep_records(code, inputs, branches) -> list:
+    """The node's methods hbpc.runtime's HBP sweep calls: S at input i; where the graph branches, E[J_i]ᵀ M and,
+    for a node with several inputs, the cross terms E[J_i]ᵀ S E[J_j]."""
+    records = [Method("input_curvature", "i, S, average_input_jacobian, curvature",
+                      "S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)", _by_input(list(enumerate(code.input_curvature))))]
+    if branches:
+        records.append(Method("mean_vjp", "i, M", "E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)",
+                              _by_input([(i, code.mean_vjp(i, "M")) for i in range(inputs)])))
+    if branches and code.cross and inputs > 1:
+        pairs = [((i, j), code.cross(i, j)) for i in range(inputs) for j in range(i + 1, inputs)]
+        records.append(Method("cross", "i, j, S", "E[J_i]ᵀ S E[J_j] for inputs i < j: (d_x_i, d_x_j)",
+                              _by_input(pairs, "(i, j)")))
+    return records
 
 
 def _runtime_imports(code: str) -> list:
@@ -246,24 +253,96 @@ def _runtime_imports(code: str) -> list:
 
 
 def _table(name, entries, comment="") -> list:
-    """A class attribute holding a dict, one entry a line (``{}`` when empty)."""
-    if not entries:
-        return [f"{name} = {{}}{comment}"]
+    """A class attribute holding a dict: on one line where it fits in 116 characters, else one entry a line."""
+    line = f"{name} = {{{', '.join(f'{key!r}: {value!r}' for key, value in entries.items())}}}{comment}"
+    if len(line) <= 116:
+        return [line]
     return [f"{name} = {{{comment}", *[f"    {key!r}: {value!r}," for key, value in entries.items()], "}"]
 
 
-def emit(graph, plan, source_name: str, digest: str) -> str:
+def _tuple_lines(name, items, comment="") -> list:
+    """A class attribute holding a tuple: on one line where it fits in 116 characters, else wrapped at 116."""
+    line = f"{name} = {tuple(items)!r}{comment}"
+    if len(line) <= 116:
+        return [line]
+    lines, line = [f"{name} = ({comment}"], "    "
+    for item in items:
+        if len(line) + len(repr(item)) + 2 > 116:
+            lines.append(line.rstrip())
+            line = "    "
+        line += f"{item!r}, "
+    return [*lines, line.rstrip(), ")"]
+
+
+def _branches(graph, order, plan) -> bool:
+    """Whether the HBP sweep keeps cross curvatures: some node has two different inputs that carry curvature."""
+    return any(len({i for i in graph.nodes[n]["inputs"] if i in plan.upstream}) > 1 for n in order)
+
+
+def _target(graph, name, family=None) -> Target:
+    node = graph.nodes[name]
+    return Target(name, dict(node["params"]), dict(node.get("param_shapes", {})), family)
+
+
+def _families(graph, order, plans, branches) -> dict:
+    """{node: family name} for the nodes whose kind shares methods: two or more nodes of one rule whose methods, HBP
+    methods and second-order row agree form a family (emitted once); its name is the rule's, made unique
+    (names.family_names). A node with no such twin prints its own methods."""
+    keys = {}
+    for name in order:
+        node = graph.nodes[name]
+        if not shares_methods(node):
+            continue
+        code = node_code(_target(graph, name, "family"), node, _input_vars(graph, name), plans[name])
+        records = tuple(code.records + _sweep_records(code, len(node["inputs"]), branches))
+        keys[name] = (node["rule"].key, records, _second_order_row(code), tuple(code.blocks.items()))
+    shared = [key for key in keys.values() if list(keys.values()).count(key) > 1]  # a node alone keeps its own methods
+    families = family_names(graph, [(key[0], key) for key in shared])
+    return {name: families[key] for name, key in keys.items() if key in families}
+
+
+def _second_order_row(code):
+    """(has a residual, coupled roles, tangent view suffix), or None for a node without second-order terms."""
+    if code.residual_product is None and not code.cross_terms:
+        return None
+    return code.residual_product is not None, tuple(code.cross_terms), code.tangent_view
+
+
+def _methods(graph, order, codes, targets, plan, branches) -> list:
+    """Every node's methods in graph order: a family's once, at its first node."""
+    lines, printed = [], set()
+    for name in order:
+        code, target, node = codes[name], targets[name], graph.nodes[name]
+        if target.shared and target.family in printed:
+            continue
+        members = [n for n in order if targets[n].family == target.family] if target.shared else [name]
+        if not any(n in plan.upstream for n in members):
+            continue  # no gradient, tangent or curvature reaches the node: no walker calls its methods
+        sweep = any(any(plan.node(n).input_needs_grad) for n in members)
+        records = code.records + (_sweep_records(code, len(node["inputs"]), branches) if sweep else [])
+        lines += code.methods + [line for record in records for line in record.lines(target)]
+        printed.add(target.family)
+    return lines
+
+
+def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=None) -> str:
+    """The generated module's text; ``header_lines`` are comment lines after the graph hash, ``loss_note`` a line of
+    the module docstring after the loss."""
     graph, plan = with_stems(graph, plan)  # node names as the identifiers' stems: no name can collide
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
     for name in order:
         graph.nodes[name]["plan"] = plans[name]
-    codes = {name: node_code(name, graph.nodes[name], _input_vars(graph, name), plans[name]) for name in order}
+    branches = _branches(graph, order, plan)
+    families = _families(graph, order, plans, branches)
+    targets = {name: _target(graph, name, families.get(name)) for name in order}
+    codes = {name: node_code(targets[name] if shares_methods(graph.nodes[name]) else name, graph.nodes[name],
+                             _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
     ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
-    sweep = _sweep_method(graph, order, codes, plan, ledger)
+    _sweep_memory(graph, order, codes, plan, ledger)
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
     buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
     eval_mode_modules = sorted({graph.nodes[n].get("buffers", {}).get("running_mean", "*").rpartition(".")[0]
@@ -286,10 +365,13 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
         "return self._end(loss, x, target)",
     ]
-    nodes = {name: (tuple(graph.nodes[name]["inputs"]), dict(graph.nodes[name]["params"])) for name in order}
-    second_order = {name: (codes[name].residual_product is not None, tuple(codes[name].cross_terms),
-                           codes[name].tangent_view)
-                    for name in order if codes[name].residual_product or codes[name].cross_terms}
+    nodes = {name: (tuple(graph.nodes[name]["inputs"]), dict(graph.nodes[name]["params"]), families.get(name))
+             for name in order}
+    second_order = {}
+    for name in order:
+        row = _second_order_row(codes[name])
+        if row is not None:
+            second_order.setdefault(families.get(name, name), row)
     graph_doc = "\n".join(f"    a_{n} = {safe_text(graph.nodes[n]['op'])}({', '.join(_input_vars(graph, n))})    "
                           f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
                           for n in order)
@@ -299,17 +381,19 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         f"# Generated by hbpc {__version__} from {safe_text(source_name)}. Do not edit: recompile instead.",
         f"# hbpc-version: {__version__}",
         f"# graph-hash: {digest}",
+        *header_lines,
         f'"""Curvature code for {model}.',
         "",
         "Graph (per-sample shapes):",
         graph_doc,
-        f"Loss: {loss}.",
-        "",
-        "See hbpc's docs/curvature.md for the definitions of every quantity.",
+        f"Loss: {loss}. hbpc's docs/curvature.md defines every quantity.",
+        *([loss_note] if loss_note else []),
         '"""',
     ]
-    blocks = {name: tuple((graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items())
-              for name in order if codes[name].blocks}
+    blocks = [name for name in order if codes[name].blocks]
+    for name in blocks:
+        _check_block_methods(name, codes[name])
+    lowered = [name for name in factors if plans[name].lowering]
     cls = [
         "class Curvature(CurvatureModule):",
         f'    """Curvature of {loss} for {model}: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""',
@@ -325,11 +409,12 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *([f"PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities"] if probabilities else []),
             f"LOSS = {graph.graph['loss']!r}",
             *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
-            *_table("NODES", nodes, "  # node: (inputs, {role: parameter}), in graph order"),
-            *_table("SECOND_ORDER", second_order, "  # node: (has a residual, roles coupled to the input, tangent view)"),
-            *_table("BLOCKS", blocks, "  # node: ((parameter, block method), ...)"),
-            *_table("FACTORS", {name: (p["weight"], p.get("bias")) for name, p in factors.items()},
-                    "  # the KFAC family's layers: node: (weight, bias)"),
+            *_table("NODES", nodes, "  # node: (inputs, {role: parameter}, family), in graph order"),
+            *_table("SECOND_ORDER", second_order,
+                    "  # family or node: (residual?, coupled roles, tangent view)"),
+            *_tuple_lines("BLOCKS", blocks, "  # nodes with blocks"),
+            *(_tuple_lines("FACTORS", list(factors), "  # the KFAC family's layers") if factors else []),
+            *(_tuple_lines("LOWERED", lowered, "  # factor layers caching the raw input") if lowered else []),
             f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",
@@ -338,12 +423,18 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             f"    x: (N, {_shape_args(graph.graph['input_shape'])}) in the parameters' dtype; target: {target_doc}.",
             '    """',
             *_indent(fb_body, 1), "",
-            *sweep,
             *loss_methods,
-            *[line for name in order for line in codes[name].methods
-              + (factor_methods(name, graph.nodes[name]) if name in factors else [])],
+            *_methods(graph, order, codes, targets, plan, branches),
         ], 1),
     ]
     body = "\n".join(cls)
     text = "\n".join([*header, "import torch", "", *_runtime_imports(body), "", "", body])
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"
+
+
+def _check_block_methods(name, code):
+    """hbpc.runtime builds a node's blocks with its ``<role>_block`` methods: an emitter must name them so."""
+    wrong = {role: method for role, method in code.blocks.items() if method not in (f"{role}_block", f"_{name}_{role}_block")}
+    if wrong:
+        raise HbpcError(f"node {name!r}: block methods {wrong} must be named '<role>_block'", "the node's emitter",
+                        "name each parameter's block method _<node>_<role>_block")

@@ -9,6 +9,9 @@ attributes  ``self.s_<suffix>``: tensors ``forward_backward`` caches (``X``, ``g
 methods     ``self._s_<suffix>`` (the node's derivatives) and ``self._block_product_s_<role>``
 ==========  ==================================================================================
 
+Methods a *family* of nodes shares (same rule, same derived code) are ``self._f_<suffix>`` for the family's
+name ``f``: the rule's key made a fragment, never one whose identifiers meet a node's (``family_names``).
+
 Stems are the IR names where that is safe, so generated code reads like the model. ``node_stems``
 mangles a name only where it is not a plain identifier fragment or where one of its identifiers
 would equal another node's or one of ``Curvature``'s own members (``lin`` and ``lin_weight``
@@ -37,7 +40,7 @@ ROLES = ("weight", "bias")
 SUFFIXES = (
     "X", "x", "y", "g", "d1", "r", "idx", "modes",
     "jvp", "vjp", "view", "tangent_view", "statistics", "residual", "residuals", "jacobians", "residual_product",
-    "input_factor", "root_factor", "curvature_factor",
+    "input_curvature", "mean_vjp", "cross",
     *(f"{role}_{kind}" for role in ROLES for kind in ("jvp", "vjp", "block")),
 )
 
@@ -93,6 +96,27 @@ def node_stems(graph) -> dict:
         taken |= identifiers(candidate, suffixes)
         stems[name] = candidate
     return stems
+
+
+def family_names(graph, keys) -> dict:
+    """{family key: name} for ``keys``, (rule key, family key) pairs in graph order, on a graph already renamed to its
+    stems: the rule key as a fragment where free, else ``<fragment>_<k>``, never meeting any node's identifiers."""
+    suffixes = graph_suffixes(graph)
+    taken = set(reserved(graph))
+    for name in graph.graph["order"]:
+        taken |= identifiers(name, suffixes)
+    names = {}
+    for rule_key, key in keys:
+        if key in names:
+            continue
+        base = _fragment(rule_key)
+        candidate, count = base, 1
+        while candidate == INPUT or taken & identifiers(candidate, suffixes):
+            count += 1
+            candidate = f"{base}_{count}"
+        taken |= identifiers(candidate, suffixes)
+        names[key] = candidate
+    return names
 
 
 def with_stems(graph, plan):
