@@ -100,6 +100,7 @@ def _graph(args):
 
 
 def _plan(args):
+    from hbpc.derive import annotate
     from hbpc.export import export, load_model_file, load_rules_file
     from hbpc.plan import plan, table
     from hbpc.rules import extended
@@ -107,7 +108,7 @@ def _plan(args):
     spec = load_model_file(args.model)
     like = next(spec.model.parameters(), spec.example_input)
     with extended(load_rules_file(args.rules) if args.rules else []):
-        graph = export(spec.model, spec.example_input, spec.loss_fn, args.loss)
+        graph = annotate(export(spec.model, spec.example_input, spec.loss_fn, args.loss))
         decided = plan(graph, int(args.memory_limit * 2**30), spec.example_input.shape[0], like.element_size())
     print(table(graph, decided))
 

@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from hbpc.derive import annotate
 from hbpc.emit import emit
 from hbpc.errors import HbpcError
 from hbpc.export import export, graph_hash, load_rules_file
@@ -70,7 +71,7 @@ def _annotate(text: str, header_lines=(), loss_note=None) -> str:
 def compile_graph(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=(), header_lines=()):
     """(IR graph, text of the generated module); ``rules`` adds user rules to the table."""
     with extended(list(rules)):
-        graph = export(model, example_input, loss_fn, loss)
+        graph = annotate(export(model, example_input, loss_fn, loss))
         text = emit(graph, plan(graph), source_name, graph_hash(graph))
     note = ("The loss is the default: the model gave no loss_fn, so hbpc assumed nn.CrossEntropyLoss()."
             if assumed_loss_notice(loss_fn, loss) else None)

@@ -1,15 +1,9 @@
 """Assemble the generated ``curv_model.py`` from node code, the loss derivation and the plan."""
 import io
-import re
 import tokenize
 from math import prod
 
-import sympy as sp
-
 from hbpc import __version__
-from hbpc.derive import derive
-from hbpc.derive.printer import formula, torch_code
-from hbpc.errors import HbpcError
 from hbpc.runtime import NAMES
 
 from .kronecker import factor_methods, factor_nodes
@@ -27,75 +21,51 @@ def _shape_args(shape) -> str:
     return ", ".join(map(str, shape))
 
 
-def _needed(shared, code):
-    """The CSE lines ``code`` depends on, directly or through later lines."""
-    kept, wanted = [], set(re.findall(r"\bs\d+\b", code))
-    for line in reversed(shared):
-        target, expression = line.split(" = ", 1)
-        if target in wanted:
-            kept.insert(0, line)
-            wanted |= set(re.findall(r"\bs\d+\b", expression))
-    return kept
-
-
-def _with_classes(lines, classes):
+def _with_classes(lines, reads, classes):
     """``C = classes`` ahead of lines that read the number of classes C."""
-    reads = any(re.search(r"\bC\b", line.partition("#")[0]) for line in lines)
-    return [f"C = {classes}", *lines] if reads else lines
+    return [f"C = {classes}", *lines] if "C" in reads else lines
 
 
 def _loss_lines(graph, last, loss_plan):
-    rule = graph.graph["loss_rule"]
-    derivation = derive(rule)
-    N, C = sp.symbols("N C", positive=True, integer=True)
-    scale = torch_code(sp.nsimplify(rule.scale[graph.graph["reduction"]](N, C)))
-    hyper = graph.graph["loss_hyper"]
-    shared, exprs = derivation.code(hyper)
+    rule, derived = graph.graph["loss_rule"], graph.graph["loss_derived"]
     classes = prod(graph.nodes[last]["y_shape"])
-    outside = sorted(i for i in derivation.fixed_indices() if i >= classes)
-    if outside:
-        raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
-                        "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
-                        "index entries 0 to C-1 only, or compile a model with more outputs")
     smoothing = loss_plan.label_smoothing
     target = "t.to(z.dtype)" if rule.target == "class" else "t.reshape(N, -1).to(z.dtype)"
     if smoothing:
         target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
-    lines = [f"z = a_{last}.reshape(N, -1)", f"t = {target}"]
-    lines += [f"{name} = {code}" for name, code in derivation.intermediates.items()]
-    lines += _needed(shared, exprs["value"] + " " + exprs["grad"])
-    lines += [f"scale = {scale}", f"loss = scale * ({exprs['value']}).sum()",
-              f"g_{last} = (scale * ({exprs['grad']})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
+    value, grad, hvp = derived.value, derived.grad, derived.hvp
+    lines = [f"t = {target}"]
+    lines += [f"{name} = {code}" for name, code in derived.intermediates.items()]
+    lines += derived.forward_lines
+    lines += [f"scale = {derived.scale.code}", f"loss = scale * ({value.code}).sum()",
+              f"g_{last} = (scale * ({grad.code})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
               "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
-    lines += [f"self.loss_{name} = {name}" for name in derivation.intermediates]
-    lines = [lines[0], *_with_classes(lines[1:], classes)]
-    hvp_lines = _needed(shared, exprs["hvp"])
-    uses = " ".join([*hvp_lines, exprs["hvp"]])
-    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derivation.intermediates)
-                                             if re.search(rf"\b{name}\b", uses)]
+    lines += [f"self.loss_{name} = {name}" for name in derived.intermediates]
+    lines = [f"z = a_{last}.reshape(N, -1)", *_with_classes(lines, value.reads | grad.reads | derived.scale.reads, classes)]
+    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derived.intermediates)
+                                             if name in hvp.reads]
     rank = len(graph.nodes[last]["y_shape"])
     flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
     unflatten = ".reshape(shape)" if rank > 1 else ""
-    zero = "" if re.search(r"\bv\b", uses) else " + 0 * v"  # a constant Hessian product still has v's shape
-    hvp = _with_classes(restore + flatten + hvp_lines + [f"return (scale * ({exprs['hvp']}){zero}){unflatten}"], classes)
-    doc = f"ℓ(z, t) = {formula(rule.ell)};  Hv = {formula(derivation.hessian_product)}"
+    zero = "" if "v" in hvp.reads else " + 0 * v"  # a constant Hessian product still has v's shape
+    hvp_body = _with_classes(restore + flatten + [*hvp.lines, f"return (scale * ({hvp.code}){zero}){unflatten}"],
+                             hvp.reads, classes)
     methods = [
         "def _loss_hessian_product(self, v):",
-        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(doc)}"""', *_indent(hvp, 1), "",
+        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(derived.doc)}"""', *_indent(hvp_body, 1), "",
     ]
     if loss_plan.sampled_fisher:
         sampled = [
             "labels = torch.multinomial(self.loss_softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"t = torch.nn.functional.one_hot(labels, {classes}).to(self.loss_z.dtype)  # (N, S, C) sampled targets",
-            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derivation.intermediates)
-              if re.search(rf"\b{name}\b", exprs["grad"])],
-            *_needed(shared, exprs["grad"]),
-            f"return {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
+            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derived.intermediates) if name in grad.reads],
+            *grad.lines,
+            f"return {grad.code}  # the derived ∇_z ℓ(z, ŷ_s)",
         ]
         methods += [
             "def _loss_sampled_gradients(self, samples, generator):",
             '    """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""',
-            *_indent(_with_classes(sampled, classes), 1), ""]
+            *_indent(_with_classes(sampled, grad.reads, classes), 1), ""]
     return lines, methods
 
 

@@ -24,7 +24,6 @@ from dataclasses import replace
 
 import networkx as nx
 
-from hbpc.derive import derive
 from hbpc.rules.spec import Normalization
 from hbpc.runtime import CurvatureModule
 
@@ -70,13 +69,13 @@ def graph_suffixes(graph) -> tuple:
         node = graph.nodes[name]
         extra |= {f"vjp{i}" for i in range(len(node["inputs"]))} if len(node["inputs"]) > 1 else set()
         if isinstance(node["rule"], Normalization):
-            extra |= {str(s) for s in derive(node["rule"]).reads()}
+            extra |= set(node["derived"].reads)
     return SUFFIXES + tuple(sorted(extra))
 
 
 def reserved(graph) -> set:
     """(namespace, identifier) pairs that are not any node's: Curvature's members, the loss's cached intermediates."""
-    members = MEMBERS | {f"loss_{name}" for name in derive(graph.graph["loss_rule"]).intermediates}
+    members = MEMBERS | {f"loss_{name}" for name in graph.graph["loss_derived"].intermediates}
     return {("member", name) for name in members}
 
 

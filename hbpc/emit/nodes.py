@@ -8,14 +8,8 @@ apply the node's input Jacobian, ``_<node>_<role>_jvp`` / ``_vjp`` its parameter
 """
 from math import prod
 
-import sympy as sp
-
-from hbpc.derive import derive
-from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import formula, torch_code
-from hbpc.derive.structured import is_gram, kronecker_split
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
 
 from .code import NodeCode, dims, fill_template, method_lines, param_code, single_input
 from .normalization import normalization_code
@@ -37,34 +31,27 @@ def take_temporaries(d_x, d_y) -> int:
 
 
 def elementwise_code(name, node, input_vars) -> NodeCode:
-    rule, derivation = node["rule"], derive(node["rule"])
+    rule, derived = node["rule"], node["derived"]
     input_var = input_vars[0]
     out = f"a_{name}"
-    rename = {X_SYMBOL: sp.Symbol(input_var, real=True), Y_SYMBOL: sp.Symbol(out, real=True)}
-    values = hyper_values(node["hyper"])
-    d1_expr = derivation.d1.subs(values).subs(rename)
-    d1 = f"torch.full_like({input_var}, {torch_code(d1_expr)})" if d1_expr.is_number else torch_code(d1_expr)
-    d2 = derivation.d2.subs(values).subs(rename)
     code = NodeCode()
-    forward = (fill_template(rule.forward, node, input_vars) if rule.forward
-               else torch_code(rule.phi.subs(values).subs(rename)))
-    code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {d1}"]
+    forward = fill_template(rule.forward, node, input_vars) if rule.forward else derived.phi.format(x=input_var)
+    code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {derived.d1.format(x=input_var, y=out)}"]
     single_input(code, name)
-    if d2 != 0:
-        reads = [(str(s), var) for s, var in ((X_SYMBOL, input_var), (Y_SYMBOL, out)) if s in derivation.d2.free_symbols]
-        code.forward += [f"self.{name}_{s} = {var}" for s, var in reads]
+    if derived.residual is not None:
+        reads = [s for s, var in (("x", input_var), ("y", out)) if s in derived.residual.reads]
+        code.forward += [f"self.{name}_{s} = {var}" for s, var in (("x", input_var), ("y", out)) if s in reads]
         code.backward.append(f"self.{name}_g, self.{name}_r = g_{name}, None  # r = g ⊙ φ″ is formed on first use")
         code.residual = f"self._{name}_residual"
         code.residual_product = lambda t, mode: f"residual_product(self._{name}_residual(), {t}, {mode})"
-        reads = [f"{s} = self.{name}_{s}" for s, _ in reads]
+        reads = [f"{s} = self.{name}_{s}" for s in reads]
         code.methods += method_lines(f"_{name}_residual(self)", "r = g ⊙ φ″ (per sample, like the output), formed once",
                                      [f"if self.{name}_r is None:", *("    " + line for line in reads),
-                                      f"    self.{name}_r = self.{name}_g * ({torch_code(derivation.d2.subs(values))})",
+                                      f"    self.{name}_r = self.{name}_g * ({derived.residual.code})",
                                       f"return self.{name}_r"])
         code.methods += method_lines(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
                                      [f"return residual_product(self._{name}_residual(), t, curvature)"])
-    doc = f"φ = {formula(rule.phi)},  φ′ = {formula(derivation.d1)},  φ″ = {formula(derivation.d2)}"
-    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
+    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({derived.doc})", [f"return v * self.{name}_d1"])
     code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"  # the residual's method: elementwise_input_curvature calls it unless the mode is ggn
     code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
@@ -163,17 +150,6 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     return code
 
 
-def _view_shapes(node):
-    rule = node["rule"]
-    views = rule.views(node["hyper"], node["x_shape"], node["y_shape"])
-    return views, (rule.constants(node["hyper"]) if rule.constants else {})
-
-
-def _coeff(einsum, constants):
-    return einsum.__class__(einsum.spec, einsum.operands, sp.nsimplify(einsum.coeff).subs(constants),
-                            einsum.broadcast)
-
-
 def _is_1d(node) -> bool:
     """A one-dimensional conv/pool: run as its two-dimensional form on the input viewed as (C, 1, L)."""
     return len(node["hyper"].get("kernel_size", (0, 0))) == 1
@@ -223,7 +199,7 @@ def tangent_view_method(name, node):
 
 def _view_is_input(node) -> bool:
     """Whether the rule's ``X`` is the input itself (a reshape to the same per-sample shape)."""
-    return node["rule"].input_view == "reshape" and tuple(_view_shapes(node)[0]["X"]) == tuple(node["x_shape"])
+    return node["rule"].input_view == "reshape" and tuple(node["derived"].views["X"]) == tuple(node["x_shape"])
 
 
 def cached_input_view(name, node) -> str:
@@ -293,17 +269,11 @@ def _param_view(node, views, role) -> str:
     return f"{param_code(node['params'][role])}.reshape({', '.join(map(str, views[key]))})"
 
 
-def _formula(derivation) -> str:
-    return formula(derivation.jacobian)
-
-
 def structured_code(name, node, input_vars, caches_view) -> NodeCode:
-    rule, derivation = node["rule"], derive(node["rule"])
+    rule, derived = node["rule"], node["derived"]
     input_var = input_vars[0]
-    views, constants = _view_shapes(node)
+    views, expr = derived.views, derived.expr
     x_rank = len(node["x_shape"])
-    names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
-    expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
     conv = convolution_lowering(node)
     code = NodeCode()
     code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
@@ -319,7 +289,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.methods += method_lines(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
                                 [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
 
-    jx = derivation.tensors["X"]
+    jx = derived.tensors["X"]
     weight = []
     if "weight" in node["params"]:
         shape, view = node["param_shapes"]["weight"], tuple(views["W"])
@@ -329,19 +299,19 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     if conv:
         code.methods += _conv_input_methods(name, node, conv, expr)
     else:
-        code.methods += _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature)
+        code.methods += _einsum_input_methods(name, node, views, jx, expr, weight, signature)
     single_input(code, name)
 
     for role, param in node["params"].items():
-        tensor = derivation.tensors[role]
+        tensor = derived.tensors[role]
         shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
         full = node["param_shapes"][role]
         if conv and role == "weight":
             code.methods += _conv_weight_methods(name, param, conv, full, tensor)
         else:
-            code.methods += _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names)
+            code.methods += _einsum_parameter_methods(name, node, role, param, tensor, views)
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
-        code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
+        code.methods += _block_method(name, node, role, param, tensor.block, views, shape)
         code.blocks[role] = f"_{name}_{role}_block"
         if node["plan"].block(role).representation == "kronecker":
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
@@ -369,45 +339,30 @@ def _conv_input_methods(name, node, conv, expr) -> list:
 def _conv_weight_methods(name, param, conv, full, tensor) -> list:
     return [
         *method_lines(f"_{name}_weight_jvp(self, v, X)",
-                 f"J_θ v = conv(X, v) for θ = {param}: ∂Y/∂θ = {_formula(tensor)}, X the input",
+                 f"J_θ v = conv(X, v) for θ = {param}: ∂Y/∂θ = {tensor.jacobian}, X the input",
                  [f"return conv_apply(X, v, {conv})"]),
         *method_lines(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
                  [f"return conv_weight_vjp(u, X, {full!r}, {conv})"]),
     ]
 
 
-def _matrix_operand(name, letters, rows, cols) -> str:
-    """The operand as the (rows, cols) matrix of a matmul (``.mT`` where its letters run the other way)."""
-    return name if letters == rows + cols else f"{name}.mT"
+def product_code(product, out_shape="") -> str:
+    """Code for a derived product: its contraction, broadcast to ``out_shape`` (code) where it must be, times its
+    constant."""
+    call = product.call
+    if product.broadcast_axes:
+        call = f"broadcast_trailing({call}[..., {product.broadcast_axes}], {out_shape})"
+    return f"{product.coeff} * {call}" if product.coeff else call
 
 
-def product_code(einsum, names, out_shape) -> str:
-    """Code for a derived einsum; a plain matrix product ``...ik,...kj->...ij`` in any operand layout is emitted
-    as ``@`` (the same contraction and "..." broadcasting, without einsum's dispatch and permute copies)."""
-    inputs, out = einsum.spec.replace("...", "").split("->")
-    operands = inputs.split(",")
-    shared = set(operands[0]) & set(operands[1]) if len(operands) == 2 else set()
-    if (einsum.coeff != 1 or einsum.broadcast or len(shared) != 1 or len(out) != 2
-            or any(len(letters) != 2 for letters in operands)):
-        return einsum.code(names, out_shape)
-    (k,) = shared
-    i, j = out
-    first, second = (0, 1) if i in operands[0] else (1, 0)
-    if k in out or j not in operands[second]:
-        return einsum.code(names, out_shape)
-    left = _matrix_operand(names.get(einsum.operands[first], einsum.operands[first]), operands[first], i, k)
-    right = _matrix_operand(names.get(einsum.operands[second], einsum.operands[second]), operands[second], k, j)
-    return f"{left} @ {right}"
-
-
-def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature) -> list:
+def _einsum_input_methods(name, node, views, jx, expr, weight, signature) -> list:
     y_rank = len(node["y_shape"])
-    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {dims(views['Y'])})")
-    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {dims(views['X'])})")
+    jvp = product_code(jx.jvp, f"(lead[-1], {dims(views['Y'])})")
+    vjp = product_code(jx.vjp, f"(lead[-1], {dims(views['X'])})")
     y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
     view = tangent_view_method(name, node)
     view_tangent = [f"v = self.{view}(v)"] if view else []
-    view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast or not y_is_view else [])
+    view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast_axes or not y_is_view else [])
     view_u += [] if y_is_view else [f"u = u.reshape(*lead, {dims(views['Y'])})"]
     unview_x = (["return X"] if _view_is_input(node) else
                 [f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
@@ -415,7 +370,7 @@ def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight,
         *method_lines(
             f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
             [*view_tangent, *[w.replace(" if W is None else W", "") for w in weight],
-             *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
+             *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast_axes else []), f"Y = {jvp}",
              "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"]),
         *method_lines(
             f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
@@ -423,15 +378,15 @@ def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight,
     ]
 
 
-def _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names) -> list:
+def _einsum_parameter_methods(name, node, role, param, tensor, views) -> list:
     shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
     full = node["param_shapes"][role]
-    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {dims(views['Y'])})")
-    p_vjp = product_code(_coeff(tensor.vjp, constants), names, repr(shape))
+    p_jvp = product_code(tensor.jvp, f"(self.N, {dims(views['Y'])})")
+    p_vjp = product_code(tensor.vjp, repr(shape))
     y_is_view, param_is_view = tuple(views["Y"]) == tuple(node["y_shape"]), shape == tuple(full)
     return [
         *method_lines(
-            f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
+            f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {tensor.jacobian}",
             [*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]), f"Y = {p_jvp}",
              "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node['y_shape'])})"]),
         *method_lines(
@@ -443,7 +398,7 @@ def _einsum_parameter_methods(name, node, role, param, tensor, views, constants,
 
 def _jacobian_is_weight(node, jx) -> bool:
     """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
-    views, _ = _view_shapes(node)
+    views = node["derived"].views
     return node["plan"].kind == "matmul" and node["rule"].input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
 
 
@@ -469,16 +424,16 @@ def _gram_root(a, b, full) -> list:
 
 def _kronecker_sizes(block, shape):
     """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
-    a = prod(shape[:kronecker_split(block)])
+    a = prod(shape[:block.split])
     return a, prod(shape) // a
 
 
 def _kronecker_factor_entries(block, shape) -> tuple:
     """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
-    return _kronecker_sizes(block, shape)[1], is_gram(block.factors[1])
+    return _kronecker_sizes(block, shape)[1], block.gram
 
 
-def _block_method(name, node, role, param, block, views, shape, names) -> list:
+def _block_method(name, node, role, param, block, views, shape) -> list:
     """The block method in the plan's representation (matrix-free where it chose that over the derived form)."""
     representation = node["plan"].block(role).representation
     y_view = tuple(views["Y"])
@@ -488,7 +443,7 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
     reshape_s = f"S = S.reshape({dims(y_view)}, {dims(y_view)})"
     if representation == "dense":
         return method_lines(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
-                       [reshape_s, f"B = {block.matrix.code(names)}",
+                       [reshape_s, f"B = {product_code(block.matrix)}",
                         f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
     if representation == "kronecker":
         a_factor, b_factor = block.factors
@@ -496,9 +451,9 @@ def _block_method(name, node, role, param, block, views, shape, names) -> list:
         return method_lines(
             signature,
             f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
-            [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
-             *(_gram_root(a, size // a, full) if is_gram(b_factor) else []),
-             f"B = {b_factor.code(names)}", "B /= X.shape[0]",
+            [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {product_code(a_factor)}",
+             *(_gram_root(a, size // a, full) if block.gram else []),
+             f"B = {product_code(b_factor)}", "B /= X.shape[0]",
              f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
     return method_lines(
         signature, f"B v = E[J_θᵀ S J_θ] v for θ = {param} (E[J_θ]ᵀ S E[J_θ] when average), matrix-free",

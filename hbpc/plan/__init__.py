@@ -20,10 +20,8 @@ from math import prod
 
 import networkx as nx
 
-from hbpc.derive import derive
-from hbpc.derive.structured import classify, is_gram, kronecker_split
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X, y as Y
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
 ALL = frozenset(QUANTITIES)
@@ -115,21 +113,20 @@ def _uses(graph) -> dict:
 
 def _elementwise(node, context) -> dict:
     caches = [("d1", ALL)]
-    d2 = derive(node["rule"]).d2
-    if d2 != 0:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
-        caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(map(str, d2.free_symbols & {X, Y})))]
-    return dict(kind="elementwise", caches=tuple(caches))
+    residual = node["derived"].residual
+    if residual is not None:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
+        caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(residual.reads))]
+    return dict(kind=node["derived"].kind, caches=tuple(caches))
 
 
 def _selection(node, context) -> dict:
-    primitive = node["rule"].primitive
-    return dict(kind=f"selection ({primitive})", caches=(("idx", ALL),) if primitive == "take" else ())
+    return dict(kind=node["derived"].kind, caches=(("idx", ALL),) if node["rule"].primitive == "take" else ())
 
 
 def _normalization(node, context) -> dict:
     if not context["upstream"]:
         return dict(kind="normalization")
-    reads = tuple((str(s), ALL) for s in derive(node["rule"]).reads())
+    reads = tuple((s, ALL) for s in node["derived"].reads)
     return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),))
 
 
@@ -138,9 +135,9 @@ def _block_entries(block, view, batch) -> int:
     size = prod(view)
     if block.kind == "dense":
         return size * size
-    a = prod(view[:kronecker_split(block)])
+    a = prod(view[:block.split])
     b = size // a
-    return a * a + (min(batch, b) * b if is_gram(block.factors[1]) else b * b)
+    return a * a + (min(batch, b) * b if block.gram else b * b)
 
 
 def _representation(block, entries, context) -> str:
@@ -150,13 +147,11 @@ def _representation(block, entries, context) -> str:
 
 
 def _structured(node, context) -> dict:
-    rule = node["rule"]
-    derivation = derive(rule)
-    kind = classify(derivation)
-    views = rule.views(node["hyper"], node["x_shape"], node["y_shape"])
+    derived = node["derived"]
+    kind, views = derived.kind, derived.views
     blocks = []
     for role, param in node["params"].items():
-        block = derivation.tensors[role].block
+        block = derived.tensors[role].block
         entries = 0 if block.kind == "operator" else _block_entries(block, views[{"weight": "W", "bias": "b"}[role]],
                                                                     context["batch"])
         representation = _representation(block, entries, context)
@@ -176,7 +171,7 @@ _KINDS = {Elementwise: _elementwise, Selection: _selection, Normalization: _norm
 
 def _loss_plan(graph) -> LossPlan:
     rule = graph.graph["loss_rule"]
-    intermediates = derive(rule).intermediates
+    intermediates = graph.graph["loss_derived"].intermediates
     sampled = "softmax" in intermediates
     caches = (*((name, ALL) for name in intermediates), ("z, t, scale", CURVATURE))
     return LossPlan(rule.key, graph.graph["reduction"], sampled, rule.target == "class" and sampled
@@ -184,7 +179,10 @@ def _loss_plan(graph) -> LossPlan:
 
 
 def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:
-    """Every decision for the graph; blocks are counted at ``batch`` samples of ``element_size`` bytes."""
+    """Every decision for the graph (annotated by ``hbpc.derive.annotate``); blocks are counted at ``batch`` samples
+    of ``element_size`` bytes."""
+    if "loss_derived" not in graph.graph:
+        raise ValueError("the graph has no derivations: call hbpc.derive.annotate(graph) before planning")
     upstream = upstream_of_params(graph)
     uses = _uses(graph)
     nodes = []
