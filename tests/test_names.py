@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import hbpc
+import hbpc.ir
 from hbpc.cli import main
 from hbpc.compiler import compile_source
 from hbpc.emit.names import INPUT, LOCAL_PREFIXES, MEMBERS, identifiers, graph_suffixes, node_stems, safe_text
@@ -134,8 +135,9 @@ def test_a_submodule_named_x_gets_its_own_ir_node_name():
     model = nn.Sequential(OrderedDict([("lin", nn.Linear(WIDTH, WIDTH)), ("x", nn.Tanh())]))
     graph = export(model, torch.randn(2, WIDTH))
     assert INPUT not in graph.graph["order"]
-    assert graph.nodes[graph.graph["order"][0]]["inputs"] == [INPUT]
-    assert graph.nodes[graph.graph["order"][1]]["inputs"] == [graph.graph["order"][0]]
+    first, second = hbpc.ir.nodes(graph)
+    assert first.inputs == (INPUT,) and second.inputs == (first.name,)
+    assert graph.edges[first.name, second.name]["tensor"] == hbpc.ir.Tensor((WIDTH,), (0,))
 
 
 def test_lin_next_to_lin_weight_defines_each_method_once():

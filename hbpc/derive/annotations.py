@@ -1,6 +1,6 @@
 """Stage 2 over a graph: derive every node's rule once and attach what plan and emit read, as printed data.
 
-``annotate(graph)`` sets ``graph.nodes[name]["derived"]`` (one annotation per node, by rule kind) and
+``annotate(graph)`` sets every ``hbpc.ir.Node``'s ``derived`` (one annotation per node, by rule kind) and
 ``graph.graph["loss_derived"]``. Later stages read only these: torch code already printed (in the fixed names
 ``W``, ``b``, ``X``, ``v``, ``u``, ``S``, ``g``, ``z``, ``t`` or in the template slots ``{x}``/``{y}``), formulas for
 docstrings, the names each printed expression reads (Python tokens of the code, never a regex), and the
@@ -15,6 +15,7 @@ from math import prod
 
 import sympy as sp
 
+from hbpc import ir
 from hbpc.errors import HbpcError
 from hbpc.kinds import handler
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
@@ -200,16 +201,16 @@ def _block(block) -> BlockMaps:
 
 
 def _structured(name, node, graph) -> StructuredAnnotation:
-    rule = node["rule"]
+    rule = node.rule
     derivation = derive(rule)
-    constants = rule.constants(node["hyper"]) if rule.constants else {}
+    constants = rule.constants(node.hyper) if rule.constants else {}
     tensors = {
         role: TensorMaps(formula(tensor.jacobian), _product(tensor.jvp, constants, True),
                          _product(tensor.vjp, constants, True), tensor.sample_dependent, tensor.couples_input,
                          _block(tensor.block) if tensor.block is not None else None)
         for role, tensor in derivation.tensors.items()}
     expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
-    return StructuredAnnotation(classify(derivation), expr, rule.views(node["hyper"], node["x_shape"], node["y_shape"]),
+    return StructuredAnnotation(classify(derivation), expr, rule.views(node.hyper, node.x_shape, node.y_shape),
                                 tensors)
 
 
@@ -217,8 +218,8 @@ _SLOTS = {X_SYMBOL: sp.Symbol("{x}", real=True), Y_SYMBOL: sp.Symbol("{y}", real
 
 
 def _elementwise(name, node, graph) -> ElementwiseAnnotation:
-    rule, derivation = node["rule"], derive(node["rule"])
-    values = hyper_values(node["hyper"])
+    rule, derivation = node.rule, derive(node.rule)
+    values = hyper_values(node.hyper)
     d1 = derivation.d1.subs(values).subs(_SLOTS)
     d1_code = f"torch.full_like({{x}}, {torch_code(d1)})" if d1.is_number else torch_code(d1)
     d2 = derivation.d2.subs(values)
@@ -231,22 +232,22 @@ def _elementwise(name, node, graph) -> ElementwiseAnnotation:
 
 
 def _normalization(name, node, graph) -> NormalizationAnnotation:
-    derivation = derive(node["rule"])
+    derivation = derive(node.rule)
     cached = [str(s) for s in derivation.reads()]
-    values = hyper_values(node["hyper"])
+    values = hyper_values(node.hyper)
     statistics = tuple((str(s), torch_code(definition.subs(values)), formula(definition))
                        for s, definition in derivation.statistics)
     products = {}
     for which in ("jvp", "vjp", "residual"):
         expr = getattr(derivation, which)
-        shared, out = derivation.code(which, node["hyper"])
+        shared, out = derivation.code(which, node.hyper)
         used = tuple(str(s) for s in derivation.reads() if s in expr.free_symbols) + (("g",) if which == "residual" else ())
         products[which] = NormalizationProduct(formula(expr), tuple(shared), out, used)
-    return NormalizationAnnotation("normalization", tuple(cached), statistics, products, formula(node["rule"].phi))
+    return NormalizationAnnotation("normalization", tuple(cached), statistics, products, formula(node.rule.phi))
 
 
 def _selection(name, node, graph) -> SelectionAnnotation:
-    return SelectionAnnotation(f"selection ({node['rule'].primitive})")
+    return SelectionAnnotation(f"selection ({node.rule.primitive})")
 
 
 # Each rule kind's annotation, registered once: (name, node, graph) -> its annotation.
@@ -257,7 +258,7 @@ ANNOTATIONS = {Elementwise: _elementwise, Structured: _structured, Normalization
 def _loss(graph) -> LossAnnotation:
     rule = graph.graph["loss_rule"]
     derivation = derive(rule)
-    classes = prod(graph.nodes[graph.graph["order"][-1]]["y_shape"])
+    classes = prod(ir.node(graph, graph.graph["order"][-1]).y_shape)
     outside = sorted(i for i in derivation.fixed_indices() if i >= classes)
     if outside:
         raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
@@ -273,9 +274,8 @@ def _loss(graph) -> LossAnnotation:
 
 
 def annotate(graph):
-    """Attach every node's derived quantities (``"derived"``) and the loss's (``graph.graph["loss_derived"]``)."""
-    for name in graph.graph["order"]:
-        node = graph.nodes[name]
-        node["derived"] = handler(ANNOTATIONS, node["rule"], "annotation")(name, node, graph)
+    """Attach every node's derived quantities (``Node.derived``) and the loss's (``graph.graph["loss_derived"]``)."""
+    for node in ir.nodes(graph):
+        ir.update(graph, node.name, derived=handler(ANNOTATIONS, node.rule, "annotation")(node.name, node, graph))
     graph.graph["loss_derived"] = _loss(graph)
     return graph

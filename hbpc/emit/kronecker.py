@@ -15,19 +15,21 @@ These are BackPACK's conventions (its KFAC/KFLR/KFRA), so the values can be comp
 """
 from math import prod
 
+from hbpc import ir
+
 from .code import method_lines
 from .nodes import cached_input_view
 
 def factor_nodes(graph, order) -> dict:
     """{node: {role: parameter}} for the layers the plan made KFAC-family layers."""
-    return {name: dict(graph.nodes[name]["params"]) for name in order if graph.nodes[name]["plan"].kronecker}
+    return {name: dict(ir.node(graph, name).params) for name in order if ir.node(graph, name).plan.kronecker}
 
 
 def factor_methods(name, node) -> list:
     """The node's three factor methods: input factor A, G from roots, G from the HBP curvature."""
-    c_out = node["y_shape"][0]
-    locations = prod(node["y_shape"][1:])
-    d_k = prod(node["param_shapes"]["weight"][1:])
+    c_out = node.y_shape[0]
+    locations = prod(node.y_shape[1:])
+    d_k = prod(node.param_shapes["weight"][1:])
     return [
         *method_lines(f"_{name}_input_factor(self)",
                  f"A = (1/N) Σ_n Σ_l x_l x_lᵀ over the {d_k} inputs of each output location: ({d_k}, {d_k})",

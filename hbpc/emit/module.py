@@ -3,7 +3,7 @@ import io
 import tokenize
 from math import prod
 
-from hbpc import __version__
+from hbpc import __version__, ir
 from hbpc.runtime import NAMES
 
 from .kronecker import factor_methods, factor_nodes
@@ -28,7 +28,7 @@ def _with_classes(lines, reads, classes):
 
 def _loss_lines(graph, last, loss_plan):
     rule, derived = graph.graph["loss_rule"], graph.graph["loss_derived"]
-    classes = prod(graph.nodes[last]["y_shape"])
+    classes = prod(ir.node(graph, last).y_shape)
     smoothing = loss_plan.label_smoothing
     target = "t.to(z.dtype)" if rule.target == "class" else "t.reshape(N, -1).to(z.dtype)"
     if smoothing:
@@ -38,13 +38,13 @@ def _loss_lines(graph, last, loss_plan):
     lines += [f"{name} = {code}" for name, code in derived.intermediates.items()]
     lines += derived.forward_lines
     lines += [f"scale = {derived.scale.code}", f"loss = scale * ({value.code}).sum()",
-              f"g_{last} = (scale * ({grad.code})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
+              f"g_{last} = (scale * ({grad.code})).reshape(N, *{ir.node(graph, last).y_shape!r})",
               "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
     lines += [f"self.loss_{name} = {name}" for name in derived.intermediates]
     lines = [f"z = a_{last}.reshape(N, -1)", *_with_classes(lines, value.reads | grad.reads | derived.scale.reads, classes)]
     restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derived.intermediates)
                                              if name in hvp.reads]
-    rank = len(graph.nodes[last]["y_shape"])
+    rank = len(ir.node(graph, last).y_shape)
     flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
     unflatten = ".reshape(shape)" if rank > 1 else ""
     zero = "" if "v" in hvp.reads else " + 0 * v"  # a constant Hessian product still has v's shape
@@ -74,7 +74,7 @@ def _sum(terms):
 
 
 def _input_vars(graph, name):
-    return [INPUT if i == INPUT else f"a_{i}" for i in graph.nodes[name]["inputs"]]
+    return [INPUT if i == INPUT else f"a_{i}" for i in ir.node(graph, name).inputs]
 
 
 def _backward(graph, order, codes, plan):
@@ -86,7 +86,7 @@ def _backward(graph, order, codes, plan):
         if name != order[-1]:
             lines.append(f"g_{name} = {_sum(contributions[name])}")
         lines += codes[name].backward
-        for i, source in enumerate(graph.nodes[name]["inputs"]):
+        for i, source in enumerate(ir.node(graph, name).inputs):
             if source in plan.upstream:
                 contributions.setdefault(source, []).append(codes[name].vjp(f"g_{name}")[i])
     return lines
@@ -150,12 +150,12 @@ def _sweep_method(graph, order, codes, plan, ledger):
     for name in reversed(order):
         if name not in plan.upstream:
             continue
-        node, code = graph.nodes[name], codes[name]
+        node, code = ir.node(graph, name), codes[name]
         frontier.remove(name)
         if code.blocks:
             body.append(f"visit({name!r}, S_{name})")
             ledger.keep(f"S_{name}")
-        active = [(i, source) for i, source in enumerate(node["inputs"]) if source in plan.upstream]
+        active = [(i, source) for i, source in enumerate(node.inputs) if source in plan.upstream]
         if not active:
             continue
         body.append(f"S = S_{name}  # at the output of {name}; propagate to its inputs")
@@ -227,22 +227,23 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
     for name in order:
-        graph.nodes[name]["plan"] = plans[name]
-    codes = {name: node_code(name, graph.nodes[name], _input_vars(graph, name), plans[name]) for name in order}
+        ir.update(graph, name, plan=plans[name])
+    codes = {name: node_code(name, ir.node(graph, name), _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
-    ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
+    ledger = _MemoryLedger({name: prod(ir.node(graph, name).y_shape) for name in order}, last)
     sweep = _sweep_method(graph, order, codes, plan, ledger)
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
-    buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
-    eval_mode_modules = sorted({graph.nodes[n].get("buffers", {}).get("running_mean", "*").rpartition(".")[0]
-                                or "*" for n in order if graph.nodes[n]["op"] == "batch_norm"}
-                               | {graph.nodes[n]["hyper"]["dropout"] for n in order if "dropout" in graph.nodes[n]["hyper"]})
+    nodes = ir.nodes(graph)
+    buffers = sorted({b for node in nodes for b in node.buffers.values()})
+    eval_mode_modules = sorted({node.buffers.get("running_mean", "*").rpartition(".")[0] or "*"
+                                for node in nodes if node.op == "batch_norm"}
+                               | {node.hyper["dropout"] for node in nodes if "dropout" in node.hyper})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
     rule = graph.graph["loss_rule"]
-    y_shape = graph.nodes[last]["y_shape"]
+    y_shape = ir.node(graph, last).y_shape
     classes = prod(y_shape)
     sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
     if rule.target == "class":
@@ -256,12 +257,12 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
         "return self._end(loss, x, target)",
     ]
-    nodes = {name: (tuple(graph.nodes[name]["inputs"]), dict(graph.nodes[name]["params"])) for name in order}
+    nodes = {name: (tuple(ir.node(graph, name).inputs), dict(ir.node(graph, name).params)) for name in order}
     second_order = {name: (codes[name].residual_product is not None, tuple(codes[name].cross_terms),
                            codes[name].tangent_view)
                     for name in order if codes[name].residual_product or codes[name].cross_terms}
-    graph_doc = "\n".join(f"    a_{n} = {safe_text(graph.nodes[n]['op'])}({', '.join(_input_vars(graph, n))})    "
-                          f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
+    graph_doc = "\n".join(f"    a_{n} = {safe_text(ir.node(graph, n).op)}({', '.join(_input_vars(graph, n))})    "
+                          f"# {' '.join(map(str, ir.node(graph, n).x_shapes))} -> {ir.node(graph, n).y_shape}"
                           for n in order)
     loss = safe_text(f"{graph.graph['loss']} ({graph.graph['reduction']})")
     model = safe_text(graph.graph["model"])
@@ -278,7 +279,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         "See hbpc's docs/curvature.md for the definitions of every quantity.",
         '"""',
     ]
-    blocks = {name: tuple((graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items())
+    blocks = {name: tuple((ir.node(graph, name).params[role], method) for role, method in codes[name].blocks.items())
               for name in order if codes[name].blocks}
     cls = [
         "class Curvature(CurvatureModule):",
@@ -311,7 +312,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *sweep,
             *loss_methods,
             *[line for name in order for line in codes[name].methods
-              + (factor_methods(name, graph.nodes[name]) if name in factors else [])],
+              + (factor_methods(name, ir.node(graph, name)) if name in factors else [])],
         ], 1),
     ]
     body = "\n".join(cls)

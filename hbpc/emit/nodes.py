@@ -31,7 +31,7 @@ def take_temporaries(d_x, d_y) -> int:
 
 
 def elementwise_code(name, node, input_vars) -> NodeCode:
-    rule, derived = node["rule"], node["derived"]
+    rule, derived = node.rule, node.derived
     input_var = input_vars[0]
     out = f"a_{name}"
     code = NodeCode()
@@ -70,23 +70,23 @@ _SELECTION_PRIMITIVES = {
 
 
 def selection_code(name, node, input_vars) -> NodeCode:
-    rule = node["rule"]
+    rule = node.rule
     if rule.primitive in ("add", "cat"):
         return _multi_input_code(name, node, input_vars)
     jvp, vjp = _SELECTION_PRIMITIVES[rule.primitive]
-    x_shape, y_shape = repr(node["x_shape"]), repr(node["y_shape"])
-    spatial = len(node["x_shape"]) - 1
+    x_shape, y_shape = repr(node.x_shape), repr(node.y_shape)
+    spatial = len(node.x_shape) - 1
     flat = rule.primitive == "take" and spatial != 2
     if flat:  # 1D or 3D: the selection on (C, 1, numel(spatial)), the recorded indices get a unit row axis
-        x_shape = repr((node["x_shape"][0], 1, prod(node["x_shape"][1:])))
+        x_shape = repr((node.x_shape[0], 1, prod(node.x_shape[1:])))
         view = "{t}" if spatial == 1 else f"{{t}}.flatten(-{spatial})"
         as_2d = view + ".unsqueeze(-2)"
         jvp = ("take_jvp(" + as_2d.format(t="v") + ", self.{n}_idx)"
-               + f".reshape(*v.shape[:-{spatial + 1}], *{node['y_shape']!r})")
+               + f".reshape(*v.shape[:-{spatial + 1}], *{node.y_shape!r})")
         vjp = ("take_vjp(" + as_2d.format(t="u") + ", self.{n}_idx, {x_shape})"
-               + f".reshape(*u.shape[:-{spatial + 1}], *{node['x_shape']!r})")
-    values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
-    d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
+               + f".reshape(*u.shape[:-{spatial + 1}], *{node.x_shape!r})")
+    values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node.hyper.get("padding")))
+    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
     code = NodeCode()
     forward = fill_template(rule.forward, node, input_vars)
     if rule.primitive == "take":
@@ -115,7 +115,7 @@ def selection_code(name, node, input_vars) -> NodeCode:
 
 def _multi_input_code(name, node, input_vars) -> NodeCode:
     """``add`` (Jᵢ = I) and ``cat`` (Jᵢ selects input i's slice): linear and sample-independent."""
-    rule, y_shape, x_shapes = node["rule"], node["y_shape"], node["x_shapes"]
+    rule, y_shape, x_shapes = node.rule, node.y_shape, list(node.x_shapes)
     code = NodeCode()
     code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
     if rule.primitive == "add":
@@ -130,7 +130,7 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
         code.mean_vjp = lambda i, M: M
         code.cross = lambda i, j: "S"
         return code
-    axis = node["hyper"]["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
+    axis = node.hyper["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
     offsets = [sum(shape[axis] for shape in x_shapes[:i]) for i in range(len(x_shapes))]
     for i, (offset, shape) in enumerate(zip(offsets, x_shapes)):
         code.methods += method_lines(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
@@ -152,22 +152,22 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
 
 def _is_1d(node) -> bool:
     """A one-dimensional conv/pool: run as its two-dimensional form on the input viewed as (C, 1, L)."""
-    return len(node["hyper"].get("kernel_size", (0, 0))) == 1
+    return len(node.hyper.get("kernel_size", (0, 0))) == 1
 
 
 def _is_3d(node) -> bool:
-    return len(node["hyper"].get("kernel_size", (0, 0))) == 3
+    return len(node.hyper.get("kernel_size", (0, 0))) == 3
 
 
 def _nd_args(node):
-    h = node["hyper"]
+    h = node.hyper
     return (f"{h['kernel_size']!r}, {h['stride']!r}, {h['padding']!r}, "
             f"{h.get('dilation', (1,) * len(h['kernel_size']))!r}")
 
 
 def _transposed_args(node):
     """Arguments of ``transposed_patches``; a 1D transposed convolution runs as the 2D one on (C, 1, L)."""
-    h = node["hyper"]
+    h = node.hyper
     values = [h[key] for key in ("kernel_size", "stride", "padding", "output_padding", "dilation")]
     if _is_1d(node):
         values = [(unit, *value) for unit, value in zip((1, 1, 0, 0, 1), values)]
@@ -176,10 +176,10 @@ def _transposed_args(node):
 
 def _as_2d(node):
     """(kernel_size, stride, padding, dilation, x_shape) of the node's two-dimensional form."""
-    h = node["hyper"]
+    h = node.hyper
     if not _is_1d(node):
-        return h["kernel_size"], h["stride"], h["padding"], h.get("dilation", (1, 1)), node["x_shape"]
-    c, length = node["x_shape"]
+        return h["kernel_size"], h["stride"], h["padding"], h.get("dilation", (1, 1)), node.x_shape
+    c, length = node.x_shape
     dilation = h.get("dilation", (1,))
     return ((1, *h["kernel_size"]), (1, *h["stride"]), (0, *h["padding"]), (1, *dilation), (c, 1, length))
 
@@ -194,12 +194,12 @@ def tangent_view_method(name, node):
     that is the tangent itself (a convolution lowered to torch's kernels reads the input unfolded)."""
     if convolution_lowering(node) or _view_is_input(node):
         return None
-    return f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
+    return f"_{name}_tangent_view" if node.rule.input_view == "standardize" else f"_{name}_view"
 
 
 def _view_is_input(node) -> bool:
     """Whether the rule's ``X`` is the input itself (a reshape to the same per-sample shape)."""
-    return node["rule"].input_view == "reshape" and tuple(node["derived"].views["X"]) == tuple(node["x_shape"])
+    return node.rule.input_view == "reshape" and tuple(node.derived.views["X"]) == tuple(node.x_shape)
 
 
 def cached_input_view(name, node) -> str:
@@ -209,27 +209,27 @@ def cached_input_view(name, node) -> str:
 
 def convolution_lowering(node):
     """``conv_options(...)`` code when the plan lowers the node's derived maps to torch's convolution kernels, else None."""
-    if not node["plan"].lowering:
+    if not node.plan.lowering:
         return None
-    transposed = node["rule"].input_view == "transposed_patches"
-    h = node["hyper"]
+    transposed = node.rule.input_view == "transposed_patches"
+    h = node.hyper
     output_padding = h.get("output_padding", (0,) * len(h["kernel_size"]))
     return (f"conv_options(stride={h['stride']!r}, padding={h['padding']!r}, dilation={h['dilation']!r}, "
             f"transposed={transposed}, output_padding={output_padding!r}, groups={h['groups']!r})")
 
 
 def _buffer(node, role) -> str:
-    return f"self.buffers[{node['buffers'][role]!r}]"
+    return f"self.buffers[{node.buffers[role]!r}]"
 
 
 def _rstd(node) -> str:
     """1/sqrt(running_var + eps) as a (C, 1) column."""
-    return f"({_buffer(node, 'running_var')} + {node['hyper']['eps']!r}).rsqrt()[:, None]"
+    return f"({_buffer(node, 'running_var')} + {node.hyper['eps']!r}).rsqrt()[:, None]"
 
 
 def _input_view(node, views, tensor, tangent=False) -> str:
     """The input as the rule's ``X``; for the affine ``standardize`` view a tangent drops the shift."""
-    view = node["rule"].input_view
+    view = node.rule.input_view
     if view == "transposed_patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
         return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {dims(views['X'])})"
@@ -246,34 +246,34 @@ def _input_view(node, views, tensor, tangent=False) -> str:
 
 
 def _input_view_adjoint(node, views, tensor) -> str:
-    if node["rule"].input_view == "standardize":
-        return f"({tensor} * {_rstd(node)}).reshape(*lead, {dims(node['x_shape'])})"
-    if node["rule"].input_view == "transposed_patches":
-        flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
+    if node.rule.input_view == "standardize":
+        return f"({tensor} * {_rstd(node)}).reshape(*lead, {dims(node.x_shape)})"
+    if node.rule.input_view == "transposed_patches":
+        flat = f"{tensor}.reshape(*lead, {node.x_shape[0] * prod(node.hyper['kernel_size'])}, {views['X'][-1]})"
         x_shape = _as_2d(node)[-1]
         adjoint = f"transposed_patches_adjoint({flat}, {x_shape!r}, {_transposed_args(node)})"
-        return f"{adjoint}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else adjoint
-    if node["rule"].input_view == "patches" and _is_3d(node):
-        flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
-        return f"patches_nd_adjoint({flat}, {node['x_shape']!r}, {_nd_args(node)})"
-    if node["rule"].input_view == "patches":
+        return f"{adjoint}.reshape(*lead, {dims(node.x_shape)})" if _is_1d(node) else adjoint
+    if node.rule.input_view == "patches" and _is_3d(node):
+        flat = f"{tensor}.reshape(*lead, {node.x_shape[0] * prod(node.hyper['kernel_size'])}, {views['X'][-1]})"
+        return f"patches_nd_adjoint({flat}, {node.x_shape!r}, {_nd_args(node)})"
+    if node.rule.input_view == "patches":
         k, _, _, _, x_shape = _as_2d(node)
         flat = f"{tensor}.reshape(*lead, {x_shape[0] * k[0] * k[1]}, {views['X'][-1]})"
         folded = f"patches_adjoint({flat}, {x_shape!r}, {_patch_args(node)})"
-        return f"{folded}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else folded
-    return f"{tensor}.reshape(*lead, {dims(node['x_shape'])})"
+        return f"{folded}.reshape(*lead, {dims(node.x_shape)})" if _is_1d(node) else folded
+    return f"{tensor}.reshape(*lead, {dims(node.x_shape)})"
 
 
 def _param_view(node, views, role) -> str:
     key = {"weight": "W", "bias": "b"}[role]
-    return f"{param_code(node['params'][role])}.reshape({', '.join(map(str, views[key]))})"
+    return f"{param_code(node.params[role])}.reshape({', '.join(map(str, views[key]))})"
 
 
 def structured_code(name, node, input_vars, caches_view) -> NodeCode:
-    rule, derived = node["rule"], node["derived"]
+    rule, derived = node.rule, node.derived
     input_var = input_vars[0]
     views, expr = derived.views, derived.expr
-    x_rank = len(node["x_shape"])
+    x_rank = len(node.x_shape)
     conv = convolution_lowering(node)
     code = NodeCode()
     code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
@@ -291,9 +291,9 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
 
     jx = derived.tensors["X"]
     weight = []
-    if "weight" in node["params"]:
-        shape, view = node["param_shapes"]["weight"], tuple(views["W"])
-        given = f"{param_code(node['params']['weight'])} if W is None else W"
+    if "weight" in node.params:
+        shape, view = node.param_shapes["weight"], tuple(views["W"])
+        given = f"{param_code(node.params['weight'])} if W is None else W"
         weight = [f"W = {given}" if tuple(shape) == view else f"W = reshape_to({given}, {shape!r}, {view!r})"]
     signature = ", W=None" if weight else ""
     if conv:
@@ -302,10 +302,10 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.methods += _einsum_input_methods(name, node, views, jx, expr, weight, signature)
     single_input(code, name)
 
-    for role, param in node["params"].items():
+    for role, param in node.params.items():
         tensor = derived.tensors[role]
         shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
-        full = node["param_shapes"][role]
+        full = node.param_shapes[role]
         if conv and role == "weight":
             code.methods += _conv_weight_methods(name, param, conv, full, tensor)
         else:
@@ -313,7 +313,7 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape)
         code.blocks[role] = f"_{name}_{role}_block"
-        if node["plan"].block(role).representation == "kronecker":
+        if node.plan.block(role).representation == "kronecker":
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
@@ -321,18 +321,18 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
     code.input_curvature = [_sandwich_code(name, node, jx)]
     code.curvature_temporaries = [_sandwich_temporaries(node, jx)]
-    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {node['y_shape']!r})"
+    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {node.y_shape!r})"
     return code
 
 
 def _conv_input_methods(name, node, conv, expr) -> list:
-    weight = param_code(node["params"]["weight"])
+    weight = param_code(node.params["weight"])
     lowered = "the einsum over unfolded patches, computed by torch's convolution"
     return [
         *method_lines(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
                  [f"return conv_apply(v, {weight}, {conv})"]),
         *method_lines(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
-                 [f"return conv_input_vjp(u, {weight} if W is None else W, {node['x_shape']!r}, {conv})"]),
+                 [f"return conv_input_vjp(u, {weight} if W is None else W, {node.x_shape!r}, {conv})"]),
     ]
 
 
@@ -356,10 +356,10 @@ def product_code(product, out_shape="") -> str:
 
 
 def _einsum_input_methods(name, node, views, jx, expr, weight, signature) -> list:
-    y_rank = len(node["y_shape"])
+    y_rank = len(node.y_shape)
     jvp = product_code(jx.jvp, f"(lead[-1], {dims(views['Y'])})")
     vjp = product_code(jx.vjp, f"(lead[-1], {dims(views['X'])})")
-    y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
+    y_is_view = tuple(views["Y"]) == tuple(node.y_shape)
     view = tangent_view_method(name, node)
     view_tangent = [f"v = self.{view}(v)"] if view else []
     view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast_axes or not y_is_view else [])
@@ -371,7 +371,7 @@ def _einsum_input_methods(name, node, views, jx, expr, weight, signature) -> lis
             f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
             [*view_tangent, *[w.replace(" if W is None else W", "") for w in weight],
              *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast_axes else []), f"Y = {jvp}",
-             "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"]),
+             "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node.y_shape!r})"]),
         *method_lines(
             f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
             [*view_u, *weight, f"X = {vjp}", *unview_x]),
@@ -380,38 +380,38 @@ def _einsum_input_methods(name, node, views, jx, expr, weight, signature) -> lis
 
 def _einsum_parameter_methods(name, node, role, param, tensor, views) -> list:
     shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
-    full = node["param_shapes"][role]
+    full = node.param_shapes[role]
     p_jvp = product_code(tensor.jvp, f"(self.N, {dims(views['Y'])})")
     p_vjp = product_code(tensor.vjp, repr(shape))
-    y_is_view, param_is_view = tuple(views["Y"]) == tuple(node["y_shape"]), shape == tuple(full)
+    y_is_view, param_is_view = tuple(views["Y"]) == tuple(node.y_shape), shape == tuple(full)
     return [
         *method_lines(
             f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {tensor.jacobian}",
             [*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]), f"Y = {p_jvp}",
-             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node['y_shape'])})"]),
+             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node.y_shape)})"]),
         *method_lines(
             f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
-            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {dims(views['Y'])})"]),
+            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node.y_shape)}), {dims(views['Y'])})"]),
              f"G = {p_vjp}", "return G" if param_is_view else f"return reshape_to(G, {shape!r}, {full!r})"]),
     ]
 
 
 def _jacobian_is_weight(node, jx) -> bool:
     """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
-    views = node["derived"].views
-    return node["plan"].kind == "matmul" and node["rule"].input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
+    views = node.derived.views
+    return node.plan.kind == "matmul" and node.rule.input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
 
 
 def _sandwich_code(name, node, jx) -> str:
     """S_x = Jᵀ S J: two gemms with W where the Jacobian is the weight, else two passes of the vjp."""
     if _jacobian_is_weight(node, jx):
-        return f"weight_sandwich(S, {param_code(node['params']['weight'])})"
-    return f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"
+        return f"weight_sandwich(S, {param_code(node.params['weight'])})"
+    return f"sandwich_independent(S, self._{name}_vjp, {node.x_shape!r}, {node.y_shape!r})"
 
 
 def _sandwich_temporaries(node, jx) -> int:
     """Entries ``_sandwich_code`` allocates besides S and S_x: Wᵀ S (d_x × d_y), or sandwich_independent's."""
-    d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
+    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
     return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
 
 
@@ -435,9 +435,9 @@ def _kronecker_factor_entries(block, shape) -> tuple:
 
 def _block_method(name, node, role, param, block, views, shape) -> list:
     """The block method in the plan's representation (matrix-free where it chose that over the derived form)."""
-    representation = node["plan"].block(role).representation
+    representation = node.plan.block(role).representation
     y_view = tuple(views["Y"])
-    full = node["param_shapes"][role]
+    full = node.param_shapes[role]
     size = prod(full)
     signature = f"_{name}_{role}_block(self, S, average)"
     reshape_s = f"S = S.reshape({dims(y_view)}, {dims(y_view)})"
@@ -460,7 +460,7 @@ def _block_method(name, node, role, param, block, views, shape) -> list:
         [f"X = batch_mean(self.{name}_X, average)",
          "",
          "def product(v):",
-         f"    t = apply_per_sample(S, self._{name}_{role}_jvp(v, X), {node['y_shape']!r})",
+         f"    t = apply_per_sample(S, self._{name}_{role}_jvp(v, X), {node.y_shape!r})",
          f"    return self._{name}_{role}_vjp(t, X) / X.shape[0]",
          "",
          f"return OperatorBlock(product, {full!r}, S)"])
@@ -478,4 +478,4 @@ EMITTERS = {
 
 
 def node_code(name, node, input_vars, node_plan) -> NodeCode:
-    return handler(EMITTERS, node["rule"], "emitter")(name, node, input_vars, node_plan)
+    return handler(EMITTERS, node.rule, "emitter")(name, node, input_vars, node_plan)

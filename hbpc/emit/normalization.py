@@ -25,21 +25,21 @@ def _statistics_method(name, derived, groups, entries) -> list:
 
 def _product_method(name, node, which, argument, doc, groups, entries) -> list:
     """A method applying one derived product to ``argument`` (*lead, *x) per group of entries; ``doc`` names it."""
-    product = node["derived"].products[which]
+    product = node.derived.products[which]
     cached = product.cached
     return method_lines(
         f"_{name}_{which}(self, {argument})", doc.format(expr=product.formula),
         [*([f"{', '.join(cached)} = {', '.join(f'self.{name}_{c}' for c in cached)}"] if cached else []),
-         f"lead = lead_shape({argument}, {len(node['x_shape'])})",
+         f"lead = lead_shape({argument}, {len(node.x_shape)})",
          f"{argument} = {argument}.reshape(*lead, {groups}, {entries})", *product.lines,
-         f"return ({product.code}).reshape(*lead, {dims(node['y_shape'])})"])
+         f"return ({product.code}).reshape(*lead, {dims(node.y_shape)})"])
 
 
 def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     """The node's code; without a parameter ``upstream`` of it nothing needs its derivatives: only the forward."""
-    rule, derived = node["rule"], node["derived"]
-    x_shape = node["x_shape"]
-    entries = prod(node["hyper"]["normalized_shape"])
+    rule, derived = node.rule, node.derived
+    x_shape = node.x_shape
+    entries = prod(node.hyper["normalized_shape"])
     groups = prod(x_shape) // entries
     reads = [f"self.{name}_{s}" for s in derived.reads]
     like = reads[0] if reads else f"self.{name}_g"
