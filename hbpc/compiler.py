@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from hbpc.derive import annotate
 from hbpc.emit import emit
 from hbpc.errors import HbpcError
 from hbpc.export import export, graph_hash, load_rules_file
@@ -59,7 +60,7 @@ def recorded_rules(text: str, generated_path):
 def compile_graph(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=(), header_lines=()):
     """(IR graph, text of the generated module); ``rules`` adds user rules to the table."""
     with extended(list(rules)):
-        graph = export(model, example_input, loss_fn, loss)
+        graph = annotate(export(model, example_input, loss_fn, loss))
         note = ("The loss is the default: the model gave no loss_fn, so hbpc assumed nn.CrossEntropyLoss()."
                 if assumed_loss_notice(loss_fn, loss) else None)
         text = emit(graph, plan(graph), source_name, graph_hash(graph), header_lines, note)

@@ -18,9 +18,11 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import hbpc
+import hbpc.ir
 from hbpc.cli import main
 from hbpc.compiler import compile_source
 from hbpc.emit.names import INPUT, LOCAL_PREFIXES, MEMBERS, identifiers, graph_suffixes, node_stems, safe_text
+from hbpc.derive import annotate
 from hbpc.export import export
 from models import SETTINGS
 
@@ -133,8 +135,9 @@ def test_a_submodule_named_x_gets_its_own_ir_node_name():
     model = nn.Sequential(OrderedDict([("lin", nn.Linear(WIDTH, WIDTH)), ("x", nn.Tanh())]))
     graph = export(model, torch.randn(2, WIDTH))
     assert INPUT not in graph.graph["order"]
-    assert graph.nodes[graph.graph["order"][0]]["inputs"] == [INPUT]
-    assert graph.nodes[graph.graph["order"][1]]["inputs"] == [graph.graph["order"][0]]
+    first, second = hbpc.ir.nodes(graph)
+    assert first.inputs == (INPUT,) and second.inputs == (first.name,)
+    assert graph.edges[first.name, second.name]["tensor"] == hbpc.ir.Tensor((WIDTH,), (0,))
 
 
 def test_lin_next_to_lin_weight_defines_each_method_once():
@@ -205,7 +208,7 @@ def test_names_torch_fx_and_python_treat_alike_stay_apart(names):
 def test_ordinary_names_stay_as_they_are():
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(WIDTH, WIDTH)), ("act", nn.Tanh()),
                                        ("fc2", nn.Linear(WIDTH, CLASSES))]))
-    graph = export(model, torch.randn(2, WIDTH))
+    graph = annotate(export(model, torch.randn(2, WIDTH)))
     assert list(node_stems(graph).values()) == ["fc1", "act", "fc2"]
 
 
@@ -386,7 +389,7 @@ def test_every_generated_member_is_a_node_identifier_or_a_known_member(case):
     """A member neither derived from a node stem or a family name nor in names.MEMBERS could collide with a node's:
     add it there. No family's identifiers are a node's. Generated locals other than the nodes' keep out of the nodes' prefixes a_, g_, t_, u_, S_."""
     _, model, loss_fn, x = case
-    graph = export(model, x, loss_fn)
+    graph = annotate(export(model, x, loss_fn))
     text = compile_source(model, x, loss_fn)
     suffixes = graph_suffixes(graph)
     node_names = {pair for stem in node_stems(graph).values() for pair in identifiers(stem, suffixes)}
@@ -403,7 +406,7 @@ def test_every_generated_member_is_a_node_identifier_or_a_known_member(case):
 
 def test_stems_are_unique_identifiers_and_never_the_input():
     for model in FUZZ_MODELS:
-        graph = export(model.double(), torch.randn(2, WIDTH, dtype=torch.float64))
+        graph = annotate(export(model.double(), torch.randn(2, WIDTH, dtype=torch.float64)))
         stems = list(node_stems(graph).values())
         assert len(set(stems)) == len(stems) and INPUT not in stems
         for stem in stems:

@@ -118,10 +118,10 @@ def method_lines(signature: str, doc: str, body: list) -> list:
 
 
 def fill_template(template: str, node, input_vars: list) -> str:
-    values = {key: repr(value) for key, value in node["hyper"].items()}
-    values.update({role: param_code(name) for role, name in node["params"].items()})
-    values.update({role: f"self.buffers[{name!r}]" for role, name in node.get("buffers", {}).items()})
+    values = {key: repr(value) for key, value in node.hyper.items()}
+    values.update({role: param_code(name) for role, name in node.params.items()})
+    values.update({role: f"self.buffers[{name!r}]" for role, name in node.buffers.items()})
     values.setdefault("bias", "None")
     values.update({f"x{i}": var for i, var in enumerate(input_vars)})
-    values.update(x=input_vars[0], xs=", ".join(input_vars), y_shape=repr(node["y_shape"]))
+    values.update(x=input_vars[0], xs=", ".join(input_vars), y_shape=repr(node.y_shape))
     return template.format(**values)

@@ -15,7 +15,9 @@ For a layer whose weight multiplies (patches of) its input, ``y[o, l] = Σ_k W[o
 These are BackPACK's conventions (its KFAC/KFLR/KFRA), so the values can be compared.
 """
 
+from hbpc import ir
+
 
 def factor_nodes(graph, order) -> dict:
     """{node: {role: parameter}} for the layers the plan made KFAC-family layers (hbpc.runtime computes their factors)."""
-    return {name: dict(graph.nodes[name]["params"]) for name in order if graph.nodes[name]["plan"].kronecker}
+    return {name: dict(ir.node(graph, name).params) for name in order if ir.node(graph, name).plan.kronecker}

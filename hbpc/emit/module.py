@@ -1,14 +1,9 @@
 """Assemble the generated ``curv_model.py`` from node code, the loss derivation and the plan."""
 import io
-import re
 import tokenize
 from math import prod
 
-import sympy as sp
-
-from hbpc import __version__
-from hbpc.derive import derive
-from hbpc.derive.printer import formula, torch_code
+from hbpc import __version__, ir
 from hbpc.errors import HbpcError
 from hbpc.runtime import NAMES
 
@@ -28,77 +23,53 @@ def _shape_args(shape) -> str:
     return ", ".join(map(str, shape))
 
 
-def _needed(shared, code):
-    """The CSE lines ``code`` depends on, directly or through later lines."""
-    kept, wanted = [], set(re.findall(r"\bs\d+\b", code))
-    for line in reversed(shared):
-        target, expression = line.split(" = ", 1)
-        if target in wanted:
-            kept.insert(0, line)
-            wanted |= set(re.findall(r"\bs\d+\b", expression))
-    return kept
-
-
-def _with_classes(lines, classes):
+def _with_classes(lines, reads, classes):
     """``C = classes`` ahead of lines that read the number of classes C."""
-    reads = any(re.search(r"\bC\b", line.partition("#")[0]) for line in lines)
-    return [f"C = {classes}", *lines] if reads else lines
+    return [f"C = {classes}", *lines] if "C" in reads else lines
 
 
 def _loss_lines(graph, last, loss_plan):
-    rule = graph.graph["loss_rule"]
-    derivation = derive(rule)
-    N, C = sp.symbols("N C", positive=True, integer=True)
-    scale = torch_code(sp.nsimplify(rule.scale[graph.graph["reduction"]](N, C)))
-    hyper = graph.graph["loss_hyper"]
-    shared, exprs = derivation.code(hyper)
-    classes = prod(graph.nodes[last]["y_shape"])
-    outside = sorted(i for i in derivation.fixed_indices() if i >= classes)
-    if outside:
-        raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
-                        "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
-                        "index entries 0 to C-1 only, or compile a model with more outputs")
+    rule, derived = graph.graph["loss_rule"], graph.graph["loss_derived"]
+    classes = prod(ir.node(graph, last).y_shape)
     smoothing = loss_plan.label_smoothing
     target = "t.to(z.dtype)" if rule.target == "class" else "t.reshape(N, -1).to(z.dtype)"
     if smoothing:
         target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
-    lines = [f"z = a_{last}.reshape(N, -1)", f"t = {target}"]
-    lines += [f"{name} = {code}" for name, code in derivation.intermediates.items()]
-    lines += _needed(shared, exprs["value"] + " " + exprs["grad"])
-    lines += [f"scale = {scale}", f"loss = scale * ({exprs['value']}).sum()",
-              f"g_{last} = (scale * ({exprs['grad']})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
+    value, grad, hvp = derived.value, derived.grad, derived.hvp
+    lines = [f"t = {target}"]
+    lines += [f"{name} = {code}" for name, code in derived.intermediates.items()]
+    lines += derived.forward_lines
+    lines += [f"scale = {derived.scale.code}", f"loss = scale * ({value.code}).sum()",
+              f"g_{last} = (scale * ({grad.code})).reshape(N, *{ir.node(graph, last).y_shape!r})",
               "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
-    lines += [f"self.loss_{name} = {name}" for name in derivation.intermediates]
-    lines = [lines[0], *_with_classes(lines[1:], classes)]
-    hvp_lines = _needed(shared, exprs["hvp"])
-    uses = " ".join([*hvp_lines, exprs["hvp"]])
-    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derivation.intermediates)
-                                             if re.search(rf"\b{name}\b", uses)]
-    rank = len(graph.nodes[last]["y_shape"])
+    lines += [f"self.loss_{name} = {name}" for name in derived.intermediates]
+    lines = [f"z = a_{last}.reshape(N, -1)", *_with_classes(lines, value.reads | grad.reads | derived.scale.reads, classes)]
+    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derived.intermediates)
+                                             if name in hvp.reads]
+    rank = len(ir.node(graph, last).y_shape)
     flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
     unflatten = ".reshape(shape)" if rank > 1 else ""
-    if derivation.hessian_product == 0:  # a loss linear in z
-        hvp = ["return torch.zeros_like(v)"]
+    if "v" not in hvp.reads:  # a loss linear in z: its Hessian is 0
+        hvp_body = ["return torch.zeros_like(v)"]
     else:
-        hvp = _with_classes(restore + flatten + hvp_lines + [f"return (scale * ({exprs['hvp']})){unflatten}"], classes)
-    doc = f"ℓ(z, t) = {formula(rule.ell)};  Hv = {formula(derivation.hessian_product)}"
+        hvp_body = _with_classes(restore + flatten + [*hvp.lines, f"return (scale * ({hvp.code})){unflatten}"],
+                                 hvp.reads, classes)
     methods = [
         "def _loss_hessian_product(self, v):",
-        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(doc)}"""', *_indent(hvp, 1), "",
+        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(derived.doc)}"""', *_indent(hvp_body, 1), "",
     ]
     if loss_plan.sampled_fisher:
         sampled = [
             "labels = torch.multinomial(self.loss_softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"t = torch.nn.functional.one_hot(labels, {classes}).to(self.loss_z.dtype)  # (N, S, C) sampled targets",
-            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derivation.intermediates)
-              if re.search(rf"\b{name}\b", exprs["grad"])],
-            *_needed(shared, exprs["grad"]),
-            f"return {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
+            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derived.intermediates) if name in grad.reads],
+            *grad.lines,
+            f"return {grad.code}  # the derived ∇_z ℓ(z, ŷ_s)",
         ]
         methods += [
             "def _loss_sampled_gradients(self, samples, generator):",
             '    """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""',
-            *_indent(_with_classes(sampled, classes), 1), ""]
+            *_indent(_with_classes(sampled, grad.reads, classes), 1), ""]
     return lines, methods
 
 
@@ -107,7 +78,7 @@ def _sum(terms):
 
 
 def _input_vars(graph, name):
-    return [INPUT if i == INPUT else f"a_{i}" for i in graph.nodes[name]["inputs"]]
+    return [INPUT if i == INPUT else f"a_{i}" for i in ir.node(graph, name).inputs]
 
 
 def _backward(graph, order, codes, plan):
@@ -119,7 +90,7 @@ def _backward(graph, order, codes, plan):
         if name != order[-1]:
             lines.append(f"g_{name} = {_sum(contributions[name])}")
         lines += codes[name].backward
-        for i, source in enumerate(graph.nodes[name]["inputs"]):
+        for i, source in enumerate(ir.node(graph, name).inputs):
             if source in plan.upstream:
                 contributions.setdefault(source, []).append(codes[name].vjp(f"g_{name}")[i])
     return lines
@@ -129,11 +100,6 @@ def _pair(a, b, position):
     """The variable holding the cross curvature of tensors a and b, and whether it must be transposed."""
     first, second = sorted((a, b), key=position.__getitem__)
     return f"S_{first}__{second}", first != a
-
-
-def _accumulate(lines, defined, variable, expression):
-    lines.append(f"{variable} = {variable} + {expression}" if variable in defined else f"{variable} = {expression}")
-    defined.add(variable)
 
 
 class _MemoryLedger:
@@ -185,11 +151,11 @@ def _sweep_memory(graph, order, codes, plan, ledger):
     for name in reversed(order):
         if name not in plan.upstream:
             continue
-        node, code = graph.nodes[name], codes[name]
+        node, code = ir.node(graph, name), codes[name]
         frontier.remove(name)
         if code.blocks:
             ledger.keep(f"S_{name}")
-        active = [(i, source) for i, source in enumerate(node["inputs"]) if source in plan.upstream]
+        active = [(i, source) for i, source in enumerate(node.inputs) if source in plan.upstream]
         if not active:
             continue
         where = f"the inputs of {name}"
@@ -276,12 +242,12 @@ def _tuple_lines(name, items, comment="") -> list:
 
 def _branches(graph, order, plan) -> bool:
     """Whether the HBP sweep keeps cross curvatures: some node has two different inputs that carry curvature."""
-    return any(len({i for i in graph.nodes[n]["inputs"] if i in plan.upstream}) > 1 for n in order)
+    return any(len({i for i in ir.node(graph, n).inputs if i in plan.upstream}) > 1 for n in order)
 
 
 def _target(graph, name, family=None) -> Target:
-    node = graph.nodes[name]
-    return Target(name, dict(node["params"]), dict(node.get("param_shapes", {})), family)
+    node = ir.node(graph, name)
+    return Target(name, dict(node.params), dict(node.param_shapes), family)
 
 
 def _families(graph, order, plans, branches) -> dict:
@@ -290,12 +256,12 @@ def _families(graph, order, plans, branches) -> dict:
     (names.family_names). A node with no such twin prints its own methods."""
     keys = {}
     for name in order:
-        node = graph.nodes[name]
+        node = ir.node(graph, name)
         if not shares_methods(node):
             continue
         code = node_code(_target(graph, name, "family"), node, _input_vars(graph, name), plans[name])
-        records = tuple(code.records + _sweep_records(code, len(node["inputs"]), branches))
-        keys[name] = (node["rule"].key, records, _second_order_row(code), tuple(code.blocks.items()))
+        records = tuple(code.records + _sweep_records(code, len(node.inputs), branches))
+        keys[name] = (node.rule.key, records, _second_order_row(code), tuple(code.blocks.items()))
     shared = [key for key in keys.values() if list(keys.values()).count(key) > 1]  # a node alone keeps its own methods
     families = family_names(graph, [(key[0], key) for key in shared])
     return {name: families[key] for name, key in keys.items() if key in families}
@@ -312,14 +278,14 @@ def _methods(graph, order, codes, targets, plan, branches) -> list:
     """Every node's methods in graph order: a family's once, at its first node."""
     lines, printed = [], set()
     for name in order:
-        code, target, node = codes[name], targets[name], graph.nodes[name]
+        code, target, node = codes[name], targets[name], ir.node(graph, name)
         if target.shared and target.family in printed:
             continue
         members = [n for n in order if targets[n].family == target.family] if target.shared else [name]
         if not any(n in plan.upstream for n in members):
             continue  # no gradient, tangent or curvature reaches the node: no walker calls its methods
         sweep = any(any(plan.node(n).input_needs_grad) for n in members)
-        records = code.records + (_sweep_records(code, len(node["inputs"]), branches) if sweep else [])
+        records = code.records + (_sweep_records(code, len(node.inputs), branches) if sweep else [])
         lines += code.methods + [line for record in records for line in record.lines(target)]
         printed.add(target.family)
     return lines
@@ -332,26 +298,27 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
     for name in order:
-        graph.nodes[name]["plan"] = plans[name]
+        ir.update(graph, name, plan=plans[name])
     branches = _branches(graph, order, plan)
     families = _families(graph, order, plans, branches)
     targets = {name: _target(graph, name, families.get(name)) for name in order}
-    codes = {name: node_code(targets[name] if shares_methods(graph.nodes[name]) else name, graph.nodes[name],
+    codes = {name: node_code(targets[name] if shares_methods(ir.node(graph, name)) else name, ir.node(graph, name),
                              _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
-    ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
+    ledger = _MemoryLedger({name: prod(ir.node(graph, name).y_shape) for name in order}, last)
     _sweep_memory(graph, order, codes, plan, ledger)
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
-    buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
-    eval_mode_modules = sorted({graph.nodes[n].get("buffers", {}).get("running_mean", "*").rpartition(".")[0]
-                                or "*" for n in order if graph.nodes[n]["op"] == "batch_norm"}
-                               | {graph.nodes[n]["hyper"]["dropout"] for n in order if "dropout" in graph.nodes[n]["hyper"]})
+    nodes = ir.nodes(graph)
+    buffers = sorted({b for node in nodes for b in node.buffers.values()})
+    eval_mode_modules = sorted({node.buffers.get("running_mean", "*").rpartition(".")[0] or "*"
+                                for node in nodes if node.op == "batch_norm"}
+                               | {node.hyper["dropout"] for node in nodes if "dropout" in node.hyper})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
     rule = graph.graph["loss_rule"]
-    y_shape = graph.nodes[last]["y_shape"]
+    y_shape = ir.node(graph, last).y_shape
     classes = prod(y_shape)
     sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
     if rule.target == "class":
@@ -365,15 +332,15 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
         *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
         "return self._end(loss, x, target)",
     ]
-    nodes = {name: (tuple(graph.nodes[name]["inputs"]), dict(graph.nodes[name]["params"]), families.get(name))
+    nodes = {name: (tuple(ir.node(graph, name).inputs), dict(ir.node(graph, name).params), families.get(name))
              for name in order}
     second_order = {}
     for name in order:
         row = _second_order_row(codes[name])
         if row is not None:
             second_order.setdefault(families.get(name, name), row)
-    graph_doc = "\n".join(f"    a_{n} = {safe_text(graph.nodes[n]['op'])}({', '.join(_input_vars(graph, n))})    "
-                          f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
+    graph_doc = "\n".join(f"    a_{n} = {safe_text(ir.node(graph, n).op)}({', '.join(_input_vars(graph, n))})    "
+                          f"# {' '.join(map(str, ir.node(graph, n).x_shapes))} -> {ir.node(graph, n).y_shape}"
                           for n in order)
     loss = safe_text(f"{graph.graph['loss']} ({graph.graph['reduction']})")
     model = safe_text(graph.graph["model"])

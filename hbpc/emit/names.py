@@ -27,11 +27,11 @@ from dataclasses import replace
 
 import networkx as nx
 
-from hbpc.derive import derive
+from hbpc import ir
+from hbpc.ir import INPUT  # the model input in the IR's inputs and in generated code
 from hbpc.rules.spec import Normalization
 from hbpc.runtime import CurvatureModule
 
-INPUT = "x"  # the model input in the IR's ``inputs`` and in generated code
 LOCAL_PREFIXES = ("a", "g", "t", "u", "S")
 ROLES = ("weight", "bias")
 
@@ -70,16 +70,16 @@ def graph_suffixes(graph) -> tuple:
     """SUFFIXES plus what this graph's nodes add: normalization statistics and ``vjp<i>`` per input of a cat."""
     extra = set()
     for name in graph.graph["order"]:
-        node = graph.nodes[name]
-        extra |= {f"vjp{i}" for i in range(len(node["inputs"]))} if len(node["inputs"]) > 1 else set()
-        if isinstance(node["rule"], Normalization):
-            extra |= {str(s) for s in derive(node["rule"]).reads()}
+        node = ir.node(graph, name)
+        extra |= {f"vjp{i}" for i in range(len(node.inputs))} if len(node.inputs) > 1 else set()
+        if isinstance(node.rule, Normalization):
+            extra |= set(node.derived.reads)
     return SUFFIXES + tuple(sorted(extra))
 
 
 def reserved(graph) -> set:
     """(namespace, identifier) pairs that are not any node's: Curvature's members, the loss's cached intermediates."""
-    members = MEMBERS | {f"loss_{name}" for name in derive(graph.graph["loss_rule"]).intermediates}
+    members = MEMBERS | {f"loss_{name}" for name in graph.graph["loss_derived"].intermediates}
     return {("member", name) for name in members}
 
 
@@ -124,7 +124,8 @@ def with_stems(graph, plan):
     stems = node_stems(graph)
     renamed = nx.relabel_nodes(graph, stems, copy=True)
     for name in renamed.nodes:
-        renamed.nodes[name]["inputs"] = [stems.get(i, i) for i in renamed.nodes[name]["inputs"]]
+        node = ir.node(renamed, name)
+        ir.update(renamed, name, name=name, inputs=tuple(stems.get(i, i) for i in node.inputs))
     renamed.graph["order"] = [stems[name] for name in graph.graph["order"]]
     renamed_plan = replace(plan, nodes=tuple(replace(p, name=stems[p.name]) for p in plan.nodes),
                            upstream=frozenset(stems[name] for name in plan.upstream))
