@@ -84,15 +84,16 @@ def _check(args):
 
 
 def _graph(args):
+    from hbpc import ir
     from hbpc.export import export, load_model_file
 
     spec = load_model_file(args.model)
     graph = export(spec.model, spec.example_input, spec.loss_fn, args.loss)
     rows = [("node", "op", "input", "output", "parameters", "source")]
     for name in graph.graph["order"]:
-        node = graph.nodes[name]
-        rows.append((name, node["op"], str(node["x_shape"]), str(node["y_shape"]),
-                     ", ".join(node["params"].values()) or "-", node["source"].rsplit("/", 1)[-1]))
+        node = ir.node(graph, name)
+        rows.append((name, node.op, str(node.x_shape), str(node.y_shape),
+                     ", ".join(node.params.values()) or "-", node.source.rsplit("/", 1)[-1]))
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -100,6 +101,7 @@ def _graph(args):
 
 
 def _plan(args):
+    from hbpc.derive import annotate
     from hbpc.export import export, load_model_file, load_rules_file
     from hbpc.plan import plan, table
     from hbpc.rules import extended
@@ -107,7 +109,7 @@ def _plan(args):
     spec = load_model_file(args.model)
     like = next(spec.model.parameters(), spec.example_input)
     with extended(load_rules_file(args.rules) if args.rules else []):
-        graph = export(spec.model, spec.example_input, spec.loss_fn, args.loss)
+        graph = annotate(export(spec.model, spec.example_input, spec.loss_fn, args.loss))
         decided = plan(graph, int(args.memory_limit * 2**30), spec.example_input.shape[0], like.element_size())
     print(table(graph, decided))
 

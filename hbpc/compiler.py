@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from hbpc.derive import annotate
 from hbpc.emit import emit
 from hbpc.errors import HbpcError
 from hbpc.export import export, graph_hash, load_rules_file
@@ -56,25 +57,14 @@ def recorded_rules(text: str, generated_path):
     return None
 
 
-def _annotate(text: str, header_lines=(), loss_note=None) -> str:
-    """Add header comment lines after the graph hash, and a note after the docstring's ``Loss:`` line."""
-    lines = text.split("\n")
-    at = next(k for k, line in enumerate(lines) if line.startswith("# graph-hash:")) + 1
-    lines[at:at] = list(header_lines)
-    if loss_note:
-        at = next(k for k, line in enumerate(lines) if line.startswith("Loss: ")) + 1
-        lines.insert(at, loss_note)
-    return "\n".join(lines)
-
-
 def compile_graph(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=(), header_lines=()):
     """(IR graph, text of the generated module); ``rules`` adds user rules to the table."""
     with extended(list(rules)):
-        graph = export(model, example_input, loss_fn, loss)
-        text = emit(graph, plan(graph), source_name, graph_hash(graph))
-    note = ("The loss is the default: the model gave no loss_fn, so hbpc assumed nn.CrossEntropyLoss()."
-            if assumed_loss_notice(loss_fn, loss) else None)
-    return graph, _annotate(text, header_lines, note)
+        graph = annotate(export(model, example_input, loss_fn, loss))
+        note = ("The loss is the default: the model gave no loss_fn, so hbpc assumed nn.CrossEntropyLoss()."
+                if assumed_loss_notice(loss_fn, loss) else None)
+        text = emit(graph, plan(graph), source_name, graph_hash(graph), header_lines, note)
+    return graph, text
 
 
 def compile_source(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=()) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hbpc import ir
 from hbpc.emit.names import node_stems
 from hbpc.errors import HbpcError
 
@@ -102,7 +103,7 @@ def _first_parameter(graph, model):
     """The first parameter (model order) that exactly one node uses, or None."""
     uses = {}
     for name in graph.graph["order"]:
-        for param in graph.nodes[name]["params"].values():
+        for param in ir.node(graph, name).params.values():
             uses[param] = uses.get(param, 0) + 1
     return next((name for name, _ in model.named_parameters() if uses.get(name) == 1), None)
 
@@ -196,8 +197,8 @@ def _nodes_in_line(graph, line):
 
 
 def _describe_node(graph, name) -> str:
-    node = graph.nodes[name]
-    return f"node `{name}` (rule '{node['rule'].key}', {node['source']})"
+    node = ir.node(graph, name)
+    return f"node `{name}` (rule '{node.rule.key}', {node.source})"
 
 
 def _culprit_of_line(graph, text, lineno, line, function) -> str:
@@ -265,7 +266,7 @@ def _model_intermediates(graph, model, x, loss_fn, t, rules):
             return value
 
     loss = loss_fn(Recorder(module).run(x), t)
-    last = {graph.nodes[name]["fx_name"]: name for name in graph.graph["order"]}  # affine nodes follow their norm
+    last = {ir.node(graph, name).fx_name: name for name in graph.graph["order"]}  # affine nodes follow their norm
     names = {fx_name: name for fx_name, name in last.items() if fx_name in values}
     grads = torch.autograd.grad(loss, [values[f] for f in names], allow_unused=True)
     return ({name: values[f].detach() for f, name in names.items()},
@@ -284,7 +285,7 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
     for name in order:
         generated = found.get(ACTIVATION.format(stems[name]))
         if name in values and torch.is_tensor(generated) and _disagrees(generated, values[name]):
-            rule = graph.nodes[name]["rule"]
+            rule = ir.node(graph, name).rule
             forward = (f"its φ = {rule.phi}" if getattr(rule, "forward", "") is None
                        else f"its forward `{getattr(rule, 'forward', '?')}`")
             return (f"{_describe_node(graph, name)}: the generated forward value differs from the model's module by "
@@ -302,8 +303,8 @@ def _localize(graph, curvature, model, x, loss_fn, t, rules, loss_differs=False)
         generated = found.get(GRADIENT.format(stems[name]))
         if name in gradients and torch.is_tensor(generated) and _disagrees(generated, gradients[name]):
             consumers = [_describe_node(graph, s) for s in graph.successors(name)]
-            phis = [f"φ = {graph.nodes[s]['rule'].phi}" for s in graph.successors(name)
-                    if hasattr(graph.nodes[s]["rule"], "phi")]
+            phis = [f"φ = {ir.node(graph, s).rule.phi}" for s in graph.successors(name)
+                    if hasattr(ir.node(graph, s).rule, "phi")]
             because = f" ({', '.join(phis)} disagrees with the module's forward)" if phis else ""
             return (f"{' and '.join(consumers)}: the gradient it passes back differs from autograd by "
                     f"{max_error(generated, gradients[name]):.3g}{because}")
@@ -406,7 +407,7 @@ def _loss_hessian_culprit(graph, curvature, reference, loss_fn, t, generator) ->
 
 def _residual_culprit(graph) -> str:
     """With the GGN right, a wrong Hessian product is in the residual terms: the rules' second derivatives."""
-    keys = sorted({graph.nodes[n]["rule"].key for n in graph.graph["order"] if hasattr(graph.nodes[n]["rule"], "phi")})
+    keys = sorted({ir.node(graph, n).rule.key for n in graph.graph["order"] if hasattr(ir.node(graph, n).rule, "phi")})
     if not keys:
         return ""
     return (f"the residual terms (second derivatives φ″) of the rules {', '.join(map(repr, keys))}: the GGN "

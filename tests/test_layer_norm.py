@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import jvp, vjp
 
 import hbpc
+import hbpc.ir
 from conftest import compiled
 from hbpc.cli import main
 from hbpc.derive import derive
@@ -218,9 +219,9 @@ def test_hbp_blocks_are_exact_at_batch_size_one(key, flags):
 def test_parameter_names_and_ir_keep_the_models():
     model, x_in, *_ = _setup("functional", "ce-mean", 2)
     graph = hbpc.export.export(model, x_in, nn.CrossEntropyLoss())
-    ops = [graph.nodes[n]["op"] for n in graph.graph["order"]]
+    ops = [node.op for node in hbpc.ir.nodes(graph)]
     assert ops[:2] == ["layer_norm", "entry_affine"] and "entry_shift" in ops
-    params = {p for n in graph.graph["order"] for p in graph.nodes[n]["params"].values()}
+    params = {p for node in hbpc.ir.nodes(graph) for p in node.params.values()}
     assert params == {"weight", "bias", "fc.weight", "fc.bias", "shift", "out.weight", "out.bias"}
 
 

@@ -18,9 +18,11 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import hbpc
+import hbpc.ir
 from hbpc.cli import main
 from hbpc.compiler import compile_source
 from hbpc.emit.names import INPUT, LOCAL_PREFIXES, MEMBERS, identifiers, graph_suffixes, node_stems, safe_text
+from hbpc.derive import annotate
 from hbpc.export import export
 from models import SETTINGS
 
@@ -133,8 +135,9 @@ def test_a_submodule_named_x_gets_its_own_ir_node_name():
     model = nn.Sequential(OrderedDict([("lin", nn.Linear(WIDTH, WIDTH)), ("x", nn.Tanh())]))
     graph = export(model, torch.randn(2, WIDTH))
     assert INPUT not in graph.graph["order"]
-    assert graph.nodes[graph.graph["order"][0]]["inputs"] == [INPUT]
-    assert graph.nodes[graph.graph["order"][1]]["inputs"] == [graph.graph["order"][0]]
+    first, second = hbpc.ir.nodes(graph)
+    assert first.inputs == (INPUT,) and second.inputs == (first.name,)
+    assert graph.edges[first.name, second.name]["tensor"] == hbpc.ir.Tensor((WIDTH,), (0,))
 
 
 def test_lin_next_to_lin_weight_defines_each_method_once():
@@ -145,7 +148,24 @@ def test_lin_next_to_lin_weight_defines_each_method_once():
     text = compile_source(model, torch.randn(2, WIDTH, dtype=torch.float64), nn.CrossEntropyLoss())
     definitions = re.findall(r"^    def (\w+)\(", text[text.index("class Curvature("):], re.MULTILINE)
     assert len(definitions) == len(set(definitions)), sorted(d for d in definitions if definitions.count(d) > 1)
-    assert hasattr(module.Curvature, "_lin_weight_vjp") and hasattr(module.Curvature, "_lin_weight_2_vjp")
+    assert module.Curvature.NODES["lin_weight_2"][2] == module.Curvature.NODES["lin"][2]  # one family's methods
+
+
+def test_a_family_name_never_meets_a_node_name():
+    """The Linear family's methods ``_<family>_weight_jvp`` next to a node named ``linear`` and a LayerNorm named
+    ``linear_weight`` whose normalization prints its own methods: the family is named apart from both."""
+    torch.manual_seed(1)
+    model = nn.Sequential(OrderedDict([("linear", nn.Linear(WIDTH, WIDTH)), ("linear_weight", nn.LayerNorm(WIDTH)),
+                                       ("out", nn.Linear(WIDTH, CLASSES))]))
+    module = check_exact(model, nn.CrossEntropyLoss())
+    text = compile_source(model, torch.randn(2, WIDTH, dtype=torch.float64), nn.CrossEntropyLoss())
+    definitions = re.findall(r"^    def (\w+)\(", text[text.index("class Curvature("):], re.MULTILINE)
+    assert len(definitions) == len(set(definitions)), sorted(d for d in definitions if definitions.count(d) > 1)
+    nodes = module.Curvature.NODES
+    family = nodes["linear"][2]
+    assert family == nodes["out"][2] and family not in (None, "linear")  # the stem linear's identifiers are taken
+    own = [name for name, (_, _, shared) in nodes.items() if shared is None]  # the LayerNorm's normalization
+    assert own and all(f"_{name}_jvp" in definitions for name in own) and f"_{family}_weight_jvp" in definitions
 
 
 class Branches(nn.Module):
@@ -188,7 +208,7 @@ def test_names_torch_fx_and_python_treat_alike_stay_apart(names):
 def test_ordinary_names_stay_as_they_are():
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(WIDTH, WIDTH)), ("act", nn.Tanh()),
                                        ("fc2", nn.Linear(WIDTH, CLASSES))]))
-    graph = export(model, torch.randn(2, WIDTH))
+    graph = annotate(export(model, torch.randn(2, WIDTH)))
     assert list(node_stems(graph).values()) == ["fc1", "act", "fc2"]
 
 
@@ -352,6 +372,13 @@ def _class_names(text):
     return members, locals_
 
 
+def _families(text):
+    """The family names in the generated NODES table (the methods they share are ``_<family>_<suffix>``)."""
+    cls = next(node for node in ast.parse(text).body if isinstance(node, ast.ClassDef) and node.name == "Curvature")
+    table = next(node.value for node in cls.body if isinstance(node, ast.Assign) and node.targets[0].id == "NODES")
+    return {family for _, _, family in ast.literal_eval(table).values() if family is not None}
+
+
 NAMED_CASES = [(_names(m), m.double(), nn.CrossEntropyLoss(), torch.randn(2, WIDTH, dtype=torch.float64)) for m in [
     *FUZZ_MODELS[:8], Branches(), DictChain({"norm": nn.LayerNorm(WIDTH), "norm_affine": nn.Linear(WIDTH, CLASSES)})]]
 ZOO_CASES = [(setting.id, setting.build(), setting.loss_fn(), setting.data(2)[0]) for setting in SETTINGS]
@@ -359,15 +386,18 @@ ZOO_CASES = [(setting.id, setting.build(), setting.loss_fn(), setting.data(2)[0]
 
 @pytest.mark.parametrize("case", NAMED_CASES + ZOO_CASES, ids=[case[0] for case in NAMED_CASES + ZOO_CASES])
 def test_every_generated_member_is_a_node_identifier_or_a_known_member(case):
-    """A member neither derived from a node stem nor in names.MEMBERS could collide with a node's: add it there.
-    Generated locals other than the nodes' keep out of the nodes' prefixes a_, g_, t_, u_, S_."""
+    """A member neither derived from a node stem or a family name nor in names.MEMBERS could collide with a node's:
+    add it there. No family's identifiers are a node's. Generated locals other than the nodes' keep out of the nodes' prefixes a_, g_, t_, u_, S_."""
     _, model, loss_fn, x = case
-    graph = export(model, x, loss_fn)
+    graph = annotate(export(model, x, loss_fn))
     text = compile_source(model, x, loss_fn)
     suffixes = graph_suffixes(graph)
     node_names = {pair for stem in node_stems(graph).values() for pair in identifiers(stem, suffixes)}
+    family_names = {pair for family in _families(text) for pair in identifiers(family, suffixes)}
+    assert not node_names & family_names, sorted(node_names & family_names)
     members, locals_ = _class_names(text)
-    unknown = {m for m in members if ("member", m) not in node_names and m not in MEMBERS and not m.startswith("loss_")}
+    unknown = {m for m in members if ("member", m) not in node_names | family_names and m not in MEMBERS
+               and not m.startswith("loss_")}
     assert not unknown, f"members neither node-derived nor in hbpc.emit.names.MEMBERS: {sorted(unknown)}"
     stray = {name for name in locals_ if ("local", name) not in node_names and name.split("_")[0] in LOCAL_PREFIXES
              and "_" in name and not re.fullmatch(r"S_\w+__\w+", name)}
@@ -376,7 +406,7 @@ def test_every_generated_member_is_a_node_identifier_or_a_known_member(case):
 
 def test_stems_are_unique_identifiers_and_never_the_input():
     for model in FUZZ_MODELS:
-        graph = export(model.double(), torch.randn(2, WIDTH, dtype=torch.float64))
+        graph = annotate(export(model.double(), torch.randn(2, WIDTH, dtype=torch.float64)))
         stems = list(node_stems(graph).values())
         assert len(set(stems)) == len(stems) and INPUT not in stems
         for stem in stems:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from hbpc.derive import annotate
 from hbpc.emit import emit
 from hbpc.export import export
 from hbpc.plan import plan
@@ -17,7 +18,7 @@ F64 = dict(dtype=torch.float64)
 
 
 def _graph(model, input_shape, loss_fn=None):
-    return export(model.double(), torch.randn(2, *input_shape, **F64), loss_fn or nn.CrossEntropyLoss())
+    return annotate(export(model.double(), torch.randn(2, *input_shape, **F64), loss_fn or nn.CrossEntropyLoss()))
 
 
 def _mlp():
@@ -43,7 +44,7 @@ def test_emitted_blocks_follow_the_planned_representation():
 
     torch.manual_seed(0)
     model, x = _mlp().double(), torch.randn(1, 6, **F64)
-    graph = export(model, x, nn.CrossEntropyLoss())
+    graph = annotate(export(model, x, nn.CrossEntropyLoss()))
     text = emit(graph, plan(graph, memory_limit=24 * 8, element_size=8), "mlp", "0")
     module = verified_module(graph, text, model, x, nn.CrossEntropyLoss())
     curvature = module.Curvature(model)
@@ -74,7 +75,7 @@ def test_the_residual_is_formed_on_first_use_only():
 
     torch.manual_seed(0)
     model, x, target = _mlp().double(), torch.randn(4, 6, **F64), torch.tensor([0, 2, 1, 0])
-    graph = export(model, x, nn.CrossEntropyLoss())
+    graph = annotate(export(model, x, nn.CrossEntropyLoss()))
     module = verified_module(graph, emit(graph, plan(graph), "mlp", "0"), model, x, nn.CrossEntropyLoss())
     curvature = module.Curvature(model)
     loss = curvature.forward_backward(x, target)

@@ -20,15 +20,13 @@ Graph (per-sample shapes):
     a_linear13 = linear(a_sigmoid12)    # (512,) -> (64,)
     a_sigmoid14 = sigmoid(a_linear13)    # (64,) -> (64,)
     a_linear15 = linear(a_sigmoid14)    # (64,) -> (10,)
-Loss: cross_entropy (mean).
-
-See hbpc's docs/curvature.md for the definitions of every quantity.
+Loss: cross_entropy (mean). hbpc's docs/curvature.md defines every quantity.
 """
 import torch
 
 from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, OperatorBlock,
     accumulate_grad, apply_per_sample, batch_mean, broadcast_trailing, conv_apply, conv_input_vjp, conv_options,
-    conv_weight_vjp, elementwise_input_curvature, lead_shape, max_pool2d_with_indices, patches, reshape_to,
+    conv_weight_vjp, elementwise_input_curvature, lead_shape, max_pool2d_with_indices, numel, patches, reshape_to,
     residual_product, sandwich_independent, take_input_curvature, take_jvp, take_vjp, weight_sandwich)
 
 
@@ -56,57 +54,37 @@ class Curvature(CurvatureModule):
     PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
     LOSS = 'cross_entropy'
     SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
-    NODES = {  # node: (inputs, {role: parameter}), in graph order
-        'conv2d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}),
-        'sigmoid1': (('conv2d0',), {}),
-        'conv2d2': (('sigmoid1',), {'weight': '2.weight', 'bias': '2.bias'}),
-        'sigmoid3': (('conv2d2',), {}),
-        'max_pool2d4': (('sigmoid3',), {}),
-        'conv2d5': (('max_pool2d4',), {'weight': '5.weight', 'bias': '5.bias'}),
-        'sigmoid6': (('conv2d5',), {}),
-        'conv2d7': (('sigmoid6',), {'weight': '7.weight', 'bias': '7.bias'}),
-        'sigmoid8': (('conv2d7',), {}),
-        'max_pool2d9': (('sigmoid8',), {}),
-        'reshape10': (('max_pool2d9',), {}),
-        'linear11': (('reshape10',), {'weight': '11.weight', 'bias': '11.bias'}),
-        'sigmoid12': (('linear11',), {}),
-        'linear13': (('sigmoid12',), {'weight': '13.weight', 'bias': '13.bias'}),
-        'sigmoid14': (('linear13',), {}),
-        'linear15': (('sigmoid14',), {'weight': '15.weight', 'bias': '15.bias'}),
+    NODES = {  # node: (inputs, {role: parameter}, family), in graph order
+        'conv2d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}, None),
+        'sigmoid1': (('conv2d0',), {}, 'sigmoid'),
+        'conv2d2': (('sigmoid1',), {'weight': '2.weight', 'bias': '2.bias'}, None),
+        'sigmoid3': (('conv2d2',), {}, 'sigmoid'),
+        'max_pool2d4': (('sigmoid3',), {}, None),
+        'conv2d5': (('max_pool2d4',), {'weight': '5.weight', 'bias': '5.bias'}, None),
+        'sigmoid6': (('conv2d5',), {}, 'sigmoid'),
+        'conv2d7': (('sigmoid6',), {'weight': '7.weight', 'bias': '7.bias'}, None),
+        'sigmoid8': (('conv2d7',), {}, 'sigmoid'),
+        'max_pool2d9': (('sigmoid8',), {}, None),
+        'reshape10': (('max_pool2d9',), {}, None),
+        'linear11': (('reshape10',), {'weight': '11.weight', 'bias': '11.bias'}, 'linear'),
+        'sigmoid12': (('linear11',), {}, 'sigmoid'),
+        'linear13': (('sigmoid12',), {'weight': '13.weight', 'bias': '13.bias'}, 'linear'),
+        'sigmoid14': (('linear13',), {}, 'sigmoid'),
+        'linear15': (('sigmoid14',), {'weight': '15.weight', 'bias': '15.bias'}, 'linear'),
     }
-    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
+    SECOND_ORDER = {  # family or node: (residual?, coupled roles, tangent view)
         'conv2d0': (False, ('weight',), None),
-        'sigmoid1': (True, (), None),
+        'sigmoid': (True, (), None),
         'conv2d2': (False, ('weight',), None),
-        'sigmoid3': (True, (), None),
         'conv2d5': (False, ('weight',), None),
-        'sigmoid6': (True, (), None),
         'conv2d7': (False, ('weight',), None),
-        'sigmoid8': (True, (), None),
-        'linear11': (False, ('weight',), None),
-        'sigmoid12': (True, (), None),
-        'linear13': (False, ('weight',), None),
-        'sigmoid14': (True, (), None),
-        'linear15': (False, ('weight',), None),
+        'linear': (False, ('weight',), None),
     }
-    BLOCKS = {  # node: ((parameter, block method), ...)
-        'conv2d0': (('0.weight', '_conv2d0_weight_block'), ('0.bias', '_conv2d0_bias_block')),
-        'conv2d2': (('2.weight', '_conv2d2_weight_block'), ('2.bias', '_conv2d2_bias_block')),
-        'conv2d5': (('5.weight', '_conv2d5_weight_block'), ('5.bias', '_conv2d5_bias_block')),
-        'conv2d7': (('7.weight', '_conv2d7_weight_block'), ('7.bias', '_conv2d7_bias_block')),
-        'linear11': (('11.weight', '_linear11_weight_block'), ('11.bias', '_linear11_bias_block')),
-        'linear13': (('13.weight', '_linear13_weight_block'), ('13.bias', '_linear13_bias_block')),
-        'linear15': (('15.weight', '_linear15_weight_block'), ('15.bias', '_linear15_bias_block')),
-    }
-    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
-        'conv2d0': ('0.weight', '0.bias'),
-        'conv2d2': ('2.weight', '2.bias'),
-        'conv2d5': ('5.weight', '5.bias'),
-        'conv2d7': ('7.weight', '7.bias'),
-        'linear11': ('11.weight', '11.bias'),
-        'linear13': ('13.weight', '13.bias'),
-        'linear15': ('15.weight', '15.bias'),
-    }
+    BLOCKS = ('conv2d0', 'conv2d2', 'conv2d5', 'conv2d7', 'linear11', 'linear13', 'linear15')  # nodes with blocks
+    FACTORS = (  # the KFAC family's layers
+        'conv2d0', 'conv2d2', 'conv2d5', 'conv2d7', 'linear11', 'linear13', 'linear15',
+    )
+    LOWERED = ('conv2d0', 'conv2d2', 'conv2d5', 'conv2d7')  # factor layers caching the raw input
     MEMORY = (956567652, 'the inputs of conv2d2', ((2048, True), (512, True), (64, True)))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
@@ -165,108 +143,48 @@ class Curvature(CurvatureModule):
             self.loss_softmax = softmax
             # backward
             self.linear15_g = g_linear15
-            accumulate_grad(self.p['15.weight'], self._linear15_weight_vjp(g_linear15, self.linear15_X))
-            accumulate_grad(self.p['15.bias'], self._linear15_bias_vjp(g_linear15, self.linear15_X))
-            g_sigmoid14 = self._linear15_vjp(g_linear15)
+            accumulate_grad(self.p['15.weight'], self._linear_weight_vjp('linear15', g_linear15, self.linear15_X))
+            accumulate_grad(self.p['15.bias'], self._linear_bias_vjp('linear15', g_linear15, self.linear15_X))
+            g_sigmoid14 = self._linear_vjp('linear15', g_linear15)
             self.sigmoid14_g, self.sigmoid14_r = g_sigmoid14, None  # r = g ⊙ φ″ is formed on first use
-            g_linear13 = self._sigmoid14_vjp(g_sigmoid14)
+            g_linear13 = self._sigmoid_vjp('sigmoid14', g_sigmoid14)
             self.linear13_g = g_linear13
-            accumulate_grad(self.p['13.weight'], self._linear13_weight_vjp(g_linear13, self.linear13_X))
-            accumulate_grad(self.p['13.bias'], self._linear13_bias_vjp(g_linear13, self.linear13_X))
-            g_sigmoid12 = self._linear13_vjp(g_linear13)
+            accumulate_grad(self.p['13.weight'], self._linear_weight_vjp('linear13', g_linear13, self.linear13_X))
+            accumulate_grad(self.p['13.bias'], self._linear_bias_vjp('linear13', g_linear13, self.linear13_X))
+            g_sigmoid12 = self._linear_vjp('linear13', g_linear13)
             self.sigmoid12_g, self.sigmoid12_r = g_sigmoid12, None  # r = g ⊙ φ″ is formed on first use
-            g_linear11 = self._sigmoid12_vjp(g_sigmoid12)
+            g_linear11 = self._sigmoid_vjp('sigmoid12', g_sigmoid12)
             self.linear11_g = g_linear11
-            accumulate_grad(self.p['11.weight'], self._linear11_weight_vjp(g_linear11, self.linear11_X))
-            accumulate_grad(self.p['11.bias'], self._linear11_bias_vjp(g_linear11, self.linear11_X))
-            g_reshape10 = self._linear11_vjp(g_linear11)
+            accumulate_grad(self.p['11.weight'], self._linear_weight_vjp('linear11', g_linear11, self.linear11_X))
+            accumulate_grad(self.p['11.bias'], self._linear_bias_vjp('linear11', g_linear11, self.linear11_X))
+            g_reshape10 = self._linear_vjp('linear11', g_linear11)
             g_max_pool2d9 = self._reshape10_vjp(g_reshape10)
             g_sigmoid8 = self._max_pool2d9_vjp(g_max_pool2d9)
             self.sigmoid8_g, self.sigmoid8_r = g_sigmoid8, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d7 = self._sigmoid8_vjp(g_sigmoid8)
+            g_conv2d7 = self._sigmoid_vjp('sigmoid8', g_sigmoid8)
             self.conv2d7_g = g_conv2d7
             accumulate_grad(self.p['7.weight'], self._conv2d7_weight_vjp(g_conv2d7, self.conv2d7_X))
             accumulate_grad(self.p['7.bias'], self._conv2d7_bias_vjp(g_conv2d7, self.conv2d7_X))
             g_sigmoid6 = self._conv2d7_vjp(g_conv2d7)
             self.sigmoid6_g, self.sigmoid6_r = g_sigmoid6, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d5 = self._sigmoid6_vjp(g_sigmoid6)
+            g_conv2d5 = self._sigmoid_vjp('sigmoid6', g_sigmoid6)
             self.conv2d5_g = g_conv2d5
             accumulate_grad(self.p['5.weight'], self._conv2d5_weight_vjp(g_conv2d5, self.conv2d5_X))
             accumulate_grad(self.p['5.bias'], self._conv2d5_bias_vjp(g_conv2d5, self.conv2d5_X))
             g_max_pool2d4 = self._conv2d5_vjp(g_conv2d5)
             g_sigmoid3 = self._max_pool2d4_vjp(g_max_pool2d4)
             self.sigmoid3_g, self.sigmoid3_r = g_sigmoid3, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d2 = self._sigmoid3_vjp(g_sigmoid3)
+            g_conv2d2 = self._sigmoid_vjp('sigmoid3', g_sigmoid3)
             self.conv2d2_g = g_conv2d2
             accumulate_grad(self.p['2.weight'], self._conv2d2_weight_vjp(g_conv2d2, self.conv2d2_X))
             accumulate_grad(self.p['2.bias'], self._conv2d2_bias_vjp(g_conv2d2, self.conv2d2_X))
             g_sigmoid1 = self._conv2d2_vjp(g_conv2d2)
             self.sigmoid1_g, self.sigmoid1_r = g_sigmoid1, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d0 = self._sigmoid1_vjp(g_sigmoid1)
+            g_conv2d0 = self._sigmoid_vjp('sigmoid1', g_sigmoid1)
             self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
             accumulate_grad(self.p['0.bias'], self._conv2d0_bias_vjp(g_conv2d0, self.conv2d0_X))
         return self._end(loss, x, target)
-
-    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
-        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
-
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
-        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
-        """
-        S_linear15 = self._loss_hessian_sum()
-        visit('linear15', S_linear15)
-        S = S_linear15  # at the output of linear15; propagate to its inputs
-        S_sigmoid14 = weight_sandwich(S, self.p['15.weight'])
-        del S_linear15
-        S = S_sigmoid14  # at the output of sigmoid14; propagate to its inputs
-        S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self._sigmoid14_residual, average_input_jacobian, curvature)
-        del S_sigmoid14
-        visit('linear13', S_linear13)
-        S = S_linear13  # at the output of linear13; propagate to its inputs
-        S_sigmoid12 = weight_sandwich(S, self.p['13.weight'])
-        del S_linear13
-        S = S_sigmoid12  # at the output of sigmoid12; propagate to its inputs
-        S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self._sigmoid12_residual, average_input_jacobian, curvature)
-        del S_sigmoid12
-        visit('linear11', S_linear11)
-        S = S_linear11  # at the output of linear11; propagate to its inputs
-        S_reshape10 = weight_sandwich(S, self.p['11.weight'])
-        del S_linear11
-        S = S_reshape10  # at the output of reshape10; propagate to its inputs
-        S_max_pool2d9 = S
-        del S_reshape10
-        S = S_max_pool2d9  # at the output of max_pool2d9; propagate to its inputs
-        S_sigmoid8 = take_input_curvature(S, self.max_pool2d9_idx, (32, 16, 16), average_input_jacobian)
-        del S_max_pool2d9
-        S = S_sigmoid8  # at the output of sigmoid8; propagate to its inputs
-        S_conv2d7 = elementwise_input_curvature(S, self.sigmoid8_d1, self._sigmoid8_residual, average_input_jacobian, curvature)
-        del S_sigmoid8
-        visit('conv2d7', S_conv2d7)
-        S = S_conv2d7  # at the output of conv2d7; propagate to its inputs
-        S_sigmoid6 = sandwich_independent(S, self._conv2d7_vjp, (32, 16, 16), (32, 16, 16))
-        del S_conv2d7
-        S = S_sigmoid6  # at the output of sigmoid6; propagate to its inputs
-        S_conv2d5 = elementwise_input_curvature(S, self.sigmoid6_d1, self._sigmoid6_residual, average_input_jacobian, curvature)
-        del S_sigmoid6
-        visit('conv2d5', S_conv2d5)
-        S = S_conv2d5  # at the output of conv2d5; propagate to its inputs
-        S_max_pool2d4 = sandwich_independent(S, self._conv2d5_vjp, (16, 16, 16), (32, 16, 16))
-        del S_conv2d5
-        S = S_max_pool2d4  # at the output of max_pool2d4; propagate to its inputs
-        S_sigmoid3 = take_input_curvature(S, self.max_pool2d4_idx, (16, 32, 32), average_input_jacobian)
-        del S_max_pool2d4
-        S = S_sigmoid3  # at the output of sigmoid3; propagate to its inputs
-        S_conv2d2 = elementwise_input_curvature(S, self.sigmoid3_d1, self._sigmoid3_residual, average_input_jacobian, curvature)
-        del S_sigmoid3
-        visit('conv2d2', S_conv2d2)
-        S = S_conv2d2  # at the output of conv2d2; propagate to its inputs
-        S_sigmoid1 = sandwich_independent(S, self._conv2d2_vjp, (16, 32, 32), (16, 32, 32))
-        del S_conv2d2
-        S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
-        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self._sigmoid1_residual, average_input_jacobian, curvature)
-        del S_sigmoid1
-        visit('conv2d0', S_conv2d0)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
@@ -315,7 +233,7 @@ class Curvature(CurvatureModule):
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 1024))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 1024))
         return Y.reshape(*Y.shape[:-3], 16, 32, 32)
 
     def _conv2d0_bias_vjp(self, u, X):
@@ -328,40 +246,33 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 16, 1024, 1, 16, 1024)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(16, 16), (16,))
+        shape = (16,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d0_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 27 inputs of each output location: (27, 27)"""
-        X = self._conv2d0_view(self.conv2d0_X).reshape(self.N, 27, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d0_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
-        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d0_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
-        return S.reshape(16, 1024, 16, 1024).sum((1, 3))
-
-    def _sigmoid1_residual(self):
+    def _sigmoid_residual(self, node):
         """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid1_r is None:
-            y = self.sigmoid1_y
-            self.sigmoid1_r = self.sigmoid1_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid1_r
+        r = self.cached(node, 'r')
+        if r is None:
+            y = self.cached(node, 'y')
+            r = self.cached(node, 'g') * (y*(y - 1)*(2*y - 1))
+            self.set_cached(node, 'r', r)
+        return r
 
-    def _sigmoid1_residual_product(self, t, curvature):
+    def _sigmoid_residual_product(self, node, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid1_residual(), t, curvature)
+        return residual_product(self._method(node, 'residual')(), t, curvature)
 
-    def _sigmoid1_jvp(self, v):
+    def _sigmoid_jvp(self, node, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid1_d1
+        return v * self.cached(node, 'd1')
 
-    def _sigmoid1_vjp(self, u):
+    def _sigmoid_vjp(self, node, u):
         """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid1_d1
+        return u * self.cached(node, 'd1')
+
+    def _sigmoid_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return elementwise_input_curvature(S, self.cached(node, 'd1'), self._method(node, 'residual'), average_input_jacobian, curvature)
 
     def _conv2d2_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 9, 1024))"""
@@ -397,7 +308,7 @@ class Curvature(CurvatureModule):
     def _conv2d2_bias_jvp(self, v, X):
         """J_θ v for θ = 2.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 1024))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 1024))
         return Y.reshape(*Y.shape[:-3], 16, 32, 32)
 
     def _conv2d2_bias_vjp(self, u, X):
@@ -410,40 +321,12 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 2.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 16, 1024, 1, 16, 1024)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(16, 16), (16,))
+        shape = (16,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d2_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 144 inputs of each output location: (144, 144)"""
-        X = self._conv2d2_view(self.conv2d2_X).reshape(self.N, 144, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d2_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
-        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d2_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
-        return S.reshape(16, 1024, 16, 1024).sum((1, 3))
-
-    def _sigmoid3_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid3_r is None:
-            y = self.sigmoid3_y
-            self.sigmoid3_r = self.sigmoid3_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid3_r
-
-    def _sigmoid3_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid3_residual(), t, curvature)
-
-    def _sigmoid3_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid3_d1
-
-    def _sigmoid3_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid3_d1
+    def _conv2d2_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv2d2_vjp, (16, 32, 32), (16, 32, 32))
 
     def _max_pool2d4_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
@@ -452,6 +335,10 @@ class Curvature(CurvatureModule):
     def _max_pool2d4_vjp(self, u):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d4_idx, (16, 32, 32))
+
+    def _max_pool2d4_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d4_idx, (16, 32, 32), average_input_jacobian)
 
     def _conv2d5_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 9, 256))"""
@@ -487,7 +374,7 @@ class Curvature(CurvatureModule):
     def _conv2d5_bias_jvp(self, v, X):
         """J_θ v for θ = 5.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (32,), (1, 32))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 32, 256))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 256))
         return Y.reshape(*Y.shape[:-3], 32, 16, 16)
 
     def _conv2d5_bias_vjp(self, u, X):
@@ -500,40 +387,12 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 32, 256, 1, 32, 256)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(32, 32), (32,))
+        shape = (32,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d5_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 144 inputs of each output location: (144, 144)"""
-        X = self._conv2d5_view(self.conv2d5_X).reshape(self.N, 144, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d5_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (32, 32)"""
-        s = u.reshape(*u.shape[:2], 32, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d5_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
-        return S.reshape(32, 256, 32, 256).sum((1, 3))
-
-    def _sigmoid6_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid6_r is None:
-            y = self.sigmoid6_y
-            self.sigmoid6_r = self.sigmoid6_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid6_r
-
-    def _sigmoid6_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid6_residual(), t, curvature)
-
-    def _sigmoid6_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid6_d1
-
-    def _sigmoid6_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid6_d1
+    def _conv2d5_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv2d5_vjp, (16, 16, 16), (32, 16, 16))
 
     def _conv2d7_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 32, 9, 256))"""
@@ -569,7 +428,7 @@ class Curvature(CurvatureModule):
     def _conv2d7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (32,), (1, 32))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 32, 256))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 256))
         return Y.reshape(*Y.shape[:-3], 32, 16, 16)
 
     def _conv2d7_bias_vjp(self, u, X):
@@ -582,40 +441,12 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 32, 256, 1, 32, 256)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(32, 32), (32,))
+        shape = (32,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d7_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 288 inputs of each output location: (288, 288)"""
-        X = self._conv2d7_view(self.conv2d7_X).reshape(self.N, 288, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d7_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (32, 32)"""
-        s = u.reshape(*u.shape[:2], 32, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d7_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
-        return S.reshape(32, 256, 32, 256).sum((1, 3))
-
-    def _sigmoid8_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid8_r is None:
-            y = self.sigmoid8_y
-            self.sigmoid8_r = self.sigmoid8_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid8_r
-
-    def _sigmoid8_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid8_residual(), t, curvature)
-
-    def _sigmoid8_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid8_d1
-
-    def _sigmoid8_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid8_d1
+    def _conv2d7_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv2d7_vjp, (32, 16, 16), (32, 16, 16))
 
     def _max_pool2d9_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
@@ -625,6 +456,10 @@ class Curvature(CurvatureModule):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d9_idx, (32, 16, 16))
 
+    def _max_pool2d9_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d9_idx, (32, 16, 16), average_input_jacobian)
+
     def _reshape10_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (32, 8, 8), (2048,))
@@ -633,232 +468,55 @@ class Curvature(CurvatureModule):
         """Jᵀ u for reshape"""
         return reshape_to(u, (2048,), (32, 8, 8))
 
-    def _linear11_jvp(self, v):
+    def _reshape10_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return S
+
+    def _linear_jvp(self, node, v):
         """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['11.weight']
-        Y = v @ W.mT
-        return Y
+        W = self.param(node, 'weight')
+        return v @ W.mT
 
-    def _linear11_vjp(self, u, W=None):
+    def _linear_vjp(self, node, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['11.weight'] if W is None else W
-        X = u @ W
-        return X
+        W = self.param(node, 'weight') if W is None else W
+        return u @ W
 
-    def _linear11_weight_jvp(self, v, X):
-        """J_θ v for θ = 11.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
+    def _linear_weight_jvp(self, node, v, X):
+        """J_θ v for θ = the weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
+        return X @ v.mT
 
-    def _linear11_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 11.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
+    def _linear_weight_vjp(self, node, u, X):
+        """J_θᵀ u for θ = the weight (sums over samples)"""
+        return u.mT @ X
 
-    def _linear11_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear11_X, average)
-        S = S.reshape(512, 512)
+    def _linear_weight_block(self, node, S, average):
+        """B = A ⊗ B for θ = the weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
+        X = batch_mean(self.cached(node, 'X'), average)
         A = S
-        if X.shape[0] < 2048:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 2048).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(512, 512), R, (512, 2048))
+        shape = self.param_shape(node, 'weight')
+        a, b = numel(shape[:1]), numel(shape[1:])
+        if X.shape[0] < b:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(a, a), R, shape)
         B = torch.einsum("...ab,...ac->...bc", X, X)
         B /= X.shape[0]
-        return KroneckerBlock(A.reshape(512, 512), B.reshape(2048, 2048), (512, 2048))
+        return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)
 
-    def _linear11_bias_jvp(self, v, X):
-        """J_θ v for θ = 11.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 512))
-        return Y
+    def _linear_bias_jvp(self, node, v, X):
+        """J_θ v for θ = the bias: ∂Y/∂θ = δ[a0, o]"""
+        return broadcast_trailing(v[..., None, :], (self.N, -1))
 
-    def _linear11_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 11.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
+    def _linear_bias_vjp(self, node, u, X):
+        """J_θᵀ u for θ = the bias (sums over samples)"""
+        return torch.einsum("...ab->...b", u)
 
-    def _linear11_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
-        S = S.reshape(512, 512)
+    def _linear_bias_block(self, node, S, average):
+        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = the bias; J_θ is the same for every sample"""
         B = S
-        return DenseBlock(B.reshape(512, 512), (512,))
+        shape = self.param_shape(node, 'bias')
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _linear11_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 2048 inputs of each output location: (2048, 2048)"""
-        X = self.linear11_X.reshape(self.N, 2048, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear11_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (512, 512)"""
-        s = u.reshape(*u.shape[:2], 512, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear11_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
-        return S.reshape(512, 1, 512, 1).sum((1, 3))
-
-    def _sigmoid12_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid12_r is None:
-            y = self.sigmoid12_y
-            self.sigmoid12_r = self.sigmoid12_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid12_r
-
-    def _sigmoid12_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid12_residual(), t, curvature)
-
-    def _sigmoid12_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid12_d1
-
-    def _sigmoid12_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid12_d1
-
-    def _linear13_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['13.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear13_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['13.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear13_weight_jvp(self, v, X):
-        """J_θ v for θ = 13.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear13_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 13.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear13_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear13_X, average)
-        S = S.reshape(64, 64)
-        A = S
-        if X.shape[0] < 512:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 512).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(64, 64), R, (64, 512))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(64, 64), B.reshape(512, 512), (64, 512))
-
-    def _linear13_bias_jvp(self, v, X):
-        """J_θ v for θ = 13.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 64))
-        return Y
-
-    def _linear13_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 13.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear13_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
-        S = S.reshape(64, 64)
-        B = S
-        return DenseBlock(B.reshape(64, 64), (64,))
-
-    def _linear13_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 512 inputs of each output location: (512, 512)"""
-        X = self.linear13_X.reshape(self.N, 512, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear13_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (64, 64)"""
-        s = u.reshape(*u.shape[:2], 64, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear13_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
-        return S.reshape(64, 1, 64, 1).sum((1, 3))
-
-    def _sigmoid14_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid14_r is None:
-            y = self.sigmoid14_y
-            self.sigmoid14_r = self.sigmoid14_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid14_r
-
-    def _sigmoid14_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid14_residual(), t, curvature)
-
-    def _sigmoid14_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid14_d1
-
-    def _sigmoid14_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid14_d1
-
-    def _linear15_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['15.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear15_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['15.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear15_weight_jvp(self, v, X):
-        """J_θ v for θ = 15.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear15_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 15.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear15_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear15_X, average)
-        S = S.reshape(10, 10)
-        A = S
-        if X.shape[0] < 64:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 64).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 64))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(10, 10), B.reshape(64, 64), (10, 64))
-
-    def _linear15_bias_jvp(self, v, X):
-        """J_θ v for θ = 15.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
-        return Y
-
-    def _linear15_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 15.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear15_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
-        S = S.reshape(10, 10)
-        B = S
-        return DenseBlock(B.reshape(10, 10), (10,))
-
-    def _linear15_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 64 inputs of each output location: (64, 64)"""
-        X = self.linear15_X.reshape(self.N, 64, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear15_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
-        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear15_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
-        return S.reshape(10, 1, 10, 1).sum((1, 3))
+    def _linear_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return weight_sandwich(S, self.param(node, 'weight'))

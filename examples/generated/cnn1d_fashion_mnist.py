@@ -21,16 +21,14 @@ Graph (per-sample shapes):
     a_cat4_2 = cat(a_mean4_mean, a_mean4_mean_2, a_mean4_mean_3, a_mean4_mean_4, a_mean4_mean_5)    # (16, 1) (16, 1) (16, 1) (16, 1) (16, 1) -> (16, 5)
     a_reshape5 = reshape(a_cat4_2)    # (16, 5) -> (80,)
     a_linear6 = linear(a_reshape5)    # (80,) -> (10,)
-Loss: cross_entropy (mean).
-
-See hbpc's docs/curvature.md for the definitions of every quantity.
+Loss: cross_entropy (mean). hbpc's docs/curvature.md defines every quantity.
 """
 import torch
 
 from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, OperatorBlock,
     accumulate_grad, apply_per_sample, batch_mean, broadcast_trailing, cat_tangents, conv_apply, conv_input_vjp,
-    conv_options, conv_weight_vjp, cross_independent, elementwise_input_curvature, lead_shape, patches, reshape_to,
-    sandwich_independent, transpose_matrix, weight_sandwich)
+    conv_options, conv_weight_vjp, cross_independent, elementwise_input_curvature, lead_shape, numel, patches,
+    reshape_to, sandwich_independent, transpose_matrix, weight_sandwich)
 
 
 class Curvature(CurvatureModule):
@@ -49,40 +47,33 @@ class Curvature(CurvatureModule):
     PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
     LOSS = 'cross_entropy'
     SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
-    NODES = {  # node: (inputs, {role: parameter}), in graph order
-        'conv1d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}),
-        'relu1': (('conv1d0',), {}),
-        'conv1d2': (('relu1',), {'weight': '2.weight', 'bias': '2.bias'}),
-        'relu3': (('conv1d2',), {}),
-        'crop4_2_0': (('relu3',), {}),
-        'mean4_mean': (('crop4_2_0',), {}),
-        'crop4_2_1': (('relu3',), {}),
-        'mean4_mean_2': (('crop4_2_1',), {}),
-        'crop4_2_2': (('relu3',), {}),
-        'mean4_mean_3': (('crop4_2_2',), {}),
-        'crop4_2_3': (('relu3',), {}),
-        'mean4_mean_4': (('crop4_2_3',), {}),
-        'crop4_2_4': (('relu3',), {}),
-        'mean4_mean_5': (('crop4_2_4',), {}),
-        'cat4_2': (('mean4_mean', 'mean4_mean_2', 'mean4_mean_3', 'mean4_mean_4', 'mean4_mean_5'), {}),
-        'reshape5': (('cat4_2',), {}),
-        'linear6': (('reshape5',), {'weight': '6.weight', 'bias': '6.bias'}),
+    NODES = {  # node: (inputs, {role: parameter}, family), in graph order
+        'conv1d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}, None),
+        'relu1': (('conv1d0',), {}, 'relu'),
+        'conv1d2': (('relu1',), {'weight': '2.weight', 'bias': '2.bias'}, None),
+        'relu3': (('conv1d2',), {}, 'relu'),
+        'crop4_2_0': (('relu3',), {}, None),
+        'mean4_mean': (('crop4_2_0',), {}, 'mean'),
+        'crop4_2_1': (('relu3',), {}, None),
+        'mean4_mean_2': (('crop4_2_1',), {}, 'mean'),
+        'crop4_2_2': (('relu3',), {}, None),
+        'mean4_mean_3': (('crop4_2_2',), {}, None),
+        'crop4_2_3': (('relu3',), {}, None),
+        'mean4_mean_4': (('crop4_2_3',), {}, 'mean'),
+        'crop4_2_4': (('relu3',), {}, None),
+        'mean4_mean_5': (('crop4_2_4',), {}, 'mean'),
+        'cat4_2': (('mean4_mean', 'mean4_mean_2', 'mean4_mean_3', 'mean4_mean_4', 'mean4_mean_5'), {}, None),
+        'reshape5': (('cat4_2',), {}, None),
+        'linear6': (('reshape5',), {'weight': '6.weight', 'bias': '6.bias'}, None),
     }
-    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
+    SECOND_ORDER = {  # family or node: (residual?, coupled roles, tangent view)
         'conv1d0': (False, ('weight',), None),
         'conv1d2': (False, ('weight',), None),
         'linear6': (False, ('weight',), None),
     }
-    BLOCKS = {  # node: ((parameter, block method), ...)
-        'conv1d0': (('0.weight', '_conv1d0_weight_block'), ('0.bias', '_conv1d0_bias_block')),
-        'conv1d2': (('2.weight', '_conv1d2_weight_block'), ('2.bias', '_conv1d2_bias_block')),
-        'linear6': (('6.weight', '_linear6_weight_block'), ('6.bias', '_linear6_bias_block')),
-    }
-    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
-        'conv1d0': ('0.weight', '0.bias'),
-        'conv1d2': ('2.weight', '2.bias'),
-        'linear6': ('6.weight', '6.bias'),
-    }
+    BLOCKS = ('conv1d0', 'conv1d2', 'linear6')  # nodes with blocks
+    FACTORS = ('conv1d0', 'conv1d2', 'linear6')  # the KFAC family's layers
+    LOWERED = ('conv1d0', 'conv1d2')  # factor layers caching the raw input
     MEMORY = (1301604, 'the inputs of conv1d2', ((80, True),))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
@@ -133,127 +124,26 @@ class Curvature(CurvatureModule):
             g_reshape5 = self._linear6_vjp(g_linear6)
             g_cat4_2 = self._reshape5_vjp(g_reshape5)
             g_mean4_mean_5 = self._cat4_2_vjp4(g_cat4_2)
-            g_crop4_2_4 = self._mean4_mean_5_vjp(g_mean4_mean_5)
+            g_crop4_2_4 = self._mean_vjp('mean4_mean_5', g_mean4_mean_5)
             g_mean4_mean_4 = self._cat4_2_vjp3(g_cat4_2)
-            g_crop4_2_3 = self._mean4_mean_4_vjp(g_mean4_mean_4)
+            g_crop4_2_3 = self._mean_vjp('mean4_mean_4', g_mean4_mean_4)
             g_mean4_mean_3 = self._cat4_2_vjp2(g_cat4_2)
             g_crop4_2_2 = self._mean4_mean_3_vjp(g_mean4_mean_3)
             g_mean4_mean_2 = self._cat4_2_vjp1(g_cat4_2)
-            g_crop4_2_1 = self._mean4_mean_2_vjp(g_mean4_mean_2)
+            g_crop4_2_1 = self._mean_vjp('mean4_mean_2', g_mean4_mean_2)
             g_mean4_mean = self._cat4_2_vjp0(g_cat4_2)
-            g_crop4_2_0 = self._mean4_mean_vjp(g_mean4_mean)
+            g_crop4_2_0 = self._mean_vjp('mean4_mean', g_mean4_mean)
             g_relu3 = self._crop4_2_4_vjp(g_crop4_2_4) + self._crop4_2_3_vjp(g_crop4_2_3) + self._crop4_2_2_vjp(g_crop4_2_2) + self._crop4_2_1_vjp(g_crop4_2_1) + self._crop4_2_0_vjp(g_crop4_2_0)
-            g_conv1d2 = self._relu3_vjp(g_relu3)
+            g_conv1d2 = self._relu_vjp('relu3', g_relu3)
             self.conv1d2_g = g_conv1d2
             accumulate_grad(self.p['2.weight'], self._conv1d2_weight_vjp(g_conv1d2, self.conv1d2_X))
             accumulate_grad(self.p['2.bias'], self._conv1d2_bias_vjp(g_conv1d2, self.conv1d2_X))
             g_relu1 = self._conv1d2_vjp(g_conv1d2)
-            g_conv1d0 = self._relu1_vjp(g_relu1)
+            g_conv1d0 = self._relu_vjp('relu1', g_relu1)
             self.conv1d0_g = g_conv1d0
             accumulate_grad(self.p['0.weight'], self._conv1d0_weight_vjp(g_conv1d0, self.conv1d0_X))
             accumulate_grad(self.p['0.bias'], self._conv1d0_bias_vjp(g_conv1d0, self.conv1d0_X))
         return self._end(loss, x, target)
-
-    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
-        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
-
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
-        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
-        """
-        S_linear6 = self._loss_hessian_sum()
-        visit('linear6', S_linear6)
-        S = S_linear6  # at the output of linear6; propagate to its inputs
-        S_reshape5 = weight_sandwich(S, self.p['6.weight'])
-        del S_linear6
-        S = S_reshape5  # at the output of reshape5; propagate to its inputs
-        S_cat4_2 = S
-        del S_reshape5
-        S = S_cat4_2  # at the output of cat4_2; propagate to its inputs
-        S_mean4_mean = sandwich_independent(S, self._cat4_2_vjp0, (16, 1), (16, 5))
-        S_mean4_mean_2 = sandwich_independent(S, self._cat4_2_vjp1, (16, 1), (16, 5))
-        S_mean4_mean_3 = sandwich_independent(S, self._cat4_2_vjp2, (16, 1), (16, 5))
-        S_mean4_mean_4 = sandwich_independent(S, self._cat4_2_vjp3, (16, 1), (16, 5))
-        S_mean4_mean_5 = sandwich_independent(S, self._cat4_2_vjp4, (16, 1), (16, 5))
-        S_mean4_mean__mean4_mean_2 = cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp1, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean__mean4_mean_3 = cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp2, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean__mean4_mean_4 = cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp3, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean__mean4_mean_5 = cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean_2__mean4_mean_3 = cross_independent(S, self._cat4_2_vjp1, self._cat4_2_vjp2, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean_2__mean4_mean_4 = cross_independent(S, self._cat4_2_vjp1, self._cat4_2_vjp3, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean_2__mean4_mean_5 = cross_independent(S, self._cat4_2_vjp1, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean_3__mean4_mean_4 = cross_independent(S, self._cat4_2_vjp2, self._cat4_2_vjp3, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean_3__mean4_mean_5 = cross_independent(S, self._cat4_2_vjp2, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
-        S_mean4_mean_4__mean4_mean_5 = cross_independent(S, self._cat4_2_vjp3, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
-        del S_cat4_2
-        S = S_mean4_mean_5  # at the output of mean4_mean_5; propagate to its inputs
-        S_crop4_2_4 = sandwich_independent(S, self._mean4_mean_5_vjp, (16, 3), (16, 1))
-        S_mean4_mean__crop4_2_4 = (transpose_matrix(S_mean4_mean__mean4_mean_5.T, self._mean4_mean_5_vjp, (16, 1))).T
-        S_mean4_mean_2__crop4_2_4 = (transpose_matrix(S_mean4_mean_2__mean4_mean_5.T, self._mean4_mean_5_vjp, (16, 1))).T
-        S_mean4_mean_3__crop4_2_4 = (transpose_matrix(S_mean4_mean_3__mean4_mean_5.T, self._mean4_mean_5_vjp, (16, 1))).T
-        S_mean4_mean_4__crop4_2_4 = (transpose_matrix(S_mean4_mean_4__mean4_mean_5.T, self._mean4_mean_5_vjp, (16, 1))).T
-        del S_mean4_mean_5, S_mean4_mean__mean4_mean_5, S_mean4_mean_2__mean4_mean_5, S_mean4_mean_3__mean4_mean_5, S_mean4_mean_4__mean4_mean_5
-        S = S_crop4_2_4  # at the output of crop4_2_4; propagate to its inputs
-        S_relu3 = sandwich_independent(S, self._crop4_2_4_vjp, (16, 12), (16, 3))
-        S_relu3__mean4_mean = transpose_matrix(S_mean4_mean__crop4_2_4.T, self._crop4_2_4_vjp, (16, 3))
-        S_relu3__mean4_mean_2 = transpose_matrix(S_mean4_mean_2__crop4_2_4.T, self._crop4_2_4_vjp, (16, 3))
-        S_relu3__mean4_mean_3 = transpose_matrix(S_mean4_mean_3__crop4_2_4.T, self._crop4_2_4_vjp, (16, 3))
-        S_relu3__mean4_mean_4 = transpose_matrix(S_mean4_mean_4__crop4_2_4.T, self._crop4_2_4_vjp, (16, 3))
-        del S_crop4_2_4, S_mean4_mean__crop4_2_4, S_mean4_mean_2__crop4_2_4, S_mean4_mean_3__crop4_2_4, S_mean4_mean_4__crop4_2_4
-        S = S_mean4_mean_4  # at the output of mean4_mean_4; propagate to its inputs
-        S_crop4_2_3 = sandwich_independent(S, self._mean4_mean_4_vjp, (16, 3), (16, 1))
-        S_mean4_mean__crop4_2_3 = (transpose_matrix(S_mean4_mean__mean4_mean_4.T, self._mean4_mean_4_vjp, (16, 1))).T
-        S_mean4_mean_2__crop4_2_3 = (transpose_matrix(S_mean4_mean_2__mean4_mean_4.T, self._mean4_mean_4_vjp, (16, 1))).T
-        S_mean4_mean_3__crop4_2_3 = (transpose_matrix(S_mean4_mean_3__mean4_mean_4.T, self._mean4_mean_4_vjp, (16, 1))).T
-        S_relu3__crop4_2_3 = (transpose_matrix(S_relu3__mean4_mean_4.T, self._mean4_mean_4_vjp, (16, 1))).T
-        del S_mean4_mean_4, S_mean4_mean__mean4_mean_4, S_mean4_mean_2__mean4_mean_4, S_mean4_mean_3__mean4_mean_4, S_relu3__mean4_mean_4
-        S = S_crop4_2_3  # at the output of crop4_2_3; propagate to its inputs
-        S_relu3 = S_relu3 + sandwich_independent(S, self._crop4_2_3_vjp, (16, 12), (16, 3))
-        S_relu3__mean4_mean = S_relu3__mean4_mean + transpose_matrix(S_mean4_mean__crop4_2_3.T, self._crop4_2_3_vjp, (16, 3))
-        S_relu3__mean4_mean_2 = S_relu3__mean4_mean_2 + transpose_matrix(S_mean4_mean_2__crop4_2_3.T, self._crop4_2_3_vjp, (16, 3))
-        S_relu3__mean4_mean_3 = S_relu3__mean4_mean_3 + transpose_matrix(S_mean4_mean_3__crop4_2_3.T, self._crop4_2_3_vjp, (16, 3))
-        S_relu3 = S_relu3 + transpose_matrix(S_relu3__crop4_2_3.T, self._crop4_2_3_vjp, (16, 3)) + (transpose_matrix(S_relu3__crop4_2_3.T, self._crop4_2_3_vjp, (16, 3))).T
-        del S_crop4_2_3, S_mean4_mean__crop4_2_3, S_mean4_mean_2__crop4_2_3, S_mean4_mean_3__crop4_2_3, S_relu3__crop4_2_3
-        S = S_mean4_mean_3  # at the output of mean4_mean_3; propagate to its inputs
-        S_crop4_2_2 = sandwich_independent(S, self._mean4_mean_3_vjp, (16, 4), (16, 1))
-        S_mean4_mean__crop4_2_2 = (transpose_matrix(S_mean4_mean__mean4_mean_3.T, self._mean4_mean_3_vjp, (16, 1))).T
-        S_mean4_mean_2__crop4_2_2 = (transpose_matrix(S_mean4_mean_2__mean4_mean_3.T, self._mean4_mean_3_vjp, (16, 1))).T
-        S_relu3__crop4_2_2 = (transpose_matrix(S_relu3__mean4_mean_3.T, self._mean4_mean_3_vjp, (16, 1))).T
-        del S_mean4_mean_3, S_mean4_mean__mean4_mean_3, S_mean4_mean_2__mean4_mean_3, S_relu3__mean4_mean_3
-        S = S_crop4_2_2  # at the output of crop4_2_2; propagate to its inputs
-        S_relu3 = S_relu3 + sandwich_independent(S, self._crop4_2_2_vjp, (16, 12), (16, 4))
-        S_relu3__mean4_mean = S_relu3__mean4_mean + transpose_matrix(S_mean4_mean__crop4_2_2.T, self._crop4_2_2_vjp, (16, 4))
-        S_relu3__mean4_mean_2 = S_relu3__mean4_mean_2 + transpose_matrix(S_mean4_mean_2__crop4_2_2.T, self._crop4_2_2_vjp, (16, 4))
-        S_relu3 = S_relu3 + transpose_matrix(S_relu3__crop4_2_2.T, self._crop4_2_2_vjp, (16, 4)) + (transpose_matrix(S_relu3__crop4_2_2.T, self._crop4_2_2_vjp, (16, 4))).T
-        del S_crop4_2_2, S_mean4_mean__crop4_2_2, S_mean4_mean_2__crop4_2_2, S_relu3__crop4_2_2
-        S = S_mean4_mean_2  # at the output of mean4_mean_2; propagate to its inputs
-        S_crop4_2_1 = sandwich_independent(S, self._mean4_mean_2_vjp, (16, 3), (16, 1))
-        S_mean4_mean__crop4_2_1 = (transpose_matrix(S_mean4_mean__mean4_mean_2.T, self._mean4_mean_2_vjp, (16, 1))).T
-        S_relu3__crop4_2_1 = (transpose_matrix(S_relu3__mean4_mean_2.T, self._mean4_mean_2_vjp, (16, 1))).T
-        del S_mean4_mean_2, S_mean4_mean__mean4_mean_2, S_relu3__mean4_mean_2
-        S = S_crop4_2_1  # at the output of crop4_2_1; propagate to its inputs
-        S_relu3 = S_relu3 + sandwich_independent(S, self._crop4_2_1_vjp, (16, 12), (16, 3))
-        S_relu3__mean4_mean = S_relu3__mean4_mean + transpose_matrix(S_mean4_mean__crop4_2_1.T, self._crop4_2_1_vjp, (16, 3))
-        S_relu3 = S_relu3 + transpose_matrix(S_relu3__crop4_2_1.T, self._crop4_2_1_vjp, (16, 3)) + (transpose_matrix(S_relu3__crop4_2_1.T, self._crop4_2_1_vjp, (16, 3))).T
-        del S_crop4_2_1, S_mean4_mean__crop4_2_1, S_relu3__crop4_2_1
-        S = S_mean4_mean  # at the output of mean4_mean; propagate to its inputs
-        S_crop4_2_0 = sandwich_independent(S, self._mean4_mean_vjp, (16, 3), (16, 1))
-        S_relu3__crop4_2_0 = (transpose_matrix(S_relu3__mean4_mean.T, self._mean4_mean_vjp, (16, 1))).T
-        del S_mean4_mean, S_relu3__mean4_mean
-        S = S_crop4_2_0  # at the output of crop4_2_0; propagate to its inputs
-        S_relu3 = S_relu3 + sandwich_independent(S, self._crop4_2_0_vjp, (16, 12), (16, 3))
-        S_relu3 = S_relu3 + transpose_matrix(S_relu3__crop4_2_0.T, self._crop4_2_0_vjp, (16, 3)) + (transpose_matrix(S_relu3__crop4_2_0.T, self._crop4_2_0_vjp, (16, 3))).T
-        del S_crop4_2_0, S_relu3__crop4_2_0
-        S = S_relu3  # at the output of relu3; propagate to its inputs
-        S_conv1d2 = elementwise_input_curvature(S, self.relu3_d1, None, average_input_jacobian, curvature)
-        del S_relu3
-        visit('conv1d2', S_conv1d2)
-        S = S_conv1d2  # at the output of conv1d2; propagate to its inputs
-        S_relu1 = sandwich_independent(S, self._conv1d2_vjp, (16, 26), (16, 12))
-        del S_conv1d2
-        S = S_relu1  # at the output of relu1; propagate to its inputs
-        S_conv1d0 = elementwise_input_curvature(S, self.relu1_d1, None, average_input_jacobian, curvature)
-        del S_relu1
-        visit('conv1d0', S_conv1d0)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
@@ -302,7 +192,7 @@ class Curvature(CurvatureModule):
     def _conv1d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 26))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 26))
         return Y.reshape(*Y.shape[:-3], 16, 26)
 
     def _conv1d0_bias_vjp(self, u, X):
@@ -315,29 +205,24 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 16, 26, 1, 16, 26)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(16, 16), (16,))
+        shape = (16,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv1d0_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 84 inputs of each output location: (84, 84)"""
-        X = self._conv1d0_view(self.conv1d0_X).reshape(self.N, 84, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv1d0_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
-        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv1d0_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
-        return S.reshape(16, 26, 16, 26).sum((1, 3))
-
-    def _relu1_jvp(self, v):
+    def _relu_jvp(self, node, v):
         """J v = φ′ ⊙ v  (φ = Max(0, x),  φ′ = Heaviside(x),  φ″ = 0)"""
-        return v * self.relu1_d1
+        return v * self.cached(node, 'd1')
 
-    def _relu1_vjp(self, u):
+    def _relu_vjp(self, node, u):
         """Jᵀ u = φ′ ⊙ u"""
-        return u * self.relu1_d1
+        return u * self.cached(node, 'd1')
+
+    def _relu_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return elementwise_input_curvature(S, self.cached(node, 'd1'), None, average_input_jacobian, curvature)
+
+    def _relu_mean_vjp(self, node, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return self.cached(node, 'd1').flatten(1).mean(0)[:, None] * M
 
     def _conv1d2_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 16, 3, 12))"""
@@ -373,7 +258,7 @@ class Curvature(CurvatureModule):
     def _conv1d2_bias_jvp(self, v, X):
         """J_θ v for θ = 2.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 12))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 12))
         return Y.reshape(*Y.shape[:-3], 16, 12)
 
     def _conv1d2_bias_vjp(self, u, X):
@@ -386,29 +271,16 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 2.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 16, 12, 1, 16, 12)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(16, 16), (16,))
+        shape = (16,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv1d2_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 48 inputs of each output location: (48, 48)"""
-        X = self._conv1d2_view(self.conv1d2_X).reshape(self.N, 48, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
+    def _conv1d2_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv1d2_vjp, (16, 26), (16, 12))
 
-    def _conv1d2_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
-        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv1d2_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
-        return S.reshape(16, 12, 16, 12).sum((1, 3))
-
-    def _relu3_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = Max(0, x),  φ′ = Heaviside(x),  φ″ = 0)"""
-        return v * self.relu3_d1
-
-    def _relu3_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.relu3_d1
+    def _conv1d2_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._conv1d2_vjp, (16, 12))
 
     def _crop4_2_0_jvp(self, v):
         """J v for crop (structural primitive 'crop')"""
@@ -418,23 +290,38 @@ class Curvature(CurvatureModule):
         """Jᵀ u for crop"""
         return torch.nn.functional.pad(u, tuple(-p for p in (0, -9)))
 
-    def _mean4_mean_view(self, x):
+    def _crop4_2_0_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._crop4_2_0_vjp, (16, 12), (16, 3))
+
+    def _crop4_2_0_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._crop4_2_0_vjp, (16, 3))
+
+    def _mean_view(self, node, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(16, 3, 1))"""
         lead = lead_shape(x, 2)
         return x.reshape(*lead, 16, 3, 1)
 
-    def _mean4_mean_jvp(self, v):
+    def _mean_jvp(self, node, v):
         """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        v = self._mean4_mean_view(v)
-        Y = 1/3 * torch.einsum("...abcd->...abd", v)
-        return Y
+        v = self._method(node, 'view')(v)
+        return 1/3 * torch.einsum("...abcd->...abd", v)
 
-    def _mean4_mean_vjp(self, u):
+    def _mean_vjp(self, node, u):
         """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
+        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], -1, 3, -1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 3)
+
+    def _mean_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._method(node, 'vjp'), (16, 3), (16, 1))
+
+    def _mean_mean_vjp(self, node, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._method(node, 'vjp'), (16, 1))
 
     def _crop4_2_1_jvp(self, v):
         """J v for crop (structural primitive 'crop')"""
@@ -444,23 +331,13 @@ class Curvature(CurvatureModule):
         """Jᵀ u for crop"""
         return torch.nn.functional.pad(u, tuple(-p for p in (-2, -7)))
 
-    def _mean4_mean_2_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(16, 3, 1))"""
-        lead = lead_shape(x, 2)
-        return x.reshape(*lead, 16, 3, 1)
+    def _crop4_2_1_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._crop4_2_1_vjp, (16, 12), (16, 3))
 
-    def _mean4_mean_2_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        v = self._mean4_mean_2_view(v)
-        Y = 1/3 * torch.einsum("...abcd->...abd", v)
-        return Y
-
-    def _mean4_mean_2_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
-        lead = lead_shape(X, 3)
-        return X.reshape(*lead, 16, 3)
+    def _crop4_2_1_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._crop4_2_1_vjp, (16, 3))
 
     def _crop4_2_2_jvp(self, v):
         """J v for crop (structural primitive 'crop')"""
@@ -470,6 +347,14 @@ class Curvature(CurvatureModule):
         """Jᵀ u for crop"""
         return torch.nn.functional.pad(u, tuple(-p for p in (-4, -4)))
 
+    def _crop4_2_2_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._crop4_2_2_vjp, (16, 12), (16, 4))
+
+    def _crop4_2_2_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._crop4_2_2_vjp, (16, 4))
+
     def _mean4_mean_3_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(16, 4, 1))"""
         lead = lead_shape(x, 2)
@@ -478,15 +363,22 @@ class Curvature(CurvatureModule):
     def _mean4_mean_3_jvp(self, v):
         """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         v = self._mean4_mean_3_view(v)
-        Y = 1/4 * torch.einsum("...abcd->...abd", v)
-        return Y
+        return 1/4 * torch.einsum("...abcd->...abd", v)
 
     def _mean4_mean_3_vjp(self, u):
         """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
         lead = lead_shape(u, 2)
-        X = 1/4 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 4, 1))
+        X = 1/4 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], -1, 4, -1))
         lead = lead_shape(X, 3)
         return X.reshape(*lead, 16, 4)
+
+    def _mean4_mean_3_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._mean4_mean_3_vjp, (16, 4), (16, 1))
+
+    def _mean4_mean_3_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._mean4_mean_3_vjp, (16, 1))
 
     def _crop4_2_3_jvp(self, v):
         """J v for crop (structural primitive 'crop')"""
@@ -496,23 +388,13 @@ class Curvature(CurvatureModule):
         """Jᵀ u for crop"""
         return torch.nn.functional.pad(u, tuple(-p for p in (-7, -2)))
 
-    def _mean4_mean_4_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(16, 3, 1))"""
-        lead = lead_shape(x, 2)
-        return x.reshape(*lead, 16, 3, 1)
+    def _crop4_2_3_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._crop4_2_3_vjp, (16, 12), (16, 3))
 
-    def _mean4_mean_4_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        v = self._mean4_mean_4_view(v)
-        Y = 1/3 * torch.einsum("...abcd->...abd", v)
-        return Y
-
-    def _mean4_mean_4_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
-        lead = lead_shape(X, 3)
-        return X.reshape(*lead, 16, 3)
+    def _crop4_2_3_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._crop4_2_3_vjp, (16, 3))
 
     def _crop4_2_4_jvp(self, v):
         """J v for crop (structural primitive 'crop')"""
@@ -522,23 +404,13 @@ class Curvature(CurvatureModule):
         """Jᵀ u for crop"""
         return torch.nn.functional.pad(u, tuple(-p for p in (-9, 0)))
 
-    def _mean4_mean_5_view(self, x):
-        """The input as the rule reads it: (*lead, *x) -> (*lead, *(16, 3, 1))"""
-        lead = lead_shape(x, 2)
-        return x.reshape(*lead, 16, 3, 1)
+    def _crop4_2_4_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._crop4_2_4_vjp, (16, 12), (16, 3))
 
-    def _mean4_mean_5_jvp(self, v):
-        """J v, derived from Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        v = self._mean4_mean_5_view(v)
-        Y = 1/3 * torch.einsum("...abcd->...abd", v)
-        return Y
-
-    def _mean4_mean_5_vjp(self, u):
-        """Jᵀ u for Y[n, g, l] = Σ_k X[n, g, k, l]/K"""
-        lead = lead_shape(u, 2)
-        X = 1/3 * broadcast_trailing(u[..., :, :, None, :], (lead[-1], 16, 3, 1))
-        lead = lead_shape(X, 3)
-        return X.reshape(*lead, 16, 3)
+    def _crop4_2_4_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._crop4_2_4_vjp, (16, 3))
 
     def _cat4_2_vjp0(self, u):
         """Jᵀ u for input 0 of cat: its slice"""
@@ -568,6 +440,52 @@ class Curvature(CurvatureModule):
         """Jᵢᵀ u for every input: its slice"""
         return [self._cat4_2_vjp0(u), self._cat4_2_vjp1(u), self._cat4_2_vjp2(u), self._cat4_2_vjp3(u), self._cat4_2_vjp4(u)]
 
+    def _cat4_2_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        if i == 0:
+            return sandwich_independent(S, self._cat4_2_vjp0, (16, 1), (16, 5))
+        if i == 1:
+            return sandwich_independent(S, self._cat4_2_vjp1, (16, 1), (16, 5))
+        if i == 2:
+            return sandwich_independent(S, self._cat4_2_vjp2, (16, 1), (16, 5))
+        if i == 3:
+            return sandwich_independent(S, self._cat4_2_vjp3, (16, 1), (16, 5))
+        return sandwich_independent(S, self._cat4_2_vjp4, (16, 1), (16, 5))
+
+    def _cat4_2_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        if i == 0:
+            return transpose_matrix(M, self._cat4_2_vjp0, (16, 5))
+        if i == 1:
+            return transpose_matrix(M, self._cat4_2_vjp1, (16, 5))
+        if i == 2:
+            return transpose_matrix(M, self._cat4_2_vjp2, (16, 5))
+        if i == 3:
+            return transpose_matrix(M, self._cat4_2_vjp3, (16, 5))
+        return transpose_matrix(M, self._cat4_2_vjp4, (16, 5))
+
+    def _cat4_2_cross(self, i, j, S):
+        """E[J_i]ᵀ S E[J_j] for inputs i < j: (d_x_i, d_x_j)"""
+        if (i, j) == (0, 1):
+            return cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp1, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (0, 2):
+            return cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp2, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (0, 3):
+            return cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp3, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (0, 4):
+            return cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (1, 2):
+            return cross_independent(S, self._cat4_2_vjp1, self._cat4_2_vjp2, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (1, 3):
+            return cross_independent(S, self._cat4_2_vjp1, self._cat4_2_vjp3, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (1, 4):
+            return cross_independent(S, self._cat4_2_vjp1, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (2, 3):
+            return cross_independent(S, self._cat4_2_vjp2, self._cat4_2_vjp3, (16, 1), (16, 1), (16, 5))
+        if (i, j) == (2, 4):
+            return cross_independent(S, self._cat4_2_vjp2, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
+        return cross_independent(S, self._cat4_2_vjp3, self._cat4_2_vjp4, (16, 1), (16, 1), (16, 5))
+
     def _reshape5_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (16, 5), (80,))
@@ -576,66 +494,63 @@ class Curvature(CurvatureModule):
         """Jᵀ u for reshape"""
         return reshape_to(u, (80,), (16, 5))
 
+    def _reshape5_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return S
+
+    def _reshape5_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return M
+
     def _linear6_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
         W = self.p['6.weight']
-        Y = v @ W.mT
-        return Y
+        return v @ W.mT
 
     def _linear6_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
         W = self.p['6.weight'] if W is None else W
-        X = u @ W
-        return X
+        return u @ W
 
     def _linear6_weight_jvp(self, v, X):
         """J_θ v for θ = 6.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
+        return X @ v.mT
 
     def _linear6_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 6.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
+        return u.mT @ X
 
     def _linear6_weight_block(self, S, average):
         """B = A ⊗ B for θ = 6.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear6_X, average)
-        S = S.reshape(10, 10)
         A = S
-        if X.shape[0] < 80:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 80).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 80))
+        shape = (10, 80)
+        a, b = numel(shape[:1]), numel(shape[1:])
+        if X.shape[0] < b:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(a, a), R, shape)
         B = torch.einsum("...ab,...ac->...bc", X, X)
         B /= X.shape[0]
-        return KroneckerBlock(A.reshape(10, 10), B.reshape(80, 80), (10, 80))
+        return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)
 
     def _linear6_bias_jvp(self, v, X):
         """J_θ v for θ = 6.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
-        return Y
+        return broadcast_trailing(v[..., None, :], (self.N, -1))
 
     def _linear6_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 6.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
+        return torch.einsum("...ab->...b", u)
 
     def _linear6_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 6.bias; J_θ is the same for every sample"""
-        S = S.reshape(10, 10)
         B = S
-        return DenseBlock(B.reshape(10, 10), (10,))
+        shape = (10,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _linear6_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 80 inputs of each output location: (80, 80)"""
-        X = self.linear6_X.reshape(self.N, 80, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
+    def _linear6_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return weight_sandwich(S, self.p['6.weight'])
 
-    def _linear6_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
-        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear6_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
-        return S.reshape(10, 1, 10, 1).sum((1, 3))
+    def _linear6_mean_vjp(self, i, M):
+        """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
+        return transpose_matrix(M, self._linear6_vjp, (10,))

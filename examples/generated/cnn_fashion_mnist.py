@@ -12,15 +12,13 @@ Graph (per-sample shapes):
     a_max_pool2d5 = max_pool2d(a_sigmoid4)    # (16, 8, 8) -> (16, 4, 4)
     a_reshape6 = reshape(a_max_pool2d5)    # (16, 4, 4) -> (256,)
     a_linear7 = linear(a_reshape6)    # (256,) -> (10,)
-Loss: cross_entropy (mean).
-
-See hbpc's docs/curvature.md for the definitions of every quantity.
+Loss: cross_entropy (mean). hbpc's docs/curvature.md defines every quantity.
 """
 import torch
 
 from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, OperatorBlock,
     accumulate_grad, apply_per_sample, batch_mean, broadcast_trailing, conv_apply, conv_input_vjp, conv_options,
-    conv_weight_vjp, elementwise_input_curvature, lead_shape, max_pool2d_with_indices, patches, reshape_to,
+    conv_weight_vjp, elementwise_input_curvature, lead_shape, max_pool2d_with_indices, numel, patches, reshape_to,
     residual_product, sandwich_independent, take_input_curvature, take_jvp, take_vjp, weight_sandwich)
 
 
@@ -40,33 +38,25 @@ class Curvature(CurvatureModule):
     PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
     LOSS = 'cross_entropy'
     SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
-    NODES = {  # node: (inputs, {role: parameter}), in graph order
-        'conv2d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}),
-        'sigmoid1': (('conv2d0',), {}),
-        'max_pool2d2': (('sigmoid1',), {}),
-        'conv2d3': (('max_pool2d2',), {'weight': '3.weight', 'bias': '3.bias'}),
-        'sigmoid4': (('conv2d3',), {}),
-        'max_pool2d5': (('sigmoid4',), {}),
-        'reshape6': (('max_pool2d5',), {}),
-        'linear7': (('reshape6',), {'weight': '7.weight', 'bias': '7.bias'}),
+    NODES = {  # node: (inputs, {role: parameter}, family), in graph order
+        'conv2d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}, None),
+        'sigmoid1': (('conv2d0',), {}, 'sigmoid'),
+        'max_pool2d2': (('sigmoid1',), {}, None),
+        'conv2d3': (('max_pool2d2',), {'weight': '3.weight', 'bias': '3.bias'}, None),
+        'sigmoid4': (('conv2d3',), {}, 'sigmoid'),
+        'max_pool2d5': (('sigmoid4',), {}, None),
+        'reshape6': (('max_pool2d5',), {}, None),
+        'linear7': (('reshape6',), {'weight': '7.weight', 'bias': '7.bias'}, None),
     }
-    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
+    SECOND_ORDER = {  # family or node: (residual?, coupled roles, tangent view)
         'conv2d0': (False, ('weight',), None),
-        'sigmoid1': (True, (), None),
+        'sigmoid': (True, (), None),
         'conv2d3': (False, ('weight',), None),
-        'sigmoid4': (True, (), None),
         'linear7': (False, ('weight',), None),
     }
-    BLOCKS = {  # node: ((parameter, block method), ...)
-        'conv2d0': (('0.weight', '_conv2d0_weight_block'), ('0.bias', '_conv2d0_bias_block')),
-        'conv2d3': (('3.weight', '_conv2d3_weight_block'), ('3.bias', '_conv2d3_bias_block')),
-        'linear7': (('7.weight', '_linear7_weight_block'), ('7.bias', '_linear7_bias_block')),
-    }
-    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
-        'conv2d0': ('0.weight', '0.bias'),
-        'conv2d3': ('3.weight', '3.bias'),
-        'linear7': ('7.weight', '7.bias'),
-    }
+    BLOCKS = ('conv2d0', 'conv2d3', 'linear7')  # nodes with blocks
+    FACTORS = ('conv2d0', 'conv2d3', 'linear7')  # the KFAC family's layers
+    LOWERED = ('conv2d0', 'conv2d3')  # factor layers caching the raw input
     MEMORY = (44580964, 'the inputs of max_pool2d2', ((256, True),))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
@@ -111,50 +101,18 @@ class Curvature(CurvatureModule):
             g_max_pool2d5 = self._reshape6_vjp(g_reshape6)
             g_sigmoid4 = self._max_pool2d5_vjp(g_max_pool2d5)
             self.sigmoid4_g, self.sigmoid4_r = g_sigmoid4, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d3 = self._sigmoid4_vjp(g_sigmoid4)
+            g_conv2d3 = self._sigmoid_vjp('sigmoid4', g_sigmoid4)
             self.conv2d3_g = g_conv2d3
             accumulate_grad(self.p['3.weight'], self._conv2d3_weight_vjp(g_conv2d3, self.conv2d3_X))
             accumulate_grad(self.p['3.bias'], self._conv2d3_bias_vjp(g_conv2d3, self.conv2d3_X))
             g_max_pool2d2 = self._conv2d3_vjp(g_conv2d3)
             g_sigmoid1 = self._max_pool2d2_vjp(g_max_pool2d2)
             self.sigmoid1_g, self.sigmoid1_r = g_sigmoid1, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d0 = self._sigmoid1_vjp(g_sigmoid1)
+            g_conv2d0 = self._sigmoid_vjp('sigmoid1', g_sigmoid1)
             self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
             accumulate_grad(self.p['0.bias'], self._conv2d0_bias_vjp(g_conv2d0, self.conv2d0_X))
         return self._end(loss, x, target)
-
-    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
-        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
-
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
-        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
-        """
-        S_linear7 = self._loss_hessian_sum()
-        visit('linear7', S_linear7)
-        S = S_linear7  # at the output of linear7; propagate to its inputs
-        S_reshape6 = weight_sandwich(S, self.p['7.weight'])
-        del S_linear7
-        S = S_reshape6  # at the output of reshape6; propagate to its inputs
-        S_max_pool2d5 = S
-        del S_reshape6
-        S = S_max_pool2d5  # at the output of max_pool2d5; propagate to its inputs
-        S_sigmoid4 = take_input_curvature(S, self.max_pool2d5_idx, (16, 8, 8), average_input_jacobian)
-        del S_max_pool2d5
-        S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
-        S_conv2d3 = elementwise_input_curvature(S, self.sigmoid4_d1, self._sigmoid4_residual, average_input_jacobian, curvature)
-        del S_sigmoid4
-        visit('conv2d3', S_conv2d3)
-        S = S_conv2d3  # at the output of conv2d3; propagate to its inputs
-        S_max_pool2d2 = sandwich_independent(S, self._conv2d3_vjp, (8, 12, 12), (16, 8, 8))
-        del S_conv2d3
-        S = S_max_pool2d2  # at the output of max_pool2d2; propagate to its inputs
-        S_sigmoid1 = take_input_curvature(S, self.max_pool2d2_idx, (8, 24, 24), average_input_jacobian)
-        del S_max_pool2d2
-        S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
-        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self._sigmoid1_residual, average_input_jacobian, curvature)
-        del S_sigmoid1
-        visit('conv2d0', S_conv2d0)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
@@ -203,7 +161,7 @@ class Curvature(CurvatureModule):
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (8,), (1, 8))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 8, 576))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 576))
         return Y.reshape(*Y.shape[:-3], 8, 24, 24)
 
     def _conv2d0_bias_vjp(self, u, X):
@@ -216,40 +174,33 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 8, 576, 1, 8, 576)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(8, 8), (8,))
+        shape = (8,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d0_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 25 inputs of each output location: (25, 25)"""
-        X = self._conv2d0_view(self.conv2d0_X).reshape(self.N, 25, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d0_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (8, 8)"""
-        s = u.reshape(*u.shape[:2], 8, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d0_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (8, 8)"""
-        return S.reshape(8, 576, 8, 576).sum((1, 3))
-
-    def _sigmoid1_residual(self):
+    def _sigmoid_residual(self, node):
         """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid1_r is None:
-            y = self.sigmoid1_y
-            self.sigmoid1_r = self.sigmoid1_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid1_r
+        r = self.cached(node, 'r')
+        if r is None:
+            y = self.cached(node, 'y')
+            r = self.cached(node, 'g') * (y*(y - 1)*(2*y - 1))
+            self.set_cached(node, 'r', r)
+        return r
 
-    def _sigmoid1_residual_product(self, t, curvature):
+    def _sigmoid_residual_product(self, node, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid1_residual(), t, curvature)
+        return residual_product(self._method(node, 'residual')(), t, curvature)
 
-    def _sigmoid1_jvp(self, v):
+    def _sigmoid_jvp(self, node, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid1_d1
+        return v * self.cached(node, 'd1')
 
-    def _sigmoid1_vjp(self, u):
+    def _sigmoid_vjp(self, node, u):
         """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid1_d1
+        return u * self.cached(node, 'd1')
+
+    def _sigmoid_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return elementwise_input_curvature(S, self.cached(node, 'd1'), self._method(node, 'residual'), average_input_jacobian, curvature)
 
     def _max_pool2d2_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
@@ -258,6 +209,10 @@ class Curvature(CurvatureModule):
     def _max_pool2d2_vjp(self, u):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d2_idx, (8, 24, 24))
+
+    def _max_pool2d2_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d2_idx, (8, 24, 24), average_input_jacobian)
 
     def _conv2d3_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 8, 25, 64))"""
@@ -293,7 +248,7 @@ class Curvature(CurvatureModule):
     def _conv2d3_bias_jvp(self, v, X):
         """J_θ v for θ = 3.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (16,), (1, 16))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 16, 64))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 64))
         return Y.reshape(*Y.shape[:-3], 16, 8, 8)
 
     def _conv2d3_bias_vjp(self, u, X):
@@ -306,40 +261,12 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 16, 64, 1, 16, 64)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(16, 16), (16,))
+        shape = (16,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d3_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 200 inputs of each output location: (200, 200)"""
-        X = self._conv2d3_view(self.conv2d3_X).reshape(self.N, 200, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d3_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
-        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d3_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
-        return S.reshape(16, 64, 16, 64).sum((1, 3))
-
-    def _sigmoid4_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid4_r is None:
-            y = self.sigmoid4_y
-            self.sigmoid4_r = self.sigmoid4_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid4_r
-
-    def _sigmoid4_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid4_residual(), t, curvature)
-
-    def _sigmoid4_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid4_d1
-
-    def _sigmoid4_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid4_d1
+    def _conv2d3_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv2d3_vjp, (8, 12, 12), (16, 8, 8))
 
     def _max_pool2d5_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
@@ -349,6 +276,10 @@ class Curvature(CurvatureModule):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d5_idx, (16, 8, 8))
 
+    def _max_pool2d5_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d5_idx, (16, 8, 8), average_input_jacobian)
+
     def _reshape6_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
         return reshape_to(v, (16, 4, 4), (256,))
@@ -357,66 +288,55 @@ class Curvature(CurvatureModule):
         """Jᵀ u for reshape"""
         return reshape_to(u, (256,), (16, 4, 4))
 
+    def _reshape6_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return S
+
     def _linear7_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
         W = self.p['7.weight']
-        Y = v @ W.mT
-        return Y
+        return v @ W.mT
 
     def _linear7_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
         W = self.p['7.weight'] if W is None else W
-        X = u @ W
-        return X
+        return u @ W
 
     def _linear7_weight_jvp(self, v, X):
         """J_θ v for θ = 7.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
+        return X @ v.mT
 
     def _linear7_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
+        return u.mT @ X
 
     def _linear7_weight_block(self, S, average):
         """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear7_X, average)
-        S = S.reshape(10, 10)
         A = S
-        if X.shape[0] < 256:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 256).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 256))
+        shape = (10, 256)
+        a, b = numel(shape[:1]), numel(shape[1:])
+        if X.shape[0] < b:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(a, a), R, shape)
         B = torch.einsum("...ab,...ac->...bc", X, X)
         B /= X.shape[0]
-        return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
+        return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)
 
     def _linear7_bias_jvp(self, v, X):
         """J_θ v for θ = 7.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
-        return Y
+        return broadcast_trailing(v[..., None, :], (self.N, -1))
 
     def _linear7_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
+        return torch.einsum("...ab->...b", u)
 
     def _linear7_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
-        S = S.reshape(10, 10)
         B = S
-        return DenseBlock(B.reshape(10, 10), (10,))
+        shape = (10,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _linear7_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 256 inputs of each output location: (256, 256)"""
-        X = self.linear7_X.reshape(self.N, 256, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear7_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
-        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear7_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
-        return S.reshape(10, 1, 10, 1).sum((1, 3))
+    def _linear7_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return weight_sandwich(S, self.p['7.weight'])

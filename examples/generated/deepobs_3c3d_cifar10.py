@@ -23,16 +23,15 @@ Graph (per-sample shapes):
     a_linear16 = linear(a_sigmoid15)    # (512,) -> (256,)
     a_sigmoid17 = sigmoid(a_linear16)    # (256,) -> (256,)
     a_linear18 = linear(a_sigmoid17)    # (256,) -> (10,)
-Loss: cross_entropy (mean).
-
-See hbpc's docs/curvature.md for the definitions of every quantity.
+Loss: cross_entropy (mean). hbpc's docs/curvature.md defines every quantity.
 """
 import torch
 
 from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, OperatorBlock,
     accumulate_grad, apply_per_sample, batch_mean, broadcast_trailing, conv_apply, conv_input_vjp, conv_options,
-    conv_weight_vjp, elementwise_input_curvature, lead_shape, max_pool2d_with_indices, pad_jvp, pad_vjp, patches,
-    reshape_to, residual_product, sandwich_independent, take_input_curvature, take_jvp, take_vjp, weight_sandwich)
+    conv_weight_vjp, elementwise_input_curvature, lead_shape, max_pool2d_with_indices, numel, pad_jvp, pad_vjp,
+    patches, reshape_to, residual_product, sandwich_independent, take_input_curvature, take_jvp, take_vjp,
+    weight_sandwich)
 
 
 class Curvature(CurvatureModule):
@@ -57,56 +56,37 @@ class Curvature(CurvatureModule):
     PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
     LOSS = 'cross_entropy'
     SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
-    NODES = {  # node: (inputs, {role: parameter}), in graph order
-        'conv2d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}),
-        'sigmoid1': (('conv2d0',), {}),
-        'pad2': (('sigmoid1',), {}),
-        'max_pool2d3': (('pad2',), {}),
-        'conv2d4': (('max_pool2d3',), {'weight': '4.weight', 'bias': '4.bias'}),
-        'sigmoid5': (('conv2d4',), {}),
-        'pad6': (('sigmoid5',), {}),
-        'max_pool2d7': (('pad6',), {}),
-        'pad8': (('max_pool2d7',), {}),
-        'conv2d9': (('pad8',), {'weight': '9.weight', 'bias': '9.bias'}),
-        'sigmoid10': (('conv2d9',), {}),
-        'pad11': (('sigmoid10',), {}),
-        'max_pool2d12': (('pad11',), {}),
-        'reshape13': (('max_pool2d12',), {}),
-        'linear14': (('reshape13',), {'weight': '14.weight', 'bias': '14.bias'}),
-        'sigmoid15': (('linear14',), {}),
-        'linear16': (('sigmoid15',), {'weight': '16.weight', 'bias': '16.bias'}),
-        'sigmoid17': (('linear16',), {}),
-        'linear18': (('sigmoid17',), {'weight': '18.weight', 'bias': '18.bias'}),
+    NODES = {  # node: (inputs, {role: parameter}, family), in graph order
+        'conv2d0': (('x',), {'weight': '0.weight', 'bias': '0.bias'}, None),
+        'sigmoid1': (('conv2d0',), {}, 'sigmoid'),
+        'pad2': (('sigmoid1',), {}, None),
+        'max_pool2d3': (('pad2',), {}, None),
+        'conv2d4': (('max_pool2d3',), {'weight': '4.weight', 'bias': '4.bias'}, None),
+        'sigmoid5': (('conv2d4',), {}, 'sigmoid'),
+        'pad6': (('sigmoid5',), {}, None),
+        'max_pool2d7': (('pad6',), {}, None),
+        'pad8': (('max_pool2d7',), {}, None),
+        'conv2d9': (('pad8',), {'weight': '9.weight', 'bias': '9.bias'}, None),
+        'sigmoid10': (('conv2d9',), {}, 'sigmoid'),
+        'pad11': (('sigmoid10',), {}, None),
+        'max_pool2d12': (('pad11',), {}, None),
+        'reshape13': (('max_pool2d12',), {}, None),
+        'linear14': (('reshape13',), {'weight': '14.weight', 'bias': '14.bias'}, 'linear'),
+        'sigmoid15': (('linear14',), {}, 'sigmoid'),
+        'linear16': (('sigmoid15',), {'weight': '16.weight', 'bias': '16.bias'}, 'linear'),
+        'sigmoid17': (('linear16',), {}, 'sigmoid'),
+        'linear18': (('sigmoid17',), {'weight': '18.weight', 'bias': '18.bias'}, 'linear'),
     }
-    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
+    SECOND_ORDER = {  # family or node: (residual?, coupled roles, tangent view)
         'conv2d0': (False, ('weight',), None),
-        'sigmoid1': (True, (), None),
+        'sigmoid': (True, (), None),
         'conv2d4': (False, ('weight',), None),
-        'sigmoid5': (True, (), None),
         'conv2d9': (False, ('weight',), None),
-        'sigmoid10': (True, (), None),
-        'linear14': (False, ('weight',), None),
-        'sigmoid15': (True, (), None),
-        'linear16': (False, ('weight',), None),
-        'sigmoid17': (True, (), None),
-        'linear18': (False, ('weight',), None),
+        'linear': (False, ('weight',), None),
     }
-    BLOCKS = {  # node: ((parameter, block method), ...)
-        'conv2d0': (('0.weight', '_conv2d0_weight_block'), ('0.bias', '_conv2d0_bias_block')),
-        'conv2d4': (('4.weight', '_conv2d4_weight_block'), ('4.bias', '_conv2d4_bias_block')),
-        'conv2d9': (('9.weight', '_conv2d9_weight_block'), ('9.bias', '_conv2d9_bias_block')),
-        'linear14': (('14.weight', '_linear14_weight_block'), ('14.bias', '_linear14_bias_block')),
-        'linear16': (('16.weight', '_linear16_weight_block'), ('16.bias', '_linear16_bias_block')),
-        'linear18': (('18.weight', '_linear18_weight_block'), ('18.bias', '_linear18_bias_block')),
-    }
-    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
-        'conv2d0': ('0.weight', '0.bias'),
-        'conv2d4': ('4.weight', '4.bias'),
-        'conv2d9': ('9.weight', '9.bias'),
-        'linear14': ('14.weight', '14.bias'),
-        'linear16': ('16.weight', '16.bias'),
-        'linear18': ('18.weight', '18.bias'),
-    }
+    BLOCKS = ('conv2d0', 'conv2d4', 'conv2d9', 'linear14', 'linear16', 'linear18')  # nodes with blocks
+    FACTORS = ('conv2d0', 'conv2d4', 'conv2d9', 'linear14', 'linear16', 'linear18')  # the KFAC family's layers
+    LOWERED = ('conv2d0', 'conv2d4', 'conv2d9')  # factor layers caching the raw input
     MEMORY = (8344768612, 'the inputs of pad2', ((1152, True), (512, True), (256, True)))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
@@ -165,26 +145,26 @@ class Curvature(CurvatureModule):
             self.loss_softmax = softmax
             # backward
             self.linear18_g = g_linear18
-            accumulate_grad(self.p['18.weight'], self._linear18_weight_vjp(g_linear18, self.linear18_X))
-            accumulate_grad(self.p['18.bias'], self._linear18_bias_vjp(g_linear18, self.linear18_X))
-            g_sigmoid17 = self._linear18_vjp(g_linear18)
+            accumulate_grad(self.p['18.weight'], self._linear_weight_vjp('linear18', g_linear18, self.linear18_X))
+            accumulate_grad(self.p['18.bias'], self._linear_bias_vjp('linear18', g_linear18, self.linear18_X))
+            g_sigmoid17 = self._linear_vjp('linear18', g_linear18)
             self.sigmoid17_g, self.sigmoid17_r = g_sigmoid17, None  # r = g ⊙ φ″ is formed on first use
-            g_linear16 = self._sigmoid17_vjp(g_sigmoid17)
+            g_linear16 = self._sigmoid_vjp('sigmoid17', g_sigmoid17)
             self.linear16_g = g_linear16
-            accumulate_grad(self.p['16.weight'], self._linear16_weight_vjp(g_linear16, self.linear16_X))
-            accumulate_grad(self.p['16.bias'], self._linear16_bias_vjp(g_linear16, self.linear16_X))
-            g_sigmoid15 = self._linear16_vjp(g_linear16)
+            accumulate_grad(self.p['16.weight'], self._linear_weight_vjp('linear16', g_linear16, self.linear16_X))
+            accumulate_grad(self.p['16.bias'], self._linear_bias_vjp('linear16', g_linear16, self.linear16_X))
+            g_sigmoid15 = self._linear_vjp('linear16', g_linear16)
             self.sigmoid15_g, self.sigmoid15_r = g_sigmoid15, None  # r = g ⊙ φ″ is formed on first use
-            g_linear14 = self._sigmoid15_vjp(g_sigmoid15)
+            g_linear14 = self._sigmoid_vjp('sigmoid15', g_sigmoid15)
             self.linear14_g = g_linear14
-            accumulate_grad(self.p['14.weight'], self._linear14_weight_vjp(g_linear14, self.linear14_X))
-            accumulate_grad(self.p['14.bias'], self._linear14_bias_vjp(g_linear14, self.linear14_X))
-            g_reshape13 = self._linear14_vjp(g_linear14)
+            accumulate_grad(self.p['14.weight'], self._linear_weight_vjp('linear14', g_linear14, self.linear14_X))
+            accumulate_grad(self.p['14.bias'], self._linear_bias_vjp('linear14', g_linear14, self.linear14_X))
+            g_reshape13 = self._linear_vjp('linear14', g_linear14)
             g_max_pool2d12 = self._reshape13_vjp(g_reshape13)
             g_pad11 = self._max_pool2d12_vjp(g_max_pool2d12)
             g_sigmoid10 = self._pad11_vjp(g_pad11)
             self.sigmoid10_g, self.sigmoid10_r = g_sigmoid10, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d9 = self._sigmoid10_vjp(g_sigmoid10)
+            g_conv2d9 = self._sigmoid_vjp('sigmoid10', g_sigmoid10)
             self.conv2d9_g = g_conv2d9
             accumulate_grad(self.p['9.weight'], self._conv2d9_weight_vjp(g_conv2d9, self.conv2d9_X))
             accumulate_grad(self.p['9.bias'], self._conv2d9_bias_vjp(g_conv2d9, self.conv2d9_X))
@@ -193,7 +173,7 @@ class Curvature(CurvatureModule):
             g_pad6 = self._max_pool2d7_vjp(g_max_pool2d7)
             g_sigmoid5 = self._pad6_vjp(g_pad6)
             self.sigmoid5_g, self.sigmoid5_r = g_sigmoid5, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d4 = self._sigmoid5_vjp(g_sigmoid5)
+            g_conv2d4 = self._sigmoid_vjp('sigmoid5', g_sigmoid5)
             self.conv2d4_g = g_conv2d4
             accumulate_grad(self.p['4.weight'], self._conv2d4_weight_vjp(g_conv2d4, self.conv2d4_X))
             accumulate_grad(self.p['4.bias'], self._conv2d4_bias_vjp(g_conv2d4, self.conv2d4_X))
@@ -201,79 +181,11 @@ class Curvature(CurvatureModule):
             g_pad2 = self._max_pool2d3_vjp(g_max_pool2d3)
             g_sigmoid1 = self._pad2_vjp(g_pad2)
             self.sigmoid1_g, self.sigmoid1_r = g_sigmoid1, None  # r = g ⊙ φ″ is formed on first use
-            g_conv2d0 = self._sigmoid1_vjp(g_sigmoid1)
+            g_conv2d0 = self._sigmoid_vjp('sigmoid1', g_sigmoid1)
             self.conv2d0_g = g_conv2d0
             accumulate_grad(self.p['0.weight'], self._conv2d0_weight_vjp(g_conv2d0, self.conv2d0_X))
             accumulate_grad(self.p['0.bias'], self._conv2d0_bias_vjp(g_conv2d0, self.conv2d0_X))
         return self._end(loss, x, target)
-
-    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
-        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
-
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
-        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
-        """
-        S_linear18 = self._loss_hessian_sum()
-        visit('linear18', S_linear18)
-        S = S_linear18  # at the output of linear18; propagate to its inputs
-        S_sigmoid17 = weight_sandwich(S, self.p['18.weight'])
-        del S_linear18
-        S = S_sigmoid17  # at the output of sigmoid17; propagate to its inputs
-        S_linear16 = elementwise_input_curvature(S, self.sigmoid17_d1, self._sigmoid17_residual, average_input_jacobian, curvature)
-        del S_sigmoid17
-        visit('linear16', S_linear16)
-        S = S_linear16  # at the output of linear16; propagate to its inputs
-        S_sigmoid15 = weight_sandwich(S, self.p['16.weight'])
-        del S_linear16
-        S = S_sigmoid15  # at the output of sigmoid15; propagate to its inputs
-        S_linear14 = elementwise_input_curvature(S, self.sigmoid15_d1, self._sigmoid15_residual, average_input_jacobian, curvature)
-        del S_sigmoid15
-        visit('linear14', S_linear14)
-        S = S_linear14  # at the output of linear14; propagate to its inputs
-        S_reshape13 = weight_sandwich(S, self.p['14.weight'])
-        del S_linear14
-        S = S_reshape13  # at the output of reshape13; propagate to its inputs
-        S_max_pool2d12 = S
-        del S_reshape13
-        S = S_max_pool2d12  # at the output of max_pool2d12; propagate to its inputs
-        S_pad11 = take_input_curvature(S, self.max_pool2d12_idx, (128, 7, 7), average_input_jacobian)
-        del S_max_pool2d12
-        S = S_pad11  # at the output of pad11; propagate to its inputs
-        S_sigmoid10 = sandwich_independent(S, self._pad11_vjp, (128, 6, 6), (128, 7, 7))
-        del S_pad11
-        S = S_sigmoid10  # at the output of sigmoid10; propagate to its inputs
-        S_conv2d9 = elementwise_input_curvature(S, self.sigmoid10_d1, self._sigmoid10_residual, average_input_jacobian, curvature)
-        del S_sigmoid10
-        visit('conv2d9', S_conv2d9)
-        S = S_conv2d9  # at the output of conv2d9; propagate to its inputs
-        S_pad8 = sandwich_independent(S, self._conv2d9_vjp, (96, 8, 8), (128, 6, 6))
-        del S_conv2d9
-        S = S_pad8  # at the output of pad8; propagate to its inputs
-        S_max_pool2d7 = sandwich_independent(S, self._pad8_vjp, (96, 6, 6), (96, 8, 8))
-        del S_pad8
-        S = S_max_pool2d7  # at the output of max_pool2d7; propagate to its inputs
-        S_pad6 = take_input_curvature(S, self.max_pool2d7_idx, (96, 13, 13), average_input_jacobian)
-        del S_max_pool2d7
-        S = S_pad6  # at the output of pad6; propagate to its inputs
-        S_sigmoid5 = sandwich_independent(S, self._pad6_vjp, (96, 12, 12), (96, 13, 13))
-        del S_pad6
-        S = S_sigmoid5  # at the output of sigmoid5; propagate to its inputs
-        S_conv2d4 = elementwise_input_curvature(S, self.sigmoid5_d1, self._sigmoid5_residual, average_input_jacobian, curvature)
-        del S_sigmoid5
-        visit('conv2d4', S_conv2d4)
-        S = S_conv2d4  # at the output of conv2d4; propagate to its inputs
-        S_max_pool2d3 = sandwich_independent(S, self._conv2d4_vjp, (64, 14, 14), (96, 12, 12))
-        del S_conv2d4
-        S = S_max_pool2d3  # at the output of max_pool2d3; propagate to its inputs
-        S_pad2 = take_input_curvature(S, self.max_pool2d3_idx, (64, 29, 29), average_input_jacobian)
-        del S_max_pool2d3
-        S = S_pad2  # at the output of pad2; propagate to its inputs
-        S_sigmoid1 = sandwich_independent(S, self._pad2_vjp, (64, 28, 28), (64, 29, 29))
-        del S_pad2
-        S = S_sigmoid1  # at the output of sigmoid1; propagate to its inputs
-        S_conv2d0 = elementwise_input_curvature(S, self.sigmoid1_d1, self._sigmoid1_residual, average_input_jacobian, curvature)
-        del S_sigmoid1
-        visit('conv2d0', S_conv2d0)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
@@ -322,7 +234,7 @@ class Curvature(CurvatureModule):
     def _conv2d0_bias_jvp(self, v, X):
         """J_θ v for θ = 0.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (64,), (1, 64))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 64, 784))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 784))
         return Y.reshape(*Y.shape[:-3], 64, 28, 28)
 
     def _conv2d0_bias_vjp(self, u, X):
@@ -335,40 +247,33 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 0.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 64, 784, 1, 64, 784)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(64, 64), (64,))
+        shape = (64,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d0_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 75 inputs of each output location: (75, 75)"""
-        X = self._conv2d0_view(self.conv2d0_X).reshape(self.N, 75, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d0_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (64, 64)"""
-        s = u.reshape(*u.shape[:2], 64, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d0_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
-        return S.reshape(64, 784, 64, 784).sum((1, 3))
-
-    def _sigmoid1_residual(self):
+    def _sigmoid_residual(self, node):
         """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid1_r is None:
-            y = self.sigmoid1_y
-            self.sigmoid1_r = self.sigmoid1_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid1_r
+        r = self.cached(node, 'r')
+        if r is None:
+            y = self.cached(node, 'y')
+            r = self.cached(node, 'g') * (y*(y - 1)*(2*y - 1))
+            self.set_cached(node, 'r', r)
+        return r
 
-    def _sigmoid1_residual_product(self, t, curvature):
+    def _sigmoid_residual_product(self, node, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid1_residual(), t, curvature)
+        return residual_product(self._method(node, 'residual')(), t, curvature)
 
-    def _sigmoid1_jvp(self, v):
+    def _sigmoid_jvp(self, node, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid1_d1
+        return v * self.cached(node, 'd1')
 
-    def _sigmoid1_vjp(self, u):
+    def _sigmoid_vjp(self, node, u):
         """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid1_d1
+        return u * self.cached(node, 'd1')
+
+    def _sigmoid_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return elementwise_input_curvature(S, self.cached(node, 'd1'), self._method(node, 'residual'), average_input_jacobian, curvature)
 
     def _pad2_jvp(self, v):
         """J v for pad (structural primitive 'pad')"""
@@ -378,6 +283,10 @@ class Curvature(CurvatureModule):
         """Jᵀ u for pad"""
         return pad_vjp(u, (0, 1, 0, 1))
 
+    def _pad2_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._pad2_vjp, (64, 28, 28), (64, 29, 29))
+
     def _max_pool2d3_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
         return take_jvp(v, self.max_pool2d3_idx)
@@ -385,6 +294,10 @@ class Curvature(CurvatureModule):
     def _max_pool2d3_vjp(self, u):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d3_idx, (64, 29, 29))
+
+    def _max_pool2d3_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d3_idx, (64, 29, 29), average_input_jacobian)
 
     def _conv2d4_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 64, 9, 144))"""
@@ -420,7 +333,7 @@ class Curvature(CurvatureModule):
     def _conv2d4_bias_jvp(self, v, X):
         """J_θ v for θ = 4.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (96,), (1, 96))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 96, 144))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 144))
         return Y.reshape(*Y.shape[:-3], 96, 12, 12)
 
     def _conv2d4_bias_vjp(self, u, X):
@@ -433,40 +346,12 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 4.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 96, 144, 1, 96, 144)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(96, 96), (96,))
+        shape = (96,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d4_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 576 inputs of each output location: (576, 576)"""
-        X = self._conv2d4_view(self.conv2d4_X).reshape(self.N, 576, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d4_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (96, 96)"""
-        s = u.reshape(*u.shape[:2], 96, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d4_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (96, 96)"""
-        return S.reshape(96, 144, 96, 144).sum((1, 3))
-
-    def _sigmoid5_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid5_r is None:
-            y = self.sigmoid5_y
-            self.sigmoid5_r = self.sigmoid5_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid5_r
-
-    def _sigmoid5_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid5_residual(), t, curvature)
-
-    def _sigmoid5_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid5_d1
-
-    def _sigmoid5_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid5_d1
+    def _conv2d4_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv2d4_vjp, (64, 14, 14), (96, 12, 12))
 
     def _pad6_jvp(self, v):
         """J v for pad (structural primitive 'pad')"""
@@ -476,6 +361,10 @@ class Curvature(CurvatureModule):
         """Jᵀ u for pad"""
         return pad_vjp(u, (0, 1, 0, 1))
 
+    def _pad6_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._pad6_vjp, (96, 12, 12), (96, 13, 13))
+
     def _max_pool2d7_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
         return take_jvp(v, self.max_pool2d7_idx)
@@ -484,6 +373,10 @@ class Curvature(CurvatureModule):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d7_idx, (96, 13, 13))
 
+    def _max_pool2d7_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d7_idx, (96, 13, 13), average_input_jacobian)
+
     def _pad8_jvp(self, v):
         """J v for pad (structural primitive 'pad')"""
         return pad_jvp(v, (1, 1, 1, 1))
@@ -491,6 +384,10 @@ class Curvature(CurvatureModule):
     def _pad8_vjp(self, u):
         """Jᵀ u for pad"""
         return pad_vjp(u, (1, 1, 1, 1))
+
+    def _pad8_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._pad8_vjp, (96, 6, 6), (96, 8, 8))
 
     def _conv2d9_view(self, x):
         """The input as the rule reads it: (*lead, *x) -> (*lead, *(1, 96, 9, 36))"""
@@ -526,7 +423,7 @@ class Curvature(CurvatureModule):
     def _conv2d9_bias_jvp(self, v, X):
         """J_θ v for θ = 9.bias: ∂Y/∂θ = δ[a0, g]*δ[a1, o]"""
         v = reshape_to(v, (128,), (1, 128))
-        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, 1, 128, 36))
+        Y = broadcast_trailing(v[..., None, :, :, None], (self.N, -1, -1, 36))
         return Y.reshape(*Y.shape[:-3], 128, 6, 6)
 
     def _conv2d9_bias_vjp(self, u, X):
@@ -539,40 +436,12 @@ class Curvature(CurvatureModule):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
         S = S.reshape(1, 128, 36, 1, 128, 36)
         B = torch.einsum("...abcdef->...abde", S)
-        return DenseBlock(B.reshape(128, 128), (128,))
+        shape = (128,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _conv2d9_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 864 inputs of each output location: (864, 864)"""
-        X = self._conv2d9_view(self.conv2d9_X).reshape(self.N, 864, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _conv2d9_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (128, 128)"""
-        s = u.reshape(*u.shape[:2], 128, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _conv2d9_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (128, 128)"""
-        return S.reshape(128, 36, 128, 36).sum((1, 3))
-
-    def _sigmoid10_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid10_r is None:
-            y = self.sigmoid10_y
-            self.sigmoid10_r = self.sigmoid10_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid10_r
-
-    def _sigmoid10_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid10_residual(), t, curvature)
-
-    def _sigmoid10_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid10_d1
-
-    def _sigmoid10_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid10_d1
+    def _conv2d9_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._conv2d9_vjp, (96, 8, 8), (128, 6, 6))
 
     def _pad11_jvp(self, v):
         """J v for pad (structural primitive 'pad')"""
@@ -582,6 +451,10 @@ class Curvature(CurvatureModule):
         """Jᵀ u for pad"""
         return pad_vjp(u, (0, 1, 0, 1))
 
+    def _pad11_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return sandwich_independent(S, self._pad11_vjp, (128, 6, 6), (128, 7, 7))
+
     def _max_pool2d12_jvp(self, v):
         """J v for max_pool2d (structural primitive 'take')"""
         return take_jvp(v, self.max_pool2d12_idx)
@@ -589,6 +462,10 @@ class Curvature(CurvatureModule):
     def _max_pool2d12_vjp(self, u):
         """Jᵀ u for max_pool2d"""
         return take_vjp(u, self.max_pool2d12_idx, (128, 7, 7))
+
+    def _max_pool2d12_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return take_input_curvature(S, self.max_pool2d12_idx, (128, 7, 7), average_input_jacobian)
 
     def _reshape13_jvp(self, v):
         """J v for reshape (structural primitive 'reshape')"""
@@ -598,232 +475,55 @@ class Curvature(CurvatureModule):
         """Jᵀ u for reshape"""
         return reshape_to(u, (1152,), (128, 3, 3))
 
-    def _linear14_jvp(self, v):
+    def _reshape13_input_curvature(self, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return S
+
+    def _linear_jvp(self, node, v):
         """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['14.weight']
-        Y = v @ W.mT
-        return Y
+        W = self.param(node, 'weight')
+        return v @ W.mT
 
-    def _linear14_vjp(self, u, W=None):
+    def _linear_vjp(self, node, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['14.weight'] if W is None else W
-        X = u @ W
-        return X
+        W = self.param(node, 'weight') if W is None else W
+        return u @ W
 
-    def _linear14_weight_jvp(self, v, X):
-        """J_θ v for θ = 14.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
+    def _linear_weight_jvp(self, node, v, X):
+        """J_θ v for θ = the weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
+        return X @ v.mT
 
-    def _linear14_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 14.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
+    def _linear_weight_vjp(self, node, u, X):
+        """J_θᵀ u for θ = the weight (sums over samples)"""
+        return u.mT @ X
 
-    def _linear14_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 14.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear14_X, average)
-        S = S.reshape(512, 512)
+    def _linear_weight_block(self, node, S, average):
+        """B = A ⊗ B for θ = the weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
+        X = batch_mean(self.cached(node, 'X'), average)
         A = S
-        if X.shape[0] < 1152:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 1152).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(512, 512), R, (512, 1152))
+        shape = self.param_shape(node, 'weight')
+        a, b = numel(shape[:1]), numel(shape[1:])
+        if X.shape[0] < b:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(a, a), R, shape)
         B = torch.einsum("...ab,...ac->...bc", X, X)
         B /= X.shape[0]
-        return KroneckerBlock(A.reshape(512, 512), B.reshape(1152, 1152), (512, 1152))
+        return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)
 
-    def _linear14_bias_jvp(self, v, X):
-        """J_θ v for θ = 14.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 512))
-        return Y
+    def _linear_bias_jvp(self, node, v, X):
+        """J_θ v for θ = the bias: ∂Y/∂θ = δ[a0, o]"""
+        return broadcast_trailing(v[..., None, :], (self.N, -1))
 
-    def _linear14_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 14.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
+    def _linear_bias_vjp(self, node, u, X):
+        """J_θᵀ u for θ = the bias (sums over samples)"""
+        return torch.einsum("...ab->...b", u)
 
-    def _linear14_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 14.bias; J_θ is the same for every sample"""
-        S = S.reshape(512, 512)
+    def _linear_bias_block(self, node, S, average):
+        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = the bias; J_θ is the same for every sample"""
         B = S
-        return DenseBlock(B.reshape(512, 512), (512,))
+        shape = self.param_shape(node, 'bias')
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _linear14_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 1152 inputs of each output location: (1152, 1152)"""
-        X = self.linear14_X.reshape(self.N, 1152, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear14_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (512, 512)"""
-        s = u.reshape(*u.shape[:2], 512, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear14_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
-        return S.reshape(512, 1, 512, 1).sum((1, 3))
-
-    def _sigmoid15_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid15_r is None:
-            y = self.sigmoid15_y
-            self.sigmoid15_r = self.sigmoid15_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid15_r
-
-    def _sigmoid15_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid15_residual(), t, curvature)
-
-    def _sigmoid15_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid15_d1
-
-    def _sigmoid15_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid15_d1
-
-    def _linear16_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['16.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear16_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['16.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear16_weight_jvp(self, v, X):
-        """J_θ v for θ = 16.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear16_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 16.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear16_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 16.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear16_X, average)
-        S = S.reshape(256, 256)
-        A = S
-        if X.shape[0] < 512:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 512).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(256, 256), R, (256, 512))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
-
-    def _linear16_bias_jvp(self, v, X):
-        """J_θ v for θ = 16.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 256))
-        return Y
-
-    def _linear16_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 16.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear16_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 16.bias; J_θ is the same for every sample"""
-        S = S.reshape(256, 256)
-        B = S
-        return DenseBlock(B.reshape(256, 256), (256,))
-
-    def _linear16_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 512 inputs of each output location: (512, 512)"""
-        X = self.linear16_X.reshape(self.N, 512, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear16_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (256, 256)"""
-        s = u.reshape(*u.shape[:2], 256, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear16_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (256, 256)"""
-        return S.reshape(256, 1, 256, 1).sum((1, 3))
-
-    def _sigmoid17_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid17_r is None:
-            y = self.sigmoid17_y
-            self.sigmoid17_r = self.sigmoid17_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid17_r
-
-    def _sigmoid17_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid17_residual(), t, curvature)
-
-    def _sigmoid17_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid17_d1
-
-    def _sigmoid17_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid17_d1
-
-    def _linear18_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['18.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear18_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['18.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear18_weight_jvp(self, v, X):
-        """J_θ v for θ = 18.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear18_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 18.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear18_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 18.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear18_X, average)
-        S = S.reshape(10, 10)
-        A = S
-        if X.shape[0] < 256:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 256).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 256))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(10, 10), B.reshape(256, 256), (10, 256))
-
-    def _linear18_bias_jvp(self, v, X):
-        """J_θ v for θ = 18.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
-        return Y
-
-    def _linear18_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 18.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear18_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 18.bias; J_θ is the same for every sample"""
-        S = S.reshape(10, 10)
-        B = S
-        return DenseBlock(B.reshape(10, 10), (10,))
-
-    def _linear18_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 256 inputs of each output location: (256, 256)"""
-        X = self.linear18_X.reshape(self.N, 256, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear18_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
-        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear18_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
-        return S.reshape(10, 1, 10, 1).sum((1, 3))
+    def _linear_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return weight_sandwich(S, self.param(node, 'weight'))

@@ -20,14 +20,12 @@ Graph (per-sample shapes):
     a_linear13 = linear(a_sigmoid12)    # (32,) -> (16,)
     a_sigmoid14 = sigmoid(a_linear13)    # (16,) -> (16,)
     a_linear15 = linear(a_sigmoid14)    # (16,) -> (10,)
-Loss: cross_entropy (mean).
-
-See hbpc's docs/curvature.md for the definitions of every quantity.
+Loss: cross_entropy (mean). hbpc's docs/curvature.md defines every quantity.
 """
 import torch
 
 from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, accumulate_grad, batch_mean,
-    broadcast_trailing, elementwise_input_curvature, reshape_to, residual_product, weight_sandwich)
+    broadcast_trailing, elementwise_input_curvature, numel, residual_product, weight_sandwich)
 
 
 class Curvature(CurvatureModule):
@@ -56,61 +54,34 @@ class Curvature(CurvatureModule):
     PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
     LOSS = 'cross_entropy'
     SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
-    NODES = {  # node: (inputs, {role: parameter}), in graph order
-        'reshape0': (('x',), {}),
-        'linear1': (('reshape0',), {'weight': '1.weight', 'bias': '1.bias'}),
-        'sigmoid2': (('linear1',), {}),
-        'linear3': (('sigmoid2',), {'weight': '3.weight', 'bias': '3.bias'}),
-        'sigmoid4': (('linear3',), {}),
-        'linear5': (('sigmoid4',), {'weight': '5.weight', 'bias': '5.bias'}),
-        'sigmoid6': (('linear5',), {}),
-        'linear7': (('sigmoid6',), {'weight': '7.weight', 'bias': '7.bias'}),
-        'sigmoid8': (('linear7',), {}),
-        'linear9': (('sigmoid8',), {'weight': '9.weight', 'bias': '9.bias'}),
-        'sigmoid10': (('linear9',), {}),
-        'linear11': (('sigmoid10',), {'weight': '11.weight', 'bias': '11.bias'}),
-        'sigmoid12': (('linear11',), {}),
-        'linear13': (('sigmoid12',), {'weight': '13.weight', 'bias': '13.bias'}),
-        'sigmoid14': (('linear13',), {}),
-        'linear15': (('sigmoid14',), {'weight': '15.weight', 'bias': '15.bias'}),
+    NODES = {  # node: (inputs, {role: parameter}, family), in graph order
+        'reshape0': (('x',), {}, None),
+        'linear1': (('reshape0',), {'weight': '1.weight', 'bias': '1.bias'}, 'linear'),
+        'sigmoid2': (('linear1',), {}, 'sigmoid'),
+        'linear3': (('sigmoid2',), {'weight': '3.weight', 'bias': '3.bias'}, 'linear'),
+        'sigmoid4': (('linear3',), {}, 'sigmoid'),
+        'linear5': (('sigmoid4',), {'weight': '5.weight', 'bias': '5.bias'}, 'linear'),
+        'sigmoid6': (('linear5',), {}, 'sigmoid'),
+        'linear7': (('sigmoid6',), {'weight': '7.weight', 'bias': '7.bias'}, 'linear'),
+        'sigmoid8': (('linear7',), {}, 'sigmoid'),
+        'linear9': (('sigmoid8',), {'weight': '9.weight', 'bias': '9.bias'}, 'linear'),
+        'sigmoid10': (('linear9',), {}, 'sigmoid'),
+        'linear11': (('sigmoid10',), {'weight': '11.weight', 'bias': '11.bias'}, 'linear'),
+        'sigmoid12': (('linear11',), {}, 'sigmoid'),
+        'linear13': (('sigmoid12',), {'weight': '13.weight', 'bias': '13.bias'}, 'linear'),
+        'sigmoid14': (('linear13',), {}, 'sigmoid'),
+        'linear15': (('sigmoid14',), {'weight': '15.weight', 'bias': '15.bias'}, 'linear'),
     }
-    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
-        'linear1': (False, ('weight',), None),
-        'sigmoid2': (True, (), None),
-        'linear3': (False, ('weight',), None),
-        'sigmoid4': (True, (), None),
-        'linear5': (False, ('weight',), None),
-        'sigmoid6': (True, (), None),
-        'linear7': (False, ('weight',), None),
-        'sigmoid8': (True, (), None),
-        'linear9': (False, ('weight',), None),
-        'sigmoid10': (True, (), None),
-        'linear11': (False, ('weight',), None),
-        'sigmoid12': (True, (), None),
-        'linear13': (False, ('weight',), None),
-        'sigmoid14': (True, (), None),
-        'linear15': (False, ('weight',), None),
+    SECOND_ORDER = {  # family or node: (residual?, coupled roles, tangent view)
+        'linear': (False, ('weight',), None),
+        'sigmoid': (True, (), None),
     }
-    BLOCKS = {  # node: ((parameter, block method), ...)
-        'linear1': (('1.weight', '_linear1_weight_block'), ('1.bias', '_linear1_bias_block')),
-        'linear3': (('3.weight', '_linear3_weight_block'), ('3.bias', '_linear3_bias_block')),
-        'linear5': (('5.weight', '_linear5_weight_block'), ('5.bias', '_linear5_bias_block')),
-        'linear7': (('7.weight', '_linear7_weight_block'), ('7.bias', '_linear7_bias_block')),
-        'linear9': (('9.weight', '_linear9_weight_block'), ('9.bias', '_linear9_bias_block')),
-        'linear11': (('11.weight', '_linear11_weight_block'), ('11.bias', '_linear11_bias_block')),
-        'linear13': (('13.weight', '_linear13_weight_block'), ('13.bias', '_linear13_bias_block')),
-        'linear15': (('15.weight', '_linear15_weight_block'), ('15.bias', '_linear15_bias_block')),
-    }
-    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
-        'linear1': ('1.weight', '1.bias'),
-        'linear3': ('3.weight', '3.bias'),
-        'linear5': ('5.weight', '5.bias'),
-        'linear7': ('7.weight', '7.bias'),
-        'linear9': ('9.weight', '9.bias'),
-        'linear11': ('11.weight', '11.bias'),
-        'linear13': ('13.weight', '13.bias'),
-        'linear15': ('15.weight', '15.bias'),
-    }
+    BLOCKS = (  # nodes with blocks
+        'linear1', 'linear3', 'linear5', 'linear7', 'linear9', 'linear11', 'linear13', 'linear15',
+    )
+    FACTORS = (  # the KFAC family's layers
+        'linear1', 'linear3', 'linear5', 'linear7', 'linear9', 'linear11', 'linear13', 'linear15',
+    )
     MEMORY = (2446692, 'the inputs of sigmoid2', ((784, True), (1024, True), (512, True), (256, True), (128, True), (64, True), (32, True), (16, True)))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
@@ -172,109 +143,51 @@ class Curvature(CurvatureModule):
             self.loss_softmax = softmax
             # backward
             self.linear15_g = g_linear15
-            accumulate_grad(self.p['15.weight'], self._linear15_weight_vjp(g_linear15, self.linear15_X))
-            accumulate_grad(self.p['15.bias'], self._linear15_bias_vjp(g_linear15, self.linear15_X))
-            g_sigmoid14 = self._linear15_vjp(g_linear15)
+            accumulate_grad(self.p['15.weight'], self._linear_weight_vjp('linear15', g_linear15, self.linear15_X))
+            accumulate_grad(self.p['15.bias'], self._linear_bias_vjp('linear15', g_linear15, self.linear15_X))
+            g_sigmoid14 = self._linear_vjp('linear15', g_linear15)
             self.sigmoid14_g, self.sigmoid14_r = g_sigmoid14, None  # r = g ⊙ φ″ is formed on first use
-            g_linear13 = self._sigmoid14_vjp(g_sigmoid14)
+            g_linear13 = self._sigmoid_vjp('sigmoid14', g_sigmoid14)
             self.linear13_g = g_linear13
-            accumulate_grad(self.p['13.weight'], self._linear13_weight_vjp(g_linear13, self.linear13_X))
-            accumulate_grad(self.p['13.bias'], self._linear13_bias_vjp(g_linear13, self.linear13_X))
-            g_sigmoid12 = self._linear13_vjp(g_linear13)
+            accumulate_grad(self.p['13.weight'], self._linear_weight_vjp('linear13', g_linear13, self.linear13_X))
+            accumulate_grad(self.p['13.bias'], self._linear_bias_vjp('linear13', g_linear13, self.linear13_X))
+            g_sigmoid12 = self._linear_vjp('linear13', g_linear13)
             self.sigmoid12_g, self.sigmoid12_r = g_sigmoid12, None  # r = g ⊙ φ″ is formed on first use
-            g_linear11 = self._sigmoid12_vjp(g_sigmoid12)
+            g_linear11 = self._sigmoid_vjp('sigmoid12', g_sigmoid12)
             self.linear11_g = g_linear11
-            accumulate_grad(self.p['11.weight'], self._linear11_weight_vjp(g_linear11, self.linear11_X))
-            accumulate_grad(self.p['11.bias'], self._linear11_bias_vjp(g_linear11, self.linear11_X))
-            g_sigmoid10 = self._linear11_vjp(g_linear11)
+            accumulate_grad(self.p['11.weight'], self._linear_weight_vjp('linear11', g_linear11, self.linear11_X))
+            accumulate_grad(self.p['11.bias'], self._linear_bias_vjp('linear11', g_linear11, self.linear11_X))
+            g_sigmoid10 = self._linear_vjp('linear11', g_linear11)
             self.sigmoid10_g, self.sigmoid10_r = g_sigmoid10, None  # r = g ⊙ φ″ is formed on first use
-            g_linear9 = self._sigmoid10_vjp(g_sigmoid10)
+            g_linear9 = self._sigmoid_vjp('sigmoid10', g_sigmoid10)
             self.linear9_g = g_linear9
-            accumulate_grad(self.p['9.weight'], self._linear9_weight_vjp(g_linear9, self.linear9_X))
-            accumulate_grad(self.p['9.bias'], self._linear9_bias_vjp(g_linear9, self.linear9_X))
-            g_sigmoid8 = self._linear9_vjp(g_linear9)
+            accumulate_grad(self.p['9.weight'], self._linear_weight_vjp('linear9', g_linear9, self.linear9_X))
+            accumulate_grad(self.p['9.bias'], self._linear_bias_vjp('linear9', g_linear9, self.linear9_X))
+            g_sigmoid8 = self._linear_vjp('linear9', g_linear9)
             self.sigmoid8_g, self.sigmoid8_r = g_sigmoid8, None  # r = g ⊙ φ″ is formed on first use
-            g_linear7 = self._sigmoid8_vjp(g_sigmoid8)
+            g_linear7 = self._sigmoid_vjp('sigmoid8', g_sigmoid8)
             self.linear7_g = g_linear7
-            accumulate_grad(self.p['7.weight'], self._linear7_weight_vjp(g_linear7, self.linear7_X))
-            accumulate_grad(self.p['7.bias'], self._linear7_bias_vjp(g_linear7, self.linear7_X))
-            g_sigmoid6 = self._linear7_vjp(g_linear7)
+            accumulate_grad(self.p['7.weight'], self._linear_weight_vjp('linear7', g_linear7, self.linear7_X))
+            accumulate_grad(self.p['7.bias'], self._linear_bias_vjp('linear7', g_linear7, self.linear7_X))
+            g_sigmoid6 = self._linear_vjp('linear7', g_linear7)
             self.sigmoid6_g, self.sigmoid6_r = g_sigmoid6, None  # r = g ⊙ φ″ is formed on first use
-            g_linear5 = self._sigmoid6_vjp(g_sigmoid6)
+            g_linear5 = self._sigmoid_vjp('sigmoid6', g_sigmoid6)
             self.linear5_g = g_linear5
-            accumulate_grad(self.p['5.weight'], self._linear5_weight_vjp(g_linear5, self.linear5_X))
-            accumulate_grad(self.p['5.bias'], self._linear5_bias_vjp(g_linear5, self.linear5_X))
-            g_sigmoid4 = self._linear5_vjp(g_linear5)
+            accumulate_grad(self.p['5.weight'], self._linear_weight_vjp('linear5', g_linear5, self.linear5_X))
+            accumulate_grad(self.p['5.bias'], self._linear_bias_vjp('linear5', g_linear5, self.linear5_X))
+            g_sigmoid4 = self._linear_vjp('linear5', g_linear5)
             self.sigmoid4_g, self.sigmoid4_r = g_sigmoid4, None  # r = g ⊙ φ″ is formed on first use
-            g_linear3 = self._sigmoid4_vjp(g_sigmoid4)
+            g_linear3 = self._sigmoid_vjp('sigmoid4', g_sigmoid4)
             self.linear3_g = g_linear3
-            accumulate_grad(self.p['3.weight'], self._linear3_weight_vjp(g_linear3, self.linear3_X))
-            accumulate_grad(self.p['3.bias'], self._linear3_bias_vjp(g_linear3, self.linear3_X))
-            g_sigmoid2 = self._linear3_vjp(g_linear3)
+            accumulate_grad(self.p['3.weight'], self._linear_weight_vjp('linear3', g_linear3, self.linear3_X))
+            accumulate_grad(self.p['3.bias'], self._linear_bias_vjp('linear3', g_linear3, self.linear3_X))
+            g_sigmoid2 = self._linear_vjp('linear3', g_linear3)
             self.sigmoid2_g, self.sigmoid2_r = g_sigmoid2, None  # r = g ⊙ φ″ is formed on first use
-            g_linear1 = self._sigmoid2_vjp(g_sigmoid2)
+            g_linear1 = self._sigmoid_vjp('sigmoid2', g_sigmoid2)
             self.linear1_g = g_linear1
-            accumulate_grad(self.p['1.weight'], self._linear1_weight_vjp(g_linear1, self.linear1_X))
-            accumulate_grad(self.p['1.bias'], self._linear1_bias_vjp(g_linear1, self.linear1_X))
+            accumulate_grad(self.p['1.weight'], self._linear_weight_vjp('linear1', g_linear1, self.linear1_X))
+            accumulate_grad(self.p['1.bias'], self._linear_bias_vjp('linear1', g_linear1, self.linear1_X))
         return self._end(loss, x, target)
-
-    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
-        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
-
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
-        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
-        """
-        S_linear15 = self._loss_hessian_sum()
-        visit('linear15', S_linear15)
-        S = S_linear15  # at the output of linear15; propagate to its inputs
-        S_sigmoid14 = weight_sandwich(S, self.p['15.weight'])
-        del S_linear15
-        S = S_sigmoid14  # at the output of sigmoid14; propagate to its inputs
-        S_linear13 = elementwise_input_curvature(S, self.sigmoid14_d1, self._sigmoid14_residual, average_input_jacobian, curvature)
-        del S_sigmoid14
-        visit('linear13', S_linear13)
-        S = S_linear13  # at the output of linear13; propagate to its inputs
-        S_sigmoid12 = weight_sandwich(S, self.p['13.weight'])
-        del S_linear13
-        S = S_sigmoid12  # at the output of sigmoid12; propagate to its inputs
-        S_linear11 = elementwise_input_curvature(S, self.sigmoid12_d1, self._sigmoid12_residual, average_input_jacobian, curvature)
-        del S_sigmoid12
-        visit('linear11', S_linear11)
-        S = S_linear11  # at the output of linear11; propagate to its inputs
-        S_sigmoid10 = weight_sandwich(S, self.p['11.weight'])
-        del S_linear11
-        S = S_sigmoid10  # at the output of sigmoid10; propagate to its inputs
-        S_linear9 = elementwise_input_curvature(S, self.sigmoid10_d1, self._sigmoid10_residual, average_input_jacobian, curvature)
-        del S_sigmoid10
-        visit('linear9', S_linear9)
-        S = S_linear9  # at the output of linear9; propagate to its inputs
-        S_sigmoid8 = weight_sandwich(S, self.p['9.weight'])
-        del S_linear9
-        S = S_sigmoid8  # at the output of sigmoid8; propagate to its inputs
-        S_linear7 = elementwise_input_curvature(S, self.sigmoid8_d1, self._sigmoid8_residual, average_input_jacobian, curvature)
-        del S_sigmoid8
-        visit('linear7', S_linear7)
-        S = S_linear7  # at the output of linear7; propagate to its inputs
-        S_sigmoid6 = weight_sandwich(S, self.p['7.weight'])
-        del S_linear7
-        S = S_sigmoid6  # at the output of sigmoid6; propagate to its inputs
-        S_linear5 = elementwise_input_curvature(S, self.sigmoid6_d1, self._sigmoid6_residual, average_input_jacobian, curvature)
-        del S_sigmoid6
-        visit('linear5', S_linear5)
-        S = S_linear5  # at the output of linear5; propagate to its inputs
-        S_sigmoid4 = weight_sandwich(S, self.p['5.weight'])
-        del S_linear5
-        S = S_sigmoid4  # at the output of sigmoid4; propagate to its inputs
-        S_linear3 = elementwise_input_curvature(S, self.sigmoid4_d1, self._sigmoid4_residual, average_input_jacobian, curvature)
-        del S_sigmoid4
-        visit('linear3', S_linear3)
-        S = S_linear3  # at the output of linear3; propagate to its inputs
-        S_sigmoid2 = weight_sandwich(S, self.p['3.weight'])
-        del S_linear3
-        S = S_sigmoid2  # at the output of sigmoid2; propagate to its inputs
-        S_linear1 = elementwise_input_curvature(S, self.sigmoid2_d1, self._sigmoid2_residual, average_input_jacobian, curvature)
-        del S_sigmoid2
-        visit('linear1', S_linear1)
 
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
@@ -289,655 +202,76 @@ class Curvature(CurvatureModule):
         softmax = self.loss_softmax[:, None, :]
         return softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
 
-    def _reshape0_jvp(self, v):
-        """J v for reshape (structural primitive 'reshape')"""
-        return reshape_to(v, (1, 28, 28), (784,))
-
-    def _reshape0_vjp(self, u):
-        """Jᵀ u for reshape"""
-        return reshape_to(u, (784,), (1, 28, 28))
-
-    def _linear1_jvp(self, v):
+    def _linear_jvp(self, node, v):
         """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['1.weight']
-        Y = v @ W.mT
-        return Y
+        W = self.param(node, 'weight')
+        return v @ W.mT
 
-    def _linear1_vjp(self, u, W=None):
+    def _linear_vjp(self, node, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['1.weight'] if W is None else W
-        X = u @ W
-        return X
+        W = self.param(node, 'weight') if W is None else W
+        return u @ W
 
-    def _linear1_weight_jvp(self, v, X):
-        """J_θ v for θ = 1.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
+    def _linear_weight_jvp(self, node, v, X):
+        """J_θ v for θ = the weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
+        return X @ v.mT
 
-    def _linear1_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 1.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
+    def _linear_weight_vjp(self, node, u, X):
+        """J_θᵀ u for θ = the weight (sums over samples)"""
+        return u.mT @ X
 
-    def _linear1_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear1_X, average)
-        S = S.reshape(1024, 1024)
+    def _linear_weight_block(self, node, S, average):
+        """B = A ⊗ B for θ = the weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
+        X = batch_mean(self.cached(node, 'X'), average)
         A = S
-        if X.shape[0] < 784:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 784).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(1024, 1024), R, (1024, 784))
+        shape = self.param_shape(node, 'weight')
+        a, b = numel(shape[:1]), numel(shape[1:])
+        if X.shape[0] < b:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(a, a), R, shape)
         B = torch.einsum("...ab,...ac->...bc", X, X)
         B /= X.shape[0]
-        return KroneckerBlock(A.reshape(1024, 1024), B.reshape(784, 784), (1024, 784))
+        return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)
 
-    def _linear1_bias_jvp(self, v, X):
-        """J_θ v for θ = 1.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 1024))
-        return Y
+    def _linear_bias_jvp(self, node, v, X):
+        """J_θ v for θ = the bias: ∂Y/∂θ = δ[a0, o]"""
+        return broadcast_trailing(v[..., None, :], (self.N, -1))
 
-    def _linear1_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 1.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
+    def _linear_bias_vjp(self, node, u, X):
+        """J_θᵀ u for θ = the bias (sums over samples)"""
+        return torch.einsum("...ab->...b", u)
 
-    def _linear1_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
-        S = S.reshape(1024, 1024)
+    def _linear_bias_block(self, node, S, average):
+        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = the bias; J_θ is the same for every sample"""
         B = S
-        return DenseBlock(B.reshape(1024, 1024), (1024,))
+        shape = self.param_shape(node, 'bias')
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)
 
-    def _linear1_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 784 inputs of each output location: (784, 784)"""
-        X = self.linear1_X.reshape(self.N, 784, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
+    def _linear_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return weight_sandwich(S, self.param(node, 'weight'))
 
-    def _linear1_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (1024, 1024)"""
-        s = u.reshape(*u.shape[:2], 1024, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear1_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (1024, 1024)"""
-        return S.reshape(1024, 1, 1024, 1).sum((1, 3))
-
-    def _sigmoid2_residual(self):
+    def _sigmoid_residual(self, node):
         """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid2_r is None:
-            y = self.sigmoid2_y
-            self.sigmoid2_r = self.sigmoid2_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid2_r
+        r = self.cached(node, 'r')
+        if r is None:
+            y = self.cached(node, 'y')
+            r = self.cached(node, 'g') * (y*(y - 1)*(2*y - 1))
+            self.set_cached(node, 'r', r)
+        return r
 
-    def _sigmoid2_residual_product(self, t, curvature):
+    def _sigmoid_residual_product(self, node, t, curvature):
         """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid2_residual(), t, curvature)
+        return residual_product(self._method(node, 'residual')(), t, curvature)
 
-    def _sigmoid2_jvp(self, v):
+    def _sigmoid_jvp(self, node, v):
         """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid2_d1
+        return v * self.cached(node, 'd1')
 
-    def _sigmoid2_vjp(self, u):
+    def _sigmoid_vjp(self, node, u):
         """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid2_d1
-
-    def _linear3_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['3.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear3_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['3.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear3_weight_jvp(self, v, X):
-        """J_θ v for θ = 3.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear3_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 3.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear3_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 3.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear3_X, average)
-        S = S.reshape(512, 512)
-        A = S
-        if X.shape[0] < 1024:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 1024).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(512, 512), R, (512, 1024))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(512, 512), B.reshape(1024, 1024), (512, 1024))
-
-    def _linear3_bias_jvp(self, v, X):
-        """J_θ v for θ = 3.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 512))
-        return Y
-
-    def _linear3_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 3.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear3_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 3.bias; J_θ is the same for every sample"""
-        S = S.reshape(512, 512)
-        B = S
-        return DenseBlock(B.reshape(512, 512), (512,))
-
-    def _linear3_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 1024 inputs of each output location: (1024, 1024)"""
-        X = self.linear3_X.reshape(self.N, 1024, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear3_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (512, 512)"""
-        s = u.reshape(*u.shape[:2], 512, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear3_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (512, 512)"""
-        return S.reshape(512, 1, 512, 1).sum((1, 3))
-
-    def _sigmoid4_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid4_r is None:
-            y = self.sigmoid4_y
-            self.sigmoid4_r = self.sigmoid4_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid4_r
-
-    def _sigmoid4_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid4_residual(), t, curvature)
-
-    def _sigmoid4_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid4_d1
-
-    def _sigmoid4_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid4_d1
-
-    def _linear5_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['5.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear5_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['5.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear5_weight_jvp(self, v, X):
-        """J_θ v for θ = 5.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear5_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 5.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear5_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 5.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear5_X, average)
-        S = S.reshape(256, 256)
-        A = S
-        if X.shape[0] < 512:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 512).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(256, 256), R, (256, 512))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(256, 256), B.reshape(512, 512), (256, 512))
-
-    def _linear5_bias_jvp(self, v, X):
-        """J_θ v for θ = 5.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 256))
-        return Y
-
-    def _linear5_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 5.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear5_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 5.bias; J_θ is the same for every sample"""
-        S = S.reshape(256, 256)
-        B = S
-        return DenseBlock(B.reshape(256, 256), (256,))
-
-    def _linear5_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 512 inputs of each output location: (512, 512)"""
-        X = self.linear5_X.reshape(self.N, 512, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear5_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (256, 256)"""
-        s = u.reshape(*u.shape[:2], 256, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear5_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (256, 256)"""
-        return S.reshape(256, 1, 256, 1).sum((1, 3))
-
-    def _sigmoid6_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid6_r is None:
-            y = self.sigmoid6_y
-            self.sigmoid6_r = self.sigmoid6_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid6_r
-
-    def _sigmoid6_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid6_residual(), t, curvature)
-
-    def _sigmoid6_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid6_d1
-
-    def _sigmoid6_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid6_d1
-
-    def _linear7_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['7.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear7_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['7.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear7_weight_jvp(self, v, X):
-        """J_θ v for θ = 7.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear7_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 7.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear7_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 7.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear7_X, average)
-        S = S.reshape(128, 128)
-        A = S
-        if X.shape[0] < 256:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 256).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(128, 128), R, (128, 256))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(128, 128), B.reshape(256, 256), (128, 256))
-
-    def _linear7_bias_jvp(self, v, X):
-        """J_θ v for θ = 7.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 128))
-        return Y
-
-    def _linear7_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 7.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear7_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 7.bias; J_θ is the same for every sample"""
-        S = S.reshape(128, 128)
-        B = S
-        return DenseBlock(B.reshape(128, 128), (128,))
-
-    def _linear7_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 256 inputs of each output location: (256, 256)"""
-        X = self.linear7_X.reshape(self.N, 256, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear7_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (128, 128)"""
-        s = u.reshape(*u.shape[:2], 128, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear7_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (128, 128)"""
-        return S.reshape(128, 1, 128, 1).sum((1, 3))
-
-    def _sigmoid8_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid8_r is None:
-            y = self.sigmoid8_y
-            self.sigmoid8_r = self.sigmoid8_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid8_r
-
-    def _sigmoid8_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid8_residual(), t, curvature)
-
-    def _sigmoid8_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid8_d1
-
-    def _sigmoid8_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid8_d1
-
-    def _linear9_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['9.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear9_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['9.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear9_weight_jvp(self, v, X):
-        """J_θ v for θ = 9.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear9_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 9.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear9_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 9.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear9_X, average)
-        S = S.reshape(64, 64)
-        A = S
-        if X.shape[0] < 128:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 128).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(64, 64), R, (64, 128))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(64, 64), B.reshape(128, 128), (64, 128))
-
-    def _linear9_bias_jvp(self, v, X):
-        """J_θ v for θ = 9.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 64))
-        return Y
-
-    def _linear9_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 9.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear9_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 9.bias; J_θ is the same for every sample"""
-        S = S.reshape(64, 64)
-        B = S
-        return DenseBlock(B.reshape(64, 64), (64,))
-
-    def _linear9_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 128 inputs of each output location: (128, 128)"""
-        X = self.linear9_X.reshape(self.N, 128, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear9_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (64, 64)"""
-        s = u.reshape(*u.shape[:2], 64, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear9_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (64, 64)"""
-        return S.reshape(64, 1, 64, 1).sum((1, 3))
-
-    def _sigmoid10_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid10_r is None:
-            y = self.sigmoid10_y
-            self.sigmoid10_r = self.sigmoid10_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid10_r
-
-    def _sigmoid10_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid10_residual(), t, curvature)
-
-    def _sigmoid10_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid10_d1
-
-    def _sigmoid10_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid10_d1
-
-    def _linear11_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['11.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear11_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['11.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear11_weight_jvp(self, v, X):
-        """J_θ v for θ = 11.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear11_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 11.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear11_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 11.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear11_X, average)
-        S = S.reshape(32, 32)
-        A = S
-        if X.shape[0] < 64:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 64).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(32, 32), R, (32, 64))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(32, 32), B.reshape(64, 64), (32, 64))
-
-    def _linear11_bias_jvp(self, v, X):
-        """J_θ v for θ = 11.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 32))
-        return Y
-
-    def _linear11_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 11.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear11_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 11.bias; J_θ is the same for every sample"""
-        S = S.reshape(32, 32)
-        B = S
-        return DenseBlock(B.reshape(32, 32), (32,))
-
-    def _linear11_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 64 inputs of each output location: (64, 64)"""
-        X = self.linear11_X.reshape(self.N, 64, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear11_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (32, 32)"""
-        s = u.reshape(*u.shape[:2], 32, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear11_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (32, 32)"""
-        return S.reshape(32, 1, 32, 1).sum((1, 3))
-
-    def _sigmoid12_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid12_r is None:
-            y = self.sigmoid12_y
-            self.sigmoid12_r = self.sigmoid12_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid12_r
-
-    def _sigmoid12_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid12_residual(), t, curvature)
-
-    def _sigmoid12_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid12_d1
-
-    def _sigmoid12_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid12_d1
-
-    def _linear13_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['13.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear13_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['13.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear13_weight_jvp(self, v, X):
-        """J_θ v for θ = 13.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear13_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 13.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear13_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 13.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear13_X, average)
-        S = S.reshape(16, 16)
-        A = S
-        if X.shape[0] < 32:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 32).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(16, 16), R, (16, 32))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(16, 16), B.reshape(32, 32), (16, 32))
-
-    def _linear13_bias_jvp(self, v, X):
-        """J_θ v for θ = 13.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 16))
-        return Y
-
-    def _linear13_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 13.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear13_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 13.bias; J_θ is the same for every sample"""
-        S = S.reshape(16, 16)
-        B = S
-        return DenseBlock(B.reshape(16, 16), (16,))
-
-    def _linear13_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 32 inputs of each output location: (32, 32)"""
-        X = self.linear13_X.reshape(self.N, 32, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear13_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (16, 16)"""
-        s = u.reshape(*u.shape[:2], 16, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear13_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (16, 16)"""
-        return S.reshape(16, 1, 16, 1).sum((1, 3))
-
-    def _sigmoid14_residual(self):
-        """r = g ⊙ φ″ (per sample, like the output), formed once"""
-        if self.sigmoid14_r is None:
-            y = self.sigmoid14_y
-            self.sigmoid14_r = self.sigmoid14_g * (y*(y - 1)*(2*y - 1))
-        return self.sigmoid14_r
-
-    def _sigmoid14_residual_product(self, t, curvature):
-        """mode(R) t, R = diag(g ⊙ φ″)"""
-        return residual_product(self._sigmoid14_residual(), t, curvature)
-
-    def _sigmoid14_jvp(self, v):
-        """J v = φ′ ⊙ v  (φ = 1/(1 + exp(-x)),  φ′ = y*(1 - y),  φ″ = y*(y - 1)*(2*y - 1))"""
-        return v * self.sigmoid14_d1
-
-    def _sigmoid14_vjp(self, u):
-        """Jᵀ u = φ′ ⊙ u"""
-        return u * self.sigmoid14_d1
-
-    def _linear15_jvp(self, v):
-        """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
-        W = self.p['15.weight']
-        Y = v @ W.mT
-        return Y
-
-    def _linear15_vjp(self, u, W=None):
-        """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
-        W = self.p['15.weight'] if W is None else W
-        X = u @ W
-        return X
-
-    def _linear15_weight_jvp(self, v, X):
-        """J_θ v for θ = 15.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
-
-    def _linear15_weight_vjp(self, u, X):
-        """J_θᵀ u for θ = 15.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
-
-    def _linear15_weight_block(self, S, average):
-        """B = A ⊗ B for θ = 15.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
-        X = batch_mean(self.linear15_X, average)
-        S = S.reshape(10, 10)
-        A = S
-        if X.shape[0] < 16:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 16).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 16))
-        B = torch.einsum("...ab,...ac->...bc", X, X)
-        B /= X.shape[0]
-        return KroneckerBlock(A.reshape(10, 10), B.reshape(16, 16), (10, 16))
-
-    def _linear15_bias_jvp(self, v, X):
-        """J_θ v for θ = 15.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
-        return Y
-
-    def _linear15_bias_vjp(self, u, X):
-        """J_θᵀ u for θ = 15.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
-
-    def _linear15_bias_block(self, S, average):
-        """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 15.bias; J_θ is the same for every sample"""
-        S = S.reshape(10, 10)
-        B = S
-        return DenseBlock(B.reshape(10, 10), (10,))
-
-    def _linear15_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 16 inputs of each output location: (16, 16)"""
-        X = self.linear15_X.reshape(self.N, 16, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear15_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
-        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear15_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
-        return S.reshape(10, 1, 10, 1).sum((1, 3))
+        return u * self.cached(node, 'd1')
+
+    def _sigmoid_input_curvature(self, node, i, S, average_input_jacobian, curvature):
+        """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
+        return elementwise_input_curvature(S, self.cached(node, 'd1'), self._method(node, 'residual'), average_input_jacobian, curvature)

@@ -6,41 +6,30 @@
 Graph (per-sample shapes):
     a_reshape0 = reshape(x)    # (1, 28, 28) -> (784,)
     a_linear1 = linear(a_reshape0)    # (784,) -> (10,)
-Loss: cross_entropy (mean).
-
-See hbpc's docs/curvature.md for the definitions of every quantity.
+Loss: cross_entropy (mean). hbpc's docs/curvature.md defines every quantity.
 """
 import torch
 
 from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, KroneckerGramBlock, accumulate_grad, batch_mean,
-    broadcast_trailing, reshape_to)
+    broadcast_trailing, numel)
 
 
 class Curvature(CurvatureModule):
     """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""
 
-    PARAMETERS = {  # as model.named_parameters()
-        '1.weight': (10, 784),
-        '1.bias': (10,),
-    }
+    PARAMETERS = {'1.weight': (10, 784), '1.bias': (10,)}  # as model.named_parameters()
     INPUT_SHAPE = (1, 28, 28)
     OUTPUT_SHAPE = (10,)
     PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities
     LOSS = 'cross_entropy'
     SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled
-    NODES = {  # node: (inputs, {role: parameter}), in graph order
-        'reshape0': (('x',), {}),
-        'linear1': (('reshape0',), {'weight': '1.weight', 'bias': '1.bias'}),
+    NODES = {  # node: (inputs, {role: parameter}, family), in graph order
+        'reshape0': (('x',), {}, None),
+        'linear1': (('reshape0',), {'weight': '1.weight', 'bias': '1.bias'}, None),
     }
-    SECOND_ORDER = {  # node: (has a residual, roles coupled to the input, tangent view)
-        'linear1': (False, ('weight',), None),
-    }
-    BLOCKS = {  # node: ((parameter, block method), ...)
-        'linear1': (('1.weight', '_linear1_weight_block'), ('1.bias', '_linear1_bias_block')),
-    }
-    FACTORS = {  # the KFAC family's layers: node: (weight, bias)
-        'linear1': ('1.weight', '1.bias'),
-    }
+    SECOND_ORDER = {'linear1': (False, ('weight',), None)}  # family or node: (residual?, coupled roles, tangent view)
+    BLOCKS = ('linear1',)  # nodes with blocks
+    FACTORS = ('linear1',)  # the KFAC family's layers
     MEMORY = (100, 'the loss', ((784, True),))  # blocks(): peak entries, where, factors kept
 
     def forward_backward(self, x, target):
@@ -71,15 +60,6 @@ class Curvature(CurvatureModule):
             accumulate_grad(self.p['1.bias'], self._linear1_bias_vjp(g_linear1, self.linear1_X))
         return self._end(loss, x, target)
 
-    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
-        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.
-
-        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
-        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).
-        """
-        S_linear1 = self._loss_hessian_sum()
-        visit('linear1', S_linear1)
-
     def _loss_hessian_product(self, v):
         """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
         scale = self.loss_scale
@@ -93,74 +73,47 @@ class Curvature(CurvatureModule):
         softmax = self.loss_softmax[:, None, :]
         return softmax - t  # the derived ∇_z ℓ(z, ŷ_s)
 
-    def _reshape0_jvp(self, v):
-        """J v for reshape (structural primitive 'reshape')"""
-        return reshape_to(v, (1, 28, 28), (784,))
-
-    def _reshape0_vjp(self, u):
-        """Jᵀ u for reshape"""
-        return reshape_to(u, (784,), (1, 28, 28))
-
     def _linear1_jvp(self, v):
         """J v, derived from Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i])"""
         W = self.p['1.weight']
-        Y = v @ W.mT
-        return Y
+        return v @ W.mT
 
     def _linear1_vjp(self, u, W=None):
         """Jᵀ u for Y[n, o] = b[o] + Σ_i (W[o, i]*X[n, i]); W replaces the weight if given"""
         W = self.p['1.weight'] if W is None else W
-        X = u @ W
-        return X
+        return u @ W
 
     def _linear1_weight_jvp(self, v, X):
         """J_θ v for θ = 1.weight: ∂Y/∂θ = Σ_i (δ[a0, o]*δ[a1, i]*X[n, i])"""
-        Y = X @ v.mT
-        return Y
+        return X @ v.mT
 
     def _linear1_weight_vjp(self, u, X):
         """J_θᵀ u for θ = 1.weight (sums over samples)"""
-        G = u.mT @ X
-        return G
+        return u.mT @ X
 
     def _linear1_weight_block(self, S, average):
         """B = A ⊗ B for θ = 1.weight: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation"""
         X = batch_mean(self.linear1_X, average)
-        S = S.reshape(10, 10)
         A = S
-        if X.shape[0] < 784:  # B = R Rᵀ has rank <= N
-            R = X.reshape(X.shape[0], 784).T / X.shape[0] ** 0.5
-            return KroneckerGramBlock(A.reshape(10, 10), R, (10, 784))
+        shape = (10, 784)
+        a, b = numel(shape[:1]), numel(shape[1:])
+        if X.shape[0] < b:  # B = R Rᵀ has rank <= N
+            R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5
+            return KroneckerGramBlock(A.reshape(a, a), R, shape)
         B = torch.einsum("...ab,...ac->...bc", X, X)
         B /= X.shape[0]
-        return KroneckerBlock(A.reshape(10, 10), B.reshape(784, 784), (10, 784))
+        return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)
 
     def _linear1_bias_jvp(self, v, X):
         """J_θ v for θ = 1.bias: ∂Y/∂θ = δ[a0, o]"""
-        Y = broadcast_trailing(v[..., None, :], (self.N, 10))
-        return Y
+        return broadcast_trailing(v[..., None, :], (self.N, -1))
 
     def _linear1_bias_vjp(self, u, X):
         """J_θᵀ u for θ = 1.bias (sums over samples)"""
-        G = torch.einsum("...ab->...b", u)
-        return G
+        return torch.einsum("...ab->...b", u)
 
     def _linear1_bias_block(self, S, average):
         """B = Σ_{out,out'} J_θᵀ S J_θ for θ = 1.bias; J_θ is the same for every sample"""
-        S = S.reshape(10, 10)
         B = S
-        return DenseBlock(B.reshape(10, 10), (10,))
-
-    def _linear1_input_factor(self):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the 784 inputs of each output location: (784, 784)"""
-        X = self.linear1_X.reshape(self.N, 784, -1)
-        return torch.einsum('nil,njl->ij', X, X) / self.N
-
-    def _linear1_root_factor(self, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (10, 10)"""
-        s = u.reshape(*u.shape[:2], 10, -1).sum(-1)
-        return torch.einsum('vno,vnp->op', s, s)
-
-    def _linear1_curvature_factor(self, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (10, 10)"""
-        return S.reshape(10, 1, 10, 1).sum((1, 3))
+        shape = (10,)
+        return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)

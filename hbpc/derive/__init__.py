@@ -97,4 +97,6 @@ def derive(rule):
     return derivation
 
 
-__all__ = ["derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation", "NormalizationDerivation"]
+from .annotations import annotate  # noqa: E402  (annotate derives through derive above)
+
+__all__ = ["annotate", "derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation", "NormalizationDerivation"]

@@ -11,31 +11,13 @@ For a layer whose weight multiplies (patches of) its input, ``y[o, l] = Σ_k W[o
   ``Σ_{l,l'} S[(·, l), (·, l')]`` from the HBP recursion's ``S`` at the layer output
   (``ggn``, ``S_x = E[Jᵀ S J]``: Botev et al.'s recursion).
 
+``CurvatureModule._input_factor``, ``_root_factor`` and ``_curvature_factor`` compute them from the tables.
 These are BackPACK's conventions (its KFAC/KFLR/KFRA), so the values can be compared.
 """
-from math import prod
 
-from .code import method_lines
-from .nodes import cached_input_view
+from hbpc import ir
+
 
 def factor_nodes(graph, order) -> dict:
-    """{node: {role: parameter}} for the layers the plan made KFAC-family layers."""
-    return {name: dict(graph.nodes[name]["params"]) for name in order if graph.nodes[name]["plan"].kronecker}
-
-
-def factor_methods(name, node) -> list:
-    """The node's three factor methods: input factor A, G from roots, G from the HBP curvature."""
-    c_out = node["y_shape"][0]
-    locations = prod(node["y_shape"][1:])
-    d_k = prod(node["param_shapes"]["weight"][1:])
-    return [
-        *method_lines(f"_{name}_input_factor(self)",
-                 f"A = (1/N) Σ_n Σ_l x_l x_lᵀ over the {d_k} inputs of each output location: ({d_k}, {d_k})",
-                 [f"X = {cached_input_view(name, node)}.reshape(self.N, {d_k}, -1)", "return torch.einsum('nil,njl->ij', X, X) / self.N"]),
-        *method_lines(f"_{name}_root_factor(self, u)",
-                 f"G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: ({c_out}, {c_out})",
-                 [f"s = u.reshape(*u.shape[:2], {c_out}, -1).sum(-1)", "return torch.einsum('vno,vnp->op', s, s)"]),
-        *method_lines(f"_{name}_curvature_factor(self, S)",
-                 f"G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: ({c_out}, {c_out})",
-                 [f"return S.reshape({c_out}, {locations}, {c_out}, {locations}).sum((1, 3))"]),
-    ]
+    """{node: {role: parameter}} for the layers the plan made KFAC-family layers (hbpc.runtime computes their factors)."""
+    return {name: dict(ir.node(graph, name).params) for name in order if ir.node(graph, name).plan.kronecker}

@@ -1,20 +1,16 @@
 """Assemble the generated ``curv_model.py`` from node code, the loss derivation and the plan."""
 import io
-import re
 import tokenize
 from math import prod
 
-import sympy as sp
-
-from hbpc import __version__
-from hbpc.derive import derive
-from hbpc.derive.printer import formula, torch_code
+from hbpc import __version__, ir
 from hbpc.errors import HbpcError
 from hbpc.runtime import NAMES
 
-from .kronecker import factor_methods, factor_nodes
-from .names import INPUT, safe_text, with_stems
-from .nodes import node_code, sandwich_temporaries
+from .code import Method, Target
+from .kronecker import factor_nodes
+from .names import INPUT, family_names, safe_text, with_stems
+from .nodes import node_code, sandwich_temporaries, shares_methods
 
 _INDENT = "    "
 
@@ -27,75 +23,53 @@ def _shape_args(shape) -> str:
     return ", ".join(map(str, shape))
 
 
-def _needed(shared, code):
-    """The CSE lines ``code`` depends on, directly or through later lines."""
-    kept, wanted = [], set(re.findall(r"\bs\d+\b", code))
-    for line in reversed(shared):
-        target, expression = line.split(" = ", 1)
-        if target in wanted:
-            kept.insert(0, line)
-            wanted |= set(re.findall(r"\bs\d+\b", expression))
-    return kept
-
-
-def _with_classes(lines, classes):
+def _with_classes(lines, reads, classes):
     """``C = classes`` ahead of lines that read the number of classes C."""
-    reads = any(re.search(r"\bC\b", line.partition("#")[0]) for line in lines)
-    return [f"C = {classes}", *lines] if reads else lines
+    return [f"C = {classes}", *lines] if "C" in reads else lines
 
 
 def _loss_lines(graph, last, loss_plan):
-    rule = graph.graph["loss_rule"]
-    derivation = derive(rule)
-    N, C = sp.symbols("N C", positive=True, integer=True)
-    scale = torch_code(sp.nsimplify(rule.scale[graph.graph["reduction"]](N, C)))
-    hyper = graph.graph["loss_hyper"]
-    shared, exprs = derivation.code(hyper)
-    classes = prod(graph.nodes[last]["y_shape"])
-    outside = sorted(i for i in derivation.fixed_indices() if i >= classes)
-    if outside:
-        raise HbpcError(f"loss rule '{rule.key}' reads entry {outside[0]} of the logits, but the model has {classes} "
-                        "outputs per sample", f"Loss('{rule.key}', {rule.ell}, ...)",
-                        "index entries 0 to C-1 only, or compile a model with more outputs")
+    rule, derived = graph.graph["loss_rule"], graph.graph["loss_derived"]
+    classes = prod(ir.node(graph, last).y_shape)
     smoothing = loss_plan.label_smoothing
     target = "t.to(z.dtype)" if rule.target == "class" else "t.reshape(N, -1).to(z.dtype)"
     if smoothing:
         target = f"{1 - smoothing!r} * {target} + {smoothing / classes!r}"
-    lines = [f"z = a_{last}.reshape(N, -1)", f"t = {target}"]
-    lines += [f"{name} = {code}" for name, code in derivation.intermediates.items()]
-    lines += _needed(shared, exprs["value"] + " " + exprs["grad"])
-    lines += [f"scale = {scale}", f"loss = scale * ({exprs['value']}).sum()",
-              f"g_{last} = (scale * ({exprs['grad']})).reshape(N, *{graph.nodes[last]['y_shape']!r})",
+    value, grad, hvp = derived.value, derived.grad, derived.hvp
+    lines = [f"t = {target}"]
+    lines += [f"{name} = {code}" for name, code in derived.intermediates.items()]
+    lines += derived.forward_lines
+    lines += [f"scale = {derived.scale.code}", f"loss = scale * ({value.code}).sum()",
+              f"g_{last} = (scale * ({grad.code})).reshape(N, *{ir.node(graph, last).y_shape!r})",
               "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
-    lines += [f"self.loss_{name} = {name}" for name in derivation.intermediates]
-    lines = [lines[0], *_with_classes(lines[1:], classes)]
-    hvp_lines = _needed(shared, exprs["hvp"])
-    uses = " ".join([*hvp_lines, exprs["hvp"]])
-    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derivation.intermediates)
-                                             if re.search(rf"\b{name}\b", uses)]
-    rank = len(graph.nodes[last]["y_shape"])
+    lines += [f"self.loss_{name} = {name}" for name in derived.intermediates]
+    lines = [f"z = a_{last}.reshape(N, -1)", *_with_classes(lines, value.reads | grad.reads | derived.scale.reads, classes)]
+    restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derived.intermediates)
+                                             if name in hvp.reads]
+    rank = len(ir.node(graph, last).y_shape)
     flatten = ["shape = v.shape", f"v = v.reshape(*shape[:len(shape) - {rank}], -1)"] if rank > 1 else []
     unflatten = ".reshape(shape)" if rank > 1 else ""
-    zero = "" if re.search(r"\bv\b", uses) else " + 0 * v"  # a constant Hessian product still has v's shape
-    hvp = _with_classes(restore + flatten + hvp_lines + [f"return (scale * ({exprs['hvp']}){zero}){unflatten}"], classes)
-    doc = f"ℓ(z, t) = {formula(rule.ell)};  Hv = {formula(derivation.hessian_product)}"
+    if "v" not in hvp.reads:  # a loss linear in z: its Hessian is 0
+        hvp_body = ["return torch.zeros_like(v)"]
+    else:
+        hvp_body = _with_classes(restore + flatten + [*hvp.lines, f"return (scale * ({hvp.code})){unflatten}"],
+                                 hvp.reads, classes)
     methods = [
         "def _loss_hessian_product(self, v):",
-        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(doc)}"""', *_indent(hvp, 1), "",
+        f'    """(∇²_z L) v per sample, v (V, N, C): {safe_text(derived.doc)}"""', *_indent(hvp_body, 1), "",
     ]
     if loss_plan.sampled_fisher:
         sampled = [
             "labels = torch.multinomial(self.loss_softmax, samples, replacement=True, generator=generator)  # (N, S)",
             f"t = torch.nn.functional.one_hot(labels, {classes}).to(self.loss_z.dtype)  # (N, S, C) sampled targets",
-            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derivation.intermediates)
-              if re.search(rf"\b{name}\b", exprs["grad"])],
-            *_needed(shared, exprs["grad"]),
-            f"return {exprs['grad']}  # the derived ∇_z ℓ(z, ŷ_s)",
+            *[f"{name} = self.loss_{name}[:, None, :]" for name in ("z", *derived.intermediates) if name in grad.reads],
+            *grad.lines,
+            f"return {grad.code}  # the derived ∇_z ℓ(z, ŷ_s)",
         ]
         methods += [
             "def _loss_sampled_gradients(self, samples, generator):",
             '    """s = ∇_z ℓ(z_n, ŷ_s) at S labels ŷ_s ~ softmax(z_n) per sample: (N, S, C)."""',
-            *_indent(_with_classes(sampled, classes), 1), ""]
+            *_indent(_with_classes(sampled, grad.reads, classes), 1), ""]
     return lines, methods
 
 
@@ -104,7 +78,7 @@ def _sum(terms):
 
 
 def _input_vars(graph, name):
-    return [INPUT if i == INPUT else f"a_{i}" for i in graph.nodes[name]["inputs"]]
+    return [INPUT if i == INPUT else f"a_{i}" for i in ir.node(graph, name).inputs]
 
 
 def _backward(graph, order, codes, plan):
@@ -116,7 +90,7 @@ def _backward(graph, order, codes, plan):
         if name != order[-1]:
             lines.append(f"g_{name} = {_sum(contributions[name])}")
         lines += codes[name].backward
-        for i, source in enumerate(graph.nodes[name]["inputs"]):
+        for i, source in enumerate(ir.node(graph, name).inputs):
             if source in plan.upstream:
                 contributions.setdefault(source, []).append(codes[name].vjp(f"g_{name}")[i])
     return lines
@@ -126,11 +100,6 @@ def _pair(a, b, position):
     """The variable holding the cross curvature of tensors a and b, and whether it must be transposed."""
     first, second = sorted((a, b), key=position.__getitem__)
     return f"S_{first}__{second}", first != a
-
-
-def _accumulate(lines, defined, variable, expression):
-    lines.append(f"{variable} = {variable} + {expression}" if variable in defined else f"{variable} = {expression}")
-    defined.add(variable)
 
 
 class _MemoryLedger:
@@ -169,63 +138,67 @@ def _input_temporaries(code, i, ledger, name, source):
     return known[i] if known else sandwich_temporaries(ledger.sizes[source], ledger.sizes[name])
 
 
-def _sweep_method(graph, order, codes, plan, ledger):
-    """HBP over the graph: a backward sweep keeping S for every pair of tensors on the frontier.
-
-    ``ledger`` (a ``_MemoryLedger``) records what each step holds, for blocks()' memory check.
-    """
+def _sweep_memory(graph, order, codes, plan, ledger):
+    """Follow hbpc.runtime's HBP sweep over the graph (S for every pair of tensors on the frontier), recording in
+    ``ledger`` (a ``_MemoryLedger``) what each step holds, for blocks()' memory check."""
     position = {name: k for k, name in enumerate(order)}
-    body = [f"S_{order[-1]} = self._loss_hessian_sum()"]
     defined, frontier = {f"S_{order[-1]}"}, [order[-1]]
+
+    def form(variable, entries, temporaries, where):
+        ledger.form(variable, entries, temporaries, where)
+        defined.add(variable)
+
     for name in reversed(order):
         if name not in plan.upstream:
             continue
-        node, code = graph.nodes[name], codes[name]
+        node, code = ir.node(graph, name), codes[name]
         frontier.remove(name)
         if code.blocks:
-            body.append(f"visit({name!r}, S_{name})")
             ledger.keep(f"S_{name}")
-        active = [(i, source) for i, source in enumerate(node["inputs"]) if source in plan.upstream]
+        active = [(i, source) for i, source in enumerate(node.inputs) if source in plan.upstream]
         if not active:
             continue
-        body.append(f"S = S_{name}  # at the output of {name}; propagate to its inputs")
         where = f"the inputs of {name}"
         for i, source in active:
-            _accumulate(body, defined, f"S_{source}", code.input_curvature[i])
-            ledger.form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source),
-                        where)
+            form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source), where)
         for (i, a), (j, b) in ((p, q) for k, p in enumerate(active) for q in active[k + 1:]):
-            term = code.cross(i, j)
-            if a == b:
-                _accumulate(body, defined, f"S_{a}", f"{term} + ({term}).T")
-                ledger.form(f"S_{a}", ledger.entries(a, a), 2 * ledger.entries(a, a), where)
-            else:
-                variable, flip = _pair(a, b, position)
-                _accumulate(body, defined, variable, f"({term}).T" if flip else term)
-                ledger.form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
+            variable = f"S_{a}" if a == b else _pair(a, b, position)[0]
+            form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
         for other in frontier:
-            variable, flip = _pair(name, other, position)
-            if variable not in defined:
+            if _pair(name, other, position)[0] not in defined:
                 continue
-            matrix = f"{variable}.T" if flip else variable
             for i, source in active:
-                term = code.mean_vjp(i, matrix)  # E[J_i]ᵀ S_(name, other): (d_source, d_other)
-                if source == other:
-                    _accumulate(body, defined, f"S_{other}", f"{term} + ({term}).T")
-                    ledger.form(f"S_{other}", ledger.entries(other, other), 2 * ledger.entries(other, other), where)
-                else:
-                    target, target_flip = _pair(source, other, position)
-                    _accumulate(body, defined, target, f"({term}).T" if target_flip else term)
-                    ledger.form(target, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
+                variable = f"S_{other}" if source == other else _pair(source, other, position)[0]
+                form(variable, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
         frontier += [source for _, source in active if source not in frontier]
         dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
-        body.append("del " + ", ".join(v for v in dead if v in defined))
         defined -= set(dead)
         ledger.free(dead)
-    doc = ("S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.\n\n"
-           "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).\n"
-           "        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).\n        ")
-    return ["def _hbp_sweep(self, curvature, average_input_jacobian, visit):", f'    """{doc}"""', *_indent(body, 1), ""]
+
+
+def _by_input(codes, indices="i") -> tuple:
+    """A method body returning codes[k] for input k (``indices`` names the argument(s) k is compared with)."""
+    if len(codes) == 1:
+        return (f"return {codes[0][1]}",)
+    lines = []
+    for key, code in codes[:-1]:
+        lines += [f"if {indices} == {key!r}:", f"    return {code}"]
+    return (*lines, f"return {codes[-1][1]}")
+
+
+def _sweep_records(code, inputs, branches) -> list:
+    """The node's methods hbpc.runtime's HBP sweep calls: S at input i; where the graph branches, E[J_i]ᵀ M and,
+    for a node with several inputs, the cross terms E[J_i]ᵀ S E[J_j]."""
+    records = [Method("input_curvature", "i, S, average_input_jacobian, curvature",
+                      "S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)", _by_input(list(enumerate(code.input_curvature))))]
+    if branches:
+        records.append(Method("mean_vjp", "i, M", "E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)",
+                              _by_input([(i, code.mean_vjp(i, "M")) for i in range(inputs)])))
+    if branches and code.cross and inputs > 1:
+        pairs = [((i, j), code.cross(i, j)) for i in range(inputs) for j in range(i + 1, inputs)]
+        records.append(Method("cross", "i, j, S", "E[J_i]ᵀ S E[J_j] for inputs i < j: (d_x_i, d_x_j)",
+                              _by_input(pairs, "(i, j)")))
+    return records
 
 
 def _runtime_imports(code: str) -> list:
@@ -246,33 +219,106 @@ def _runtime_imports(code: str) -> list:
 
 
 def _table(name, entries, comment="") -> list:
-    """A class attribute holding a dict, one entry a line (``{}`` when empty)."""
-    if not entries:
-        return [f"{name} = {{}}{comment}"]
+    """A class attribute holding a dict: on one line where it fits in 116 characters, else one entry a line."""
+    line = f"{name} = {{{', '.join(f'{key!r}: {value!r}' for key, value in entries.items())}}}{comment}"
+    if len(line) <= 116:
+        return [line]
     return [f"{name} = {{{comment}", *[f"    {key!r}: {value!r}," for key, value in entries.items()], "}"]
 
 
-def emit(graph, plan, source_name: str, digest: str) -> str:
+def _tuple_lines(name, items, comment="") -> list:
+    """A class attribute holding a tuple: on one line where it fits in 116 characters, else wrapped at 116."""
+    line = f"{name} = {tuple(items)!r}{comment}"
+    if len(line) <= 116:
+        return [line]
+    lines, line = [f"{name} = ({comment}"], "    "
+    for item in items:
+        if len(line) + len(repr(item)) + 2 > 116:
+            lines.append(line.rstrip())
+            line = "    "
+        line += f"{item!r}, "
+    return [*lines, line.rstrip(), ")"]
+
+
+def _branches(graph, order, plan) -> bool:
+    """Whether the HBP sweep keeps cross curvatures: some node has two different inputs that carry curvature."""
+    return any(len({i for i in ir.node(graph, n).inputs if i in plan.upstream}) > 1 for n in order)
+
+
+def _target(graph, name, family=None) -> Target:
+    node = ir.node(graph, name)
+    return Target(name, dict(node.params), dict(node.param_shapes), family)
+
+
+def _families(graph, order, plans, branches) -> dict:
+    """{node: family name} for the nodes whose kind shares methods: two or more nodes of one rule whose methods, HBP
+    methods and second-order row agree form a family (emitted once); its name is the rule's, made unique
+    (names.family_names). A node with no such twin prints its own methods."""
+    keys = {}
+    for name in order:
+        node = ir.node(graph, name)
+        if not shares_methods(node):
+            continue
+        code = node_code(_target(graph, name, "family"), node, _input_vars(graph, name), plans[name])
+        records = tuple(code.records + _sweep_records(code, len(node.inputs), branches))
+        keys[name] = (node.rule.key, records, _second_order_row(code), tuple(code.blocks.items()))
+    shared = [key for key in keys.values() if list(keys.values()).count(key) > 1]  # a node alone keeps its own methods
+    families = family_names(graph, [(key[0], key) for key in shared])
+    return {name: families[key] for name, key in keys.items() if key in families}
+
+
+def _second_order_row(code):
+    """(has a residual, coupled roles, tangent view suffix), or None for a node without second-order terms."""
+    if code.residual_product is None and not code.cross_terms:
+        return None
+    return code.residual_product is not None, tuple(code.cross_terms), code.tangent_view
+
+
+def _methods(graph, order, codes, targets, plan, branches) -> list:
+    """Every node's methods in graph order: a family's once, at its first node."""
+    lines, printed = [], set()
+    for name in order:
+        code, target, node = codes[name], targets[name], ir.node(graph, name)
+        if target.shared and target.family in printed:
+            continue
+        members = [n for n in order if targets[n].family == target.family] if target.shared else [name]
+        if not any(n in plan.upstream for n in members):
+            continue  # no gradient, tangent or curvature reaches the node: no walker calls its methods
+        sweep = any(any(plan.node(n).input_needs_grad) for n in members)
+        records = code.records + (_sweep_records(code, len(node.inputs), branches) if sweep else [])
+        lines += code.methods + [line for record in records for line in record.lines(target)]
+        printed.add(target.family)
+    return lines
+
+
+def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=None) -> str:
+    """The generated module's text; ``header_lines`` are comment lines after the graph hash, ``loss_note`` a line of
+    the module docstring after the loss."""
     graph, plan = with_stems(graph, plan)  # node names as the identifiers' stems: no name can collide
     order = graph.graph["order"]
     plans = {p.name: p for p in plan.nodes}
     for name in order:
-        graph.nodes[name]["plan"] = plans[name]
-    codes = {name: node_code(name, graph.nodes[name], _input_vars(graph, name), plans[name]) for name in order}
+        ir.update(graph, name, plan=plans[name])
+    branches = _branches(graph, order, plan)
+    families = _families(graph, order, plans, branches)
+    targets = {name: _target(graph, name, families.get(name)) for name in order}
+    codes = {name: node_code(targets[name] if shares_methods(ir.node(graph, name)) else name, ir.node(graph, name),
+                             _input_vars(graph, name), plans[name]) for name in order}
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
-    ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
-    sweep = _sweep_method(graph, order, codes, plan, ledger)
+    ledger = _MemoryLedger({name: prod(ir.node(graph, name).y_shape) for name in order}, last)
+    _sweep_memory(graph, order, codes, plan, ledger)
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
-    buffers = sorted({b for n in order for b in graph.nodes[n].get("buffers", {}).values()})
-    eval_mode_modules = sorted({graph.nodes[n].get("buffers", {}).get("running_mean", "*").rpartition(".")[0]
-                                or "*" for n in order if graph.nodes[n]["op"] == "batch_norm"}
-                               | {graph.nodes[n]["hyper"]["dropout"] for n in order if "dropout" in graph.nodes[n]["hyper"]})
+    nodes = ir.nodes(graph)
+    buffers = sorted({b for node in nodes for b in node.buffers.values()})
+    eval_mode_modules = sorted({node.buffers.get("running_mean", "*").rpartition(".")[0] or "*"
+                                for node in nodes if node.op == "batch_norm"}
+                               | {node.hyper["dropout"] for node in nodes if "dropout" in node.hyper})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
     forward = [line for name in order for line in codes[name].forward]
     rule = graph.graph["loss_rule"]
-    y_shape = graph.nodes[last]["y_shape"]
+    y_shape = ir.node(graph, last).y_shape
     classes = prod(y_shape)
     sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
     if rule.target == "class":
@@ -286,12 +332,15 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         *_indent(["# forward", *forward, "# loss", *loss_lines, "# backward", *_backward(graph, order, codes, plan)], 1),
         "return self._end(loss, x, target)",
     ]
-    nodes = {name: (tuple(graph.nodes[name]["inputs"]), dict(graph.nodes[name]["params"])) for name in order}
-    second_order = {name: (codes[name].residual_product is not None, tuple(codes[name].cross_terms),
-                           codes[name].tangent_view)
-                    for name in order if codes[name].residual_product or codes[name].cross_terms}
-    graph_doc = "\n".join(f"    a_{n} = {safe_text(graph.nodes[n]['op'])}({', '.join(_input_vars(graph, n))})    "
-                          f"# {' '.join(map(str, graph.nodes[n]['x_shapes']))} -> {graph.nodes[n]['y_shape']}"
+    nodes = {name: (tuple(ir.node(graph, name).inputs), dict(ir.node(graph, name).params), families.get(name))
+             for name in order}
+    second_order = {}
+    for name in order:
+        row = _second_order_row(codes[name])
+        if row is not None:
+            second_order.setdefault(families.get(name, name), row)
+    graph_doc = "\n".join(f"    a_{n} = {safe_text(ir.node(graph, n).op)}({', '.join(_input_vars(graph, n))})    "
+                          f"# {' '.join(map(str, ir.node(graph, n).x_shapes))} -> {ir.node(graph, n).y_shape}"
                           for n in order)
     loss = safe_text(f"{graph.graph['loss']} ({graph.graph['reduction']})")
     model = safe_text(graph.graph["model"])
@@ -299,17 +348,19 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
         f"# Generated by hbpc {__version__} from {safe_text(source_name)}. Do not edit: recompile instead.",
         f"# hbpc-version: {__version__}",
         f"# graph-hash: {digest}",
+        *header_lines,
         f'"""Curvature code for {model}.',
         "",
         "Graph (per-sample shapes):",
         graph_doc,
-        f"Loss: {loss}.",
-        "",
-        "See hbpc's docs/curvature.md for the definitions of every quantity.",
+        f"Loss: {loss}. hbpc's docs/curvature.md defines every quantity.",
+        *([loss_note] if loss_note else []),
         '"""',
     ]
-    blocks = {name: tuple((graph.nodes[name]["params"][role], method) for role, method in codes[name].blocks.items())
-              for name in order if codes[name].blocks}
+    blocks = [name for name in order if codes[name].blocks]
+    for name in blocks:
+        _check_block_methods(name, codes[name])
+    lowered = [name for name in factors if plans[name].lowering]
     cls = [
         "class Curvature(CurvatureModule):",
         f'    """Curvature of {loss} for {model}: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""',
@@ -325,11 +376,12 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *([f"PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities"] if probabilities else []),
             f"LOSS = {graph.graph['loss']!r}",
             *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
-            *_table("NODES", nodes, "  # node: (inputs, {role: parameter}), in graph order"),
-            *_table("SECOND_ORDER", second_order, "  # node: (has a residual, roles coupled to the input, tangent view)"),
-            *_table("BLOCKS", blocks, "  # node: ((parameter, block method), ...)"),
-            *_table("FACTORS", {name: (p["weight"], p.get("bias")) for name, p in factors.items()},
-                    "  # the KFAC family's layers: node: (weight, bias)"),
+            *_table("NODES", nodes, "  # node: (inputs, {role: parameter}, family), in graph order"),
+            *_table("SECOND_ORDER", second_order,
+                    "  # family or node: (residual?, coupled roles, tangent view)"),
+            *_tuple_lines("BLOCKS", blocks, "  # nodes with blocks"),
+            *(_tuple_lines("FACTORS", list(factors), "  # the KFAC family's layers") if factors else []),
+            *(_tuple_lines("LOWERED", lowered, "  # factor layers caching the raw input") if lowered else []),
             f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",
@@ -338,12 +390,18 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             f"    x: (N, {_shape_args(graph.graph['input_shape'])}) in the parameters' dtype; target: {target_doc}.",
             '    """',
             *_indent(fb_body, 1), "",
-            *sweep,
             *loss_methods,
-            *[line for name in order for line in codes[name].methods
-              + (factor_methods(name, graph.nodes[name]) if name in factors else [])],
+            *_methods(graph, order, codes, targets, plan, branches),
         ], 1),
     ]
     body = "\n".join(cls)
     text = "\n".join([*header, "import torch", "", *_runtime_imports(body), "", "", body])
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"
+
+
+def _check_block_methods(name, code):
+    """hbpc.runtime builds a node's blocks with its ``<role>_block`` methods: an emitter must name them so."""
+    wrong = {role: method for role, method in code.blocks.items() if method not in (f"{role}_block", f"_{name}_{role}_block")}
+    if wrong:
+        raise HbpcError(f"node {name!r}: block methods {wrong} must be named '<role>_block'", "the node's emitter",
+                        "name each parameter's block method _<node>_<role>_block")

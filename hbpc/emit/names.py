@@ -9,6 +9,9 @@ attributes  ``self.s_<suffix>``: tensors ``forward_backward`` caches (``X``, ``g
 methods     ``self._s_<suffix>`` (the node's derivatives) and ``self._block_product_s_<role>``
 ==========  ==================================================================================
 
+Methods a *family* of nodes shares (same rule, same derived code) are ``self._f_<suffix>`` for the family's
+name ``f``: the rule's key made a fragment, never one whose identifiers meet a node's (``family_names``).
+
 Stems are the IR names where that is safe, so generated code reads like the model. ``node_stems``
 mangles a name only where it is not a plain identifier fragment or where one of its identifiers
 would equal another node's or one of ``Curvature``'s own members (``lin`` and ``lin_weight``
@@ -24,11 +27,11 @@ from dataclasses import replace
 
 import networkx as nx
 
-from hbpc.derive import derive
+from hbpc import ir
+from hbpc.ir import INPUT  # the model input in the IR's inputs and in generated code
 from hbpc.rules.spec import Normalization
 from hbpc.runtime import CurvatureModule
 
-INPUT = "x"  # the model input in the IR's ``inputs`` and in generated code
 LOCAL_PREFIXES = ("a", "g", "t", "u", "S")
 ROLES = ("weight", "bias")
 
@@ -37,7 +40,7 @@ ROLES = ("weight", "bias")
 SUFFIXES = (
     "X", "x", "y", "g", "d1", "r", "idx", "modes",
     "jvp", "vjp", "view", "tangent_view", "statistics", "residual", "residuals", "jacobians", "residual_product",
-    "input_factor", "root_factor", "curvature_factor",
+    "input_curvature", "mean_vjp", "cross",
     *(f"{role}_{kind}" for role in ROLES for kind in ("jvp", "vjp", "block")),
 )
 
@@ -67,16 +70,16 @@ def graph_suffixes(graph) -> tuple:
     """SUFFIXES plus what this graph's nodes add: normalization statistics and ``vjp<i>`` per input of a cat."""
     extra = set()
     for name in graph.graph["order"]:
-        node = graph.nodes[name]
-        extra |= {f"vjp{i}" for i in range(len(node["inputs"]))} if len(node["inputs"]) > 1 else set()
-        if isinstance(node["rule"], Normalization):
-            extra |= {str(s) for s in derive(node["rule"]).reads()}
+        node = ir.node(graph, name)
+        extra |= {f"vjp{i}" for i in range(len(node.inputs))} if len(node.inputs) > 1 else set()
+        if isinstance(node.rule, Normalization):
+            extra |= set(node.derived.reads)
     return SUFFIXES + tuple(sorted(extra))
 
 
 def reserved(graph) -> set:
     """(namespace, identifier) pairs that are not any node's: Curvature's members, the loss's cached intermediates."""
-    members = MEMBERS | {f"loss_{name}" for name in derive(graph.graph["loss_rule"]).intermediates}
+    members = MEMBERS | {f"loss_{name}" for name in graph.graph["loss_derived"].intermediates}
     return {("member", name) for name in members}
 
 
@@ -95,12 +98,34 @@ def node_stems(graph) -> dict:
     return stems
 
 
+def family_names(graph, keys) -> dict:
+    """{family key: name} for ``keys``, (rule key, family key) pairs in graph order, on a graph already renamed to its
+    stems: the rule key as a fragment where free, else ``<fragment>_<k>``, never meeting any node's identifiers."""
+    suffixes = graph_suffixes(graph)
+    taken = set(reserved(graph))
+    for name in graph.graph["order"]:
+        taken |= identifiers(name, suffixes)
+    names = {}
+    for rule_key, key in keys:
+        if key in names:
+            continue
+        base = _fragment(rule_key)
+        candidate, count = base, 1
+        while candidate == INPUT or taken & identifiers(candidate, suffixes):
+            count += 1
+            candidate = f"{base}_{count}"
+        taken |= identifiers(candidate, suffixes)
+        names[key] = candidate
+    return names
+
+
 def with_stems(graph, plan):
     """Copies of the IR graph and its plan with every node renamed to its stem (the input stays ``x``)."""
     stems = node_stems(graph)
     renamed = nx.relabel_nodes(graph, stems, copy=True)
     for name in renamed.nodes:
-        renamed.nodes[name]["inputs"] = [stems.get(i, i) for i in renamed.nodes[name]["inputs"]]
+        node = ir.node(renamed, name)
+        ir.update(renamed, name, name=name, inputs=tuple(stems.get(i, i) for i in node.inputs))
     renamed.graph["order"] = [stems[name] for name in graph.graph["order"]]
     renamed_plan = replace(plan, nodes=tuple(replace(p, name=stems[p.name]) for p in plan.nodes),
                            upstream=frozenset(stems[name] for name in plan.upstream))

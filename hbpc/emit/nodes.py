@@ -1,23 +1,18 @@
 """Per-node code: forward and backward lines, and the node's derivative methods.
 
-Naming inside generated code: ``a_<node>`` activation, ``g_<node>`` gradient
-∂L/∂a, ``t_<node>`` tangent (J v), ``u_<node>`` cotangent; ``self.<node>_*``
-are tensors cached by ``forward_backward``; ``_<node>_jvp`` / ``_<node>_vjp``
-apply the node's input Jacobian, ``_<node>_<role>_jvp`` / ``_vjp`` its parameter Jacobians.
-``<node>`` is the node's stem (``hbpc.emit.names``): no two nodes' identifiers collide.
+Naming inside generated code: ``a_<node>`` activation, ``g_<node>`` gradient ∂L/∂a; ``self.<node>_*`` are
+tensors cached by ``forward_backward``. A node's methods (``jvp`` / ``vjp`` apply its input Jacobian,
+``<role>_jvp`` / ``<role>_vjp`` its parameter Jacobians, ``<role>_block`` build its HBP blocks) are returned as
+``Method`` records for the node's ``Target``: shared by a family of nodes as ``_<family>_<suffix>(self, node, ...)``
+or the node's own ``_<node>_<suffix>(self, ...)``. ``<node>`` is the node's stem (``hbpc.emit.names``): no two
+nodes' or families' identifiers collide.
 """
 from math import prod
 
-import sympy as sp
-
-from hbpc.derive import derive
-from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import formula, torch_code
-from hbpc.derive.structured import is_gram, kronecker_split
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
 
-from .code import NodeCode, dims, fill_template, method_lines, param_code, single_input
+from .code import Method, NodeCode, dims, fill_template, param_code, single_input_at
 from .normalization import normalization_code
 
 
@@ -36,162 +31,159 @@ def take_temporaries(d_x, d_y) -> int:
     return max(2 * d_y * d_x, 5 * max(d_y * d_y, min(CHUNK_ENTRIES, d_x * d_x)))
 
 
-def elementwise_code(name, node, input_vars) -> NodeCode:
-    rule, derivation = node["rule"], derive(node["rule"])
+def elementwise_code(at, node, input_vars) -> NodeCode:
+    rule, derived = node.rule, node.derived
     input_var = input_vars[0]
-    out = f"a_{name}"
-    rename = {X_SYMBOL: sp.Symbol(input_var, real=True), Y_SYMBOL: sp.Symbol(out, real=True)}
-    values = hyper_values(node["hyper"])
-    d1_expr = derivation.d1.subs(values).subs(rename)
-    d1 = f"torch.full_like({input_var}, {torch_code(d1_expr)})" if d1_expr.is_number else torch_code(d1_expr)
-    d2 = derivation.d2.subs(values).subs(rename)
+    out = f"a_{at.node}"
     code = NodeCode()
-    forward = (fill_template(rule.forward, node, input_vars) if rule.forward
-               else torch_code(rule.phi.subs(values).subs(rename)))
-    code.forward = [f"{out} = {forward}", f"self.{name}_d1 = {d1}"]
-    single_input(code, name)
-    if d2 != 0:
-        reads = [(str(s), var) for s, var in ((X_SYMBOL, input_var), (Y_SYMBOL, out)) if s in derivation.d2.free_symbols]
-        code.forward += [f"self.{name}_{s} = {var}" for s, var in reads]
-        code.backward.append(f"self.{name}_g, self.{name}_r = g_{name}, None  # r = g ⊙ φ″ is formed on first use")
-        code.residual = f"self._{name}_residual"
-        code.residual_product = lambda t, mode: f"residual_product(self._{name}_residual(), {t}, {mode})"
-        reads = [f"{s} = self.{name}_{s}" for s, _ in reads]
-        code.methods += method_lines(f"_{name}_residual(self)", "r = g ⊙ φ″ (per sample, like the output), formed once",
-                                     [f"if self.{name}_r is None:", *("    " + line for line in reads),
-                                      f"    self.{name}_r = self.{name}_g * ({torch_code(derivation.d2.subs(values))})",
-                                      f"return self.{name}_r"])
-        code.methods += method_lines(f"_{name}_residual_product(self, t, curvature)", "mode(R) t, R = diag(g ⊙ φ″)",
-                                     [f"return residual_product(self._{name}_residual(), t, curvature)"])
-    doc = f"φ = {formula(rule.phi)},  φ′ = {formula(derivation.d1)},  φ″ = {formula(derivation.d2)}"
-    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v = φ′ ⊙ v  ({doc})", [f"return v * self.{name}_d1"])
-    code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
-    r = code.residual or "None"  # the residual's method: elementwise_input_curvature calls it unless the mode is ggn
-    code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
+    forward = fill_template(rule.forward, node, input_vars) if rule.forward else derived.phi.format(x=input_var)
+    code.forward = [f"{out} = {forward}", f"{at.attribute('d1')} = {derived.d1.format(x=input_var, y=out)}"]
+    single_input_at(code, at)
+    d1_cached = at.cached("d1")
+    residual = "None"  # the residual's method: elementwise_input_curvature calls it unless the mode is ggn
+    if derived.residual is not None:
+        reads = [s for s in ("x", "y") if s in derived.residual.reads]
+        code.forward += [f"{at.attribute(s)} = {var}" for s, var in (("x", input_var), ("y", out)) if s in reads]
+        code.backward.append(f"{at.attribute('g')}, {at.attribute('r')} = g_{at.node}, None  # r = g ⊙ φ″ is formed on first use")
+        code.residual_product = lambda t, mode: f"residual_product({at.method('residual')}(), {t}, {mode})"
+        residual = at.method("residual")
+        code.records += [
+            Method("residual", "", "r = g ⊙ φ″ (per sample, like the output), formed once",
+                   (f"r = {at.cached('r')}", "if r is None:", *(f"    {s} = {at.cached(s)}" for s in reads),
+                    f"    r = {at.cached('g')} * ({derived.residual.code})", f"    {at.set_cached('r', 'r')}", "return r")),
+            Method("residual_product", "t, curvature", "mode(R) t, R = diag(g ⊙ φ″)",
+                   (f"return residual_product({residual}(), t, curvature)",)),
+        ]
+    code.records += [Method("jvp", "v", f"J v = φ′ ⊙ v  ({derived.doc})", (f"return v * {d1_cached}",)),
+                     Method("vjp", "u", "Jᵀ u = φ′ ⊙ u", (f"return u * {d1_cached}",))]
+    code.input_curvature = [f"elementwise_input_curvature(S, {d1_cached}, {residual}, average_input_jacobian, curvature)"]
     code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
-    code.mean_vjp = lambda i, M: f"self.{name}_d1.flatten(1).mean(0)[:, None] * {M}"
+    code.mean_vjp = lambda i, M: f"{d1_cached}.flatten(1).mean(0)[:, None] * {M}"
     return code
 
 
-_SELECTION_PRIMITIVES = {
-    "take": ("take_jvp(v, self.{n}_idx)", "take_vjp(u, self.{n}_idx, {x_shape})"),
-    "pad": ("pad_jvp(v, {padding})", "pad_vjp(u, {padding})"),
-    "crop": ("torch.nn.functional.pad(v, {padding})", "torch.nn.functional.pad(u, tuple(-p for p in {padding}))"),
-    "reshape": ("reshape_to(v, {x_shape}, {y_shape})", "reshape_to(u, {y_shape}, {x_shape})"),
-    "identity": ("v", "u"),
-}
+def _take_maps(at, node):
+    """J v and Jᵀ u of a recorded selection (max pooling); a 1D or 3D one runs on the sample viewed as
+    (C, 1, numel(spatial)) with the recorded indices given a unit row axis (see the forward)."""
+    x_shape, y_shape = node.x_shape, node.y_shape
+    spatial = len(x_shape) - 1
+    index = at.cached("idx")
+    if spatial == 2:
+        return f"take_jvp(v, {index})", f"take_vjp(u, {index}, {x_shape!r})"
+    flat = (x_shape[0], 1, prod(x_shape[1:]))
+
+    def as_2d(t):
+        return f"{t if spatial == 1 else f'{t}.flatten(-{spatial})'}.unsqueeze(-2)"
+
+    return (f"take_jvp({as_2d('v')}, {index}).reshape(*v.shape[:-{spatial + 1}], *{y_shape!r})",
+            f"take_vjp({as_2d('u')}, {index}, {flat!r}).reshape(*u.shape[:-{spatial + 1}], *{x_shape!r})")
 
 
-def selection_code(name, node, input_vars) -> NodeCode:
-    rule = node["rule"]
+def _selection_maps(at, node):
+    """(J v, Jᵀ u) code of a single-input structural primitive."""
+    primitive, x_shape, y_shape = node.rule.primitive, node.x_shape, node.y_shape
+    padding = node.hyper.get("padding")
+    if primitive == "take":
+        return _take_maps(at, node)
+    if primitive == "pad":
+        return f"pad_jvp(v, {padding!r})", f"pad_vjp(u, {padding!r})"
+    if primitive == "crop":
+        return f"torch.nn.functional.pad(v, {padding!r})", f"torch.nn.functional.pad(u, tuple(-p for p in {padding!r}))"
+    if primitive == "reshape":
+        return f"reshape_to(v, {x_shape!r}, {y_shape!r})", f"reshape_to(u, {y_shape!r}, {x_shape!r})"
+    return "v", "u"  # identity
+
+
+def selection_code(at, node, input_vars) -> NodeCode:
+    rule = node.rule
     if rule.primitive in ("add", "cat"):
-        return _multi_input_code(name, node, input_vars)
-    jvp, vjp = _SELECTION_PRIMITIVES[rule.primitive]
-    x_shape, y_shape = repr(node["x_shape"]), repr(node["y_shape"])
-    spatial = len(node["x_shape"]) - 1
-    flat = rule.primitive == "take" and spatial != 2
-    if flat:  # 1D or 3D: the selection on (C, 1, numel(spatial)), the recorded indices get a unit row axis
-        x_shape = repr((node["x_shape"][0], 1, prod(node["x_shape"][1:])))
-        view = "{t}" if spatial == 1 else f"{{t}}.flatten(-{spatial})"
-        as_2d = view + ".unsqueeze(-2)"
-        jvp = ("take_jvp(" + as_2d.format(t="v") + ", self.{n}_idx)"
-               + f".reshape(*v.shape[:-{spatial + 1}], *{node['y_shape']!r})")
-        vjp = ("take_vjp(" + as_2d.format(t="u") + ", self.{n}_idx, {x_shape})"
-               + f".reshape(*u.shape[:-{spatial + 1}], *{node['x_shape']!r})")
-    values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node["hyper"].get("padding")))
-    d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
+        return _multi_input_code(at, node, input_vars)
+    x_shape, y_shape = node.x_shape, node.y_shape
+    spatial = len(x_shape) - 1
+    d_x, d_y = prod(x_shape), prod(y_shape)
     code = NodeCode()
     forward = fill_template(rule.forward, node, input_vars)
     if rule.primitive == "take":
-        code.forward = [f"a_{name}, self.{name}_idx = {forward}"]
-        if flat:
-            index = f"self.{name}_idx" if spatial == 1 else f"self.{name}_idx.flatten(-{spatial})"
-            code.forward.append(f"self.{name}_idx = {index}.unsqueeze(-2)")
-        code.input_curvature = [f"take_input_curvature(S, self.{name}_idx, {x_shape}, average_input_jacobian)"]
+        index = at.attribute("idx")
+        code.forward = [f"a_{at.node}, {index} = {forward}"]
+        if spatial != 2:  # see _take_maps
+            flat = index if spatial == 1 else f"{index}.flatten(-{spatial})"
+            code.forward.append(f"{index} = {flat}.unsqueeze(-2)")
+        view = (x_shape[0], 1, prod(x_shape[1:])) if spatial != 2 else x_shape
+        code.input_curvature = [f"take_input_curvature(S, {at.cached('idx')}, {view!r}, average_input_jacobian)"]
         code.curvature_temporaries = [take_temporaries(d_x, d_y)]
-        code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, self.{name}_idx, {x_shape})"
+        code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, {at.cached('idx')}, {view!r})"
     elif rule.primitive in ("reshape", "identity"):  # J = I on the flattened sample: S_x = S
-        code.forward = [f"a_{name} = {forward}"]
+        code.forward = [f"a_{at.node} = {forward}"]
         code.input_curvature, code.curvature_temporaries = ["S"], [0]
         code.mean_vjp = lambda i, M: M
     else:
-        code.forward = [f"a_{name} = {forward}"]
-        code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {x_shape}, {y_shape})"]
+        code.forward = [f"a_{at.node} = {forward}"]
+        code.input_curvature = [f"sandwich_independent(S, {at.method('vjp')}, {x_shape!r}, {y_shape!r})"]
         code.curvature_temporaries = [sandwich_temporaries(d_x, d_y)]
-        code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {y_shape})"
-    single_input(code, name)
-    code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
-                            [f"return {jvp.format(**values)}"])
-    code.methods += method_lines(f"_{name}_vjp(self, u)", f"Jᵀ u for {rule.key}", [f"return {vjp.format(**values)}"])
+        code.mean_vjp = lambda i, M: f"transpose_matrix({M}, {at.method('vjp')}, {y_shape!r})"
+    single_input_at(code, at)
+    jvp, vjp = _selection_maps(at, node)
+    code.records += [Method("jvp", "v", f"J v for {rule.key} (structural primitive {rule.primitive!r})", (f"return {jvp}",)),
+                     Method("vjp", "u", f"Jᵀ u for {rule.key}", (f"return {vjp}",))]
     return code
 
 
-def _multi_input_code(name, node, input_vars) -> NodeCode:
+def _multi_input_code(at, node, input_vars) -> NodeCode:
     """``add`` (Jᵢ = I) and ``cat`` (Jᵢ selects input i's slice): linear and sample-independent."""
-    rule, y_shape, x_shapes = node["rule"], node["y_shape"], node["x_shapes"]
+    rule, y_shape, x_shapes = node.rule, node.y_shape, list(node.x_shapes)
     code = NodeCode()
-    code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
+    code.forward = [f"a_{at.node} = {fill_template(rule.forward, node, input_vars)}"]
     if rule.primitive == "add":
-        code.jvp = lambda tangents: " + ".join(t for t in tangents if t)
         code.vjp = lambda u: [u] * len(input_vars)
-        code.methods += method_lines(f"_{name}_jvp(self, tangents)", "J v = Σ_i v_i over the inputs with a tangent",
-                                ["present = [t for t in tangents if t is not None]", "total = present[0]",
-                                 "for t in present[1:]:", "    total = total + t", "return total"])
-        code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u = u for every input", [f"return [u] * {len(input_vars)}"])
+        code.records += [
+            Method("jvp", "tangents", "J v = Σ_i v_i over the inputs with a tangent",
+                   ("present = [t for t in tangents if t is not None]", "total = present[0]",
+                    "for t in present[1:]:", "    total = total + t", "return total")),
+            Method("vjp", "u", "Jᵢᵀ u = u for every input", (f"return [u] * {len(input_vars)}",))]
         code.input_curvature = ["S"] * len(input_vars)
         code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
         code.cross = lambda i, j: "S"
         return code
-    axis = node["hyper"]["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
+    axis = node.hyper["dim"] - 1 - len(y_shape)  # counted from the end, so leading (V, N) dims don't matter
     offsets = [sum(shape[axis] for shape in x_shapes[:i]) for i in range(len(x_shapes))]
-    for i, (offset, shape) in enumerate(zip(offsets, x_shapes)):
-        code.methods += method_lines(f"_{name}_vjp{i}(self, u)", f"Jᵀ u for input {i} of cat: its slice",
-                                [f"return u.narrow({axis}, {offset}, {shape[axis]})"])
-    code.jvp = lambda tangents: f"cat_tangents([{', '.join(t or 'None' for t in tangents)}], {x_shapes!r}, {axis})"
-    code.methods += method_lines(f"_{name}_jvp(self, tangents)", "J v: the inputs' tangents concatenated, zeros where none",
-                            [f"return cat_tangents(tangents, {x_shapes!r}, {axis})"])
-    code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u for every input: its slice",
-                            [f"return [{', '.join(f'self._{name}_vjp{i}(u)' for i in range(len(x_shapes)))}]"])
-    code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
-    code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
+    code.records += [Method(f"vjp{i}", "u", f"Jᵀ u for input {i} of cat: its slice",
+                            (f"return u.narrow({axis}, {offset}, {shape[axis]})",))
+                     for i, (offset, shape) in enumerate(zip(offsets, x_shapes))]
+    slices = ", ".join(f"{at.method(suffix)}(u)" for suffix in (f"vjp{i}" for i in range(len(x_shapes))))
+    code.records += [
+        Method("jvp", "tangents", "J v: the inputs' tangents concatenated, zeros where none",
+               (f"return cat_tangents(tangents, {x_shapes!r}, {axis})",)),
+        Method("vjp", "u", "Jᵢᵀ u for every input: its slice", (f"return [{slices}]",))]
+    code.vjp = lambda u: [at.call(f"vjp{i}", u) for i in range(len(x_shapes))]
+    code.input_curvature = [f"sandwich_independent(S, {at.method(f'vjp{i}')}, {shape!r}, {y_shape!r})"
                             for i, shape in enumerate(x_shapes)]
     code.curvature_temporaries = [sandwich_temporaries(prod(shape), prod(y_shape)) for shape in x_shapes]
-    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp{i}, {y_shape!r})"
-    code.cross = lambda i, j: (f"cross_independent(S, self._{name}_vjp{i}, self._{name}_vjp{j}, "
+    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, {at.method(f'vjp{i}')}, {y_shape!r})"
+    code.cross = lambda i, j: (f"cross_independent(S, {at.method(f'vjp{i}')}, {at.method(f'vjp{j}')}, "
                                f"{x_shapes[i]!r}, {x_shapes[j]!r}, {y_shape!r})")
     return code
 
 
-def _view_shapes(node):
-    rule = node["rule"]
-    views = rule.views(node["hyper"], node["x_shape"], node["y_shape"])
-    return views, (rule.constants(node["hyper"]) if rule.constants else {})
-
-
-def _coeff(einsum, constants):
-    return einsum.__class__(einsum.spec, einsum.operands, sp.nsimplify(einsum.coeff).subs(constants),
-                            einsum.broadcast)
-
-
 def _is_1d(node) -> bool:
     """A one-dimensional conv/pool: run as its two-dimensional form on the input viewed as (C, 1, L)."""
-    return len(node["hyper"].get("kernel_size", (0, 0))) == 1
+    return len(node.hyper.get("kernel_size", (0, 0))) == 1
 
 
 def _is_3d(node) -> bool:
-    return len(node["hyper"].get("kernel_size", (0, 0))) == 3
+    return len(node.hyper.get("kernel_size", (0, 0))) == 3
 
 
 def _nd_args(node):
-    h = node["hyper"]
+    h = node.hyper
     return (f"{h['kernel_size']!r}, {h['stride']!r}, {h['padding']!r}, "
             f"{h.get('dilation', (1,) * len(h['kernel_size']))!r}")
 
 
 def _transposed_args(node):
     """Arguments of ``transposed_patches``; a 1D transposed convolution runs as the 2D one on (C, 1, L)."""
-    h = node["hyper"]
+    h = node.hyper
     values = [h[key] for key in ("kernel_size", "stride", "padding", "output_padding", "dilation")]
     if _is_1d(node):
         values = [(unit, *value) for unit, value in zip((1, 1, 0, 0, 1), values)]
@@ -200,10 +192,10 @@ def _transposed_args(node):
 
 def _as_2d(node):
     """(kernel_size, stride, padding, dilation, x_shape) of the node's two-dimensional form."""
-    h = node["hyper"]
+    h = node.hyper
     if not _is_1d(node):
-        return h["kernel_size"], h["stride"], h["padding"], h.get("dilation", (1, 1)), node["x_shape"]
-    c, length = node["x_shape"]
+        return h["kernel_size"], h["stride"], h["padding"], h.get("dilation", (1, 1)), node.x_shape
+    c, length = node.x_shape
     dilation = h.get("dilation", (1,))
     return ((1, *h["kernel_size"]), (1, *h["stride"]), (0, *h["padding"]), (1, *dilation), (c, 1, length))
 
@@ -213,47 +205,42 @@ def _patch_args(node):
     return f"{kernel_size!r}, {stride!r}, {padding!r}, {dilation!r}"
 
 
-def tangent_view_method(name, node):
-    """The method viewing an input tangent as the rule's ``X`` (the view itself unless it is affine), or None where
-    that is the tangent itself (a convolution lowered to torch's kernels reads the input unfolded)."""
+def tangent_view_suffix(node):
+    """The suffix of the method viewing an input tangent as the rule's ``X`` (the view itself unless it is affine),
+    or None where that is the tangent itself (a convolution lowered to torch's kernels reads the input unfolded)."""
     if convolution_lowering(node) or _view_is_input(node):
         return None
-    return f"_{name}_tangent_view" if node["rule"].input_view == "standardize" else f"_{name}_view"
+    return "tangent_view" if node.rule.input_view == "standardize" else "view"
 
 
 def _view_is_input(node) -> bool:
     """Whether the rule's ``X`` is the input itself (a reshape to the same per-sample shape)."""
-    return node["rule"].input_view == "reshape" and tuple(_view_shapes(node)[0]["X"]) == tuple(node["x_shape"])
-
-
-def cached_input_view(name, node) -> str:
-    """Code for the cached input as the rule's ``X`` (a lowered convolution caches the input itself)."""
-    return f"self._{name}_view(self.{name}_X)" if convolution_lowering(node) else f"self.{name}_X"
+    return node.rule.input_view == "reshape" and tuple(node.derived.views["X"]) == tuple(node.x_shape)
 
 
 def convolution_lowering(node):
     """``conv_options(...)`` code when the plan lowers the node's derived maps to torch's convolution kernels, else None."""
-    if not node["plan"].lowering:
+    if not node.plan.lowering:
         return None
-    transposed = node["rule"].input_view == "transposed_patches"
-    h = node["hyper"]
+    transposed = node.rule.input_view == "transposed_patches"
+    h = node.hyper
     output_padding = h.get("output_padding", (0,) * len(h["kernel_size"]))
     return (f"conv_options(stride={h['stride']!r}, padding={h['padding']!r}, dilation={h['dilation']!r}, "
             f"transposed={transposed}, output_padding={output_padding!r}, groups={h['groups']!r})")
 
 
 def _buffer(node, role) -> str:
-    return f"self.buffers[{node['buffers'][role]!r}]"
+    return f"self.buffers[{node.buffers[role]!r}]"
 
 
 def _rstd(node) -> str:
     """1/sqrt(running_var + eps) as a (C, 1) column."""
-    return f"({_buffer(node, 'running_var')} + {node['hyper']['eps']!r}).rsqrt()[:, None]"
+    return f"({_buffer(node, 'running_var')} + {node.hyper['eps']!r}).rsqrt()[:, None]"
 
 
 def _input_view(node, views, tensor, tangent=False) -> str:
     """The input as the rule's ``X``; for the affine ``standardize`` view a tangent drops the shift."""
-    view = node["rule"].input_view
+    view = node.rule.input_view
     if view == "transposed_patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
         return f"transposed_patches({tensor}, {_transposed_args(node)}).reshape(*lead, {dims(views['X'])})"
@@ -270,257 +257,261 @@ def _input_view(node, views, tensor, tangent=False) -> str:
 
 
 def _input_view_adjoint(node, views, tensor) -> str:
-    if node["rule"].input_view == "standardize":
-        return f"({tensor} * {_rstd(node)}).reshape(*lead, {dims(node['x_shape'])})"
-    if node["rule"].input_view == "transposed_patches":
-        flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
+    if node.rule.input_view == "standardize":
+        return f"({tensor} * {_rstd(node)}).reshape(*lead, {dims(node.x_shape)})"
+    if node.rule.input_view == "transposed_patches":
+        flat = f"{tensor}.reshape(*lead, {node.x_shape[0] * prod(node.hyper['kernel_size'])}, {views['X'][-1]})"
         x_shape = _as_2d(node)[-1]
         adjoint = f"transposed_patches_adjoint({flat}, {x_shape!r}, {_transposed_args(node)})"
-        return f"{adjoint}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else adjoint
-    if node["rule"].input_view == "patches" and _is_3d(node):
-        flat = f"{tensor}.reshape(*lead, {node['x_shape'][0] * prod(node['hyper']['kernel_size'])}, {views['X'][-1]})"
-        return f"patches_nd_adjoint({flat}, {node['x_shape']!r}, {_nd_args(node)})"
-    if node["rule"].input_view == "patches":
+        return f"{adjoint}.reshape(*lead, {dims(node.x_shape)})" if _is_1d(node) else adjoint
+    if node.rule.input_view == "patches" and _is_3d(node):
+        flat = f"{tensor}.reshape(*lead, {node.x_shape[0] * prod(node.hyper['kernel_size'])}, {views['X'][-1]})"
+        return f"patches_nd_adjoint({flat}, {node.x_shape!r}, {_nd_args(node)})"
+    if node.rule.input_view == "patches":
         k, _, _, _, x_shape = _as_2d(node)
         flat = f"{tensor}.reshape(*lead, {x_shape[0] * k[0] * k[1]}, {views['X'][-1]})"
         folded = f"patches_adjoint({flat}, {x_shape!r}, {_patch_args(node)})"
-        return f"{folded}.reshape(*lead, {dims(node['x_shape'])})" if _is_1d(node) else folded
-    return f"{tensor}.reshape(*lead, {dims(node['x_shape'])})"
+        return f"{folded}.reshape(*lead, {dims(node.x_shape)})" if _is_1d(node) else folded
+    return f"{tensor}.reshape(*lead, {dims(node.x_shape)})"
 
 
-def _param_view(node, views, role) -> str:
-    key = {"weight": "W", "bias": "b"}[role]
-    return f"{param_code(node['params'][role])}.reshape({', '.join(map(str, views[key]))})"
-
-
-def _formula(derivation) -> str:
-    return formula(derivation.jacobian)
-
-
-def structured_code(name, node, input_vars, caches_view) -> NodeCode:
-    rule, derivation = node["rule"], derive(node["rule"])
+def structured_code(at, node, input_vars, caches_view) -> NodeCode:
+    rule, derived = node.rule, node.derived
     input_var = input_vars[0]
-    views, constants = _view_shapes(node)
-    x_rank = len(node["x_shape"])
-    names = {"W": "W", "b": "b", "X": "X", "v": "v", "u": "u", "S": "S"}
-    expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
+    views, expr = derived.views, derived.expr
+    x_rank = len(node.x_shape)
     conv = convolution_lowering(node)
     code = NodeCode()
-    code.forward = [f"a_{name} = {fill_template(rule.forward, node, input_vars)}"]
+    code.forward = [f"a_{at.node} = {fill_template(rule.forward, node, input_vars)}"]
     if caches_view:
-        view = input_var if conv or _view_is_input(node) else f"self._{name}_view({input_var})"
-        code.forward.append(f"self.{name}_X = {view}")
-        code.backward.append(f"self.{name}_g = g_{name}")
+        view = input_var if conv or _view_is_input(node) else at.call("view", input_var)
+        code.forward.append(f"{at.attribute('X')} = {view}")
+        code.backward.append(f"{at.attribute('g')} = g_{at.node}")
     if not _view_is_input(node):
-        code.methods += method_lines(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
-                                [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])
-    code.tangent_view = tangent_view_method(name, node)
+        code.records.append(Method("view", "x", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
+                                   (f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}")))
+    code.tangent_view = tangent_view_suffix(node)
     if rule.input_view == "standardize":
-        code.methods += method_lines(f"_{name}_tangent_view(self, v)", "The linear part of the view, for tangents",
-                                [f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}"])
+        code.records.append(Method("tangent_view", "v", "The linear part of the view, for tangents",
+                                   (f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}")))
 
-    jx = derivation.tensors["X"]
-    weight = []
-    if "weight" in node["params"]:
-        shape, view = node["param_shapes"]["weight"], tuple(views["W"])
-        given = f"{param_code(node['params']['weight'])} if W is None else W"
-        weight = [f"W = {given}" if tuple(shape) == view else f"W = reshape_to({given}, {shape!r}, {view!r})"]
-    signature = ", W=None" if weight else ""
+    jx = derived.tensors["X"]
     if conv:
-        code.methods += _conv_input_methods(name, node, conv, expr)
+        code.records += _conv_input_methods(at, node, conv, expr)
     else:
-        code.methods += _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature)
-    single_input(code, name)
+        code.records += _einsum_input_methods(at, node, views, jx, expr)
+    single_input_at(code, at)
 
-    for role, param in node["params"].items():
-        tensor = derivation.tensors[role]
+    for role, param in node.params.items():
+        tensor = derived.tensors[role]
         shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
-        full = node["param_shapes"][role]
         if conv and role == "weight":
-            code.methods += _conv_weight_methods(name, param, conv, full, tensor)
+            code.records += _conv_weight_methods(at, conv, tensor)
         else:
-            code.methods += _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names)
-        code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
-        code.methods += _block_method(name, node, role, param, tensor.block, views, shape, names)
-        code.blocks[role] = f"_{name}_{role}_block"
-        if node["plan"].block(role).representation == "kronecker":
+            code.records += _einsum_parameter_methods(at, node, role, tensor, views)
+        code.backward.append(f"accumulate_grad({param_code(param)}, "
+                             f"{at.call(f'{role}_vjp', f'g_{at.node}', at.attribute('X'))})")
+        code.records.append(_block_method(at, node, role, tensor.block, views, shape))
+        code.blocks[role] = f"{role}_block"
+        if node.plan.block(role).representation == "kronecker":
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
     if jx.sample_dependent:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
-    code.input_curvature = [_sandwich_code(name, node, jx)]
+    code.input_curvature = [_sandwich_code(at, node, jx)]
     code.curvature_temporaries = [_sandwich_temporaries(node, jx)]
-    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {node['y_shape']!r})"
+    code.mean_vjp = lambda i, M: f"transpose_matrix({M}, {at.method('vjp')}, {node.y_shape!r})"
     return code
 
 
-def _conv_input_methods(name, node, conv, expr) -> list:
-    weight = param_code(node["params"]["weight"])
+def _conv_input_methods(at, node, conv, expr) -> list:
+    weight = at.param("weight")
     lowered = "the einsum over unfolded patches, computed by torch's convolution"
     return [
-        *method_lines(f"_{name}_jvp(self, v)", f"J v = conv(v, W), derived from {expr} ({lowered})",
-                 [f"return conv_apply(v, {weight}, {conv})"]),
-        *method_lines(f"_{name}_vjp(self, u, W=None)", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
-                 [f"return conv_input_vjp(u, {weight} if W is None else W, {node['x_shape']!r}, {conv})"]),
+        Method("jvp", "v", f"J v = conv(v, W), derived from {expr} ({lowered})", (f"return conv_apply(v, {weight}, {conv})",)),
+        Method("vjp", "u, W=None", f"Jᵀ u for {expr}: the input gradient of conv; W replaces the weight if given",
+               (f"return conv_input_vjp(u, {weight} if W is None else W, {node.x_shape!r}, {conv})",)),
     ]
 
 
-def _conv_weight_methods(name, param, conv, full, tensor) -> list:
+def _conv_weight_methods(at, conv, tensor) -> list:
     return [
-        *method_lines(f"_{name}_weight_jvp(self, v, X)",
-                 f"J_θ v = conv(X, v) for θ = {param}: ∂Y/∂θ = {_formula(tensor)}, X the input",
-                 [f"return conv_apply(X, v, {conv})"]),
-        *method_lines(f"_{name}_weight_vjp(self, u, X)", f"J_θᵀ u for θ = {param}: the weight gradient of conv (sums over samples)",
-                 [f"return conv_weight_vjp(u, X, {full!r}, {conv})"]),
+        Method("weight_jvp", "v, X", f"J_θ v = conv(X, v) for θ = {at.param_doc('weight')}: ∂Y/∂θ = {tensor.jacobian}, "
+               "X the input", (f"return conv_apply(X, v, {conv})",)),
+        Method("weight_vjp", "u, X", f"J_θᵀ u for θ = {at.param_doc('weight')}: the weight gradient of conv (sums over "
+               "samples)", (f"return conv_weight_vjp(u, X, {at.param_shape('weight')}, {conv})",)),
     ]
 
 
-def _matrix_operand(name, letters, rows, cols) -> str:
-    """The operand as the (rows, cols) matrix of a matmul (``.mT`` where its letters run the other way)."""
-    return name if letters == rows + cols else f"{name}.mT"
+def product_code(product, out_shape="") -> str:
+    """Code for a derived product: its contraction, broadcast to ``out_shape`` (code) where it must be, times its
+    constant."""
+    call = product.call
+    if product.broadcast_axes:
+        call = f"broadcast_trailing({call}[..., {product.broadcast_axes}], {out_shape})"
+    return f"{product.coeff} * {call}" if product.coeff else call
 
 
-def product_code(einsum, names, out_shape) -> str:
-    """Code for a derived einsum; a plain matrix product ``...ik,...kj->...ij`` in any operand layout is emitted
-    as ``@`` (the same contraction and "..." broadcasting, without einsum's dispatch and permute copies)."""
-    inputs, out = einsum.spec.replace("...", "").split("->")
-    operands = inputs.split(",")
-    shared = set(operands[0]) & set(operands[1]) if len(operands) == 2 else set()
-    if (einsum.coeff != 1 or einsum.broadcast or len(shared) != 1 or len(out) != 2
-            or any(len(letters) != 2 for letters in operands)):
-        return einsum.code(names, out_shape)
-    (k,) = shared
-    i, j = out
-    first, second = (0, 1) if i in operands[0] else (1, 0)
-    if k in out or j not in operands[second]:
-        return einsum.code(names, out_shape)
-    left = _matrix_operand(names.get(einsum.operands[first], einsum.operands[first]), operands[first], i, k)
-    right = _matrix_operand(names.get(einsum.operands[second], einsum.operands[second]), operands[second], k, j)
-    return f"{left} @ {right}"
+def _broadcast_shape(product, shape, lead=None) -> str:
+    """The output shape a broadcast product expands to: ``lead`` (code for the sample axis) if given, then per axis
+    its size where no operand carries it and -1 (kept as it is) where one does."""
+    offset = 0 if lead is None else 1
+    sizes = [str(size) if offset + axis in product.broadcast else "-1" for axis, size in enumerate(shape)]
+    return f"({', '.join([*([lead] if lead else []), *sizes])}{',' if len(sizes) + offset == 1 else ''})"
 
 
-def _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature) -> list:
-    y_rank = len(node["y_shape"])
-    jvp = product_code(_coeff(jx.jvp, constants), names, f"(lead[-1], {dims(views['Y'])})")
-    vjp = product_code(_coeff(jx.vjp, constants), names, f"(lead[-1], {dims(views['X'])})")
-    y_is_view = tuple(views["Y"]) == tuple(node["y_shape"])
-    view = tangent_view_method(name, node)
-    view_tangent = [f"v = self.{view}(v)"] if view else []
-    view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast or not y_is_view else [])
+def _einsum_input_methods(at, node, views, jx, expr) -> list:
+    y_rank = len(node.y_shape)
+    jvp = product_code(jx.jvp, _broadcast_shape(jx.jvp, views["Y"], "lead[-1]"))
+    vjp = product_code(jx.vjp, _broadcast_shape(jx.vjp, views["X"], "lead[-1]"))
+    y_is_view = tuple(views["Y"]) == tuple(node.y_shape)
+    view = tangent_view_suffix(node)
+    view_tangent = [f"v = {at.method(view)}(v)"] if view else []
+    view_u = ([f"lead = lead_shape(u, {y_rank})"] if jx.vjp.broadcast_axes or not y_is_view else [])
     view_u += [] if y_is_view else [f"u = u.reshape(*lead, {dims(views['Y'])})"]
-    unview_x = (["return X"] if _view_is_input(node) else
-                [f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"])
+    unview_x = [f"lead = lead_shape(X, {len(views['X'])})", f"return {_input_view_adjoint(node, views, 'X')}"]
+    weight, given, signature = [], [], "u"
+    if "weight" in node.params:
+        shape, view_shape = node.param_shapes["weight"], tuple(views["W"])
+        weight = [_weight_line(at.param("weight"), shape, view_shape)]
+        given = [_weight_line(f"{at.param('weight')} if W is None else W", shape, view_shape)]
+        signature = "u, W=None"
     return [
-        *method_lines(
-            f"_{name}_jvp(self, v)", f"J v, derived from {expr}",
-            [*view_tangent, *[w.replace(" if W is None else W", "") for w in weight],
-             *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast else []), f"Y = {jvp}",
-             "return Y" if y_is_view else f"return reshape_to(Y, {tuple(views['Y'])!r}, {node['y_shape']!r})"]),
-        *method_lines(
-            f"_{name}_vjp(self, u{signature})", f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
-            [*view_u, *weight, f"X = {vjp}", *unview_x]),
+        Method("jvp", "v", f"J v, derived from {expr}",
+               (*view_tangent, *weight, *([f"lead = lead_shape(v, {len(views['X'])})"] if jx.jvp.broadcast_axes else []),
+                *_result("Y", jvp, None if y_is_view else f"reshape_to(Y, {tuple(views['Y'])!r}, {node.y_shape!r})"))),
+        Method("vjp", signature, f"Jᵀ u for {expr}" + ("; W replaces the weight if given" if weight else ""),
+               (*view_u, *given, *_result("X", vjp, None if _view_is_input(node) else unview_x))),
     ]
 
 
-def _einsum_parameter_methods(name, node, role, param, tensor, views, constants, names) -> list:
+def _result(name, code, then) -> list:
+    """``return code``, or ``name = code`` followed by ``then``: a line returning it viewed, or such lines."""
+    if then is None:
+        return [f"return {code}"]
+    return [f"{name} = {code}", *([f"return {then}"] if isinstance(then, str) else then)]
+
+
+def _weight_line(weight, shape, view) -> str:
+    """``W = <weight>`` as the rule's view of it."""
+    return f"W = {weight}" if tuple(shape) == view else f"W = reshape_to({weight}, {tuple(shape)!r}, {view!r})"
+
+
+def _einsum_parameter_methods(at, node, role, tensor, views) -> list:
     shape = tuple(views[{"weight": "W", "bias": "b"}[role]])
-    full = node["param_shapes"][role]
-    p_jvp = product_code(_coeff(tensor.jvp, constants), names, f"(self.N, {dims(views['Y'])})")
-    p_vjp = product_code(_coeff(tensor.vjp, constants), names, repr(shape))
-    y_is_view, param_is_view = tuple(views["Y"]) == tuple(node["y_shape"]), shape == tuple(full)
+    full = tuple(node.param_shapes[role])
+    p_jvp = product_code(tensor.jvp, _broadcast_shape(tensor.jvp, views["Y"], "self.N"))
+    p_vjp = product_code(tensor.vjp, _broadcast_shape(tensor.vjp, shape))
+    y_is_view, param_is_view = tuple(views["Y"]) == tuple(node.y_shape), shape == full
     return [
-        *method_lines(
-            f"_{name}_{role}_jvp(self, v, X)", f"J_θ v for θ = {param}: ∂Y/∂θ = {_formula(tensor)}",
-            [*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]), f"Y = {p_jvp}",
-             "return Y" if y_is_view else f"return Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node['y_shape'])})"]),
-        *method_lines(
-            f"_{name}_{role}_vjp(self, u, X)", f"J_θᵀ u for θ = {param} (sums over samples)",
-            [*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node['y_shape'])}), {dims(views['Y'])})"]),
-             f"G = {p_vjp}", "return G" if param_is_view else f"return reshape_to(G, {shape!r}, {full!r})"]),
+        Method(f"{role}_jvp", "v, X", f"J_θ v for θ = {at.param_doc(role)}: ∂Y/∂θ = {tensor.jacobian}",
+               (*([] if param_is_view else [f"v = reshape_to(v, {full!r}, {shape!r})"]),
+                *_result("Y", p_jvp, None if y_is_view else f"Y.reshape(*Y.shape[:-{len(views['Y'])}], {dims(node.y_shape)})"))),
+        Method(f"{role}_vjp", "u, X", f"J_θᵀ u for θ = {at.param_doc(role)} (sums over samples)",
+               (*([] if y_is_view else [f"u = u.reshape(*lead_shape(u, {len(node.y_shape)}), {dims(views['Y'])})"]),
+                *_result("G", p_vjp, None if param_is_view else f"reshape_to(G, {shape!r}, {full!r})"))),
     ]
 
 
 def _jacobian_is_weight(node, jx) -> bool:
     """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
-    views, _ = _view_shapes(node)
-    return node["plan"].kind == "matmul" and node["rule"].input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
+    views = node.derived.views
+    return node.plan.kind == "matmul" and node.rule.input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
 
 
-def _sandwich_code(name, node, jx) -> str:
+def _sandwich_code(at, node, jx) -> str:
     """S_x = Jᵀ S J: two gemms with W where the Jacobian is the weight, else two passes of the vjp."""
     if _jacobian_is_weight(node, jx):
-        return f"weight_sandwich(S, {param_code(node['params']['weight'])})"
-    return f"sandwich_independent(S, self._{name}_vjp, {node['x_shape']!r}, {node['y_shape']!r})"
+        return f"weight_sandwich(S, {at.param('weight')})"
+    return f"sandwich_independent(S, {at.method('vjp')}, {node.x_shape!r}, {node.y_shape!r})"
 
 
 def _sandwich_temporaries(node, jx) -> int:
     """Entries ``_sandwich_code`` allocates besides S and S_x: Wᵀ S (d_x × d_y), or sandwich_independent's."""
-    d_x, d_y = prod(node["x_shape"]), prod(node["y_shape"])
+    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
     return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
-
-
-def _gram_root(a, b, full) -> list:
-    """Fewer samples than inputs (always so for x̄ x̄ᵀ): keep B's root X / sqrt(N) instead of B."""
-    return [f"if X.shape[0] < {b}:  # B = R Rᵀ has rank <= N",
-            f"    R = X.reshape(X.shape[0], {b}).T / X.shape[0] ** 0.5",
-            f"    return KroneckerGramBlock(A.reshape({a}, {a}), R, {full!r})"]
 
 
 def _kronecker_sizes(block, shape):
     """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
-    a = prod(shape[:kronecker_split(block)])
+    a = prod(shape[:block.split])
     return a, prod(shape) // a
 
 
 def _kronecker_factor_entries(block, shape) -> tuple:
     """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
-    return _kronecker_sizes(block, shape)[1], is_gram(block.factors[1])
+    return _kronecker_sizes(block, shape)[1], block.gram
 
 
-def _block_method(name, node, role, param, block, views, shape, names) -> list:
-    """The block method in the plan's representation (matrix-free where it chose that over the derived form)."""
-    representation = node["plan"].block(role).representation
+def _block_method(at, node, role, block, views, shape) -> Method:
+    """The block method in the plan's representation (matrix-free where it chose that over the derived form).
+
+    θ's shape is read from the node (``at.param_shape``); the Kronecker sizes a, b from it where the rule views θ as
+    it is (else from the view)."""
+    representation = node.plan.block(role).representation
     y_view = tuple(views["Y"])
-    full = node["param_shapes"][role]
-    size = prod(full)
-    signature = f"_{name}_{role}_block(self, S, average)"
-    reshape_s = f"S = S.reshape({dims(y_view)}, {dims(y_view)})"
+    full = tuple(node.param_shapes[role])
+    reshape_s = [f"S = S.reshape({dims(y_view)}, {dims(y_view)})"] if len(y_view) > 1 else []
+    given = at.param_shape(role)
+    doc = f"θ = {at.param_doc(role)}"
     if representation == "dense":
-        return method_lines(signature, f"B = Σ_{{out,out'}} J_θᵀ S J_θ for θ = {param}; J_θ is the same for every sample",
-                       [reshape_s, f"B = {block.matrix.code(names)}",
-                        f"return DenseBlock(B.reshape({size}, {size}), {full!r})"])
+        return Method(f"{role}_block", "S, average", f"B = Σ_{{out,out'}} J_θᵀ S J_θ for {doc}; J_θ is the same for every sample",
+                      (*reshape_s, f"B = {product_code(block.matrix)}", f"shape = {given}",
+                       "return DenseBlock(B.reshape(numel(shape), numel(shape)), shape)"))
     if representation == "kronecker":
         a_factor, b_factor = block.factors
-        a = _kronecker_sizes(block, shape)[0]
-        return method_lines(
-            signature,
-            f"B = A ⊗ B for θ = {param}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
-            [f"X = batch_mean(self.{name}_X, average)", reshape_s, f"A = {a_factor.code(names)}",
-             *(_gram_root(a, size // a, full) if is_gram(b_factor) else []),
-             f"B = {b_factor.code(names)}", "B /= X.shape[0]",
-             f"return KroneckerBlock(A.reshape({a}, {a}), B.reshape({size // a}, {size // a}), {full!r})"])
-    return method_lines(
-        signature, f"B v = E[J_θᵀ S J_θ] v for θ = {param} (E[J_θ]ᵀ S E[J_θ] when average), matrix-free",
-        [f"X = batch_mean(self.{name}_X, average)",
-         "",
-         "def product(v):",
-         f"    t = apply_per_sample(S, self._{name}_{role}_jvp(v, X), {node['y_shape']!r})",
-         f"    return self._{name}_{role}_vjp(t, X) / X.shape[0]",
-         "",
-         f"return OperatorBlock(product, {full!r}, S)"])
+        split = block.split
+        if shape == full:
+            sizes = f"a, b = numel(shape[:{split}]), numel(shape[{split}:])"
+        else:
+            sizes = "a, b = {}, {}".format(*_kronecker_sizes(block, shape))
+        gram = ["if X.shape[0] < b:  # B = R Rᵀ has rank <= N", "    R = X.reshape(X.shape[0], b).T / X.shape[0] ** 0.5",
+                "    return KroneckerGramBlock(A.reshape(a, a), R, shape)"] if block.gram else []
+        return Method(f"{role}_block", "S, average",
+                      f"B = A ⊗ B for {doc}: A from S, B = E[X Xᵀ] (or X̄ X̄ᵀ when average); derived factorisation",
+                      (f"X = batch_mean({at.cached('X')}, average)", *reshape_s, f"A = {product_code(a_factor)}",
+                       f"shape = {given}", sizes, *gram, f"B = {product_code(b_factor)}", "B /= X.shape[0]",
+                       "return KroneckerBlock(A.reshape(a, a), B.reshape(b, b), shape)"))
+    return Method(f"{role}_block", "S, average",
+                  f"B v = E[J_θᵀ S J_θ] v for {doc} (E[J_θ]ᵀ S E[J_θ] when average), matrix-free",
+                  (f"X = batch_mean({at.cached('X')}, average)", "", "def product(v):",
+                   f"    t = apply_per_sample(S, {at.method(f'{role}_jvp')}(v, X), {node.y_shape!r})",
+                   f"    return {at.method(f'{role}_vjp')}(t, X) / X.shape[0]", "",
+                   f"return OperatorBlock(product, {given}, S)"))
 
 
-# Each rule kind's emitter, registered once: (name, node, input variables, the node's plan) -> NodeCode.
+class Shared:
+    """A rule kind's emitter that takes the node's ``Target`` and returns its methods as ``Method`` records: nodes
+    whose records agree share them (one family). Other emitters take the node's name and print its own methods."""
+
+    def __init__(self, emit):
+        self.emit = emit
+
+    def __call__(self, target, node, input_vars, node_plan):
+        return self.emit(target, node, input_vars, node_plan)
+
+
+# Each rule kind's emitter, registered once: (Target or name, node, input variables, the node's plan) -> NodeCode.
 EMITTERS = {
-    Elementwise: lambda name, node, input_vars, node_plan: elementwise_code(name, node, input_vars),
-    Selection: lambda name, node, input_vars, node_plan: selection_code(name, node, input_vars),
-    Structured: lambda name, node, input_vars, node_plan: structured_code(name, node, input_vars,
-                                                                          node_plan.caches_input_view),
+    Elementwise: Shared(lambda at, node, input_vars, node_plan: elementwise_code(at, node, input_vars)),
+    Selection: Shared(lambda at, node, input_vars, node_plan: selection_code(at, node, input_vars)),
+    Structured: Shared(lambda at, node, input_vars, node_plan: structured_code(at, node, input_vars,
+                                                                               node_plan.caches_input_view)),
     Normalization: lambda name, node, input_vars, node_plan: normalization_code(name, node, input_vars,
                                                                                 any(node_plan.input_needs_grad)),
 }
 
 
-def node_code(name, node, input_vars, node_plan) -> NodeCode:
-    return handler(EMITTERS, node["rule"], "emitter")(name, node, input_vars, node_plan)
+def emitter(node):
+    return handler(EMITTERS, node.rule, "emitter")
+
+
+def shares_methods(node) -> bool:
+    """Whether the node's kind emits its methods as records a family of nodes can share."""
+    return isinstance(emitter(node), Shared)
+
+
+def node_code(target, node, input_vars, node_plan) -> NodeCode:
+    """The node's code: ``target`` a ``Target`` for a kind that shares methods, else the node's name."""
+    return emitter(node)(target, node, input_vars, node_plan)

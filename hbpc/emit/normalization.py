@@ -8,47 +8,40 @@ matrices by applying those products to the identity.
 """
 from math import prod
 
-from hbpc.derive import derive
-from hbpc.derive.elementwise import hyper_values
-from hbpc.derive.printer import formula, torch_code
-
 from .code import NodeCode, dims, fill_template, method_lines, single_input
 
 
-def _statistics_method(name, node, derivation, groups, entries) -> list:
+def _statistics_method(name, derived, groups, entries) -> list:
     """``_<node>_statistics(x, y)``: the cached tensors the products read, statistics as the rule defines them."""
-    reads = [str(s) for s in derivation.reads()]
-    values = hyper_values(node["hyper"])
-    names = [str(s) for s, _ in derivation.statistics]
-    needed = max((names.index(r) + 1 for r in reads if r in names), default=0)
-    lines = [f"{s} = {torch_code(definition.subs(values))}" for s, definition in derivation.statistics[:needed]]
-    definitions = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)
+    names = [s for s, _, _ in derived.statistics]
+    needed = max((names.index(r) + 1 for r in derived.reads if r in names), default=0)
+    lines = [f"{s} = {code}" for s, code, _ in derived.statistics[:needed]]
+    definitions = ", ".join(f"{s} = {definition}" for s, _, definition in derived.statistics)
     return method_lines(f"_{name}_statistics(self, x, y)",
-                   f"{', '.join(reads)} over each group of {entries} normalized entries, with {definitions}",
+                   f"{', '.join(derived.reads)} over each group of {entries} normalized entries, with {definitions}",
                    [f"x, y = x.reshape(-1, {groups}, {entries}), y.reshape(-1, {groups}, {entries})", *lines,
-                    f"return {', '.join(reads)}"])
+                    f"return {', '.join(derived.reads)}"])
 
 
-def _product_method(name, node, derivation, which, argument, doc, groups, entries) -> list:
+def _product_method(name, node, which, argument, doc, groups, entries) -> list:
     """A method applying one derived product to ``argument`` (*lead, *x) per group of entries; ``doc`` names it."""
-    expr = getattr(derivation, which)
-    cached = [str(s) for s in derivation.reads() if s in expr.free_symbols] + (["g"] if which == "residual" else [])
-    shared, out = derivation.code(which, node["hyper"])
+    product = node.derived.products[which]
+    cached = product.cached
     return method_lines(
-        f"_{name}_{which}(self, {argument})", doc.format(expr=formula(expr)),
+        f"_{name}_{which}(self, {argument})", doc.format(expr=product.formula),
         [*([f"{', '.join(cached)} = {', '.join(f'self.{name}_{c}' for c in cached)}"] if cached else []),
-         f"lead = lead_shape({argument}, {len(node['x_shape'])})",
-         f"{argument} = {argument}.reshape(*lead, {groups}, {entries})", *shared,
-         f"return ({out}).reshape(*lead, {dims(node['y_shape'])})"])
+         f"lead = lead_shape({argument}, {len(node.x_shape)})",
+         f"{argument} = {argument}.reshape(*lead, {groups}, {entries})", *product.lines,
+         f"return ({product.code}).reshape(*lead, {dims(node.y_shape)})"])
 
 
 def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     """The node's code; without a parameter ``upstream`` of it nothing needs its derivatives: only the forward."""
-    rule, derivation = node["rule"], derive(node["rule"])
-    x_shape = node["x_shape"]
-    entries = prod(node["hyper"]["normalized_shape"])
+    rule, derived = node.rule, node.derived
+    x_shape = node.x_shape
+    entries = prod(node.hyper["normalized_shape"])
     groups = prod(x_shape) // entries
-    reads = [f"self.{name}_{s}" for s in derivation.reads()]
+    reads = [f"self.{name}_{s}" for s in derived.reads]
     like = reads[0] if reads else f"self.{name}_g"
     code = NodeCode(forward=[f"a_{name} = {fill_template(rule.forward, node, input_vars)}"])
     single_input(code, name)
@@ -63,14 +56,14 @@ def normalization_code(name, node, input_vars, upstream) -> NodeCode:
     code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals, "
                             "average_input_jacobian, curvature)"]
     code.mean_vjp = lambda i, M: f"grouped_mean_transpose(self._{name}_jacobians(), {M})"
-    statistics = ", ".join(f"{s} = {formula(definition)}" for s, definition in derivation.statistics)
+    statistics = ", ".join(f"{s} = {definition}" for s, _, definition in derived.statistics)
     args = (groups, entries)
     code.methods += [
-        *(_statistics_method(name, node, derivation, *args) if reads else []),
-        *_product_method(name, node, derivation, "jvp", "v",
-                         f"J v = {{expr}}, derived from y = {formula(rule.phi)} with {statistics}", *args),
-        *_product_method(name, node, derivation, "vjp", "u", "Jᵀ u = {expr} (derived)", *args),
-        *_product_method(name, node, derivation, "residual", "t",
+        *(_statistics_method(name, derived, *args) if reads else []),
+        *_product_method(name, node, "jvp", "v",
+                         f"J v = {{expr}}, derived from y = {derived.phi} with {statistics}", *args),
+        *_product_method(name, node, "vjp", "u", "Jᵀ u = {expr} (derived)", *args),
+        *_product_method(name, node, "residual", "t",
                          "R t = {expr} (derived), R = Σ_i g_i ∂²y_i/∂x², g the gradient at the output", *args),
         *method_lines(f"_{name}_jacobians(self)", "J_n per sample and group, (N, G, D, D): J v on the identity",
                  [f"return grouped_matrices(self._{name}_jvp, {like}, {x_shape!r}, {groups})"]),

@@ -1,26 +1,13 @@
 """Trace a model with torch.fx (sizes specialized to the example input: ``trace.py``) and lower it to the IR:
-a ``networkx.DiGraph`` chain. Ops that are several existing rules in a row (shape ops, GroupNorm, uneven
-pooling) become several IR nodes (``chains.py``).
-
-Every IR node has the attributes
-
-==========  ==============================================================
-``op``      rule key (``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` are all ``"relu"``)
-``rule``    the rule from ``hbpc.rules``
-``hyper``   hyper-parameters (stride, padding, ...) as plain tuples/ints
-``x_shape`` per-sample input shape (no batch dimension)
-``y_shape`` per-sample output shape
-``params``  ``{role: name in model.named_parameters()}``
-``source``  ``file:line`` of the user's code that created the node
-==========  ==============================================================
-
-``graph.graph`` holds ``input_shape``, ``loss`` (rule key), ``reduction`` and ``order`` (node names, inputs first).
+a ``networkx.DiGraph`` of ``hbpc.ir.Node``s (fields and shapes: ``hbpc/ir.py``). Ops that are several existing
+rules in a row (shape ops, GroupNorm, uneven pooling) become several IR nodes (``chains.py``).
 """
 import contextlib
 import hashlib
 import io
 import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import networkx as nx
@@ -29,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from hbpc import ir
 from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
@@ -474,20 +462,19 @@ def _user_normalization(rule, module, param_names):
 
 def _with_affine(ir_node, taken):
     """A normalization with a weight and/or bias as two IR nodes: the normalization, then its ``affine`` rule."""
-    rule = ir_node["rule"]
-    if not isinstance(rule, Normalization) or not ir_node["params"]:
+    rule = ir_node.rule
+    if not isinstance(rule, Normalization) or not ir_node.params:
         return [ir_node]
-    affine = TABLE[rule.affine[tuple(sorted(ir_node["params"]))]]
-    name, shape = _identifier(f"{ir_node['name']}_affine", affine.key, taken), ir_node["y_shape"]
-    return [{**ir_node, "params": {}, "param_shapes": {}},
-            {**ir_node, "name": name, "op": affine.key, "rule": affine, "inputs": [ir_node["name"]], "x_shape": shape,
-             "x_shapes": [shape], "hyper": {"normalized_shape": ir_node["hyper"]["normalized_shape"]}}]
+    affine = TABLE[rule.affine[tuple(sorted(ir_node.params))]]
+    name, shape = _identifier(f"{ir_node.name}_affine", affine.key, taken), ir_node.y_shape
+    return [replace(ir_node, params={}, param_shapes={}),
+            replace(ir_node, name=name, op=affine.key, rule=affine, inputs=(ir_node.name,), x_shapes=(shape,),
+                    hyper={"normalized_shape": ir_node.hyper["normalized_shape"]})]
 
 
-def _ir_node(node, name, rule, hyper, inputs, x_shapes, y_shape, params=None, param_shapes=None):
-    return dict(name=name, op=rule.key, rule=rule, hyper=hyper, buffers={}, inputs=inputs, x_shapes=x_shapes,
-                x_shape=x_shapes[0], y_shape=y_shape, params=params or {}, param_shapes=param_shapes or {},
-                source=_source(node), fx_name=node.name)
+def _ir_node(node, name, rule, hyper, inputs, x_shapes, y_shape, params=None, param_shapes=None, buffers=None):
+    return ir.Node(name, rule.key, rule, hyper, tuple(inputs), tuple(x_shapes), y_shape, params or {},
+                   param_shapes or {}, buffers or {}, _source(node), node.name)
 
 
 def _chain_ir(node, source, x_shape, steps, taken, stem=None):
@@ -512,11 +499,11 @@ def _window_pool_ir(node, source, x_shape, axes, taken):
         chain += [n for branch in ends for n in branch]
         y_shape = tuple(len(windows) if a == axis - 1 else s for a, s in enumerate(x_shape))
         if len(ends) == 1:  # one window: no cat
-            source, x_shape = ends[0][-1]["name"] if ends[0] else source, y_shape
+            source, x_shape = ends[0][-1].name if ends[0] else source, y_shape
             continue
         name = _identifier(f"{node.name}_{axis}", "cat", taken)
-        chain.append(_ir_node(node, name, TABLE["cat"], {"dim": axis}, [b[-1]["name"] for b in ends],
-                              [b[-1]["y_shape"] for b in ends], y_shape))
+        chain.append(_ir_node(node, name, TABLE["cat"], {"dim": axis}, [b[-1].name for b in ends],
+                              [b[-1].y_shape for b in ends], y_shape))
         source, x_shape = name, y_shape
     return chain
 
@@ -590,7 +577,8 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
         if absorb_log_softmax and op in ("log_softmax", "logsoftmax") and node.users and all(
                 u.op == "output" for u in node.users):
             names[node] = node.name
-            ir_nodes.append(dict(name=node.name, op="log_softmax", fx_name=node.name, inputs=[names[tensor_args[0]]]))
+            ir_nodes.append(ir.Node(node.name, "log_softmax", None, {}, (names[tensor_args[0]],), (), (),
+                                    fx_name=node.name))  # absorbed into the loss (_absorb_log_softmax)
             continue
         if isinstance(meta, TensorMetadata) and meta.shape[:1] != example_input.shape[:1]:
             problems.append(f"its output has shape {tuple(meta.shape)}, which does not keep the batch "
@@ -607,7 +595,7 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
             source, chain = chained
             if source in names:
                 ir_nodes += chain
-                names[node] = chain[-1]["name"] if chain else names[source]
+                names[node] = chain[-1].name if chain else names[source]
             continue
         try:
             rule, hyper, params, param_shapes = _lower_node(node, op, TABLE.get(op), tensor_args, modules, module,
@@ -622,12 +610,10 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
             continue  # an input already failed to lower; it is reported
         name = _identifier(node.name, rule.key, taken)
         buffers = hyper.pop("buffers", {})
-        ir_nodes += _with_affine(dict(name=name, op=rule.key, rule=rule, hyper=hyper, buffers=buffers,
-                             inputs=[names[a] for a in tensor_args],
-                             x_shapes=[tuple(a.meta["tensor_meta"].shape[1:]) for a in tensor_args],
-                             x_shape=tuple(tensor_args[0].meta["tensor_meta"].shape[1:]), y_shape=tuple(meta.shape[1:]),
-                             params=params, param_shapes=param_shapes, source=_source(node), fx_name=node.name), taken)
-        names[node] = ir_nodes[-1]["name"]
+        ir_nodes += _with_affine(_ir_node(node, name, rule, hyper, [names[a] for a in tensor_args],
+                                          [tuple(a.meta["tensor_meta"].shape[1:]) for a in tensor_args],
+                                          tuple(meta.shape[1:]), params, param_shapes, buffers), taken)
+        names[node] = ir_nodes[-1].name
     output = next(n for n in module.graph.nodes if n.op == "output").args[0]
     if not isinstance(output, fx.Node):
         raise HbpcError(f"the model must return a single tensor, not a {type(output).__name__}",
@@ -643,9 +629,9 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
 def _check_single_output(ir_nodes, output):
     if not ir_nodes:
         raise HbpcError("the model has no ops", "the model's forward", "compile a model with at least one layer")
-    used = {i for n in ir_nodes for i in n["inputs"]}
-    dangling = [n["name"] for n in ir_nodes if n["name"] not in used and n["name"] != output]
-    if dangling or ir_nodes[-1]["name"] != output:
+    used = {i for n in ir_nodes for i in n.inputs}
+    dangling = [n.name for n in ir_nodes if n.name not in used and n.name != output]
+    if dangling or ir_nodes[-1].name != output:
         raise HbpcError(f"nodes {dangling} compute values that do not reach the output", "the model's forward",
                         "remove unused computations")
 
@@ -685,7 +671,7 @@ def _absorb_log_softmax(ir_nodes, module):
     output = next(n for n in module.graph.nodes if n.op == "output").args[0]
     name = getattr(output, "name", None)
     last = ir_nodes[-1] if ir_nodes else None
-    if last is None or last["fx_name"] != name or last["op"] != "log_softmax":
+    if last is None or last.fx_name != name or last.op != "log_softmax":
         raise HbpcError("NLLLoss is supported only after a final log_softmax over classes", "loss_fn",
                         "end the model with nn.LogSoftmax(dim=1) / F.log_softmax(x, dim=1), or use CrossEntropyLoss")
     return ir_nodes[:-1]
@@ -710,16 +696,13 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
     architecture = {name: tuple(p.shape) for name, p in model.named_parameters()}
     graph = nx.DiGraph(input_shape=tuple(example_input.shape[1:]), loss=loss_rule.key, loss_rule=loss_rule,
                        architecture=architecture,
-                       reduction=reduction, loss_hyper=loss_hyper, order=[n["name"] for n in ir_nodes], model=type(model).__name__)
-    for attrs in ir_nodes:
-        graph.add_node(attrs["name"], **attrs)
-        for position, source in enumerate(attrs["inputs"]):
-            if source != "x":
-                graph.add_edge(source, attrs["name"], position=position)
-    out_shape = ir_nodes[-1]["y_shape"]
+                       reduction=reduction, loss_hyper=loss_hyper, order=[n.name for n in ir_nodes], model=type(model).__name__)
+    for ir_node in ir_nodes:
+        ir.add(graph, ir_node)
+    out_shape = ir_nodes[-1].y_shape
     if loss_rule.target == "class" and len(out_shape) != 1:
         raise HbpcError(f"{loss_rule.key} needs logits of shape (N, C), the model returns (N, {out_shape})",
-                        ir_nodes[-1]["source"], "flatten the output or use MSELoss")
+                        ir_nodes[-1].source, "flatten the output or use MSELoss")
     return graph
 
 
@@ -728,7 +711,6 @@ def graph_hash(graph: nx.DiGraph) -> str:
     payload = {
         "input": graph.graph["input_shape"], "loss": graph.graph["loss"], "reduction": graph.graph["reduction"],
         "loss_hyper": graph.graph["loss_hyper"],
-        "nodes": [[graph.nodes[name][key] for key in ("op", "hyper", "inputs", "x_shapes", "y_shape", "params")]
-                  for name in graph.graph["order"]],
+        "nodes": [[n.op, n.hyper, n.inputs, n.x_shapes, n.y_shape, n.params] for n in ir.nodes(graph)],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]

@@ -20,10 +20,9 @@ from math import prod
 
 import networkx as nx
 
-from hbpc.derive import derive
-from hbpc.derive.structured import classify, is_gram, kronecker_split
+from hbpc import ir
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X, y as Y
+from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
 ALL = frozenset(QUANTITIES)
@@ -97,10 +96,9 @@ class Plan:
 
 def upstream_of_params(graph: nx.DiGraph) -> frozenset:
     found = set()
-    for name in graph.graph["order"]:
-        node = graph.nodes[name]
-        if node["params"] or any(i in found for i in node["inputs"]):
-            found.add(name)
+    for node in ir.nodes(graph):
+        if node.params or any(source in found for source in graph.predecessors(node.name)):
+            found.add(node.name)
     return frozenset(found)
 
 
@@ -108,28 +106,27 @@ def _uses(graph) -> dict:
     """{parameter: number of nodes using it}."""
     count = {}
     for name in graph.graph["order"]:
-        for param in graph.nodes[name]["params"].values():
+        for param in ir.node(graph, name).params.values():
             count[param] = count.get(param, 0) + 1
     return count
 
 
 def _elementwise(node, context) -> dict:
     caches = [("d1", ALL)]
-    d2 = derive(node["rule"]).d2
-    if d2 != 0:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
-        caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(map(str, d2.free_symbols & {X, Y})))]
-    return dict(kind="elementwise", caches=tuple(caches))
+    residual = node.derived.residual
+    if residual is not None:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
+        caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(residual.reads))]
+    return dict(kind=node.derived.kind, caches=tuple(caches))
 
 
 def _selection(node, context) -> dict:
-    primitive = node["rule"].primitive
-    return dict(kind=f"selection ({primitive})", caches=(("idx", ALL),) if primitive == "take" else ())
+    return dict(kind=node.derived.kind, caches=(("idx", ALL),) if node.rule.primitive == "take" else ())
 
 
 def _normalization(node, context) -> dict:
     if not context["upstream"]:
         return dict(kind="normalization")
-    reads = tuple((str(s), ALL) for s in derive(node["rule"]).reads())
+    reads = tuple((s, ALL) for s in node.derived.reads)
     return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),))
 
 
@@ -138,9 +135,9 @@ def _block_entries(block, view, batch) -> int:
     size = prod(view)
     if block.kind == "dense":
         return size * size
-    a = prod(view[:kronecker_split(block)])
+    a = prod(view[:block.split])
     b = size // a
-    return a * a + (min(batch, b) * b if is_gram(block.factors[1]) else b * b)
+    return a * a + (min(batch, b) * b if block.gram else b * b)
 
 
 def _representation(block, entries, context) -> str:
@@ -150,22 +147,20 @@ def _representation(block, entries, context) -> str:
 
 
 def _structured(node, context) -> dict:
-    rule = node["rule"]
-    derivation = derive(rule)
-    kind = classify(derivation)
-    views = rule.views(node["hyper"], node["x_shape"], node["y_shape"])
+    derived = node.derived
+    kind, views = derived.kind, derived.views
     blocks = []
-    for role, param in node["params"].items():
-        block = derivation.tensors[role].block
+    for role, param in node.params.items():
+        block = derived.tensors[role].block
         entries = 0 if block.kind == "operator" else _block_entries(block, views[{"weight": "W", "bias": "b"}[role]],
                                                                     context["batch"])
         representation = _representation(block, entries, context)
         blocks.append(BlockPlan(param, role, representation, entries if representation != "matrix-free" else 0))
-    params = node["params"]
-    kronecker = (kind in FACTORED_MAPS and "weight" in params and node["hyper"].get("groups", 1) == 1
+    params = node.params
+    kronecker = (kind in FACTORED_MAPS and "weight" in params and node.hyper.get("groups", 1) == 1
                  and all(context["uses"][p] == 1 for p in params.values()))
     lowering = (kind in ("convolution", "transposed convolution") and "weight" in params
-                and prod(views["X"]) > prod(node["x_shape"]))  # 1×1 kernels: the patches are the input
+                and prod(views["X"]) > prod(node.x_shape))  # 1×1 kernels: the patches are the input
     caches = (("X", ALL), ("g", frozenset({"hessian"}))) if params else ()
     return dict(kind=kind, caches=caches, blocks=tuple(blocks), kronecker=kronecker, lowering=lowering)
 
@@ -176,7 +171,7 @@ _KINDS = {Elementwise: _elementwise, Selection: _selection, Normalization: _norm
 
 def _loss_plan(graph) -> LossPlan:
     rule = graph.graph["loss_rule"]
-    intermediates = derive(rule).intermediates
+    intermediates = graph.graph["loss_derived"].intermediates
     sampled = "softmax" in intermediates
     caches = (*((name, ALL) for name in intermediates), ("z, t, scale", CURVATURE))
     return LossPlan(rule.key, graph.graph["reduction"], sampled, rule.target == "class" and sampled
@@ -184,16 +179,19 @@ def _loss_plan(graph) -> LossPlan:
 
 
 def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:
-    """Every decision for the graph; blocks are counted at ``batch`` samples of ``element_size`` bytes."""
+    """Every decision for the graph (annotated by ``hbpc.derive.annotate``); blocks are counted at ``batch`` samples
+    of ``element_size`` bytes."""
+    if "loss_derived" not in graph.graph:
+        raise ValueError("the graph has no derivations: call hbpc.derive.annotate(graph) before planning")
     upstream = upstream_of_params(graph)
     uses = _uses(graph)
     nodes = []
     for name in graph.graph["order"]:
-        node = graph.nodes[name]
-        needs_grad = tuple(i in upstream for i in node["inputs"])
+        node = ir.node(graph, name)
+        needs_grad = tuple(i in upstream for i in node.inputs)
         context = dict(upstream=any(needs_grad), uses=uses, batch=batch, element_size=element_size,
                        memory_limit=memory_limit)
-        nodes.append(NodePlan(name, needs_grad, bool(node["params"]), **handler(_KINDS, node["rule"], "plan")(node, context)))
+        nodes.append(NodePlan(name, needs_grad, bool(node.params), **handler(_KINDS, node.rule, "plan")(node, context)))
     return Plan(tuple(nodes), upstream, _loss_plan(graph), memory_limit, batch, element_size)
 
 
@@ -201,14 +199,14 @@ def table(graph, the_plan: Plan) -> str:
     """The plan as text: a row per node (parameters named as in model.named_parameters()), then the loss."""
     rows = [("node", "op", "kind", "parameters", "cached", "block", "bytes", "kfac")]
     for entry in the_plan.nodes:
-        node = graph.nodes[entry.name]
+        node = ir.node(graph, entry.name)
         blocks = {b.parameter: b for b in entry.blocks}
-        params = list(node["params"].values()) or ["-"]
+        params = list(node.params.values()) or ["-"]
         cached = ", ".join(item for item, readers in entry.caches) or "-"
         for k, param in enumerate(params):
             block = blocks.get(param)
             kind = entry.kind + (" (torch kernels)" if entry.lowering else "")
-            rows.append((entry.name if k == 0 else "", node["op"] if k == 0 else "", kind if k == 0 else "",
+            rows.append((entry.name if k == 0 else "", node.op if k == 0 else "", kind if k == 0 else "",
                          param, cached if k == 0 else "", block.representation if block else "-",
                          str(block.entries * the_plan.element_size) if block else "-",
                          ("yes" if entry.kronecker else "no") if block else ""))

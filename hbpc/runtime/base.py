@@ -2,7 +2,12 @@
 
 A generated module subclasses it and declares its model in class attributes (the tables below); it adds only
 what is specific to the model: ``forward_backward``'s straight-line forward, loss and backward with its
-caches, the HBP sweep ``_hbp_sweep``, the per-node derivative methods and the loss's derived products.
+caches, the derivative methods of its nodes and the loss's derived products. The walkers here (the HBP sweep,
+the exact products, the KFAC factors' backward) read the tables and call a node's methods through ``_method``.
+
+A node's methods are shared by every node of its *family* (same rule, same derived code): ``_<family>_<suffix>
+(self, node, ...)``, reading the node's parameters with ``param`` and its cached tensors with ``cached``; a node
+of a kind that prints its own methods has ``_<node>_<suffix>(self, ...)`` instead (family None in NODES).
 """
 import torch
 
@@ -26,10 +31,12 @@ class CurvatureModule:
     INPUT_SHAPE          per-sample input shape; OUTPUT_SHAPE: per-sample logits' shape
     TARGET               'class' (labels, or probabilities if PROBABILITY_TARGETS) or 'dense'
     LOSS                 the loss's name, for messages; SAMPLED_FISHER: a softmax likelihood (labels sampled)
-    NODES                {node: (inputs, {role: parameter})} in graph order; 'x' is the model input
-    SECOND_ORDER         {node: (has a residual, roles θ with ∂²y/∂x∂θ ≠ 0, method viewing a tangent as θ's input)}
-    BLOCKS               {node: ((parameter, block method), ...)}: what blocks() builds from S at node
-    FACTORS              {node: (weight, bias or None)}: the KFAC family's layers
+    NODES                {node: (inputs, {role: parameter}, family or None)} in graph order; 'x' is the model
+                         input
+    SECOND_ORDER         {family or node: (has a residual, roles θ with ∂²y/∂x∂θ ≠ 0, method suffix viewing a
+                         tangent as θ's input or None)}
+    BLOCKS               nodes whose parameters get blocks: the ``<role>_block`` method builds one from S at node
+    FACTORS              the KFAC family's layers (weight, optional bias); LOWERED: those caching the raw input
     MEMORY               (peak entries of the HBP sweep, where it peaks, ((b, gram), ...) factors kept)
     ===================  =============================================================================
     """
@@ -37,7 +44,7 @@ class CurvatureModule:
     memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
     PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE = {}, (), (), (), ()
     TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER = "class", False, "the loss", False
-    NODES, SECOND_ORDER, BLOCKS, FACTORS, MEMORY = {}, {}, {}, {}, (0, "the loss", ())
+    NODES, SECOND_ORDER, BLOCKS, FACTORS, LOWERED, MEMORY = {}, {}, (), (), (), (0, "the loss", ())
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match.
@@ -51,7 +58,41 @@ class CurvatureModule:
     @property
     def factored_parameters(self):
         """kronecker_factors() keys."""
-        return tuple(p for weight, bias in self.FACTORS.values() for p in (weight, bias) if p is not None)
+        return tuple(p for node in self.FACTORS for p in self.NODES[node][1].values())
+
+    def _method(self, node, suffix):
+        """The node's method ``suffix``: its family's ``_<family>_<suffix>`` bound to the node, or ``_<node>_<suffix>``."""
+        family = self.NODES[node][2]
+        if family is None:
+            return getattr(self, f"_{node}_{suffix}")
+        method = getattr(self, f"_{family}_{suffix}")
+        return lambda *args: method(node, *args)
+
+    def param(self, node, role):
+        """The node's parameter in ``role`` ('weight', 'bias'), as bound by forward_backward."""
+        return self.p[self.NODES[node][1][role]]
+
+    def param_shape(self, node, role):
+        return self.PARAMETERS[self.NODES[node][1][role]]
+
+    def cached(self, node, what):
+        """A tensor forward_backward cached for the node (``self.<node>_<what>``)."""
+        return getattr(self, f"{node}_{what}")
+
+    def set_cached(self, node, what, value):
+        setattr(self, f"{node}_{what}", value)
+
+    def _second_order(self, node):
+        """(has a residual, coupled roles, tangent view suffix) of the node."""
+        return self.SECOND_ORDER.get(self.NODES[node][2] or node, (False, (), None))
+
+    def _upstream(self):
+        """Nodes with a parameter at or upstream of them: those that carry gradients, tangents and curvature."""
+        found = set()
+        for name, (inputs, params, _) in self.NODES.items():
+            if params or any(i in found for i in inputs):
+                found.add(name)
+        return found
 
     def _check_ready(self):
         if not self._ready:
@@ -89,8 +130,8 @@ class CurvatureModule:
         classes = numel(self.OUTPUT_SHAPE)
         kept = sum(min(self.N, b) * b if gram else b * b for b, gram in factors)
         loss_hessian = 5 * self.N * classes * classes  # the loss Hessian's basis and its products
-        lazy = [getattr(self, f"{name}_g").numel() for name, (has_residual, _, _) in self.SECOND_ORDER.items()
-                if has_residual and hasattr(self, f"{name}_r")]  # r = g ⊙ φ″, formed on first use (maybe in blocks())
+        lazy = [self.cached(name, "g").numel() for name in self.NODES
+                if self._second_order(name)[0] and hasattr(self, f"{name}_r")]  # r = g ⊙ φ″, formed on first use (maybe in blocks())
         residuals = sum(lazy) + 3 * max(lazy, default=0)  # each kept, and φ″'s temporaries while one forms
         return (peak + loss_hessian + kept + residuals) * self.loss_z.element_size()
 
@@ -119,8 +160,8 @@ class CurvatureModule:
         blocks = {}
 
         def visit(node, S):  # S at the output of node: its parameters' blocks; a tied parameter sums its uses
-            for param, method in self.BLOCKS[node]:
-                block = getattr(self, method)(S, average_parameter_jacobian)
+            for role, param in self.NODES[node][1].items():
+                block = self._method(node, f"{role}_block")(S, average_parameter_jacobian)
                 blocks[param] = SumBlock([blocks[param], block]) if param in blocks else block
 
         self._hbp_sweep(curvature, average_input_jacobian, visit)
@@ -135,7 +176,7 @@ class CurvatureModule:
         check_curvature(curvature)
         check_split(split)
         self._check_ready()
-        used = {param for _, params in self.NODES.values() for param in params.values()}
+        used = {param for _, params, _ in self.NODES.values() for param in params.values()}
         products = {name: self._block_product(name) if name in used else zero_product for name in self.PARAMETERS}
         return {
             name: split_product(lambda v, f=f: f(v, curvature), self.PARAMETERS[name], split, self.loss_z,
@@ -162,18 +203,80 @@ class CurvatureModule:
 
             def visit(node, S):  # S at the output of a node with parameters
                 if node in self.FACTORS:
-                    G[node] = getattr(self, f"_{node}_curvature_factor")(S)
+                    G[node] = self._curvature_factor(node, S)
 
             self._hbp_sweep("ggn", False, visit)
         else:
             u = self._loss_hessian_root() if kind == "kflr" else self._loss_sampled_root(samples, generator)
             G = self._root_backward(u) if self.FACTORS else {}
         factors = {}
-        for node, (weight, bias) in self.FACTORS.items():
-            factors[weight] = KroneckerBlock(G[node], getattr(self, f"_{node}_input_factor")(), self.PARAMETERS[weight])
-            if bias is not None:
-                factors[bias] = DenseBlock(G[node], self.PARAMETERS[bias])
+        for node in self.FACTORS:
+            params = self.NODES[node][1]
+            factors[params["weight"]] = KroneckerBlock(G[node], self._input_factor(node), self.param_shape(node, "weight"))
+            if "bias" in params:
+                factors[params["bias"]] = DenseBlock(G[node], self.param_shape(node, "bias"))
         return factors
+
+    def _input_factor(self, node):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the d_k inputs of each output location (the weight (C_out, *k)): (d_k, d_k)."""
+        X = self.cached(node, "X")
+        if node in self.LOWERED:  # the raw input is cached: its patches are the rule's X
+            X = self._method(node, "view")(X)
+        X = X.reshape(self.N, numel(self.param_shape(node, "weight")[1:]), -1)
+        return torch.einsum("nil,njl->ij", X, X) / self.N
+
+    def _root_factor(self, node, u):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (C_out, C_out)."""
+        s = u.reshape(*u.shape[:2], self.param_shape(node, "weight")[0], -1).sum(-1)
+        return torch.einsum("vno,vnp->op", s, s)
+
+    def _curvature_factor(self, node, S):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (C_out, C_out)."""
+        c_out = self.param_shape(node, "weight")[0]
+        locations = S.shape[0] // c_out
+        return S.reshape(c_out, locations, c_out, locations).sum((1, 3))
+
+    def _hbp_sweep(self, curvature, average_input_jacobian, visit):
+        """S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node in BLOCKS.
+
+        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).
+        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]): S[a, b] is
+        the (d_a, d_b) cross curvature of a and b, a first in graph order; S[a, a] the curvature at a.
+        """
+        position = {name: k for k, name in enumerate(self.NODES)}
+        upstream = self._upstream()
+        last = next(reversed(self.NODES))
+        S, frontier = {(last, last): self._loss_hessian_sum()}, [last]
+
+        def add(a, b, term):  # S[a, b] += term, a (d_a, d_b) matrix, kept with a first
+            key, term = ((a, b), term) if position[a] <= position[b] else ((b, a), term.T)
+            S[key] = S[key] + term if key in S else term
+
+        for name in reversed(self.NODES):
+            if name not in upstream:
+                continue
+            frontier.remove(name)
+            own = S[name, name]
+            if name in self.BLOCKS:
+                visit(name, own)
+            active = [(i, source) for i, source in enumerate(self.NODES[name][0]) if source in upstream]
+            for i, source in active:
+                add(source, source, self._method(name, "input_curvature")(i, own, average_input_jacobian, curvature))
+            for k, (i, a) in enumerate(active):
+                for j, b in active[k + 1:]:
+                    term = self._method(name, "cross")(i, j, own)  # E[J_i]ᵀ S E[J_j]: (d_a, d_b)
+                    add(a, b, term + term.T if a == b else term)
+            for other in frontier:
+                key = (name, other) if position[name] < position[other] else (other, name)
+                if key not in S:
+                    continue
+                M = S[key] if key[0] == name else S[key].T  # (d_name, d_other)
+                for i, source in active:
+                    term = self._method(name, "mean_vjp")(i, M)  # E[J_i]ᵀ M: (d_source, d_other)
+                    add(source, other, term + term.T if source == other else term)
+            frontier += [source for _, source in active if source not in frontier]
+            for other in [name, *frontier]:
+                S.pop((name, other) if position[name] <= position[other] else (other, name), None)
 
     def _full_product(self, vs, product, *args):
         """product(v, *args) on {name: (V, *θ)} for vs a list shaped like the parameters (optionally with a V)."""
@@ -211,12 +314,12 @@ class CurvatureModule:
 
     def _jvp(self, name, tangents):
         """The node's output tangent from its inputs' tangents (None where an input has none)."""
-        jvp = getattr(self, f"_{name}_jvp")
+        jvp = self._method(name, "jvp")
         return jvp(tangents[0]) if len(tangents) == 1 else jvp(tangents)
 
     def _vjps(self, name, inputs, u):
         """Jᵢᵀ u for every input i of the node."""
-        vjp = getattr(self, f"_{name}_vjp")
+        vjp = self._method(name, "vjp")
         return [vjp(u)] if len(inputs) == 1 else vjp(u)
 
     def _product(self, v, second_order, curvature, loss_product):
@@ -230,10 +333,10 @@ class CurvatureModule:
         mode = "hessian" if second_order == "hessian" else curvature
         residuals, cross = second_order is not None and mode != "ggn", second_order is not None and mode == "hessian"
         tangent = {}
-        for name, (inputs, params) in self.NODES.items():
+        for name, (inputs, params, _) in self.NODES.items():
             tangents = [tangent.get(i) for i in inputs]
             terms = [self._jvp(name, tangents)] if any(t is not None for t in tangents) else []
-            terms += [getattr(self, f"_{name}_{role}_jvp")(v[param], getattr(self, f"{name}_X"))
+            terms += [self._method(name, f"{role}_jvp")(v[param], self.cached(name, "X"))
                       for role, param in params.items() if param in v]
             if terms:
                 tangent[name] = _sum(terms)
@@ -242,18 +345,18 @@ class CurvatureModule:
         for name in reversed(self.NODES):
             if name not in tangent:
                 continue
-            inputs, params = self.NODES[name]
+            inputs, params, _ = self.NODES[name]
             u = _sum(cotangent[name])
-            has_residual, coupled, view = self.SECOND_ORDER.get(name, (False, (), None))
+            has_residual, coupled, view = self._second_order(name)
             input_tangent = tangent.get(inputs[0])
             for role, param in params.items():
                 if param not in v:
                     continue
-                vjp, X = getattr(self, f"_{name}_{role}_vjp"), getattr(self, f"{name}_X")
+                vjp, X = self._method(name, f"{role}_vjp"), self.cached(name, "X")
                 out.setdefault(param, []).append(vjp(u, X))
                 if cross and role in coupled and input_tangent is not None:
-                    viewed = getattr(self, view)(input_tangent) if view else input_tangent
-                    out[param].append(vjp(getattr(self, f"{name}_g"), viewed))
+                    viewed = self._method(name, view)(input_tangent) if view else input_tangent
+                    out[param].append(vjp(self.cached(name, "g"), viewed))
             if not any(i in tangent for i in inputs):
                 continue
             for source, term in zip(inputs, self._vjps(name, inputs, u)):
@@ -261,16 +364,16 @@ class CurvatureModule:
                     continue
                 terms = [term]
                 if residuals and has_residual:
-                    terms.append(getattr(self, f"_{name}_residual_product")(tangent[source], mode))
+                    terms.append(self._method(name, "residual_product")(tangent[source], mode))
                 if cross and "weight" in coupled and params["weight"] in v:
-                    terms.append(getattr(self, f"_{name}_vjp")(getattr(self, f"{name}_g"), v[params["weight"]]))
+                    terms.append(self._method(name, "vjp")(self.cached(name, "g"), v[params["weight"]]))
                 cotangent.setdefault(source, []).append(_sum(terms))
         return {param: _sum(terms) for param, terms in out.items()}
 
     def _root_backward(self, u):
         """Jᵀ u (V, N, *z) from the loss down to every KFAC-family layer; G = the layer's root factor there."""
         needed = set()
-        for name, (inputs, _) in self.NODES.items():  # tensors with a factor layer at or below them
+        for name, (inputs, _, _) in self.NODES.items():  # tensors with a factor layer at or below them
             if name in self.FACTORS or any(i in needed for i in inputs):
                 needed.add(name)
         last = next(reversed(self.NODES))
@@ -278,10 +381,10 @@ class CurvatureModule:
         for name in reversed(self.NODES):
             if name not in needed:
                 continue
-            inputs, _ = self.NODES[name]
+            inputs = self.NODES[name][0]
             u = _sum(cotangent[name])
             if name in self.FACTORS:
-                G[name] = getattr(self, f"_{name}_root_factor")(u)
+                G[name] = self._root_factor(name, u)
             if any(i in needed for i in inputs):
                 for source, term in zip(inputs, self._vjps(name, inputs, u)):
                     if source in needed:
