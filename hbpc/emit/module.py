@@ -270,6 +270,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
                                 or "*" for n in order if graph.nodes[n]["op"] == "batch_norm"}
                                | {graph.nodes[n]["hyper"]["dropout"] for n in order if "dropout" in graph.nodes[n]["hyper"]})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
+    ids = min((graph.nodes[n]["hyper"]["num_embeddings"] for n in order
+               if graph.nodes[n]["op"] == "embedding" and INPUT in graph.nodes[n]["inputs"]), default=None)
     forward = [line for name in order for line in codes[name].forward]
     rule = graph.graph["loss_rule"]
     y_shape = graph.nodes[last]["y_shape"]
@@ -318,6 +320,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *_table("PARAMETERS", params, "  # as model.named_parameters()"),
             f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
             f"OUTPUT_SHAPE = {tuple(y_shape)!r}",
+            *([f"INPUT_IDS = {ids}  # x holds token ids in [0, {ids}): the model starts with an embedding"] if ids else []),
             *([f"BUFFERS = {tuple(buffers)!r}"] if buffers else []),
             *([f"EVAL_MODE_MODULES = {tuple(eval_mode_modules)!r}  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout"]
               if eval_mode_modules else []),
@@ -335,7 +338,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             "def forward_backward(self, x, target):",
             '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.',
             "",
-            f"    x: (N, {_shape_args(graph.graph['input_shape'])}) in the parameters' dtype; target: {target_doc}.",
+            f"    x: (N, {_shape_args(graph.graph['input_shape'])}) "
+            + (f"token ids in [0, {ids})" if ids else "in the parameters' dtype") + f"; target: {target_doc}.",
             '    """',
             *_indent(fb_body, 1), "",
             *sweep,

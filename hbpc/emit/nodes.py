@@ -262,6 +262,10 @@ def _input_view(node, views, tensor, tangent=False) -> str:
     if view == "patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
         return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {dims(views['X'])})"
+    if view == "one_hot":  # integer ids as one-hot rows in the weight's dtype
+        ids = f"{tensor}.reshape(*lead, {views['X'][0]})"
+        weight = param_code(node["params"]["weight"])
+        return f"torch.nn.functional.one_hot({ids}, {views['X'][1]}).to({weight}.dtype)"
     if view == "standardize":
         flat = f"{tensor}.reshape(*lead, {dims(views['X'])})"
         centred = flat if tangent else f"({flat} - {_buffer(node, 'running_mean')}[:, None])"
@@ -326,9 +330,10 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         given = f"{param_code(node['params']['weight'])} if W is None else W"
         weight = [f"W = {given}" if tuple(shape) == view else f"W = reshape_to({given}, {shape!r}, {view!r})"]
     signature = ", W=None" if weight else ""
+    integer_input = rule.input_view == "one_hot"  # ids: no tangent, cotangent or curvature at the input
     if conv:
         code.methods += _conv_input_methods(name, node, conv, expr)
-    else:
+    elif not integer_input:
         code.methods += _einsum_input_methods(name, node, views, jx, constants, names, expr, weight, signature)
     single_input(code, name)
 
@@ -347,6 +352,8 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
+    if integer_input:
+        return code
     if jx.sample_dependent:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
     code.input_curvature = [_sandwich_code(name, node, jx)]

@@ -94,6 +94,12 @@ def _module_hyper(key, module):
             raise ValueError("layer_norm needs normalized_shape as constant sizes, e.g. (C,), not sizes read from a "
                              "tensor's shape")
         return {"normalized_shape": shape, "eps": float(module.eps)}
+    if key == "embedding":
+        options = [name for name, default in _EMBEDDING_DEFAULTS.items() if getattr(module, name, default) != default]
+        if options:
+            raise ValueError(f"embedding with {', '.join(options)} is not supported (padding_idx zeroes a row's "
+                             "gradient, which is not the derivative of the lookup); use nn.Embedding(V, D) without them")
+        return {"num_embeddings": int(getattr(module, "num_embeddings", 0) or module.weight.shape[0])}
     if key == "identity" and getattr(module, "training", False) and getattr(module, "p", 0) > 0:
         raise ValueError("dropout in training mode is random, so it has no curvature; call model.eval() before "
                          "compiling and training with curvature")
@@ -115,8 +121,11 @@ def _adaptive_as_avg_pool(node, op, module, x_shape):
     return {"kernel_size": kernel, "stride": kernel, "padding": (0,) * len(out)}
 
 
+_EMBEDDING_DEFAULTS = dict(padding_idx=None, max_norm=None, scale_grad_by_freq=False, sparse=False)
+
 # Positional parameters of the functional forms, named like the module attributes they stand for.
 _FUNCTIONAL_ARGS = {
+    "embedding": ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
     "linear": ("input", "weight", "bias"),
     "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -134,6 +143,7 @@ _FUNCTIONAL_ARGS = {
     "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
 }
 _FUNCTIONAL_DEFAULTS = {
+    "embedding": dict(norm_type=2.0, **_EMBEDDING_DEFAULTS),
     "conv2d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
     "conv1d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
     "conv3d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
@@ -174,6 +184,8 @@ def _functional_call(key, node, module):
                                  "constant)") from None
     if key.startswith("conv"):
         bound["kernel_size"] = shapes["weight"][2:]
+    if key == "embedding":
+        bound["num_embeddings"] = shapes["weight"][0]
     attrs = SimpleNamespace(**{k: v for k, v in bound.items() if not isinstance(v, fx.Node)})
     return _module_hyper(key, attrs), params, shapes
 
@@ -339,7 +351,28 @@ def _param_roles(module):
 
 
 def _is_tensor(arg) -> bool:
-    return isinstance(arg, fx.Node) and arg.op != "get_attr" and isinstance(arg.meta.get("tensor_meta"), TensorMetadata)
+    """A per-sample tensor computed by the model (not a parameter, constant, or parameter rows looked up)."""
+    return (isinstance(arg, fx.Node) and arg.op != "get_attr" and "hbpc_parameter" not in arg.meta
+            and isinstance(arg.meta.get("tensor_meta"), TensorMetadata))
+
+
+def _positional_embedding(node, op, module, modules) -> bool:
+    """Whether ``node`` is ``self.wpe(torch.arange(T))``, an embedding of a constant index: then it is its weight
+    (all rows in order), marked ``hbpc_parameter`` and lowered where it is used as a learned positional parameter."""
+    ids = node.args[0] if node.args else None
+    if op != "embedding" or node.op != "call_module" or not isinstance(ids, fx.Node) or ids.op != "get_attr":
+        return False
+    value = module
+    for part in ids.target.split("."):
+        value = getattr(value, part)
+    weight = modules[node.target].weight
+    if not torch.is_tensor(value) or not torch.equal(value.cpu(), torch.arange(weight.shape[0])):
+        raise ValueError(f"an embedding of a constant index is supported as all of its rows in order "
+                         f"(torch.arange(num_embeddings) = arange({weight.shape[0]}), a learned positional parameter), "
+                         f"got an index of shape {tuple(value.shape) if torch.is_tensor(value) else value!r}; "
+                         "compile with the sequence length equal to num_embeddings")
+    node.meta["hbpc_parameter"] = next(name for name, p in module.named_parameters() if p is weight)
+    return True
 
 
 def _scalar_op(op, node):
@@ -363,9 +396,11 @@ def _scalar_op(op, node):
 
 
 def _parameter_operand(node, module):
-    """The name of the parameter a binary op reads directly (``x + self.pos``), else None."""
+    """The name of the parameter a binary op reads directly (``x + self.pos``, ``x + self.wpe(arange)``), else None."""
     parameters = dict(module.named_parameters())
-    names = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in parameters]
+    names = [a.meta.get("hbpc_parameter", a.target) for a in node.args if isinstance(a, fx.Node)
+             and (a.op == "get_attr" or "hbpc_parameter" in a.meta)]
+    names = [name for name in names if name in parameters]
     return names[0] if len(names) == 1 and len(node.args) == 2 else None
 
 
@@ -428,8 +463,7 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     if hyper.pop("ceil_mode", False):
         rule = TABLE[f"{rule.key}_ceil"]  # the last windows may pass the end: torch's own forward records them
     if rule.key == "linear" and len(tensor_args[0].meta["tensor_meta"].shape) != 2:
-        shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
-        raise ValueError(f"linear needs inputs of shape (N, features), got {shape}; flatten the input first")
+        rule = TABLE["shared_linear"]  # (N, *S, D): the weight is shared over the positions S
     per_sample_dims = len(tensor_args[0].meta["tensor_meta"].shape) - 1
     if isinstance(rule, Normalization) and len(hyper["normalized_shape"]) > per_sample_dims:
         raise ValueError(f"{rule.key} over the batch dimension couples the samples; normalize per-sample dimensions")
@@ -591,6 +625,12 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
                 u.op == "output" for u in node.users):
             names[node] = node.name
             ir_nodes.append(dict(name=node.name, op="log_softmax", fx_name=node.name, inputs=[names[tensor_args[0]]]))
+            continue
+        try:
+            if _positional_embedding(node, op, module, modules):
+                continue
+        except ValueError as error:
+            problems.append(f"{error}: {where}")
             continue
         if isinstance(meta, TensorMetadata) and meta.shape[:1] != example_input.shape[:1]:
             problems.append(f"its output has shape {tuple(meta.shape)}, which does not keep the batch "

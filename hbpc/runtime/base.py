@@ -24,6 +24,7 @@ class CurvatureModule:
     BUFFERS              buffer names forward_backward reads
     EVAL_MODE_MODULES    modules compiled as their eval-mode map ('*': functional dropout)
     INPUT_SHAPE          per-sample input shape; OUTPUT_SHAPE: per-sample logits' shape
+    INPUT_IDS            None, or num_embeddings where x holds token ids (the model starts with an embedding)
     TARGET               'class' (labels, or probabilities if PROBABILITY_TARGETS) or 'dense'
     LOSS                 the loss's name, for messages; SAMPLED_FISHER: a softmax likelihood (labels sampled)
     NODES                {node: (inputs, {role: parameter})} in graph order; 'x' is the model input
@@ -35,7 +36,7 @@ class CurvatureModule:
     """
 
     memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
-    PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE = {}, (), (), (), ()
+    PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE, INPUT_IDS = {}, (), (), (), (), None
     TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER = "class", False, "the loss", False
     NODES, SECOND_ORDER, BLOCKS, FACTORS, MEMORY = {}, {}, {}, {}, (0, "the loss", ())
 
@@ -66,7 +67,7 @@ class CurvatureModule:
         """forward_backward's argument checks: (N, the target as a tensor (N, C) or (N, *y)); binds the model."""
         check_eval_mode(self.model, self.EVAL_MODE_MODULES)
         params, buffers = bind(self.model, self.PARAMETERS, self.BUFFERS)  # the model's current tensors
-        check_input(x, self.INPUT_SHAPE, next(iter(params.values()), None))
+        check_input(x, self.INPUT_SHAPE, next(iter(params.values()), None), self.INPUT_IDS)
         N = x.shape[0]
         if self.TARGET == "class":
             checked = check_class_target(target, N, numel(self.OUTPUT_SHAPE), self.PROBABILITY_TARGETS, x.device)

@@ -98,12 +98,24 @@ def check_eval_mode(model, paths):
         )
 
 
-def check_input(x, input_shape, like):
-    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite."""
+def check_input(x, input_shape, like, ids=None):
+    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite; or, for
+    a model that starts with an embedding (ids = its num_embeddings), integer ids in [0, ids) on like's device."""
     check_tensor("x", x)
     if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, *{input_shape}) with N >= 1 (x has per-sample shape "
                          f"{tuple(x.shape[1:])}, expected {input_shape}), got {describe(x)}")
+    if ids is not None:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"x must hold token ids of an integer dtype (the model starts with an embedding), "
+                            f"got {describe(x)}")
+        if like is not None and x.device != like.device:
+            raise ValueError(f"x must be on {like.device} (the parameters' device), got {describe(x)}")
+        low, high = torch.aminmax(x)
+        if low < 0 or high >= ids:
+            raise ValueError(f"x must hold token ids in [0, {ids - 1}] (num_embeddings = {ids}), got ids from "
+                             f"{int(low)} to {int(high)}")
+        return
     check_tensor("x", x, like)
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
         raise ValueError("x contains NaN or Inf")
