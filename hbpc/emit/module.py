@@ -49,6 +49,9 @@ def _loss_lines(graph, last, loss_plan):
     derivation = derive(rule)
     N, C = sp.symbols("N C", positive=True, integer=True)
     scale = torch_code(sp.nsimplify(rule.scale[graph.graph["reduction"]](N, C)))
+    if graph.graph.get("tokens"):
+        from .tokens import token_loss_lines
+        return token_loss_lines(graph, last, loss_plan, derivation, scale)
     hyper = graph.graph["loss_hyper"]
     shared, exprs = derivation.code(hyper)
     classes = prod(graph.nodes[last]["y_shape"])
@@ -277,7 +280,13 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     y_shape = graph.nodes[last]["y_shape"]
     classes = prod(y_shape)
     sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
-    if rule.target == "class":
+    if graph.graph.get("tokens"):
+        tokens = graph.graph["tokens"]
+        classes = y_shape[0] if tokens["class_axis"] == 1 else y_shape[-1]
+        positions = y_shape[1:] if tokens["class_axis"] == 1 else y_shape[:-1]
+        target_doc = (f"class labels (N, {_shape_args(positions)}) in [0, {classes}) or {tokens['ignore_index']} "
+                      "(ignore_index: left out of the mean)")
+    elif rule.target == "class":
         target_doc = f"class labels (N,) in [0, {classes})" + (
             f" or class probabilities (N, {classes}), rows summing to 1" if probabilities else "")
     else:
@@ -326,6 +335,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
               if eval_mode_modules else []),
             *([f"TARGET = {rule.target!r}"] if rule.target != "class" else []),
             *([f"PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities"] if probabilities else []),
+            *([f"TOKENS = {graph.graph['tokens']!r}  # cross-entropy over positions: labels (N, *S)"]
+              if graph.graph.get("tokens") else []),
             f"LOSS = {graph.graph['loss']!r}",
             *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
             *_table("NODES", nodes, "  # node: (inputs, {role: parameter}), in graph order"),

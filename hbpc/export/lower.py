@@ -691,6 +691,18 @@ def _check_single_output(ir_nodes, output):
 
 
 _NLL_AFTER_LOG_SOFTMAX = "nllloss"
+_TOKEN_LOSSES = {"crossentropyloss": 1, "tokencrossentropyloss": -1}  # loss_fn class -> the logits' class axis
+
+
+def _token_loss(loss_fn, loss, key, out_shape):
+    """``{"class_axis", "ignore_index"}`` for cross-entropy on logits with positions ((N, C, *S), or (N, *S, C) for
+    ``hbpc.losses.TokenCrossEntropyLoss``), labels (N, *S); None for logits (N, C)."""
+    axis = _TOKEN_LOSSES.get(type(loss_fn).__name__.lower()) if loss is None and loss_fn is not None else None
+    if axis is None and loss is not None and key == "cross_entropy":
+        axis = 1
+    if axis is None or len(out_shape) < 2:
+        return None
+    return {"class_axis": axis, "ignore_index": int(getattr(loss_fn, "ignore_index", -100))}
 
 
 def _loss_key(loss_fn, loss):
@@ -703,12 +715,12 @@ def _loss_key(loss_fn, loss):
         key, reduction = type(loss_fn).__name__.lower(), getattr(loss_fn, "reduction", "mean")
         options = {name: getattr(loss_fn, name) for name in ("weight", "pos_weight", "ignore_index")
                    if getattr(loss_fn, name, None) is not None}
-        if options.get("ignore_index", -100) == -100:
-            options.pop("ignore_index", None)
+        if options.get("ignore_index", -100) == -100 or key in _TOKEN_LOSSES:
+            options.pop("ignore_index", None)  # cross-entropy over tokens: labels equal to it are left out
         if options:
             raise HbpcError(f"{type(loss_fn).__name__} with {', '.join(options)} is not supported", "loss_fn",
                             f"use {type(loss_fn).__name__}() without {', '.join(options)}")
-    rule = LOSS_TABLE.get("cross_entropy" if key == _NLL_AFTER_LOG_SOFTMAX else key)
+    rule = LOSS_TABLE.get("cross_entropy" if key in (_NLL_AFTER_LOG_SOFTMAX, *_TOKEN_LOSSES) else key)
     if rule is None:
         supported = ", ".join(sorted({r.key for r in LOSS_TABLE.values()} | {"nll_loss after log_softmax"}))
         raise HbpcError(f"unsupported loss '{key}'", "loss_fn / --loss", f"use one of: {supported}")
@@ -757,7 +769,12 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
             if source != "x":
                 graph.add_edge(source, attrs["name"], position=position)
     out_shape = ir_nodes[-1]["y_shape"]
-    if loss_rule.target == "class" and len(out_shape) != 1:
+    graph.graph["tokens"] = _token_loss(loss_fn, loss, loss_rule.key, out_shape) if not after_log_softmax else None
+    if graph.graph["tokens"] is None and getattr(loss_fn, "ignore_index", -100) != -100 and loss is None:
+        raise HbpcError(f"{type(loss_fn).__name__} with ignore_index is supported for logits with positions "
+                        f"(N, C, *S) only; the model returns (N, {out_shape})", "loss_fn",
+                        f"use {type(loss_fn).__name__}() without ignore_index")
+    if loss_rule.target == "class" and len(out_shape) != 1 and graph.graph["tokens"] is None:
         raise HbpcError(f"{loss_rule.key} needs logits of shape (N, C), the model returns (N, {out_shape})",
                         ir_nodes[-1]["source"], "flatten the output or use MSELoss")
     return graph
@@ -767,7 +784,7 @@ def graph_hash(graph: nx.DiGraph) -> str:
     """A short digest of everything the generated code depends on."""
     payload = {
         "input": graph.graph["input_shape"], "loss": graph.graph["loss"], "reduction": graph.graph["reduction"],
-        "loss_hyper": graph.graph["loss_hyper"],
+        "loss_hyper": graph.graph["loss_hyper"], **({"tokens": graph.graph["tokens"]} if graph.graph.get("tokens") else {}),
         "nodes": [[graph.nodes[name][key] for key in ("op", "hyper", "inputs", "x_shapes", "y_shape", "params")]
                   for name in graph.graph["order"]],
     }

@@ -179,8 +179,10 @@ def _loss_plan(graph) -> LossPlan:
     intermediates = derive(rule).intermediates
     sampled = "softmax" in intermediates
     caches = (*((name, ALL) for name in intermediates), ("z, t, scale", CURVATURE))
+    tokens = graph.graph.get("tokens")  # cross-entropy over positions: labels only (probabilities are not taken)
     return LossPlan(rule.key, graph.graph["reduction"], sampled, rule.target == "class" and sampled
-                    and rule.key == "cross_entropy", graph.graph["loss_hyper"].get("label_smoothing", 0.0), caches)
+                    and rule.key == "cross_entropy" and not tokens, graph.graph["loss_hyper"].get("label_smoothing", 0.0),
+                    caches)
 
 
 def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:

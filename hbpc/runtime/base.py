@@ -10,7 +10,7 @@ from .blocks import (DenseBlock, KroneckerBlock, OperatorBlock, SumBlock, as_vec
                      split_product, zero_product)
 from .checks import (bind, check_class_target, check_curvature, check_dense_target, check_eval_mode, check_flag,
                      check_input, check_kronecker_kind, check_model, check_samples, check_split, check_state,
-                     tensor_state)
+                     check_token_target, tensor_state)
 from .helpers import eigh_upcast, numel
 
 
@@ -26,6 +26,7 @@ class CurvatureModule:
     INPUT_SHAPE          per-sample input shape; OUTPUT_SHAPE: per-sample logits' shape
     INPUT_IDS            None, or num_embeddings where x holds token ids (the model starts with an embedding)
     TARGET               'class' (labels, or probabilities if PROBABILITY_TARGETS) or 'dense'
+    TOKENS               None, or cross-entropy over positions: {'class_axis': 1 or -1, 'ignore_index': int}
     LOSS                 the loss's name, for messages; SAMPLED_FISHER: a softmax likelihood (labels sampled)
     NODES                {node: (inputs, {role: parameter})} in graph order; 'x' is the model input
     SECOND_ORDER         {node: (has a residual, roles θ with ∂²y/∂x∂θ ≠ 0, method viewing a tangent as θ's input)}
@@ -37,7 +38,7 @@ class CurvatureModule:
 
     memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
     PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE, INPUT_IDS = {}, (), (), (), (), None
-    TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER = "class", False, "the loss", False
+    TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER, TOKENS = "class", False, "the loss", False, None
     NODES, SECOND_ORDER, BLOCKS, FACTORS, MEMORY = {}, {}, {}, {}, (0, "the loss", ())
 
     def __init__(self, model):
@@ -69,7 +70,9 @@ class CurvatureModule:
         params, buffers = bind(self.model, self.PARAMETERS, self.BUFFERS)  # the model's current tensors
         check_input(x, self.INPUT_SHAPE, next(iter(params.values()), None), self.INPUT_IDS)
         N = x.shape[0]
-        if self.TARGET == "class":
+        if self.TOKENS:
+            checked = check_token_target(target, N, self.OUTPUT_SHAPE, self.TOKENS, x.device)
+        elif self.TARGET == "class":
             checked = check_class_target(target, N, numel(self.OUTPUT_SHAPE), self.PROBABILITY_TARGETS, x.device)
         else:
             checked = check_dense_target(target, N, self.OUTPUT_SHAPE, x.device)

@@ -151,6 +151,29 @@ def check_class_target(target, N, classes, probabilities, device):
     return torch.nn.functional.one_hot(target.long(), classes)
 
 
+def check_token_target(target, N, y_shape, tokens, device):
+    """Labels (N, *S) of an integer dtype in [0, C) or equal to ignore_index, for logits (N, C, *S) (class_axis 1) or
+    (N, *S, C) (class_axis -1). Returns their one-hot (N, T, C), T = numel(S), with zero rows at ignored labels."""
+    check_tensor("target", target)
+    if target.device != device:
+        raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
+    axis, ignore = tokens["class_axis"], tokens["ignore_index"]
+    classes, positions = (y_shape[0], tuple(y_shape[1:])) if axis == 1 else (y_shape[-1], tuple(y_shape[:-1]))
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold class labels of an integer dtype, shape (N, *S) = {(N, *positions)}; "
+                        f"got {describe(target)}")
+    if tuple(target.shape) != (N, *positions):
+        raise ValueError(f"target must have shape (N, *S) = {(N, *positions)} (one class label per position), "
+                         f"got {describe(target)}")
+    kept = target != ignore
+    labels = torch.where(kept, target, 0)
+    low, high = torch.aminmax(labels)
+    if low < 0 or high >= classes:
+        raise ValueError(f"target must hold class labels in [0, {classes - 1}] (C = {classes} classes) or "
+                         f"{ignore} (ignore_index), got labels from {int(low)} to {int(high)}")
+    return torch.nn.functional.one_hot(labels.reshape(N, -1).long(), classes) * kept.reshape(N, -1, 1)
+
+
 def check_dense_target(target, N, y_shape, device):
     """Targets of the model output's shape (N, *y): no broadcasting, as torch's losses would silently do."""
     check_tensor("target", target)
