@@ -23,8 +23,43 @@ def factor_nodes(graph, order) -> dict:
     return {name: dict(graph.nodes[name]["params"]) for name in order if graph.nodes[name]["plan"].kronecker}
 
 
+def shared_factor_methods(name, node) -> list:
+    """The factor methods of a Linear shared over L positions, ``y[l] = W x[l] + b``, in KFAC-expand or KFAC-reduce
+    form (Eschenhagen et al. 2023, curvlinops' scaling): expand treats positions as samples,
+    ``A = Σ_(n,l) x xᵀ / (N L)``, ``G = Σ_(v,n,l) u uᵀ``; reduce sums before the outer products,
+    ``A = Σ_n x̄ x̄ᵀ / N`` with ``x̄ = mean_l x``, ``G = Σ_(v,n) s sᵀ`` with ``s = Σ_l u``."""
+    positions, d_in = node["x_shape"][:-1], node["x_shape"][-1]
+    c_out, locations = node["y_shape"][-1], prod(positions)
+    return [
+        *method_lines(f"_{name}_input_factor(self, approx)",
+                      f"A ({d_in}, {d_in}): Σ_(n,l) x xᵀ / (N L) (expand) or Σ_n x̄ x̄ᵀ / N, x̄ = mean_l x (reduce)",
+                      [f"X = self.{name}_X.reshape(self.N, {locations}, {d_in})",
+                       "if approx == 'reduce':",
+                       "    X = X.mean(1)",
+                       "    return X.T @ X / self.N",
+                       f"return torch.einsum('nli,nlj->ij', X, X) / (self.N * {locations})"]),
+        *method_lines(f"_{name}_root_factor(self, u, approx)",
+                      f"G ({c_out}, {c_out}) from roots u (V, N, *y): Σ_(v,n,l) u uᵀ (expand) or Σ_(v,n) s sᵀ, "
+                      "s = Σ_l u (reduce)",
+                      [f"u = u.reshape(*u.shape[:2], {locations}, {c_out})",
+                       "if approx == 'reduce':",
+                       "    s = u.sum(2)",
+                       "    return torch.einsum('vno,vnp->op', s, s)",
+                       "return torch.einsum('vnlo,vnlp->op', u, u)"]),
+        *method_lines(f"_{name}_curvature_factor(self, S, approx)",
+                      f"G ({c_out}, {c_out}) from the HBP curvature S at the output: Σ_l S[(l, o), (l, p)] (expand) "
+                      "or Σ_(l,l') S[(l, o), (l', p)] (reduce)",
+                      [f"S = S.reshape({locations}, {c_out}, {locations}, {c_out})",
+                       "if approx == 'reduce':",
+                       "    return S.sum((0, 2))",
+                       "return torch.diagonal(S, dim1=0, dim2=2).sum(-1)"]),
+    ]
+
+
 def factor_methods(name, node) -> list:
     """The node's three factor methods: input factor A, G from roots, G from the HBP curvature."""
+    if node["plan"].kind == "shared matmul":
+        return shared_factor_methods(name, node)
     c_out = node["y_shape"][0]
     locations = prod(node["y_shape"][1:])
     d_k = prod(node["param_shapes"]["weight"][1:])

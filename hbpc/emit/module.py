@@ -265,6 +265,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
+    sharing = {name: prod(graph.nodes[name]["x_shape"][:-1]) for name in factors if plans[name].kind == "shared matmul"}
     ledger = _MemoryLedger({name: prod(graph.nodes[name]["y_shape"]) for name in order}, last)
     sweep = _sweep_method(graph, order, codes, plan, ledger)
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
@@ -344,6 +345,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *_table("BLOCKS", blocks, "  # node: ((parameter, block method), ...)"),
             *_table("FACTORS", {name: (p["weight"], p.get("bias")) for name, p in factors.items()},
                     "  # the KFAC family's layers: node: (weight, bias)"),
+            *(_table("WEIGHT_SHARING", sharing, "  # KFAC layers shared over positions: node: positions (kfac_approx)")
+              if sharing else []),
             f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",

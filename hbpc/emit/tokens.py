@@ -2,7 +2,7 @@
 
 ``L = c · Σ_n Σ_s w_{n,s} ℓ(z_{n,s}, t_{n,s})`` with the derived per-token ℓ of cross-entropy, ``w_{n,s} = 0`` where
 the label is ``ignore_index`` (else 1) and ``c = 1 / Σ w`` (mean over the counted tokens, torch's semantics) or 1
-(sum). Every quantity is the derived per-token one on ``z`` viewed as ``(N, T, C)``, ``T = numel(S)``, times
+(sum; with no token counted, the mean loss is NaN and the gradient and curvature 0, as torch's). Every quantity is the derived per-token one on ``z`` viewed as ``(N, T, C)``, ``T = numel(S)``, times
 ``c · w``; the loss Hessian is block-diagonal over tokens.
 """
 from math import prod
@@ -31,13 +31,15 @@ def token_loss_lines(graph, last, loss_plan, derivation, scale):
     smoothing = loss_plan.label_smoothing
     target = "t.to(z.dtype)" + (f" * {1 - smoothing!r} + {smoothing / classes!r}" if smoothing else "")
     grad, hvp_value = (f"(scale * w[..., None] * ({exprs[key]}))" for key in ("grad", "hvp"))
-    count = "1 / w.sum()" if graph.graph["reduction"] == "mean" else scale
+    mean = graph.graph["reduction"] == "mean"
+    total = f"(w[..., None] * ({exprs['value']})).sum()"
     lines = [f"z = {to_tokens(f'a_{last}', 'N')}  # (N, T, C): tokens × classes",
              "w = t.sum(-1).to(z.dtype)  # (N, T): 0 where the label is ignore_index, else 1", f"t = {target}",
              *[f"{name} = {code}" for name, code in derivation.intermediates.items()],
              *needed(shared, exprs["value"] + " " + exprs["grad"]),
-             f"scale = {count}  # {graph.graph['reduction']} over the counted tokens",
-             f"loss = scale * (w[..., None] * ({exprs['value']})).sum()",
+             *([f"scale = 1 / w.sum().clamp(min=1)  # the mean over the counted tokens (none: gradient 0, as torch)",
+                f"loss = {total} / w.sum()  # NaN when no token counts, as torch"] if mean else
+               [f"scale = {scale}", f"loss = scale * {total}"]),
              f"g_{last} = {from_tokens(grad, 'N')}",
              "self.loss_scale, self.loss_z, self.loss_t, self.loss_w = scale, z, t, w",
              *[f"self.loss_{name} = {name}" for name in derivation.intermediates]]

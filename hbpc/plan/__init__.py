@@ -29,7 +29,7 @@ QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian pro
 ALL = frozenset(QUANTITIES)
 CURVATURE = ALL - {"gradient"}
 MEMORY_LIMIT = 2 * 1024**3  # bytes: the generated modules' default memory_limit
-FACTORED_MAPS = ("matmul", "convolution")  # input maps whose weight block the KFAC family factors as G ⊗ A
+FACTORED_MAPS = ("matmul", "shared matmul", "convolution")  # input maps whose weight block the KFAC family factors
 
 
 @dataclass(frozen=True)

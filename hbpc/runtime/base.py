@@ -32,6 +32,7 @@ class CurvatureModule:
     SECOND_ORDER         {node: (has a residual, roles θ with ∂²y/∂x∂θ ≠ 0, method viewing a tangent as θ's input)}
     BLOCKS               {node: ((parameter, block method), ...)}: what blocks() builds from S at node
     FACTORS              {node: (weight, bias or None)}: the KFAC family's layers
+    WEIGHT_SHARING       {node: positions} of the FACTORS layers shared over positions (KFAC-expand / -reduce)
     MEMORY               (peak entries of the HBP sweep, where it peaks, ((b, gram), ...) factors kept)
     ===================  =============================================================================
     """
@@ -39,7 +40,7 @@ class CurvatureModule:
     memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
     PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE, INPUT_IDS = {}, (), (), (), (), None
     TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER, TOKENS = "class", False, "the loss", False, None
-    NODES, SECOND_ORDER, BLOCKS, FACTORS, MEMORY = {}, {}, {}, {}, (0, "the loss", ())
+    NODES, SECOND_ORDER, BLOCKS, FACTORS, MEMORY, WEIGHT_SHARING = {}, {}, {}, {}, (0, "the loss", ()), {}
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match.
@@ -147,8 +148,13 @@ class CurvatureModule:
             for name, f in products.items()
         }
 
+    def _factor(self, node, which, approx, *args):
+        """The node's factor method ``which`` (input, root, curvature); layers shared over positions take approx."""
+        method = getattr(self, f"_{node}_{which}_factor")
+        return method(*args, approx) if node in self.WEIGHT_SHARING else method(*args)
+
     @torch.no_grad()
-    def kronecker_factors(self, kind="kflr", samples=1, generator=None):
+    def kronecker_factors(self, kind="kflr", samples=1, generator=None, kfac_approx="expand"):
         """Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:
         weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).
 
@@ -157,8 +163,15 @@ class CurvatureModule:
         kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),
         S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP
         recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.
+
+        A layer shared over positions l (nn.Linear on (N, *S, D), WEIGHT_SHARING) follows Eschenhagen et al. (2023)
+        with curvlinops' scaling: kfac_approx='expand' treats positions as samples, A = Σ_(n,l) x xᵀ / (N L),
+        G = Σ_(v,n,l) u uᵀ (KFRA: Σ_l S[(l,·),(l,·)]); 'reduce' sums before the outer products, A = Σ_n x̄ x̄ᵀ / N with
+        x̄ = mean_l x, G = Σ_(v,n) s sᵀ with s = Σ_l u (KFRA: Σ_(l,l') S). Other layers ignore kfac_approx.
         """
         check_kronecker_kind(kind)
+        if kfac_approx not in ("expand", "reduce"):
+            raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
         self._check_ready()
         if kind == "kfra":
             self._check_memory()
@@ -166,15 +179,16 @@ class CurvatureModule:
 
             def visit(node, S):  # S at the output of a node with parameters
                 if node in self.FACTORS:
-                    G[node] = getattr(self, f"_{node}_curvature_factor")(S)
+                    G[node] = self._factor(node, "curvature", kfac_approx, S)
 
             self._hbp_sweep("ggn", False, visit)
         else:
             u = self._loss_hessian_root() if kind == "kflr" else self._loss_sampled_root(samples, generator)
-            G = self._root_backward(u) if self.FACTORS else {}
+            G = self._root_backward(u, kfac_approx) if self.FACTORS else {}
         factors = {}
         for node, (weight, bias) in self.FACTORS.items():
-            factors[weight] = KroneckerBlock(G[node], getattr(self, f"_{node}_input_factor")(), self.PARAMETERS[weight])
+            A = self._factor(node, "input", kfac_approx)
+            factors[weight] = KroneckerBlock(G[node], A, self.PARAMETERS[weight])
             if bias is not None:
                 factors[bias] = DenseBlock(G[node], self.PARAMETERS[bias])
         return factors
@@ -271,7 +285,7 @@ class CurvatureModule:
                 cotangent.setdefault(source, []).append(_sum(terms))
         return {param: _sum(terms) for param, terms in out.items()}
 
-    def _root_backward(self, u):
+    def _root_backward(self, u, kfac_approx):
         """Jᵀ u (V, N, *z) from the loss down to every KFAC-family layer; G = the layer's root factor there."""
         needed = set()
         for name, (inputs, _) in self.NODES.items():  # tensors with a factor layer at or below them
@@ -285,7 +299,7 @@ class CurvatureModule:
             inputs, _ = self.NODES[name]
             u = _sum(cotangent[name])
             if name in self.FACTORS:
-                G[name] = getattr(self, f"_{name}_root_factor")(u)
+                G[name] = self._factor(name, "root", kfac_approx, u)
             if any(i in needed for i in inputs):
                 for source, term in zip(inputs, self._vjps(name, inputs, u)):
                     if source in needed:
