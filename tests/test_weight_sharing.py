@@ -118,13 +118,16 @@ def test_embedding_refusals_name_the_problem():
 class Pooled(nn.Module):
     """(N, T, D) -> shared Linear, tanh -> [mean over T -> Linear: logits (N, C)] or [shared Linear: (N, C, T)]."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, classes_last=False):
         super().__init__()
-        self.lin1, self.lin2, self.pool = nn.Linear(3, 4), nn.Linear(4, 3), pool
+        self.lin1, self.lin2, self.pool, self.classes_last = nn.Linear(3, 4), nn.Linear(4, 3), pool, classes_last
 
     def forward(self, x):
         h = torch.tanh(self.lin1(x))
-        return self.lin2(h.mean(1)) if self.pool else self.lin2(h).transpose(1, 2)
+        return self.lin2(h.mean(1)) if self.pool else self.logits(self.lin2(h))
+
+    def logits(self, y):
+        return y if self.classes_last else y.transpose(1, 2)
 
 
 def _dense_factors(model, loss_fn, x, t, approx):
@@ -133,7 +136,7 @@ def _dense_factors(model, loss_fn, x, t, approx):
     J̄_n = Σ_l J_(n,l), A = Σ_n x̄ x̄ᵀ / N with x̄_n = mean_l x."""
     with torch.no_grad():
         y = model.lin1(x)
-    rest = lambda y: (model.lin2(torch.tanh(y).mean(1)) if model.pool else model.lin2(torch.tanh(y)).transpose(1, 2))
+    rest = lambda y: model.lin2(torch.tanh(y).mean(1)) if model.pool else model.logits(model.lin2(torch.tanh(y)))
     z = rest(y)
     N, L, O = y.shape
     J = jacobian(rest, y).reshape(N, z[0].numel(), N, L, O)
@@ -150,11 +153,12 @@ def _dense_factors(model, loss_fn, x, t, approx):
     return G, A
 
 
-@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("pool, loss_fn", [(True, nn.CrossEntropyLoss()), (False, nn.CrossEntropyLoss()),
+                                           (False, TokenCrossEntropyLoss())])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_kfac_expand_and_reduce_match_their_definitions(pool, approx):
+def test_kfac_expand_and_reduce_match_their_definitions(pool, loss_fn, approx):
     torch.manual_seed(4)
-    model, loss_fn = Pooled(pool).double(), nn.CrossEntropyLoss()
+    model = Pooled(pool, isinstance(loss_fn, TokenCrossEntropyLoss)).double()
     x = torch.randn(3, 2, 3, dtype=torch.float64)
     t = torch.randint(3, (3,) if pool else (3, 2))
     curvature = hbpc.compile_model(model, x, loss_fn).Curvature(model)

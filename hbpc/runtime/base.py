@@ -312,13 +312,49 @@ class CurvatureModule:
         eye = torch.eye(classes, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return eye[:, None, :].expand(classes, self.N, classes).reshape(classes, self.N, *self.OUTPUT_SHAPE)
 
+    def _token_view(self, a, to_tokens):
+        """Cross-entropy over tokens: (*lead, *y) as (*lead, T, C) (to_tokens), or back."""
+        rank, axis = len(self.OUTPUT_SHAPE), self.TOKENS["class_axis"]
+        shape = self.OUTPUT_SHAPE[1:] + self.OUTPUT_SHAPE[:1] if axis == 1 else self.OUTPUT_SHAPE  # (*S, C)
+        if to_tokens:
+            a = a.movedim(-rank, -1) if axis == 1 else a
+            return a.reshape(*a.shape[:-rank], numel(shape[:-1]), shape[-1])
+        a = a.reshape(*a.shape[:-2], *shape)
+        return a.movedim(-1, -rank) if axis == 1 else a
+
+    def _token_loss_hessians(self):
+        """∇²_{z_(n,t)} L per token, (N, T, C, C), from C products: the loss Hessian is block-diagonal over tokens."""
+        C = self.OUTPUT_SHAPE[0 if self.TOKENS["class_axis"] == 1 else -1]
+        T = numel(self.OUTPUT_SHAPE) // C
+        eye = torch.eye(C, dtype=self.loss_z.dtype, device=self.loss_z.device)
+        basis = self._token_view(eye[:, None, None, :].expand(C, self.N, T, C), False)
+        return self._token_view(self._loss_hessian_product(basis), True).permute(1, 2, 0, 3)
+
+    def _token_block_diagonal(self, blocks):
+        """(*lead, T, C, K) per-token blocks -> (*lead, T, C, T, K) with zeros off the token diagonal."""
+        T = blocks.shape[-3]
+        full = blocks.new_zeros(*blocks.shape[:-1], T, blocks.shape[-1])
+        index = torch.arange(T, device=blocks.device)
+        full[..., index, :, index, :] = blocks.movedim(-3, 0)
+        return full
+
     def _loss_hessian_sum(self):
-        """S_z = Σ_n ∇²_{z_n} L: (C, C)."""
+        """S_z = Σ_n ∇²_{z_n} L: (C, C) (over tokens: block-diagonal, from the per-token Hessians)."""
+        if self.TOKENS:
+            S = self._token_block_diagonal(self._token_loss_hessians().sum(0))  # (T, C, T, C): tokens, then classes
+            S = S.permute(1, 0, 3, 2) if self.TOKENS["class_axis"] == 1 else S  # the logits' order (C, T)
+            return S.reshape(numel(self.OUTPUT_SHAPE), -1)
         classes = numel(self.OUTPUT_SHAPE)
         return self._loss_hessian_product(self._loss_basis()).sum(1).reshape(classes, classes)
 
     def _loss_hessian_root(self):
-        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""
+        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first (over tokens: one
+        eigendecomposition per token, T·C columns, each nonzero at its token only)."""
+        if self.TOKENS:
+            eigenvalues, Q = eigh_upcast(self._token_loss_hessians())  # (N, T, C, C)
+            root = self._token_block_diagonal(Q * eigenvalues.clamp(min=0).sqrt()[..., None, :])  # (N, T, C, T, K)
+            root = root.permute(3, 4, 0, 1, 2).reshape(-1, self.N, *root.shape[1:3])  # (T·K, N, T, C)
+            return self._token_view(root, False)
         classes = numel(self.OUTPUT_SHAPE)
         H = self._loss_hessian_product(self._loss_basis()).reshape(classes, self.N, classes).transpose(0, 1)
         eigenvalues, Q = eigh_upcast(H)  # H: (N, C, C)
