@@ -33,8 +33,8 @@ from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
 
-from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split, shape_chain,
-                     window_branches)
+from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split,
+                     positional_rows, shape_chain, window_branches)
 from .trace import HBPC_DIR, ShapeTracer, forget_values
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
@@ -366,12 +366,14 @@ def _positional_embedding(node, op, module, modules) -> bool:
     for part in ids.target.split("."):
         value = getattr(value, part)
     weight = modules[node.target].weight
-    if not torch.is_tensor(value) or not torch.equal(value.cpu(), torch.arange(weight.shape[0])):
-        raise ValueError(f"an embedding of a constant index is supported as all of its rows in order "
-                         f"(torch.arange(num_embeddings) = arange({weight.shape[0]}), a learned positional parameter), "
-                         f"got an index of shape {tuple(value.shape) if torch.is_tensor(value) else value!r}; "
-                         "compile with the sequence length equal to num_embeddings")
+    rows = len(value) if torch.is_tensor(value) and value.dim() == 1 else 0
+    if not 0 < rows <= weight.shape[0] or not torch.equal(value.cpu(), torch.arange(rows)):
+        raise ValueError(f"an embedding of a constant index is supported as its first rows in order "
+                         f"(torch.arange(T), T <= num_embeddings = {weight.shape[0]}: a learned positional parameter), "
+                         f"got an index of shape {tuple(value.shape) if torch.is_tensor(value) else value!r}")
     node.meta["hbpc_parameter"] = next(name for name, p in module.named_parameters() if p is weight)
+    if rows < weight.shape[0]:
+        node.meta["hbpc_rows"] = tuple(weight.shape)  # the first rows of the parameter: a chain where it is added
     return True
 
 
@@ -589,8 +591,12 @@ def _chained_nodes(node, op, tensor_args, modules, param_names, names, taken):
     module = modules.get(node.target) if node.op == "call_module" else None
     x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:]) if tensor_args else None
     windows = _uneven_pool_windows(node, op, TABLE.get(op), module, x_shape) if tensor_args else None
+    rows = [a for a in node.args if isinstance(a, fx.Node) and "hbpc_rows" in a.meta]
     if windows is not None:
         source, steps = tensor_args[0], None
+    elif op == "add" and rows and len(tensor_args) == 1:
+        source = tensor_args[0]
+        steps = positional_rows(x_shape, rows[0].meta["hbpc_rows"], rows[0].meta["hbpc_parameter"])
     elif op == "groupnorm" and module is not None:
         source, steps = tensor_args[0], group_norm_chain(module, x_shape, param_names)
     else:
