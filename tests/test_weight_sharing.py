@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
 import hbpc
+from hbpc.linalg.dataset import kronecker_factors as dataset_factors
 from hbpc.losses import TokenCrossEntropyLoss
 
 from exactness import assert_dense_exact
@@ -175,6 +176,8 @@ def test_kfac_expand_and_reduce_match_their_definitions(pool, loss_fn, approx):
     assert torch.allclose(factors["lin1.bias"].to_dense(), G, atol=1e-12)
     kfra = curvature.kronecker_factors("kfra", kfac_approx=approx)["lin1.weight"].kronecker_factors
     assert torch.allclose(kfra[1], A, atol=1e-12)
+    data = dataset_factors(curvature, [(x[:2], t[:2]), (x[2:], t[2:])], kfac_approx=approx)["lin1.weight"]
+    assert torch.allclose(data.kronecker_factors[1], A, atol=1e-12)  # A: a sample mean over the batches
 
 
 @pytest.mark.skipif(importlib.util.find_spec("curvlinops") is None, reason="curvlinops not installed")
