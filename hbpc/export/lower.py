@@ -777,8 +777,8 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
     out_shape = ir_nodes[-1]["y_shape"]
     graph.graph["tokens"] = _token_loss(loss_fn, loss, loss_rule.key, out_shape) if not after_log_softmax else None
     if graph.graph["tokens"] is None and getattr(loss_fn, "ignore_index", -100) != -100 and loss is None:
-        raise HbpcError(f"{type(loss_fn).__name__} with ignore_index is supported for logits with positions "
-                        f"(N, C, *S) only; the model returns (N, {out_shape})", "loss_fn",
+        raise HbpcError(f"{type(loss_fn).__name__} with ignore_index is not supported for logits (N, C), only for "
+                        f"logits with positions (N, C, *S); the model returns (N, {out_shape})", "loss_fn",
                         f"use {type(loss_fn).__name__}() without ignore_index")
     if loss_rule.target == "class" and len(out_shape) != 1 and graph.graph["tokens"] is None:
         raise HbpcError(f"{loss_rule.key} needs logits of shape (N, C), the model returns (N, {out_shape})",
