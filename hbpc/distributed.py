@@ -93,9 +93,12 @@ def unwrap(curvature):
 
 
 def block_classes(curvature):
-    """The generated module's ``(DenseBlock, KroneckerBlock)`` for ``curvature``."""
+    """The generated module's ``(DenseBlock, KroneckerBlock)`` for ``curvature`` (the runtime's where the module
+    imports none: its blocks are all matrix-free, e.g. Linear layers shared over positions)."""
+    from hbpc.runtime import blocks
+
     module = sys.modules[type(unwrap(curvature)).__module__]
-    return module.DenseBlock, module.KroneckerBlock
+    return getattr(module, "DenseBlock", blocks.DenseBlock), getattr(module, "KroneckerBlock", blocks.KroneckerBlock)
 
 
 class Weights:
@@ -220,9 +223,9 @@ class DistributedCurvature:
         dense = self.reduce([local[name].to_dense() for name in names])
         return {name: DenseBlock(matrix, local[name].param_shape) for name, matrix in zip(names, dense)}
 
-    def kronecker_factors(self, kind: str = "kflr", samples: int = 1, generator=None) -> dict:
+    def kronecker_factors(self, kind: str = "kflr", samples: int = 1, generator=None, kfac_approx="expand") -> dict:
         """``G`` summed like the loss (``Σ_r w_r G_r``), ``A`` as a sample mean (``Σ_r (N_r/N) A_r``)."""
-        local = self.curvature.kronecker_factors(kind, samples, generator)
+        local = self.curvature.kronecker_factors(kind, samples, generator, kfac_approx)
         return reduce_factors(local, self.reduce, block_classes(self.curvature)) if initialized() else local
 
 

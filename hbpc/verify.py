@@ -92,7 +92,12 @@ def _synthetic_data(graph, model, example_input, generator):
             x = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device)
     with torch.no_grad():
         out = model(x)
-    if graph.graph["loss_rule"].target == "class":
+    tokens = graph.graph.get("tokens")
+    if tokens:  # labels (N, *S) for logits (N, C, *S) or (N, *S, C)
+        axis = tokens["class_axis"]
+        positions = out.shape[:1] + (out.shape[2:] if axis == 1 else out.shape[1:-1])
+        t = torch.randint(out.shape[axis], positions, generator=generator).to(device)
+    elif graph.graph["loss_rule"].target == "class":
         t = torch.randint(out.shape[-1], out.shape[:1], generator=generator).to(device)
     else:
         t = torch.rand(out.shape, generator=generator, dtype=torch.float64).to(device)

@@ -4,7 +4,8 @@
 ``"patches"`` (``unfold``: ``X[n, g, c, k, l]`` is input channel ``c`` of group
 ``g`` at kernel offset ``k`` of output location ``l``), ``"transposed_patches"`` (the same for a
 transposed convolution: the patches of the zero-inserted, padded input, kernel offsets reversed) or ``"standardize"``
-(eval-mode normalisation with the running statistics: ``X = (x − μ_c) / sqrt(σ²_c + ε)``).
+(eval-mode normalisation with the running statistics: ``X = (x − μ_c) / sqrt(σ²_c + ε)``) or ``"one_hot"`` (integer ids
+as one-hot rows: an embedding's input, which has no curvature).
 
 ``SHAPE_OPS`` are parameter-free linear maps (and GroupNorm's per-channel affine map) that hbpc/export/chains.py
 lowers shape ops, uneven pooling and GroupNorm onto; ``crop`` is ``pad`` with negative padding.
@@ -16,6 +17,19 @@ from .spec import Selection, Structured, K, P, W, X, b, c, g, i, k, l, n, o, Σ
 
 def _linear_views(h, x_shape, y_shape):
     return {"X": x_shape, "Y": y_shape, "W": (y_shape[0], x_shape[0]), "b": (y_shape[0],)}
+
+
+def _shared_linear_views(h, x_shape, y_shape):
+    """X (L, D) -> Y (L, O): the positions ``l`` of an (N, *S, D) input flattened, W (O, D) shared by all of them."""
+    positions = prod(x_shape[:-1])
+    return {"X": (positions, x_shape[-1]), "Y": (positions, y_shape[-1]), "W": (y_shape[-1], x_shape[-1]),
+            "b": (y_shape[-1],)}
+
+
+def _embedding_views(h, x_shape, y_shape):
+    """X (L, V): the one-hot rows of the L = numel(x) token ids, V = num_embeddings; W (V, D); Y (L, D)."""
+    positions, vocabulary = prod(x_shape), h["num_embeddings"]
+    return {"X": (positions, vocabulary), "Y": (positions, y_shape[-1]), "W": (vocabulary, y_shape[-1])}
 
 
 def _conv_views(h, x_shape, y_shape):
@@ -79,6 +93,17 @@ STRUCTURED = [
         "linear", out=(n, o), expr=Σ(W[o, i] * X[n, i], i) + b[o],
         params={"weight": W, "bias": b}, views=_linear_views,
         forward="torch.nn.functional.linear({x}, {weight}, {bias})",
+    ),
+    Structured(
+        # nn.Linear on (N, *S, D): one weight shared by every position l (not a tied weight: one node uses it)
+        "shared_linear", out=(n, l, o), expr=Σ(W[o, i] * X[n, l, i], i) + b[o],
+        params={"weight": W, "bias": b}, views=_shared_linear_views,
+        forward="torch.nn.functional.linear({x}, {weight}, {bias})",
+    ),
+    Structured(
+        # nn.Embedding: a gather by integer ids, linear in its weight; X is the one-hot of the ids (no input curvature)
+        "embedding", out=(n, l, o), expr=Σ(X[n, l, i] * W[i, o], i), params={"weight": W}, views=_embedding_views,
+        input_view="one_hot", forward="torch.nn.functional.embedding({x}, {weight})",
     ),
     Structured(
         "conv2d", out=(n, g, o, l), expr=Σ(W[g, o, c, k] * X[n, g, c, k, l], c, k) + b[g, o],

@@ -123,7 +123,7 @@ def check_compiled_module(model_file: Path, out: Path, exact_blocks: bool = True
     model = copy.deepcopy(model).double()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for N in (x.shape[0], 1):
-        x64 = x[:N].double()
+        x64 = x[:N].double() if x.is_floating_point() else x[:N]  # token ids stay integers
         t64 = t[:N].double() if t.is_floating_point() else t[:N]
         curvature = module.Curvature(model)
         curvature.forward_backward(x64, t64)

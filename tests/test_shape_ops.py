@@ -183,7 +183,6 @@ def test_nanogpt_attention_traces_and_names_the_missing_ops():
         hbpc.compile_model(model, torch.zeros(2, 4, 8), nn.CrossEntropyLoss())
     message = str(error.value)
     assert "could not trace" not in message
-    assert "linear needs inputs of shape (N, features), got (2, 4, 8)" in message
     for op in ("matmul", "masked_fill", "softmax"):
         assert f"unsupported op '{op}'" in message
     for done in ("split", "transpose", "getitem", "view", "contiguous"):

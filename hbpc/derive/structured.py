@@ -138,17 +138,20 @@ def derive_structured(rule, input_base, batch) -> StructuredDerivation:
     return StructuredDerivation(tensors)
 
 
-# The derived input jvps that are a known map: Y[n, o] = Σ_i W[o, i] v[n, i] on the flat input (a matrix product),
+# The derived input jvps that are a known map: Y[n, o] = Σ_i W[o, i] v[n, i] on the flat input (a matrix product, also
+# at every position l),
 # and Σ_{c,k} W[g, o, c, k] X[n, g, c, k, l] over unfolded patches (transposed: W[g, c, o, k]), a convolution.
 _INPUT_MAPS = {
     ("...ab,...cb->...ca", ("W", "v")): "matmul",
+    ("...ab,...cdb->...cda", ("W", "v")): "shared matmul",  # Y[n, l, o] = Σ_i W[o, i] v[n, l, i]: one W per position
     ("...abcd,...eacdf->...eabf", ("W", "v")): "convolution",
     ("...abcd,...eabdf->...eacf", ("W", "v")): "transposed convolution",
 }
 
 
 def classify(derivation: StructuredDerivation) -> str:
-    """What the derived input map is: "matmul", "convolution", "transposed convolution" or "generic"."""
+    """What the derived input map is: "matmul", "shared matmul" (at every position), "convolution", "transposed
+    convolution" or "generic"."""
     jvp = derivation.tensors["X"].jvp
     return _INPUT_MAPS.get((jvp.spec, jvp.operands), "generic") if jvp.coeff == 1 else "generic"
 

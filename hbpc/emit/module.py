@@ -11,6 +11,7 @@ from .code import Method, Target
 from .kronecker import factor_nodes
 from .names import INPUT, family_names, safe_text, with_stems
 from .nodes import node_code, sandwich_temporaries, shares_methods
+from .tokens import token_loss_lines
 
 _INDENT = "    "
 
@@ -29,6 +30,8 @@ def _with_classes(lines, reads, classes):
 
 
 def _loss_lines(graph, last, loss_plan):
+    if graph.graph.get("tokens"):
+        return token_loss_lines(graph, last, loss_plan)
     rule, derived = graph.graph["loss_rule"], graph.graph["loss_derived"]
     classes = prod(ir.node(graph, last).y_shape)
     smoothing = loss_plan.label_smoothing
@@ -309,6 +312,8 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
     factors = factor_nodes(graph, order)
     ledger = _MemoryLedger({name: prod(ir.node(graph, name).y_shape) for name in order}, last)
     _sweep_memory(graph, order, codes, plan, ledger)
+    sharing = {name: prod(ir.node(graph, name).x_shape[:-1]) for name in factors
+               if plans[name].kind == "shared matmul"}
     kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
     nodes = ir.nodes(graph)
     buffers = sorted({b for node in nodes for b in node.buffers.values()})
@@ -316,12 +321,20 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
                                 for node in nodes if node.op == "batch_norm"}
                                | {node.hyper["dropout"] for node in nodes if "dropout" in node.hyper})
     params = graph.graph["architecture"]  # model order; parameters the loss ignores have zero curvature
+    ids = min((node.hyper["num_embeddings"] for node in nodes if node.op == "embedding" and INPUT in node.inputs),
+              default=None)
     forward = [line for name in order for line in codes[name].forward]
     rule = graph.graph["loss_rule"]
     y_shape = ir.node(graph, last).y_shape
     classes = prod(y_shape)
     sampled, probabilities = plan.loss.sampled_fisher, plan.loss.probability_targets
-    if rule.target == "class":
+    if graph.graph.get("tokens"):
+        tokens = graph.graph["tokens"]
+        classes = y_shape[0] if tokens["class_axis"] == 1 else y_shape[-1]
+        positions = y_shape[1:] if tokens["class_axis"] == 1 else y_shape[:-1]
+        target_doc = (f"class labels (N, {_shape_args(positions)}) in [0, {classes}) or {tokens['ignore_index']} "
+                      "(ignore_index: left out of the mean)")
+    elif rule.target == "class":
         target_doc = f"class labels (N,) in [0, {classes})" + (
             f" or class probabilities (N, {classes}), rows summing to 1" if probabilities else "")
     else:
@@ -369,11 +382,14 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
             *_table("PARAMETERS", params, "  # as model.named_parameters()"),
             f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
             f"OUTPUT_SHAPE = {tuple(y_shape)!r}",
+            *([f"INPUT_IDS = {ids}  # x holds token ids in [0, {ids}): the model starts with an embedding"] if ids else []),
             *([f"BUFFERS = {tuple(buffers)!r}"] if buffers else []),
             *([f"EVAL_MODE_MODULES = {tuple(eval_mode_modules)!r}  # Dropout/BatchNorm compiled as eval maps; '*': F.dropout"]
               if eval_mode_modules else []),
             *([f"TARGET = {rule.target!r}"] if rule.target != "class" else []),
             *([f"PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities"] if probabilities else []),
+            *([f"TOKENS = {graph.graph['tokens']!r}  # cross-entropy over positions: labels (N, *S)"]
+              if graph.graph.get("tokens") else []),
             f"LOSS = {graph.graph['loss']!r}",
             *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
             *_table("NODES", nodes, "  # node: (inputs, {role: parameter}, family), in graph order"),
@@ -382,12 +398,15 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
             *_tuple_lines("BLOCKS", blocks, "  # nodes with blocks"),
             *(_tuple_lines("FACTORS", list(factors), "  # the KFAC family's layers") if factors else []),
             *(_tuple_lines("LOWERED", lowered, "  # factor layers caching the raw input") if lowered else []),
+            *(_table("WEIGHT_SHARING", sharing, "  # KFAC layers shared over positions: node: positions (kfac_approx)")
+              if sharing else []),
             f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",
             '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.',
             "",
-            f"    x: (N, {_shape_args(graph.graph['input_shape'])}) in the parameters' dtype; target: {target_doc}.",
+            f"    x: (N, {_shape_args(graph.graph['input_shape'])}) "
+            + (f"token ids in [0, {ids})" if ids else "in the parameters' dtype") + f"; target: {target_doc}.",
             '    """',
             *_indent(fb_body, 1), "",
             *loss_methods,

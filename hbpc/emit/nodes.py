@@ -249,6 +249,10 @@ def _input_view(node, views, tensor, tangent=False) -> str:
     if view == "patches":
         tensor = f"{tensor}.unsqueeze(-2)" if _is_1d(node) else tensor
         return f"patches({tensor}, {_patch_args(node)}).reshape(*lead, {dims(views['X'])})"
+    if view == "one_hot":  # integer ids as one-hot rows in the weight's dtype
+        ids = f"{tensor}.reshape(*lead, {views['X'][0]})"
+        weight = param_code(node.params["weight"])
+        return f"torch.nn.functional.one_hot({ids}, {views['X'][1]}).to({weight}.dtype)"
     if view == "standardize":
         flat = f"{tensor}.reshape(*lead, {dims(views['X'])})"
         centred = flat if tangent else f"({flat} - {_buffer(node, 'running_mean')}[:, None])"
@@ -296,9 +300,10 @@ def structured_code(at, node, input_vars, caches_view) -> NodeCode:
                                    (f"lead = lead_shape(v, {x_rank})", f"return {_input_view(node, views, 'v', True)}")))
 
     jx = derived.tensors["X"]
+    integer_input = rule.input_view == "one_hot"  # ids: no tangent, cotangent or curvature at the input
     if conv:
         code.records += _conv_input_methods(at, node, conv, expr)
-    else:
+    elif not integer_input:
         code.records += _einsum_input_methods(at, node, views, jx, expr)
     single_input_at(code, at)
 
@@ -317,6 +322,8 @@ def structured_code(at, node, input_vars, caches_view) -> NodeCode:
             code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
+    if integer_input:
+        return code
     if jx.sample_dependent:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
     code.input_curvature = [_sandwich_code(at, node, jx)]

@@ -11,7 +11,8 @@ average pooling with uneven windows (adaptive, ``ceil_mode``, ``count_include_pa
 =====================================================  ==========================================================
 
 ``nn.GroupNorm`` is ``reshape (G, C/G·S) -> layer_norm -> reshape -> channel_affine``, and adding (multiplying by) a
-learned parameter broadcast over leading axes (``x + self.pos``) is ``entry_shift`` (``entry_scale``).
+learned parameter broadcast over leading axes (``x + self.pos``) is ``entry_shift`` (``entry_scale``); adding its
+first T rows (``x + self.wpe(torch.arange(T))``) is ``crop`` (zero rows padded), ``entry_shift``, ``crop``.
 
 A chain is a list of steps ``(rule key, hyper, y_shape)`` from a source fx node; each step's input is the previous
 step's output. Shapes are per sample (no batch dimension); axes in ``hyper`` count the batch (as torch does).
@@ -251,6 +252,19 @@ def group_norm_chain(module, x_shape, param_names):
         chain.append(("channel_affine", {"broadcast": broadcast}, x_shape, params,
                       {role: (channels,) for role in params}))
     return chain
+
+
+def positional_rows(x_shape, p_shape, name):
+    """``x + W[:T]`` for ``x`` (T, *D) and a parameter ``W`` (V, *D), V > T (``x + self.wpe(torch.arange(T))``): ``x``
+    padded with zero rows to (V, *D), ``entry_shift`` by ``W``, cropped back to (T, *D). Exact; the rows past T get
+    no gradient and no curvature."""
+    if tuple(x_shape[1:]) != tuple(p_shape[1:]) or x_shape[0] > p_shape[0]:
+        raise ValueError(f"the first {x_shape[0]} rows of a parameter of shape {tuple(p_shape)} added to a per-sample "
+                         f"shape {x_shape}: the rows must match the first per-sample axis, the rest the trailing axes")
+    padded = tuple(p_shape)
+    return [_crop(x_shape, {1: (0, p_shape[0])}),
+            ("entry_shift", {"normalized_shape": padded}, padded, {"bias": name}, {"bias": padded}),
+            _crop(padded, {1: (0, x_shape[0])})]
 
 
 def broadcast_parameter(op, x_shape, p_shape):

@@ -21,8 +21,8 @@ from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
 
-from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split, shape_chain,
-                     window_branches)
+from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split,
+                     positional_rows, shape_chain, window_branches)
 from .trace import HBPC_DIR, ShapeTracer, forget_values
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
@@ -82,6 +82,12 @@ def _module_hyper(key, module):
             raise ValueError("layer_norm needs normalized_shape as constant sizes, e.g. (C,), not sizes read from a "
                              "tensor's shape")
         return {"normalized_shape": shape, "eps": float(module.eps)}
+    if key == "embedding":
+        options = [name for name, default in _EMBEDDING_DEFAULTS.items() if getattr(module, name, default) != default]
+        if options:
+            raise ValueError(f"embedding with {', '.join(options)} is not supported (padding_idx zeroes a row's "
+                             "gradient, which is not the derivative of the lookup); use nn.Embedding(V, D) without them")
+        return {"num_embeddings": int(getattr(module, "num_embeddings", 0) or module.weight.shape[0])}
     if key == "identity" and getattr(module, "training", False) and getattr(module, "p", 0) > 0:
         raise ValueError("dropout in training mode is random, so it has no curvature; call model.eval() before "
                          "compiling and training with curvature")
@@ -103,8 +109,11 @@ def _adaptive_as_avg_pool(node, op, module, x_shape):
     return {"kernel_size": kernel, "stride": kernel, "padding": (0,) * len(out)}
 
 
+_EMBEDDING_DEFAULTS = dict(padding_idx=None, max_norm=None, scale_grad_by_freq=False, sparse=False)
+
 # Positional parameters of the functional forms, named like the module attributes they stand for.
 _FUNCTIONAL_ARGS = {
+    "embedding": ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
     "linear": ("input", "weight", "bias"),
     "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -122,6 +131,7 @@ _FUNCTIONAL_ARGS = {
     "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
 }
 _FUNCTIONAL_DEFAULTS = {
+    "embedding": dict(norm_type=2.0, **_EMBEDDING_DEFAULTS),
     "conv2d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
     "conv1d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
     "conv3d": dict(bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"),
@@ -162,6 +172,8 @@ def _functional_call(key, node, module):
                                  "constant)") from None
     if key.startswith("conv"):
         bound["kernel_size"] = shapes["weight"][2:]
+    if key == "embedding":
+        bound["num_embeddings"] = shapes["weight"][0]
     attrs = SimpleNamespace(**{k: v for k, v in bound.items() if not isinstance(v, fx.Node)})
     return _module_hyper(key, attrs), params, shapes
 
@@ -327,7 +339,30 @@ def _param_roles(module):
 
 
 def _is_tensor(arg) -> bool:
-    return isinstance(arg, fx.Node) and arg.op != "get_attr" and isinstance(arg.meta.get("tensor_meta"), TensorMetadata)
+    """A per-sample tensor computed by the model (not a parameter, constant, or parameter rows looked up)."""
+    return (isinstance(arg, fx.Node) and arg.op != "get_attr" and "hbpc_parameter" not in arg.meta
+            and isinstance(arg.meta.get("tensor_meta"), TensorMetadata))
+
+
+def _positional_embedding(node, op, module, modules) -> bool:
+    """Whether ``node`` is ``self.wpe(torch.arange(T))``, an embedding of a constant index: then it is its weight
+    (all rows in order), marked ``hbpc_parameter`` and lowered where it is used as a learned positional parameter."""
+    ids = node.args[0] if node.args else None
+    if op != "embedding" or node.op != "call_module" or not isinstance(ids, fx.Node) or ids.op != "get_attr":
+        return False
+    value = module
+    for part in ids.target.split("."):
+        value = getattr(value, part)
+    weight = modules[node.target].weight
+    rows = len(value) if torch.is_tensor(value) and value.dim() == 1 else 0
+    if not 0 < rows <= weight.shape[0] or not torch.equal(value.cpu(), torch.arange(rows)):
+        raise ValueError(f"an embedding of a constant index is supported as its first rows in order "
+                         f"(torch.arange(T), T <= num_embeddings = {weight.shape[0]}: a learned positional parameter), "
+                         f"got an index of shape {tuple(value.shape) if torch.is_tensor(value) else value!r}")
+    node.meta["hbpc_parameter"] = next(name for name, p in module.named_parameters() if p is weight)
+    if rows < weight.shape[0]:
+        node.meta["hbpc_rows"] = tuple(weight.shape)  # the first rows of the parameter: a chain where it is added
+    return True
 
 
 def _scalar_op(op, node):
@@ -351,9 +386,11 @@ def _scalar_op(op, node):
 
 
 def _parameter_operand(node, module):
-    """The name of the parameter a binary op reads directly (``x + self.pos``), else None."""
+    """The name of the parameter a binary op reads directly (``x + self.pos``, ``x + self.wpe(arange)``), else None."""
     parameters = dict(module.named_parameters())
-    names = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in parameters]
+    names = [a.meta.get("hbpc_parameter", a.target) for a in node.args if isinstance(a, fx.Node)
+             and (a.op == "get_attr" or "hbpc_parameter" in a.meta)]
+    names = [name for name in names if name in parameters]
     return names[0] if len(names) == 1 and len(node.args) == 2 else None
 
 
@@ -416,8 +453,7 @@ def _lower_node(node, op, rule, tensor_args, modules, module, param_names):
     if hyper.pop("ceil_mode", False):
         rule = TABLE[f"{rule.key}_ceil"]  # the last windows may pass the end: torch's own forward records them
     if rule.key == "linear" and len(tensor_args[0].meta["tensor_meta"].shape) != 2:
-        shape = tuple(tensor_args[0].meta["tensor_meta"].shape)
-        raise ValueError(f"linear needs inputs of shape (N, features), got {shape}; flatten the input first")
+        rule = TABLE["shared_linear"]  # (N, *S, D): the weight is shared over the positions S
     per_sample_dims = len(tensor_args[0].meta["tensor_meta"].shape) - 1
     if isinstance(rule, Normalization) and len(hyper["normalized_shape"]) > per_sample_dims:
         raise ValueError(f"{rule.key} over the batch dimension couples the samples; normalize per-sample dimensions")
@@ -542,8 +578,12 @@ def _chained_nodes(node, op, tensor_args, modules, param_names, names, taken):
     module = modules.get(node.target) if node.op == "call_module" else None
     x_shape = tuple(tensor_args[0].meta["tensor_meta"].shape[1:]) if tensor_args else None
     windows = _uneven_pool_windows(node, op, TABLE.get(op), module, x_shape) if tensor_args else None
+    rows = [a for a in node.args if isinstance(a, fx.Node) and "hbpc_rows" in a.meta]
     if windows is not None:
         source, steps = tensor_args[0], None
+    elif op == "add" and rows and len(tensor_args) == 1:
+        source = tensor_args[0]
+        steps = positional_rows(x_shape, rows[0].meta["hbpc_rows"], rows[0].meta["hbpc_parameter"])
     elif op == "groupnorm" and module is not None:
         source, steps = tensor_args[0], group_norm_chain(module, x_shape, param_names)
     else:
@@ -579,6 +619,12 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
             names[node] = node.name
             ir_nodes.append(ir.Node(node.name, "log_softmax", None, {}, (names[tensor_args[0]],), (), (),
                                     fx_name=node.name))  # absorbed into the loss (_absorb_log_softmax)
+            continue
+        try:
+            if _positional_embedding(node, op, module, modules):
+                continue
+        except ValueError as error:
+            problems.append(f"{error}: {where}")
             continue
         if isinstance(meta, TensorMetadata) and meta.shape[:1] != example_input.shape[:1]:
             problems.append(f"its output has shape {tuple(meta.shape)}, which does not keep the batch "
@@ -637,6 +683,18 @@ def _check_single_output(ir_nodes, output):
 
 
 _NLL_AFTER_LOG_SOFTMAX = "nllloss"
+_TOKEN_LOSSES = {"crossentropyloss": 1, "tokencrossentropyloss": -1}  # loss_fn class -> the logits' class axis
+
+
+def _token_loss(loss_fn, loss, key, out_shape):
+    """``{"class_axis", "ignore_index"}`` for cross-entropy on logits with positions ((N, C, *S), or (N, *S, C) for
+    ``hbpc.losses.TokenCrossEntropyLoss``), labels (N, *S); None for logits (N, C)."""
+    axis = _TOKEN_LOSSES.get(type(loss_fn).__name__.lower()) if loss is None and loss_fn is not None else None
+    if axis is None and loss is not None and key == "cross_entropy":
+        axis = 1
+    if axis is None or len(out_shape) < 2:
+        return None
+    return {"class_axis": axis, "ignore_index": int(getattr(loss_fn, "ignore_index", -100))}
 
 
 def _loss_key(loss_fn, loss):
@@ -649,12 +707,12 @@ def _loss_key(loss_fn, loss):
         key, reduction = type(loss_fn).__name__.lower(), getattr(loss_fn, "reduction", "mean")
         options = {name: getattr(loss_fn, name) for name in ("weight", "pos_weight", "ignore_index")
                    if getattr(loss_fn, name, None) is not None}
-        if options.get("ignore_index", -100) == -100:
-            options.pop("ignore_index", None)
+        if options.get("ignore_index", -100) == -100 or key in _TOKEN_LOSSES:
+            options.pop("ignore_index", None)  # cross-entropy over tokens: labels equal to it are left out
         if options:
             raise HbpcError(f"{type(loss_fn).__name__} with {', '.join(options)} is not supported", "loss_fn",
                             f"use {type(loss_fn).__name__}() without {', '.join(options)}")
-    rule = LOSS_TABLE.get("cross_entropy" if key == _NLL_AFTER_LOG_SOFTMAX else key)
+    rule = LOSS_TABLE.get("cross_entropy" if key in (_NLL_AFTER_LOG_SOFTMAX, *_TOKEN_LOSSES) else key)
     if rule is None:
         supported = ", ".join(sorted({r.key for r in LOSS_TABLE.values()} | {"nll_loss after log_softmax"}))
         raise HbpcError(f"unsupported loss '{key}'", "loss_fn / --loss", f"use one of: {supported}")
@@ -700,7 +758,12 @@ def export(model: nn.Module, example_input: torch.Tensor, loss_fn=None, loss: st
     for ir_node in ir_nodes:
         ir.add(graph, ir_node)
     out_shape = ir_nodes[-1].y_shape
-    if loss_rule.target == "class" and len(out_shape) != 1:
+    graph.graph["tokens"] = _token_loss(loss_fn, loss, loss_rule.key, out_shape) if not after_log_softmax else None
+    if graph.graph["tokens"] is None and getattr(loss_fn, "ignore_index", -100) != -100 and loss is None:
+        raise HbpcError(f"{type(loss_fn).__name__} with ignore_index is not supported for logits (N, C), only for "
+                        f"logits with positions (N, C, *S); the model returns (N, {out_shape})", "loss_fn",
+                        f"use {type(loss_fn).__name__}() without ignore_index")
+    if loss_rule.target == "class" and len(out_shape) != 1 and graph.graph["tokens"] is None:
         raise HbpcError(f"{loss_rule.key} needs logits of shape (N, C), the model returns (N, {out_shape})",
                         ir_nodes[-1].source, "flatten the output or use MSELoss")
     return graph
@@ -710,7 +773,7 @@ def graph_hash(graph: nx.DiGraph) -> str:
     """A short digest of everything the generated code depends on."""
     payload = {
         "input": graph.graph["input_shape"], "loss": graph.graph["loss"], "reduction": graph.graph["reduction"],
-        "loss_hyper": graph.graph["loss_hyper"],
+        "loss_hyper": graph.graph["loss_hyper"], **({"tokens": graph.graph["tokens"]} if graph.graph.get("tokens") else {}),
         "nodes": [[n.op, n.hyper, n.inputs, n.x_shapes, n.y_shape, n.params] for n in ir.nodes(graph)],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]

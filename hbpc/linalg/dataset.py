@@ -189,18 +189,19 @@ def blocks(curv, data: Iterable, curvature: str = "ggn", average_input_jacobian:
 
 
 def kronecker_factors(curvature, data: Iterable, kind: str = "kflr", samples: int = 1, generator=None,
-                      reduction: str | None = None, progress: bool | None = None) -> dict:
+                      reduction: str | None = None, progress: bool | None = None, kfac_approx: str = "expand") -> dict:
     """Dataset-level Kronecker factors: ``G = Σ_b w_b G_b``, ``A = Σ_b (N_b / N) A_b``, one pass over ``data``.
 
     Same keys and block types as ``curvature.kronecker_factors``: ``KroneckerBlock(G, A)`` for weights,
-    ``DenseBlock(G)`` for biases. ``generator`` draws ``kfac``'s labels batch after batch.
+    ``DenseBlock(G)`` for biases. ``generator`` draws ``kfac``'s labels batch after batch. ``kfac_approx``: layers
+    shared over positions, as for ``curvature.kronecker_factors``.
     """
     data_pass = DataPass(curvature, data, reduction, progress, "hbpc kronecker factors")
     inner = data_pass.curvature
     layout: list[tuple[str, bool]] = []  # (name, has factors A and G), in the generated order
 
     def batch(loss):
-        local = inner.kronecker_factors(kind, samples, generator)
+        local = inner.kronecker_factors(kind, samples, generator, kfac_approx)
         layout[:] = [(name, block.kronecker_factors is not None) for name, block in local.items()]
         values, flags = [], []
         for block in local.values():

@@ -232,18 +232,19 @@ def hbp_block_operator(
 
 def kronecker_operator(
     curv, /, kind: str = "kflr", params=None, samples: int = 1, generator: Seed = None, data=None,
-    reduction: str | None = None, progress: bool | None = None,
+    reduction: str | None = None, progress: bool | None = None, kfac_approx: str = "expand",
 ) -> "BlockDiagonalOperator":
     """``diag(G ⊗ A, G, …)`` over ``params`` (default: ``curv.factored_parameters``): the KFAC family's
-    blocks ``curv.kronecker_factors(kind)``; ``data``: the dataset-level factors, one pass."""
+    blocks ``curv.kronecker_factors(kind)``; ``data``: the dataset-level factors, one pass; ``kfac_approx``: layers
+    shared over positions (``"expand"`` or ``"reduce"``)."""
     device = next(curv.model.parameters()).device
     generator = as_generator(generator, device)
     if data is not None:
         from hbpc.linalg.dataset import kronecker_factors
 
-        blocks = kronecker_factors(curv, data, kind, samples, generator, reduction, progress)
+        blocks = kronecker_factors(curv, data, kind, samples, generator, reduction, progress, kfac_approx)
     else:
-        blocks = curv.kronecker_factors(kind, samples, generator)
+        blocks = curv.kronecker_factors(kind, samples, generator, kfac_approx)
     return block_diagonal(curv, blocks, list(blocks) if params is None else params)
 
 

@@ -28,7 +28,7 @@ QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian pro
 ALL = frozenset(QUANTITIES)
 CURVATURE = ALL - {"gradient"}
 MEMORY_LIMIT = 2 * 1024**3  # bytes: the generated modules' default memory_limit
-FACTORED_MAPS = ("matmul", "convolution")  # input maps whose weight block the KFAC family factors as G ⊗ A
+FACTORED_MAPS = ("matmul", "shared matmul", "convolution")  # input maps whose weight block the KFAC family factors
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,10 @@ def _loss_plan(graph) -> LossPlan:
     intermediates = graph.graph["loss_derived"].intermediates
     sampled = "softmax" in intermediates
     caches = (*((name, ALL) for name in intermediates), ("z, t, scale", CURVATURE))
+    tokens = graph.graph.get("tokens")  # cross-entropy over positions: labels only (probabilities are not taken)
     return LossPlan(rule.key, graph.graph["reduction"], sampled, rule.target == "class" and sampled
-                    and rule.key == "cross_entropy", graph.graph["loss_hyper"].get("label_smoothing", 0.0), caches)
+                    and rule.key == "cross_entropy" and not tokens, graph.graph["loss_hyper"].get("label_smoothing", 0.0),
+                    caches)
 
 
 def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:

@@ -15,7 +15,7 @@ from .blocks import (DenseBlock, KroneckerBlock, OperatorBlock, SumBlock, as_vec
                      split_product, zero_product)
 from .checks import (bind, check_class_target, check_curvature, check_dense_target, check_eval_mode, check_flag,
                      check_input, check_kronecker_kind, check_model, check_samples, check_split, check_state,
-                     tensor_state)
+                     check_token_target, tensor_state)
 from .helpers import eigh_upcast, numel
 
 
@@ -29,7 +29,9 @@ class CurvatureModule:
     BUFFERS              buffer names forward_backward reads
     EVAL_MODE_MODULES    modules compiled as their eval-mode map ('*': functional dropout)
     INPUT_SHAPE          per-sample input shape; OUTPUT_SHAPE: per-sample logits' shape
+    INPUT_IDS            None, or num_embeddings where x holds token ids (the model starts with an embedding)
     TARGET               'class' (labels, or probabilities if PROBABILITY_TARGETS) or 'dense'
+    TOKENS               None, or cross-entropy over positions: {'class_axis': 1 or -1, 'ignore_index': int}
     LOSS                 the loss's name, for messages; SAMPLED_FISHER: a softmax likelihood (labels sampled)
     NODES                {node: (inputs, {role: parameter}, family or None)} in graph order; 'x' is the model
                          input
@@ -37,14 +39,15 @@ class CurvatureModule:
                          tangent as θ's input or None)}
     BLOCKS               nodes whose parameters get blocks: the ``<role>_block`` method builds one from S at node
     FACTORS              the KFAC family's layers (weight, optional bias); LOWERED: those caching the raw input
+    WEIGHT_SHARING       {node: positions} of the FACTORS layers shared over positions (KFAC-expand / -reduce)
     MEMORY               (peak entries of the HBP sweep, where it peaks, ((b, gram), ...) factors kept)
     ===================  =============================================================================
     """
 
     memory_limit = 2 * 1024**3  # bytes blocks() may allocate: curvature matrices, kept or temporary
-    PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE = {}, (), (), (), ()
-    TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER = "class", False, "the loss", False
-    NODES, SECOND_ORDER, BLOCKS, FACTORS, LOWERED, MEMORY = {}, {}, (), (), (), (0, "the loss", ())
+    PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE, INPUT_IDS = {}, (), (), (), (), None
+    TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER, TOKENS = "class", False, "the loss", False, None
+    NODES, SECOND_ORDER, BLOCKS, FACTORS, LOWERED, MEMORY, WEIGHT_SHARING = {}, {}, (), (), (), (0, "the loss", ()), {}
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match.
@@ -107,9 +110,11 @@ class CurvatureModule:
         """forward_backward's argument checks: (N, the target as a tensor (N, C) or (N, *y)); binds the model."""
         check_eval_mode(self.model, self.EVAL_MODE_MODULES)
         params, buffers = bind(self.model, self.PARAMETERS, self.BUFFERS)  # the model's current tensors
-        check_input(x, self.INPUT_SHAPE, next(iter(params.values()), None))
+        check_input(x, self.INPUT_SHAPE, next(iter(params.values()), None), self.INPUT_IDS)
         N = x.shape[0]
-        if self.TARGET == "class":
+        if self.TOKENS:
+            checked = check_token_target(target, N, self.OUTPUT_SHAPE, self.TOKENS, x.device)
+        elif self.TARGET == "class":
             checked = check_class_target(target, N, numel(self.OUTPUT_SHAPE), self.PROBABILITY_TARGETS, x.device)
         else:
             checked = check_dense_target(target, N, self.OUTPUT_SHAPE, x.device)
@@ -185,7 +190,7 @@ class CurvatureModule:
         }
 
     @torch.no_grad()
-    def kronecker_factors(self, kind="kflr", samples=1, generator=None):
+    def kronecker_factors(self, kind="kflr", samples=1, generator=None, kfac_approx="expand"):
         """Kronecker factors of the KFAC family for every Linear/Conv layer (one group, untied), keyed by parameter:
         weight B_W ≈ G ⊗ A (KroneckerBlock(G, A) on W viewed (C_out, d_k)), bias B_b ≈ G (DenseBlock).
 
@@ -194,8 +199,15 @@ class CurvatureModule:
         kind='kflr': u_z = Q_n √Λ_n with ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (exact); kind='kfac': u_z = √(c/S) ∇_z ℓ(z_n, ŷ),
         S labels ŷ ~ softmax(z_n) (Monte Carlo); kind='kfra': G = Σ_(l,l') S[(·,l),(·,l')] with S from the HBP
         recursion _hbp_sweep('ggn', average_input_jacobian=False). Other parameters are not in the dict.
+
+        A layer shared over positions l (nn.Linear on (N, *S, D), WEIGHT_SHARING) follows Eschenhagen et al. (2023)
+        with curvlinops' scaling: kfac_approx='expand' treats positions as samples, A = Σ_(n,l) x xᵀ / (N L),
+        G = Σ_(v,n,l) u uᵀ (KFRA: Σ_l S[(l,·),(l,·)]); 'reduce' sums before the outer products, A = Σ_n x̄ x̄ᵀ / N with
+        x̄ = mean_l x, G = Σ_(v,n) s sᵀ with s = Σ_l u (KFRA: Σ_(l,l') S). Other layers ignore kfac_approx.
         """
         check_kronecker_kind(kind)
+        if kfac_approx not in ("expand", "reduce"):
+            raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
         self._check_ready()
         if kind == "kfra":
             self._check_memory()
@@ -203,37 +215,57 @@ class CurvatureModule:
 
             def visit(node, S):  # S at the output of a node with parameters
                 if node in self.FACTORS:
-                    G[node] = self._curvature_factor(node, S)
+                    G[node] = self._curvature_factor(node, S, kfac_approx)
 
             self._hbp_sweep("ggn", False, visit)
         else:
             u = self._loss_hessian_root() if kind == "kflr" else self._loss_sampled_root(samples, generator)
-            G = self._root_backward(u) if self.FACTORS else {}
+            G = self._root_backward(u, kfac_approx) if self.FACTORS else {}
         factors = {}
         for node in self.FACTORS:
             params = self.NODES[node][1]
-            factors[params["weight"]] = KroneckerBlock(G[node], self._input_factor(node), self.param_shape(node, "weight"))
+            A = self._input_factor(node, kfac_approx)
+            factors[params["weight"]] = KroneckerBlock(G[node], A, self.param_shape(node, "weight"))
             if "bias" in params:
                 factors[params["bias"]] = DenseBlock(G[node], self.param_shape(node, "bias"))
         return factors
 
-    def _input_factor(self, node):
-        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the d_k inputs of each output location (the weight (C_out, *k)): (d_k, d_k)."""
+    def _input_factor(self, node, approx):
+        """A = (1/N) Σ_n Σ_l x_l x_lᵀ over the d_k inputs of each output location (the weight (C_out, *k)): (d_k, d_k).
+        Shared over L positions (WEIGHT_SHARING): Σ_(n,l) x xᵀ / (N L) (expand), Σ_n x̄ x̄ᵀ / N, x̄ = mean_l x (reduce)."""
         X = self.cached(node, "X")
         if node in self.LOWERED:  # the raw input is cached: its patches are the rule's X
             X = self._method(node, "view")(X)
+        if node in self.WEIGHT_SHARING:
+            X = X.reshape(self.N, self.WEIGHT_SHARING[node], -1)  # (N, L, D)
+            if approx == "reduce":
+                X = X.mean(1)
+                return X.T @ X / self.N
+            return torch.einsum("nli,nlj->ij", X, X) / (self.N * self.WEIGHT_SHARING[node])
         X = X.reshape(self.N, numel(self.param_shape(node, "weight")[1:]), -1)
         return torch.einsum("nil,njl->ij", X, X) / self.N
 
-    def _root_factor(self, node, u):
-        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (C_out, C_out)."""
-        s = u.reshape(*u.shape[:2], self.param_shape(node, "weight")[0], -1).sum(-1)
+    def _root_factor(self, node, u, approx):
+        """G = Σ_(v,n) s sᵀ with s = Σ_l u[v, n, :, l], u (V, N, *y) square-root factors: (C_out, C_out).
+        Shared over L positions (output (*S, C_out)): Σ_(v,n,l) u uᵀ (expand) or s = Σ_l u (reduce)."""
+        c_out = self.param_shape(node, "weight")[0]
+        if node in self.WEIGHT_SHARING:
+            u = u.reshape(*u.shape[:2], self.WEIGHT_SHARING[node], c_out)
+            if approx == "expand":
+                return torch.einsum("vnlo,vnlp->op", u, u)
+            s = u.sum(2)
+        else:
+            s = u.reshape(*u.shape[:2], c_out, -1).sum(-1)
         return torch.einsum("vno,vnp->op", s, s)
 
-    def _curvature_factor(self, node, S):
-        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (C_out, C_out)."""
+    def _curvature_factor(self, node, S, approx):
+        """G = Σ_(l,l') S[(o, l), (p, l')] from the HBP curvature S (d_y, d_y) at the output: (C_out, C_out).
+        Shared over L positions (S indexed (l, o)): Σ_l S[(l, o), (l, p)] (expand) or Σ_(l,l') (reduce)."""
         c_out = self.param_shape(node, "weight")[0]
         locations = S.shape[0] // c_out
+        if node in self.WEIGHT_SHARING:
+            S = S.reshape(locations, c_out, locations, c_out)
+            return torch.diagonal(S, dim1=0, dim2=2).sum(-1) if approx == "expand" else S.sum((0, 2))
         return S.reshape(c_out, locations, c_out, locations).sum((1, 3))
 
     def _hbp_sweep(self, curvature, average_input_jacobian, visit):
@@ -370,7 +402,7 @@ class CurvatureModule:
                 cotangent.setdefault(source, []).append(_sum(terms))
         return {param: _sum(terms) for param, terms in out.items()}
 
-    def _root_backward(self, u):
+    def _root_backward(self, u, kfac_approx):
         """Jᵀ u (V, N, *z) from the loss down to every KFAC-family layer; G = the layer's root factor there."""
         needed = set()
         for name, (inputs, _, _) in self.NODES.items():  # tensors with a factor layer at or below them
@@ -384,7 +416,7 @@ class CurvatureModule:
             inputs = self.NODES[name][0]
             u = _sum(cotangent[name])
             if name in self.FACTORS:
-                G[name] = self._root_factor(name, u)
+                G[name] = self._root_factor(name, u, kfac_approx)
             if any(i in needed for i in inputs):
                 for source, term in zip(inputs, self._vjps(name, inputs, u)):
                     if source in needed:
@@ -397,13 +429,49 @@ class CurvatureModule:
         eye = torch.eye(classes, dtype=self.loss_z.dtype, device=self.loss_z.device)
         return eye[:, None, :].expand(classes, self.N, classes).reshape(classes, self.N, *self.OUTPUT_SHAPE)
 
+    def _token_view(self, a, to_tokens):
+        """Cross-entropy over tokens: (*lead, *y) as (*lead, T, C) (to_tokens), or back."""
+        rank, axis = len(self.OUTPUT_SHAPE), self.TOKENS["class_axis"]
+        shape = self.OUTPUT_SHAPE[1:] + self.OUTPUT_SHAPE[:1] if axis == 1 else self.OUTPUT_SHAPE  # (*S, C)
+        if to_tokens:
+            a = a.movedim(-rank, -1) if axis == 1 else a
+            return a.reshape(*a.shape[:-rank], numel(shape[:-1]), shape[-1])
+        a = a.reshape(*a.shape[:-2], *shape)
+        return a.movedim(-1, -rank) if axis == 1 else a
+
+    def _token_loss_hessians(self):
+        """∇²_{z_(n,t)} L per token, (N, T, C, C), from C products: the loss Hessian is block-diagonal over tokens."""
+        C = self.OUTPUT_SHAPE[0 if self.TOKENS["class_axis"] == 1 else -1]
+        T = numel(self.OUTPUT_SHAPE) // C
+        eye = torch.eye(C, dtype=self.loss_z.dtype, device=self.loss_z.device)
+        basis = self._token_view(eye[:, None, None, :].expand(C, self.N, T, C), False)
+        return self._token_view(self._loss_hessian_product(basis), True).permute(1, 2, 0, 3)
+
+    def _token_block_diagonal(self, blocks):
+        """(*lead, T, C, K) per-token blocks -> (*lead, T, C, T, K) with zeros off the token diagonal."""
+        T = blocks.shape[-3]
+        full = blocks.new_zeros(*blocks.shape[:-1], T, blocks.shape[-1])
+        index = torch.arange(T, device=blocks.device)
+        full[..., index, :, index, :] = blocks.movedim(-3, 0)
+        return full
+
     def _loss_hessian_sum(self):
-        """S_z = Σ_n ∇²_{z_n} L: (C, C)."""
+        """S_z = Σ_n ∇²_{z_n} L: (C, C) (over tokens: block-diagonal, from the per-token Hessians)."""
+        if self.TOKENS:
+            S = self._token_block_diagonal(self._token_loss_hessians().sum(0))  # (T, C, T, C): tokens, then classes
+            S = S.permute(1, 0, 3, 2) if self.TOKENS["class_axis"] == 1 else S  # the logits' order (C, T)
+            return S.reshape(numel(self.OUTPUT_SHAPE), -1)
         classes = numel(self.OUTPUT_SHAPE)
         return self._loss_hessian_product(self._loss_basis()).sum(1).reshape(classes, classes)
 
     def _loss_hessian_root(self):
-        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first."""
+        """Q_n √Λ_n per sample, ∇²_{z_n} L = Q_n Λ_n Q_nᵀ (Λ clamped at 0): (C, N, *z), column first (over tokens: one
+        eigendecomposition per token, T·C columns, each nonzero at its token only)."""
+        if self.TOKENS:
+            eigenvalues, Q = eigh_upcast(self._token_loss_hessians())  # (N, T, C, C)
+            root = self._token_block_diagonal(Q * eigenvalues.clamp(min=0).sqrt()[..., None, :])  # (N, T, C, T, K)
+            root = root.permute(3, 4, 0, 1, 2).reshape(-1, self.N, *root.shape[1:3])  # (T·K, N, T, C)
+            return self._token_view(root, False)
         classes = numel(self.OUTPUT_SHAPE)
         H = self._loss_hessian_product(self._loss_basis()).reshape(classes, self.N, classes).transpose(0, 1)
         eigenvalues, Q = eigh_upcast(H)  # H: (N, C, C)

@@ -98,12 +98,24 @@ def check_eval_mode(model, paths):
         )
 
 
-def check_input(x, input_shape, like):
-    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite."""
+def check_input(x, input_shape, like, ids=None):
+    """x: (N, *input_shape), N >= 1, the parameters' dtype and device (like: a parameter, or None), finite; or, for
+    a model that starts with an embedding (ids = its num_embeddings), integer ids in [0, ids) on like's device."""
     check_tensor("x", x)
     if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != input_shape or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, *{input_shape}) with N >= 1 (x has per-sample shape "
                          f"{tuple(x.shape[1:])}, expected {input_shape}), got {describe(x)}")
+    if ids is not None:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"x must hold token ids of an integer dtype (the model starts with an embedding), "
+                            f"got {describe(x)}")
+        if like is not None and x.device != like.device:
+            raise ValueError(f"x must be on {like.device} (the parameters' device), got {describe(x)}")
+        low, high = torch.aminmax(x)
+        if low < 0 or high >= ids:
+            raise ValueError(f"x must hold token ids in [0, {ids - 1}] (num_embeddings = {ids}), got ids from "
+                             f"{int(low)} to {int(high)}")
+        return
     check_tensor("x", x, like)
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # a finite sum has finite terms
         raise ValueError("x contains NaN or Inf")
@@ -137,6 +149,29 @@ def check_class_target(target, N, classes, probabilities, device):
         raise ValueError(f"target must hold class labels in [0, {classes - 1}] (C = {classes} classes), got labels "
                          f"from {int(low)} to {int(high)}")
     return torch.nn.functional.one_hot(target.long(), classes)
+
+
+def check_token_target(target, N, y_shape, tokens, device):
+    """Labels (N, *S) of an integer dtype in [0, C) or equal to ignore_index, for logits (N, C, *S) (class_axis 1) or
+    (N, *S, C) (class_axis -1). Returns their one-hot (N, T, C), T = numel(S), with zero rows at ignored labels."""
+    check_tensor("target", target)
+    if target.device != device:
+        raise ValueError(f"target must be on {device} (the parameters' device), got {describe(target)}")
+    axis, ignore = tokens["class_axis"], tokens["ignore_index"]
+    classes, positions = (y_shape[0], tuple(y_shape[1:])) if axis == 1 else (y_shape[-1], tuple(y_shape[:-1]))
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold class labels of an integer dtype, shape (N, *S) = {(N, *positions)}; "
+                        f"got {describe(target)}")
+    if tuple(target.shape) != (N, *positions):
+        raise ValueError(f"target must have shape (N, *S) = {(N, *positions)} (one class label per position), "
+                         f"got {describe(target)}")
+    kept = target != ignore
+    labels = torch.where(kept, target, 0)
+    low, high = torch.aminmax(labels)
+    if low < 0 or high >= classes:
+        raise ValueError(f"target must hold class labels in [0, {classes - 1}] (C = {classes} classes) or "
+                         f"{ignore} (ignore_index), got labels from {int(low)} to {int(high)}")
+    return torch.nn.functional.one_hot(labels.reshape(N, -1).long(), classes) * kept.reshape(N, -1, 1)
 
 
 def check_dense_target(target, N, y_shape, device):

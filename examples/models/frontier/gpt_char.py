@@ -5,7 +5,7 @@
     -> LayerNorm -> logits through the tied embedding (32 → 97), returned as (N, 97, T)
 
 The vocabulary is hbpc.data.text.VOCABULARY (97 characters); loss_fn is cross-entropy over the (N, C, T) logits.
-Not compiled yet (issue 16): embeddings, matmul between activations, masking and softmax have no rules.
+Not compiled yet (issue 16): matmul between activations, masking and softmax have no rules.
 Default PyTorch initialization, seeded: 30,624 parameters (the output layer shares the embedding).
 """
 
