@@ -15,8 +15,9 @@ from hbpc.derive.elementwise import hyper_values
 from hbpc.derive.printer import formula, torch_code
 from hbpc.derive.structured import is_gram, kronecker_split
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
+from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
+from .bilinear import bilinear_code
 from .code import NodeCode, dims, fill_template, method_lines, param_code, single_input
 from .normalization import normalization_code
 
@@ -79,6 +80,7 @@ _SELECTION_PRIMITIVES = {
     "crop": ("torch.nn.functional.pad(v, {padding})", "torch.nn.functional.pad(u, tuple(-p for p in {padding}))"),
     "reshape": ("reshape_to(v, {x_shape}, {y_shape})", "reshape_to(u, {y_shape}, {x_shape})"),
     "identity": ("v", "u"),
+    "mask": ("v.masked_fill(self.{n}_mask, 0)", "u.masked_fill(self.{n}_mask, 0)"),
 }
 
 
@@ -110,6 +112,11 @@ def selection_code(name, node, input_vars) -> NodeCode:
         code.input_curvature = [f"take_input_curvature(S, self.{name}_idx, {x_shape}, average_input_jacobian)"]
         code.curvature_temporaries = [take_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, self.{name}_idx, {x_shape})"
+    elif rule.primitive == "mask":  # J = diag(keep): S_x = S ⊙ keep keepᵀ
+        code.forward = [f"a_{name} = {forward}",
+                        f"self.{name}_mask = fixed_mask({node['hyper']['masked']!r}, {y_shape}, a_{name}.device)"]
+        code.input_curvature, code.curvature_temporaries = [f"masked_curvature(S, self.{name}_mask)"], [0]
+        code.mean_vjp = lambda i, M: f"{M}.masked_fill(self.{name}_mask.reshape(-1, 1), 0)"
     elif rule.primitive in ("reshape", "identity"):  # J = I on the flattened sample: S_x = S
         code.forward = [f"a_{name} = {forward}"]
         code.input_curvature, code.curvature_temporaries = ["S"], [0]
@@ -519,6 +526,8 @@ EMITTERS = {
                                                                           node_plan.caches_input_view),
     Normalization: lambda name, node, input_vars, node_plan: normalization_code(name, node, input_vars,
                                                                                 any(node_plan.input_needs_grad)),
+    Bilinear: lambda name, node, input_vars, node_plan: bilinear_code(name, node, input_vars,
+                                                                      any(node_plan.input_needs_grad)),
 }
 
 

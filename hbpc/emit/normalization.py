@@ -26,7 +26,7 @@ def _statistics_method(name, node, derivation, groups, entries) -> list:
     return method_lines(f"_{name}_statistics(self, x, y)",
                    f"{', '.join(reads)} over each group of {entries} normalized entries, with {definitions}",
                    [f"x, y = x.reshape(-1, {groups}, {entries}), y.reshape(-1, {groups}, {entries})", *lines,
-                    f"return {', '.join(reads)}"])
+                    f"return {', '.join(reads)}{',' * (len(reads) == 1)}"])
 
 
 def _product_method(name, node, derivation, which, argument, doc, groups, entries) -> list:

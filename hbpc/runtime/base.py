@@ -224,7 +224,8 @@ class CurvatureModule:
 
         Forward: t_out = Σ_i J_i t_i + Σ_θ J_θ v_θ; at the logits u = loss_product(t). Backward:
         u_in = Σ_consumers J_iᵀ u_out, plus second-order terms: ``second_order`` is None (GGN), "hessian" (every
-        residual R t_in and the parameter-input cross terms J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or "curvature"
+        residual R t_in, for a node of two activations the joint residual's (R t)_i from the other input's tangent,
+        and the parameter-input cross terms J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or "curvature"
         (residuals under ``curvature``'s mode; the cross terms only for curvature = "hessian").
         """
         mode = "hessian" if second_order == "hessian" else curvature
@@ -256,11 +257,15 @@ class CurvatureModule:
                     out[param].append(vjp(getattr(self, f"{name}_g"), viewed))
             if not any(i in tangent for i in inputs):
                 continue
-            for source, term in zip(inputs, self._vjps(name, inputs, u)):
+            coupled_residuals = (getattr(self, f"_{name}_residual_products")([tangent.get(i) for i in inputs], mode)
+                                 if residuals and has_residual and len(inputs) > 1 else [None] * len(inputs))
+            for source, term, coupled_residual in zip(inputs, self._vjps(name, inputs, u), coupled_residuals):
                 if source not in tangent:
                     continue
                 terms = [term]
-                if residuals and has_residual:
+                if coupled_residual is not None:
+                    terms.append(coupled_residual)
+                elif residuals and has_residual and len(inputs) == 1:
                     terms.append(getattr(self, f"_{name}_residual_product")(tangent[source], mode))
                 if cross and "weight" in coupled and params["weight"] in v:
                     terms.append(getattr(self, f"_{name}_vjp")(getattr(self, f"{name}_g"), v[params["weight"]]))
