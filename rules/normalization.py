@@ -47,7 +47,7 @@ NORMALIZATIONS = [
 entries, s = symbols("entries", real=True), symbols("s", positive=True)
 SOFTMAX = [
     Normalization("softmax", statistics=((s, Mean(exp(x))),), phi=exp(x) / (entries * s),
-                  forward="torch.softmax({x}, -1)", hyper={"entries": 1}),
+                  forward="torch.softmax({x}, -1)"),
     Normalization("log_softmax", statistics=((s, Mean(exp(x))),), phi=x - log(entries * s),
-                  forward="torch.log_softmax({x}, -1)", hyper={"entries": 1}),
+                  forward="torch.log_softmax({x}, -1)"),
 ]
