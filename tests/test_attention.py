@@ -25,14 +25,25 @@ class Attention(nn.Module):
 
     def __init__(self, form="matmul", mask=None, normalize="softmax"):
         super().__init__()
-        self.q, self.k, self.v = (nn.Linear(T * D, T * D) for _ in range(3))
+        if form == "nanogpt":
+            self.c_attn = nn.Linear(T * D, 3 * T * D)
+        else:
+            self.q, self.k, self.v = (nn.Linear(T * D, T * D) for _ in range(3))
         self.out = nn.Linear(T * D, 3)
         self.form, self.mask, self.normalize = form, mask, normalize
         self.register_buffer("bias", torch.tril(torch.ones(4, 4)).view(1, 4, 4))
+        self.register_buffer("causal", torch.tril(torch.ones(4, 4)).view(1, 1, 4, 4))
         self.register_buffer("padding", torch.tensor([False, False, True]))
 
     def forward(self, x):
         N = x.shape[0]
+        if self.form == "nanogpt":  # nanoGPT's attention, its projection on (N, T·D): split, heads, the buffer sliced
+            q, k, v = self.c_attn(x).view(N, T, 3 * D).split(D, dim=2)
+            q, k, v = (h.view(N, T, 2, D // 2).transpose(1, 2) for h in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.causal[:, :, :T, :T] == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+            return self.out(y.transpose(1, 2).contiguous().view(N, T * D))
         q, k, v = (m(x).view(N, T, D) for m in (self.q, self.k, self.v))
         if self.form == "heads":  # (N, T, D) -> (N, 2, T, D / 2), causal attention per head, heads back
             q, k, v = (h.view(N, T, 2, D // 2).transpose(1, 2) for h in (q, k, v))
@@ -68,6 +79,7 @@ CASES = {
     "softmax over another axis": dict(normalize="softmax over axis 1"), "log-softmax inside": dict(normalize="log_softmax"),
     "sdpa": dict(form="sdpa"), "sdpa causal": dict(form="sdpa", mask="causal"),
     "sdpa attn_mask": dict(form="sdpa", mask="attn_mask"), "sdpa causal over two heads": dict(form="heads"),
+    "nanogpt": dict(form="nanogpt"),
 }
 
 
@@ -152,6 +164,17 @@ def test_pch_block_products_use_the_mode_of_each_samples_joint_residual():
         J_theta = torch.func.jacrev(lambda w: F.linear(x[n], w, q.bias))(q.weight).reshape(T * D, -1)
         want += J_theta.T @ curv_A @ J_theta
     assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_kflr_factors_of_the_projections_are_the_ggn_blocks_at_one_sample():
+    torch.manual_seed(3)
+    model = Attention(mask="causal").double()
+    x, t = torch.randn(1, T * D, dtype=torch.float64), torch.tensor([1])
+    curvature = hbpc.compile_model(model, x, nn.CrossEntropyLoss()).Curvature(model)
+    curvature.forward_backward(x, t)
+    factors, blocks = curvature.kronecker_factors("kflr"), curvature.blocks("ggn", False, False)
+    for name in ("q.weight", "k.weight", "v.weight", "v.bias"):
+        assert torch.allclose(factors[name].to_dense(), blocks[name].to_dense(), atol=1e-12), name
 
 
 def test_softmax_rules_read_only_the_output():
