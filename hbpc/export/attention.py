@@ -48,10 +48,16 @@ def mask_constants(graph) -> set:
     are folded into the masking step, not lowered."""
     found = set()
     for node in reversed(graph.nodes):
-        if is_constant(node) and node.users and all(user in found or _name(user) in _MASK_USERS
-                                                     for user in node.users):
+        if is_constant(node) and node.users and all(user in found or _takes_mask(user, node) for user in node.users):
             found.add(node)
     return found
+
+
+def _takes_mask(user, node) -> bool:
+    """Whether ``user`` may read ``node`` as a mask: a masking op, or a module's mask argument (after q, k, v)."""
+    if user.op == "call_module":
+        return node in user.args[3:] or node in user.kwargs.values()
+    return _name(user) in _MASK_USERS
 
 
 def _name(node) -> str:
@@ -171,6 +177,18 @@ def shifted(steps, offset, external):
             for key, hyper, inputs, *rest in steps]
 
 
+def _multihead_mask(mask_node, scores):
+    """The masked entries of nn.MultiheadAttention's scores from a constant (T, T) attn_mask (True or -inf: masked);
+    its is_causal is only a hint about attn_mask."""
+    if mask_node is None:
+        return None
+    if not is_constant(mask_node) or mask_node.meta[CONSTANT].dim() != 2:
+        raise ValueError("nn.MultiheadAttention needs attn_mask as a constant (T, T) tensor (a buffer or computed from "
+                         "buffers), the same for every sample and head")
+    mask = mask_node.meta[CONSTANT]
+    return masked_entries(mask if mask.dtype == torch.bool else _additive_mask(mask), scores)
+
+
 def _multihead(node, module, param_names):
     """nn.MultiheadAttention as self-attention, batch first: one packed in-projection, heads, attention, out-projection."""
     query, key, value = (_arg(node, p, name) for p, name in enumerate(("query", "key", "value")))
@@ -180,10 +198,9 @@ def _multihead(node, module, param_names):
     if not (query is key is value):
         raise ValueError("nn.MultiheadAttention is supported as self-attention only (query, key and value the same "
                          "tensor): cross-attention would slice the packed in-projection weight")
-    for position, name in ((3, "key_padding_mask"), (5, "attn_mask")):
-        if _arg(node, position, name) is not None:
-            raise ValueError(f"nn.MultiheadAttention with {name} is not supported (use is_causal=True, or "
-                             "F.scaled_dot_product_attention with a constant attn_mask)")
+    if _arg(node, 3, "key_padding_mask") is not None:
+        raise ValueError("nn.MultiheadAttention with key_padding_mask is not supported (a constant attn_mask of shape "
+                         "(T, T) is)")
     if module.in_proj_weight is None or module.bias_k is not None or module.add_zero_attn or module.dropout > 0:
         raise ValueError("nn.MultiheadAttention needs one packed in-projection (kdim = vdim = embed_dim), no "
                          "add_bias_kv or add_zero_attn, and dropout=0")
@@ -201,7 +218,7 @@ def _multihead(node, module, param_names):
         steps += [("crop", {"padding": (-part * width, (part - 2) * width)}, [0], (length, width)),
                   ("reshape", {}, [len(steps)], (length, heads, head)),
                   ("transpose", {"dims": (1, 2)}, [len(steps) + 1], (heads, length, head))]
-    masked = "causal" if _arg(node, 7, "is_causal", False) else None
+    masked = _multihead_mask(_arg(node, 5, "attn_mask"), (heads, length, length))
     core = attention_steps((heads, length, head), (heads, length, head), (heads, length, head), 1 / math.sqrt(head),
                            masked, refs=("q", "k", "v"))
     steps += shifted(core, len(steps), {"q": 3, "k": 6, "v": 9})

@@ -575,13 +575,15 @@ def _chained_nodes(node, op, tensor_args, modules, param_names, names, taken):
 def _dag_ir(node, sources, steps, taken):
     """IR nodes for ``steps`` (``attention.py``: a small DAG) applied to ``sources`` ([(IR name, per-sample shape)])."""
     made, chain = [], []
-    for key, hyper, inputs, y_shape, *params in steps:
-        rule = TABLE[key] if isinstance(key, str) else key
+    rules = [TABLE[key] if isinstance(key, str) else key for key, *_ in steps]
+    shape_ops = ("transpose", "reshape", "crop")  # the op's own name goes to its first other step
+    main = next((k for k, rule in enumerate(rules) if rule.key not in shape_ops), 0)
+    for k, (rule, (_, hyper, inputs, y_shape, *params)) in enumerate(zip(rules, steps)):
         ins = [sources[int(i[1:])] if isinstance(i, str) else made[i] for i in inputs]
         if rule.key == "linear" and len(ins[0][1]) != 1:
             raise ValueError(f"its projections are Linear layers on inputs of per-sample shape {ins[0][1]}, and linear "
                              "needs inputs of shape (N, features)")
-        name = _identifier(node.name if not chain else f"{node.name}_{rule.key}", rule.key, taken)
+        name = _identifier(node.name if k == main else f"{node.name}_{rule.key}", rule.key, taken)
         chain.append(_ir_node(node, name, rule, hyper, [n for n, _ in ins], [s for _, s in ins], y_shape, *params))
         made.append((name, y_shape))
     return chain
