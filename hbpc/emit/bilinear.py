@@ -29,13 +29,14 @@ def _operand_methods(name, node, views, i) -> list:
     derivation = derive(node["rule"]).operands[_OPERANDS[i]]
     mine, other = _OPERANDS[i], _OPERANDS[1 - i]
     x_shapes, y_shape = node["x_shapes"], node["y_shape"]
-    cached = f"{other} = self.{name}_{other}.reshape(-1, {dims(views[other])})"
+    cached = f"{other} = (self.{name}_{other} if {other} is None else {other}).reshape(-1, {dims(views[other])})"
     names = {other: other, "v": "v", "u": "u", "g": "g", "t": "t"}
     return [
-        *method_lines(f"_{name}_jvp{i}(self, v)", f"J_{mine} v: ∂Y/∂{mine} = {formula(derivation.jacobian)}",
+        *method_lines(f"_{name}_jvp{i}(self, v, {other}=None)",
+                      f"J_{mine} v: ∂Y/∂{mine} = {formula(derivation.jacobian)} ({other} replaces the cached one if given)",
                       [cached, f"v = {_view('v', x_shapes[i], views[mine])}", f"Y = {derivation.jvp.code(names)}",
                        f"return {_unview('Y', views['Y'], y_shape)}"]),
-        *method_lines(f"_{name}_vjp{i}(self, u)", f"J_{mine}ᵀ u (derived)",
+        *method_lines(f"_{name}_vjp{i}(self, u, {other}=None)", f"J_{mine}ᵀ u (derived)",
                       [cached, f"u = {_view('u', y_shape, views['Y'])}", f"X = {derivation.vjp.code(names)}",
                        f"return {_unview('X', views[mine], x_shapes[i])}"]),
         *method_lines(f"_{name}_residual{i}(self, t)",
@@ -71,12 +72,16 @@ def bilinear_code(name, node, input_vars, upstream) -> NodeCode:
                       ["terms = [jvp(t) for jvp, t in zip((self._{0}_jvp0, self._{0}_jvp1), tangents) "
                        "if t is not None]".format(name), "return terms[0] if len(terms) == 1 else terms[0] + terms[1]"]),
         *method_lines(f"_{name}_vjp(self, u)", "[J_Aᵀ u, J_Bᵀ u]", [f"return [self._{name}_vjp0(u), self._{name}_vjp1(u)]"]),
-        *method_lines(f"_{name}_jacobians(self, i)", "J_n of operand i per sample, (N, d_y, d_i): J v on the identity",
-                      [f"if i not in self.{name}_J:",
-                       f"    x = (self.{name}_A, self.{name}_B)[i]",
-                       f"    self.{name}_J[i] = per_sample_matrices((self._{name}_jvp0, self._{name}_jvp1)[i], x, "
-                       f"{x_shapes!r}[i])",
-                       f"return self.{name}_J[i]"]),
+        *method_lines(f"_{name}_jacobians(self, i, average)",
+                      "J_n of operand i per sample, (N, d_y, d_i), from J v on the identity; average: E[J] (1, d_y, d_i), "
+                      "which is J at the other operand's mean (J_A is linear in B, J_B in A)",
+                      ["key = (i, average)",
+                       f"if key not in self.{name}_J:",
+                       f"    other = (self.{name}_A, self.{name}_B)[1 - i]",
+                       "    other = other.mean(0, keepdim=True) if average else other",
+                       f"    jvp = (self._{name}_jvp0, self._{name}_jvp1)[i]",
+                       f"    self.{name}_J[key] = per_sample_matrices(lambda v: jvp(v, other), other, {x_shapes!r}[i])",
+                       f"return self.{name}_J[key]"]),
         *method_lines(f"_{name}_residual_modes(self, curvature, summed)",
                       "mode of the joint residual [[0, M], [Mᵀ, 0]] over (A, B): per sample M_n (N, d_A, d_B), or "
                       "of Σ_n M_n (summed)",
@@ -98,11 +103,11 @@ def bilinear_code(name, node, input_vars, upstream) -> NodeCode:
                        f"{x_shapes!r})"]),
     ]
     residual = f"self._{name}_residual_modes(curvature, True)"
-    code.input_curvature = [f"dependent_input_curvature(S, self._{name}_jacobians({i}), average_input_jacobian, "
-                            f"{residual}[{2 * i}])" for i in range(2)]
-    code.cross = lambda i, j: (f"dependent_cross(S, self._{name}_jacobians({i}), self._{name}_jacobians({j}), "
+    code.input_curvature = [f"dependent_input_curvature(S, self._{name}_jacobians({i}, average_input_jacobian), "
+                            f"average_input_jacobian, {residual}[{2 * i}])" for i in range(2)]
+    code.cross = lambda i, j: (f"dependent_cross(S, self._{name}_jacobians({i}, True), self._{name}_jacobians({j}, True), "
                                f"{residual}[1])")
-    code.mean_vjp = lambda i, M: f"dependent_mean_transpose(self._{name}_jacobians({i}), {M})"
+    code.mean_vjp = lambda i, M: f"dependent_mean_transpose(self._{name}_jacobians({i}, True), {M})"
     d_y = prod(node["y_shape"])
-    code.curvature_temporaries = [2 * d_y * prod(shape) for shape in x_shapes]  # per sample: J_n, and S J_n
+    code.curvature_temporaries = [2 * d_y * prod(shape) for shape in x_shapes]  # E[J] and S E[J] (N J_n without average)
     return code
