@@ -121,7 +121,7 @@ def _show(expr, latex):
 def describe_rule(rule, latex=False) -> str:
     """Forward expression, derived derivatives and emitted torch code of one rule."""
     from hbpc.derive import derive
-    from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structured
+    from hbpc.rules.spec import Bilinear, Elementwise, Loss, Normalization, Selection, Structured
 
     derivation = derive(rule)
     lines = [f"{rule.key}  ({type(rule).__name__.lower()})"]
@@ -152,8 +152,18 @@ def describe_rule(rule, latex=False) -> str:
             shared, code = derivation.code(which, rule.hyper)
             lines += [f"{name:<10}{_show(getattr(derivation, which), latex)}",
                       *(f"  code    {line}" for line in shared), f"  code    {code}"]
-        lines += ["R t       is the residual product, R = Σ_i g_i ∂²y_i/∂x² with g the gradient at the output",
-                  f"weight and bias: the structured rules {', '.join(dict.fromkeys(rule.affine.values()))}"]
+        lines += ["R t       is the residual product, R = Σ_i g_i ∂²y_i/∂x² with g the gradient at the output"]
+        if rule.affine:
+            lines.append(f"weight and bias: the structured rules {', '.join(dict.fromkeys(rule.affine.values()))}")
+    elif isinstance(rule, Bilinear):
+        out = ", ".join(map(str, rule.out))
+        lines.append(f"forward   Y[{out}] = {_show(rule.expr, latex)}   (torch: {rule.forward})")
+        for name, operand in derivation.operands.items():
+            lines += [f"∂Y/∂{name}    {_show(operand.jacobian, latex)}",
+                      *(f"  {label:<7} torch.einsum(\"{e.spec}\", {', '.join(e.operands)})"
+                        for label, e in (("J v", operand.jvp), ("Jᵀ u", operand.vjp), ("R t", operand.residual)))]
+        lines += [f"∂²Y/∂A∂B  {_show(derivation.cross, latex)}   (the Hessian cross term; ∂²Y/∂A² = ∂²Y/∂B² = 0)",
+                  "R t       (R t)_A = Σ g ∂²Y/∂A∂B t_B for a tangent t_B of B (likewise for B), g the output gradient"]
     elif isinstance(rule, Loss):
         shared, code = derivation.code()
         lines += [f"ℓ(z, t)   {_show(rule.ell, latex)}", f"∂ℓ/∂z     {_show(derivation.grad, latex)}",

@@ -4,9 +4,10 @@
 """
 from contextlib import contextmanager
 
+from .bilinear import BILINEAR
 from .elementwise import ELEMENTWISE
 from .losses import LOSSES
-from .normalization import AFFINE, NORMALIZATIONS
+from .normalization import AFFINE, NORMALIZATIONS, SOFTMAX
 from .structured import SELECTIONS, SHAPE_OPS, STRUCTURED
 
 
@@ -14,7 +15,7 @@ def _keyed(rules):
     return {name: rule for rule in rules for name in (rule.key, *rule.aliases)}
 
 
-OPS = [*ELEMENTWISE, *STRUCTURED, *SHAPE_OPS, *NORMALIZATIONS, *AFFINE, *SELECTIONS]
+OPS = [*ELEMENTWISE, *STRUCTURED, *SHAPE_OPS, *NORMALIZATIONS, *SOFTMAX, *AFFINE, *SELECTIONS, *BILINEAR]
 TABLE = _keyed(OPS)
 LOSS_TABLE = _keyed(LOSSES)
 

@@ -6,7 +6,7 @@ become a ``Structured`` node after the normalization (``affine``), so their bloc
 """
 from math import prod
 
-from sympy import sqrt, symbols
+from sympy import exp, log, sqrt, symbols
 
 from .spec import Mean, Normalization, Structured, W, X, b, eps, g, i, n, x
 
@@ -41,4 +41,13 @@ NORMALIZATIONS = [
         forward="torch.nn.functional.rms_norm({x}, {normalized_shape}, None, {eps})", hyper={"eps": 1e-6},
         affine={("weight",): "entry_scale"}, aliases=("rmsnorm",),
     ),
+]
+
+# Softmax and log-softmax over the last axis (export lowers other axes with transposes): entries = D, the axis' size.
+entries, s = symbols("entries", real=True), symbols("s", positive=True)
+SOFTMAX = [
+    Normalization("softmax", statistics=((s, Mean(exp(x))),), phi=exp(x) / (entries * s),
+                  forward="torch.softmax({x}, -1)"),
+    Normalization("log_softmax", statistics=((s, Mean(exp(x))),), phi=x - log(entries * s),
+                  forward="torch.log_softmax({x}, -1)"),
 ]

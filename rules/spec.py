@@ -1,4 +1,4 @@
-"""The vocabulary of the rule table: symbols and the five kinds of rule.
+"""The vocabulary of the rule table: symbols and the six kinds of rule.
 
 A rule states an op's mathematics and nothing else. Derivatives, linearity,
 sample dependence and Kronecker structure are derived by ``hbpc.derive``.
@@ -13,6 +13,7 @@ Index conventions (used by every index-notation rule):
 ``c``  input channel (within a group)
 ``k``  kernel offset (flattened ``kh*kw``; ``k`` or ``kd*kh*kw`` in 1D / 3D)
 ``l``  output location (flattened ``h'*w'``; likewise)
+``j``  the contracted index of a product of two activations (``Bilinear``)
 =====  =====================================================
 """
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ x, y = sp.symbols("x y", real=True)
 # Hyper-parameters of elementwise rules, named like the torch arguments they come from.
 alpha, negative_slope, beta, min_val, max_val, scale, shift, delta, eps = sp.symbols(
     "alpha negative_slope beta min_val max_val scale shift delta eps", real=True)
-n, o, i, g, c, k, l = sp.symbols("n o i g c k l", integer=True)
+n, o, i, g, c, k, l, j = sp.symbols("n o i g c k l j", integer=True)
 K = sp.Symbol("K", positive=True, integer=True)
 W, b, X, P = (sp.IndexedBase(name) for name in ("W", "b", "X", "P"))
+A, B = sp.IndexedBase("A"), sp.IndexedBase("B")  # the two activations a Bilinear rule multiplies
 z, t = sp.IndexedBase("z", real=True), sp.IndexedBase("t", real=True)
 
 
@@ -94,6 +96,25 @@ class Structured:
     forward: str
     input_view: str = "reshape"
     constants: object = None
+    aliases: tuple = ()
+    override: bool = False  # a user rule that replaces the built-in rule of the same name
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """A product of two activations: ``Y[out] = expr``, linear in ``A`` and in ``B`` (index notation).
+
+    ``A`` and ``B`` are the node's two inputs, both indexed by the sample ``n`` first; ``views`` gives their and
+    ``Y``'s per-sample index shapes from the node's hyper-parameters ``h``, the inputs' per-sample shapes
+    ``x_shapes`` and ``y_shape``. ``forward`` reads the inputs as ``{x0}``, ``{x1}``. sympy derives both
+    Jacobians and the Hessian cross term ∂²Y/∂A∂B (constant, nonzero).
+    """
+
+    key: str
+    out: tuple
+    expr: sp.Expr
+    views: object
+    forward: str
     aliases: tuple = ()
     override: bool = False  # a user rule that replaces the built-in rule of the same name
 

@@ -198,5 +198,7 @@ SELECTIONS = [
     Selection("identity", "identity", "{x}",
               aliases=("dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous")),
     Selection("add", "add", "{x0} + {x1}"),
+    # fixed entries (a causal or padding mask: "causal" or flat indices) set to value; a tangent is 0 there
+    Selection("masked_fill", "mask", "{x}.masked_fill(fixed_mask({masked}, {y_shape}, {x}.device), float({value}))"),
     Selection("cat", "cat", "torch.cat([{xs}], {dim})"),
 ]

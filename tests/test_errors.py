@@ -29,10 +29,10 @@ CASES = {
                 super().__init__()
                 self.fc = nn.Linear(3, 2)
             def forward(self, x):
-                return F.softmax(self.fc(x), dim=1)
+                return F.softmin(self.fc(x), dim=1)
         model = M()
         example_input = torch.zeros(2, 3)
-        """), ["unsupported op 'softmax'", "node `softmax`", "model.py:10", "supported ops: add, avg_pool1d, avg_pool2d, avg_pool3d, batch_norm, cat"]),
+        """), ["unsupported op 'softmin'", "node `softmin`", "model.py:10", "supported ops: add, avg_pool1d, avg_pool2d, avg_pool3d, batch_norm, cat"]),
     "control-flow": (textwrap.dedent("""
         class M(nn.Module):
             def __init__(self):
@@ -118,8 +118,8 @@ def test_missing_output_folder(tmp_path, capsys):
 
 
 def test_unknown_rule_name(capsys):
-    assert main(["rules", "softmax"]) == 2
-    assert "no rule named 'softmax'" in capsys.readouterr().err
+    assert main(["rules", "softmin"]) == 2
+    assert "no rule named 'softmin'" in capsys.readouterr().err
 
 
 def test_loss_override_on_command_line(tmp_path, capsys):

@@ -103,12 +103,12 @@ def test_rules_listing_and_readme_name_nll_loss_and_batch_norm(capsys):
 
 def test_unsupported_op_error_shows_how_to_add_a_rule(tmp_path, capsys):
     model = tmp_path / "model.py"
-    model.write_text("import torch\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(3, 4), nn.Softmax(1))\n"
+    model.write_text("import torch\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(3, 4), nn.Softmin(1))\n"
                      "example_input = torch.zeros(2, 3)\n")
     assert main(["compile", str(model), "-o", str(tmp_path / "o.py")]) == 2
     err = capsys.readouterr().err
-    assert "unsupported op 'softmax'" in err
-    assert "--rules my_rules.py" in err and "RULES = [Elementwise('softmax', " in err
+    assert "unsupported op 'softmin'" in err
+    assert "--rules my_rules.py" in err and "RULES = [Elementwise('softmin', " in err
 
 
 def test_train_mode_batch_norm_error_suggests_only_eval(capsys):

@@ -177,16 +177,12 @@ class GPTAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
-def test_nanogpt_attention_traces_and_names_the_missing_ops():
+def test_nanogpt_attention_compiles():
+    """nanoGPT's attention code (split, heads, a causal buffer sliced by T, softmax) on (N, T, C) compiles."""
     model = nn.Sequential(GPTAttention(), nn.Flatten(), nn.Linear(32, 3))
-    with pytest.raises(hbpc.HbpcError) as error:
-        hbpc.compile_model(model, torch.zeros(2, 4, 8), nn.CrossEntropyLoss())
-    message = str(error.value)
-    assert "could not trace" not in message
+    module = hbpc.compile_model(model, torch.zeros(2, 4, 8), nn.CrossEntropyLoss())  # verified against autograd
     for op in ("matmul", "masked_fill", "softmax"):
-        assert f"unsupported op '{op}'" in message
-    for done in ("split", "transpose", "getitem", "view", "contiguous"):
-        assert f"unsupported op '{done}'" not in message
+        assert f" = {op}(" in module.__doc__
 
 
 @pytest.mark.parametrize("forward, fragment", [

@@ -14,8 +14,9 @@ import sympy as sp
 
 from hbpc import __version__
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Loss, Normalization, Selection, Structured, X, n
+from hbpc.rules.spec import Bilinear, Elementwise, Loss, Normalization, Selection, Structured, X, n
 
+from .bilinear import BilinearDerivation, derive_bilinear
 from .elementwise import ElementwiseDerivation, derive_elementwise
 from .loss import LossDerivation, derive_loss
 from .normalization import NormalizationDerivation, derive_normalization
@@ -24,7 +25,7 @@ from .structured import StructuredDerivation, derive_structured
 
 _MEMO = {}
 _EXPECTED = {Elementwise: ElementwiseDerivation, Structured: StructuredDerivation, Loss: LossDerivation,
-             Normalization: NormalizationDerivation, Selection: type(None)}
+             Normalization: NormalizationDerivation, Selection: type(None), Bilinear: BilinearDerivation}
 
 
 _SOURCES = hashlib.sha256("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py"))).encode()).hexdigest()
@@ -32,7 +33,7 @@ _SOURCES = hashlib.sha256("".join(p.read_text() for p in sorted(Path(__file__).p
 
 # Each rule kind's derivation, registered once (a selection's Jacobian is a structural primitive: nothing to derive).
 DERIVATIONS = {Elementwise: derive_elementwise, Structured: lambda rule: derive_structured(rule, X, n), Loss: derive_loss,
-               Normalization: derive_normalization, Selection: lambda rule: None}
+               Normalization: derive_normalization, Selection: lambda rule: None, Bilinear: derive_bilinear}
 
 
 def _derive_now(rule):
@@ -79,7 +80,8 @@ def _write_cached(path: Path, derivation):
 
 
 def derive(rule):
-    """The derivation of one rule: Elementwise-, Structured-, Normalization- or LossDerivation (None for selections).
+    """The derivation of one rule: Elementwise-, Structured-, Normalization-, Bilinear- or LossDerivation (None for
+    selections).
 
     Memoised by the rule's content (its fingerprint), never by its identity: a new rule object
     with other mathematics always gets its own derivation.
@@ -99,4 +101,5 @@ def derive(rule):
 
 from .annotations import annotate  # noqa: E402  (annotate derives through derive above)
 
-__all__ = ["annotate", "derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation", "NormalizationDerivation"]
+__all__ = ["annotate", "derive", "ElementwiseDerivation", "StructuredDerivation", "LossDerivation", "NormalizationDerivation",
+           "BilinearDerivation"]

@@ -18,7 +18,7 @@ import sympy as sp
 from hbpc import ir
 from hbpc.errors import HbpcError
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
+from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Structured, x as X_SYMBOL, y as Y_SYMBOL
 
 from . import derive
 from .elementwise import hyper_values
@@ -104,6 +104,24 @@ class NormalizationAnnotation:
     statistics: tuple  # (name, code, formula) per statistic, in definition order
     products: dict  # "jvp", "vjp", "residual" -> NormalizationProduct
     phi: str
+
+
+@dataclass(frozen=True)
+class OperandMaps:
+    """One operand of a bilinear node: torch code in ``A``/``B`` (the other operand), ``v``, ``u``, ``g``, ``t``."""
+
+    jacobian: str  # ∂Y/∂T as a formula
+    jvp: str  # J_T v, reading the other operand
+    vjp: str  # J_Tᵀ u
+    residual: str  # Σ_out g[out] ∂²Y[out]/∂T∂U t for a tangent t of the other operand U
+
+
+@dataclass(frozen=True)
+class BilinearAnnotation:
+    kind: str
+    expr: str  # Y[out] = ... as a formula
+    views: dict  # {"A": ..., "B": ..., "Y": ...} at this node's shapes
+    operands: dict  # "A", "B" -> OperandMaps
 
 
 @dataclass(frozen=True)
@@ -247,13 +265,22 @@ def _normalization(name, node, graph) -> NormalizationAnnotation:
     return NormalizationAnnotation("normalization", tuple(cached), statistics, products, formula(node.rule.phi))
 
 
+def _bilinear(name, node, graph) -> BilinearAnnotation:
+    rule, derivation = node.rule, derive(node.rule)
+    names = {key: key for key in ("A", "B", "v", "u", "g", "t")}
+    operands = {key: OperandMaps(formula(d.jacobian), d.jvp.code(names), d.vjp.code(names), d.residual.code(names))
+                for key, d in derivation.operands.items()}
+    expr = f"Y[{', '.join(map(str, rule.out))}] = {formula(rule.expr)}"
+    return BilinearAnnotation("bilinear", expr, rule.views(node.hyper, node.x_shapes, node.y_shape), operands)
+
+
 def _selection(name, node, graph) -> SelectionAnnotation:
     return SelectionAnnotation(f"selection ({node.rule.primitive})")
 
 
 # Each rule kind's annotation, registered once: (name, node, graph) -> its annotation.
 ANNOTATIONS = {Elementwise: _elementwise, Structured: _structured, Normalization: _normalization,
-               Selection: _selection}
+               Selection: _selection, Bilinear: _bilinear}
 
 
 def _loss(graph) -> LossAnnotation:

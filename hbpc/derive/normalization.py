@@ -124,14 +124,16 @@ def _normal(expr, known):
     return sp.expand(linear_means(expr)).xreplace(known)
 
 
-def _shortest(expr, phi, known):
-    """The normal form of ``expr``, or its rewrite in ``y`` when φ has one inverse in ``x`` and it is shorter."""
+def _shortest(expr, phi, known, statistics):
+    """The normal form of ``expr``, or its rewrite in ``y`` when φ has one inverse in ``x`` and it is shorter (or as
+    short and reads fewer cached tensors: log-softmax's ``v − D·Mean(v·exp(y))`` reads no ``exp(x)``, which overflows)."""
     in_x = sp.simplify(_normal(expr, known))
     inverses = sp.solve(sp.Eq(phi, y), x)
     if len(inverses) != 1:
         return in_x
     in_y = sp.simplify(_normal(in_x.xreplace({x: inverses[0]}), known))
-    return min((in_x, in_y), key=sp.count_ops)
+    cached = {x, y, *(s for s, _ in statistics)}
+    return min((in_x, in_y), key=lambda e: (sp.count_ops(e), len(e.free_symbols & cached)))
 
 
 def derive_normalization(rule) -> NormalizationDerivation:
@@ -140,4 +142,5 @@ def derive_normalization(rule) -> NormalizationDerivation:
     jvp = forward_derivative(y_of_x, TANGENT)
     vjp = gradient(COTANGENT * jvp, TANGENT)
     residual = gradient(GRADIENT * jvp.xreplace({TANGENT: DIRECTION}), x)
-    return NormalizationDerivation(rule.statistics, *(_shortest(e, rule.phi, known) for e in (jvp, vjp, residual)))
+    return NormalizationDerivation(rule.statistics,
+                                   *(_shortest(e, rule.phi, known, rule.statistics) for e in (jvp, vjp, residual)))

@@ -15,6 +15,7 @@ import sympy as sp
 
 from hbpc.rules.spec import Mean
 
+from .bilinear import BilinearDerivation, OperandDerivation
 from .elementwise import ElementwiseDerivation
 from .indexed import Einsum
 from .loss import LossDerivation
@@ -23,7 +24,8 @@ from .printer import Sigmoid, Softplus
 from .structured import ParameterBlock, StructuredDerivation, TensorDerivation
 
 _DATACLASSES = {cls.__name__: cls for cls in (ElementwiseDerivation, Einsum, LossDerivation, NormalizationDerivation,
-                                              ParameterBlock, StructuredDerivation, TensorDerivation)}
+                                              ParameterBlock, StructuredDerivation, TensorDerivation,
+                                              BilinearDerivation, OperandDerivation)}
 # sympy's expression classes by name (no functions such as sympify or parse_expr), and hbpc's own.
 _CLASSES = {name: value for name, value in vars(sp).items()
             if isinstance(value, type) and issubclass(value, sp.Basic)}

@@ -191,15 +191,20 @@ def _by_input(codes, indices="i") -> tuple:
 
 def _sweep_records(code, inputs, branches) -> list:
     """The node's methods hbpc.runtime's HBP sweep calls: S at input i; where the graph branches, E[J_i]ᵀ M and,
-    for a node with several inputs, the cross terms E[J_i]ᵀ S E[J_j]."""
+    for a node with several inputs, the cross terms E[J_i]ᵀ S E[J_j]. None for a node whose input carries no
+    curvature (integer ids)."""
+    if not code.input_curvature:
+        return []
     records = [Method("input_curvature", "i, S, average_input_jacobian, curvature",
                       "S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)", _by_input(list(enumerate(code.input_curvature))))]
+    count = len(inputs)
     if branches:
         records.append(Method("mean_vjp", "i, M", "E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)",
-                              _by_input([(i, code.mean_vjp(i, "M")) for i in range(inputs)])))
-    if branches and code.cross and inputs > 1:
-        pairs = [((i, j), code.cross(i, j)) for i in range(inputs) for j in range(i + 1, inputs)]
-        records.append(Method("cross", "i, j, S", "E[J_i]ᵀ S E[J_j] for inputs i < j: (d_x_i, d_x_j)",
+                              _by_input([(i, code.mean_vjp(i, "M")) for i in range(count)])))
+    if code.cross and count > 1 and (branches or len(set(inputs)) < count):  # or one tensor at two inputs (h @ h)
+        pairs = [((i, j), code.cross(i, j)) for i in range(count) for j in range(i + 1, count)]
+        records.append(Method("cross", "i, j, S, curvature",
+                              "E[J_i]ᵀ S E[J_j] for inputs i < j, plus the residual coupling them: (d_x_i, d_x_j)",
                               _by_input(pairs, "(i, j)")))
     return records
 
@@ -263,7 +268,7 @@ def _families(graph, order, plans, branches) -> dict:
         if not shares_methods(node):
             continue
         code = node_code(_target(graph, name, "family"), node, _input_vars(graph, name), plans[name])
-        records = tuple(code.records + _sweep_records(code, len(node.inputs), branches))
+        records = tuple(code.records + _sweep_records(code, node.inputs, branches))
         keys[name] = (node.rule.key, records, _second_order_row(code), tuple(code.blocks.items()))
     shared = [key for key in keys.values() if list(keys.values()).count(key) > 1]  # a node alone keeps its own methods
     families = family_names(graph, [(key[0], key) for key in shared])
@@ -288,7 +293,7 @@ def _methods(graph, order, codes, targets, plan, branches) -> list:
         if not any(n in plan.upstream for n in members):
             continue  # no gradient, tangent or curvature reaches the node: no walker calls its methods
         sweep = any(any(plan.node(n).input_needs_grad) for n in members)
-        records = code.records + (_sweep_records(code, len(node.inputs), branches) if sweep else [])
+        records = code.records + (_sweep_records(code, node.inputs, branches) if sweep else [])
         lines += code.methods + [line for record in records for line in record.lines(target)]
         printed.add(target.family)
     return lines

@@ -38,7 +38,7 @@ ROLES = ("weight", "bias")
 # Suffixes of a node's attributes (self.s_<suffix>) and methods (self._s_<suffix>), as nodes.py,
 # normalization.py and kronecker.py emit them; normalization statistics and cat's vjp<i> are added per graph.
 SUFFIXES = (
-    "X", "x", "y", "g", "d1", "r", "idx", "modes",
+    "X", "x", "y", "g", "d1", "r", "idx", "modes", "A", "B", "J", "mask", "residual_modes", "residual_products",
     "jvp", "vjp", "view", "tangent_view", "statistics", "residual", "residuals", "jacobians", "residual_product",
     "input_curvature", "mean_vjp", "cross",
     *(f"{role}_{kind}" for role in ROLES for kind in ("jvp", "vjp", "block")),
@@ -67,11 +67,13 @@ def identifiers(stem: str, suffixes) -> set:
 
 
 def graph_suffixes(graph) -> tuple:
-    """SUFFIXES plus what this graph's nodes add: normalization statistics and ``vjp<i>`` per input of a cat."""
+    """SUFFIXES plus what this graph's nodes add: normalization statistics and ``vjp<i>`` (``jvp<i>``, ``residual<i>``)
+    per input of a multi-input node."""
     extra = set()
     for name in graph.graph["order"]:
         node = ir.node(graph, name)
-        extra |= {f"vjp{i}" for i in range(len(node.inputs))} if len(node.inputs) > 1 else set()
+        extra |= ({f"{kind}{i}" for i in range(len(node.inputs)) for kind in ("vjp", "jvp", "residual")}
+                  if len(node.inputs) > 1 else set())
         if isinstance(node.rule, Normalization):
             extra |= set(node.derived.reads)
     return SUFFIXES + tuple(sorted(extra))

@@ -10,8 +10,9 @@ nodes' or families' identifiers collide.
 from math import prod
 
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
+from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Structured
 
+from .bilinear import bilinear_code
 from .code import Method, NodeCode, dims, fill_template, param_code, single_input_at
 from .normalization import normalization_code
 
@@ -91,6 +92,8 @@ def _selection_maps(at, node):
         return f"torch.nn.functional.pad(v, {padding!r})", f"torch.nn.functional.pad(u, tuple(-p for p in {padding!r}))"
     if primitive == "reshape":
         return f"reshape_to(v, {x_shape!r}, {y_shape!r})", f"reshape_to(u, {y_shape!r}, {x_shape!r})"
+    if primitive == "mask":
+        return f"v.masked_fill({at.cached('mask')}, 0)", f"u.masked_fill({at.cached('mask')}, 0)"
     return "v", "u"  # identity
 
 
@@ -113,6 +116,11 @@ def selection_code(at, node, input_vars) -> NodeCode:
         code.input_curvature = [f"take_input_curvature(S, {at.cached('idx')}, {view!r}, average_input_jacobian)"]
         code.curvature_temporaries = [take_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, {at.cached('idx')}, {view!r})"
+    elif rule.primitive == "mask":  # J = diag(keep): S_x = S ⊙ keep keepᵀ
+        code.forward = [f"a_{at.node} = {forward}",
+                        f"{at.attribute('mask')} = fixed_mask({node.hyper['masked']!r}, {y_shape!r}, a_{at.node}.device)"]
+        code.input_curvature, code.curvature_temporaries = [f"masked_curvature(S, {at.cached('mask')})"], [0]
+        code.mean_vjp = lambda i, M: f"{M}.masked_fill({at.cached('mask')}.reshape(-1, 1), 0)"
     elif rule.primitive in ("reshape", "identity"):  # J = I on the flattened sample: S_x = S
         code.forward = [f"a_{at.node} = {forward}"]
         code.input_curvature, code.curvature_temporaries = ["S"], [0]
@@ -507,6 +515,8 @@ EMITTERS = {
                                                                                node_plan.caches_input_view)),
     Normalization: lambda name, node, input_vars, node_plan: normalization_code(name, node, input_vars,
                                                                                 any(node_plan.input_needs_grad)),
+    Bilinear: lambda name, node, input_vars, node_plan: bilinear_code(name, node, input_vars,
+                                                                      any(node_plan.input_needs_grad)),
 }
 
 

@@ -20,7 +20,7 @@ def _statistics_method(name, derived, groups, entries) -> list:
     return method_lines(f"_{name}_statistics(self, x, y)",
                    f"{', '.join(derived.reads)} over each group of {entries} normalized entries, with {definitions}",
                    [f"x, y = x.reshape(-1, {groups}, {entries}), y.reshape(-1, {groups}, {entries})", *lines,
-                    f"return {', '.join(derived.reads)}"])
+                    f"return {', '.join(derived.reads)}{',' * (len(derived.reads) == 1)}"])
 
 
 def _product_method(name, node, which, argument, doc, groups, entries) -> list:

@@ -21,6 +21,7 @@ from hbpc.errors import HbpcError
 from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
 
+from .attention import attention_chain, mask_constants
 from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split,
                      positional_rows, shape_chain, window_branches)
 from .trace import HBPC_DIR, ShapeTracer, forget_values
@@ -272,7 +273,7 @@ def _trace(model, example_input):
                         _user_location(error, model),
                         "make forward traceable: no Python control flow on tensor values and no errors on "
                         "example_input") from None
-    forget_values(module.graph)
+    forget_values(module.graph, module)
     inputs = [node.name for node in module.graph.nodes if node.op == "placeholder"]
     if len(inputs) != 1:
         raise HbpcError(f"the model's forward pass failed on example_input: forward takes the inputs "
@@ -598,15 +599,32 @@ def _chained_nodes(node, op, tensor_args, modules, param_names, names, taken):
     return source, _chain_ir(node, names[source], x_shape, steps, taken)
 
 
+def _dag_ir(node, sources, steps, taken):
+    """IR nodes for ``steps`` (``attention.py``: a small DAG) applied to ``sources`` ([(IR name, per-sample shape)])."""
+    made, chain = [], []
+    rules = [TABLE[key] if isinstance(key, str) else key for key, *_ in steps]
+    shape_ops = ("transpose", "reshape", "crop")  # the op's own name goes to its first other step
+    main = next((k for k, rule in enumerate(rules) if rule.key not in shape_ops), 0)
+    for k, (rule, (_, hyper, inputs, y_shape, *params)) in enumerate(zip(rules, steps)):
+        ins = [sources[int(i[1:])] if isinstance(i, str) else made[i] for i in inputs]
+        if rule.key == "linear" and len(ins[0][1]) != 1:
+            rule = TABLE["shared_linear"]  # projections of (N, *S, D): the weight is shared over the positions S
+        name = _identifier(node.name if k == main else f"{node.name}_{rule.key}", rule.key, taken)
+        chain.append(_ir_node(node, name, rule, hyper, [n for n, _ in ins], [s for _, s in ins], y_shape, *params))
+        made.append((name, y_shape))
+    return chain
+
+
 def _lower_nodes(module, example_input, absorb_log_softmax=False):
     """IR nodes in topological order; ``inputs`` names the producing IR nodes (``"x"`` for the model input)."""
     modules = dict(module.named_modules())
     param_names = {id(p): name for name, p in module.named_parameters()}
     taken, problems, ir_nodes, names = {"x"}, [], [], {}  # "x" is the model input: no node takes its name
+    masks = mask_constants(module.graph)  # folded into the masking steps that use them
     for node in module.graph.nodes:
         if node.op == "placeholder":
             names[node] = "x"
-        if node.op in ("placeholder", "output", "get_attr"):
+        if node.op in ("placeholder", "output", "get_attr") or node in masks:
             continue
         op = _op_name(node, modules)
         meta = node.meta.get("tensor_meta")
@@ -632,6 +650,23 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
             continue
         if is_split(op, meta):
             continue  # each output is lowered where a getitem picks it
+        try:
+            attention = attention_chain(node, op, module)
+        except ValueError as error:
+            problems.append(f"{error}: {where}")
+            continue
+        if attention is not None:
+            sources, steps = attention
+            if all(source in names for source in sources):  # else an input failed to lower; that is reported
+                try:
+                    shapes = [getattr(a.meta.get("tensor_meta"), "shape", (None,))[1:] for a in sources]
+                    chain = _dag_ir(node, [(names[a], tuple(s)) for a, s in zip(sources, shapes)], steps, taken)
+                except ValueError as error:
+                    problems.append(f"{error}: {where}")
+                    continue
+                ir_nodes += chain
+                names[node] = chain[-1].name if chain else names[sources[0]]
+            continue
         try:
             chained = _chained_nodes(node, op, tensor_args, modules, param_names, names, taken)
         except ValueError as error:

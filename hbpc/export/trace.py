@@ -24,6 +24,7 @@ _UNTRACED = getattr(_symbolic_trace, "_maybe_revert_all_patches", contextlib.nul
 
 HBPC_DIR = str(Path(__file__).resolve().parent.parent)
 VALUE = "hbpc_value"
+CONSTANT = "hbpc_constant"
 _UNKNOWN = object()
 # Tensor attributes answered with the example's concrete values (sizes and what does not depend on them).
 _CONCRETE = frozenset({"shape", "size", "dim", "ndim", "ndimension", "dtype", "device"})
@@ -119,7 +120,21 @@ def _value_of(node, unknown):
     return value
 
 
-def forget_values(graph):
-    """Drop the example values kept on the nodes (the IR reads the shapes shape propagation records)."""
+def forget_values(graph, root=None):
+    """Drop the example values kept on the nodes (the IR reads the shapes shape propagation records).
+
+    With the traced ``root``, a tensor that depends on neither the input nor a parameter (a mask sliced from a
+    buffer, ``self.bias[:, :, :T, :T] == 0``) keeps its value as ``meta[CONSTANT]``: it is the same for every call.
+    """
+    parameters = {name for name, _ in root.named_parameters()} if root is not None else set()
+    varying = set()
     for node in graph.nodes:
-        node.meta.pop(VALUE, None)
+        value = node.meta.pop(VALUE, None)
+        if root is None:
+            continue
+        if (node.op == "placeholder" or (node.op == "get_attr" and node.target in parameters)
+                or (node.op == "call_module" and any(True for _ in root.get_submodule(node.target).parameters()))
+                or any(a in varying for a in node.all_input_nodes)):
+            varying.add(node)
+        elif isinstance(value, torch.Tensor):
+            node.meta[CONSTANT] = value

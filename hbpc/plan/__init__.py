@@ -22,7 +22,7 @@ import networkx as nx
 
 from hbpc import ir
 from hbpc.kinds import handler
-from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
+from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Structured
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
 ALL = frozenset(QUANTITIES)
@@ -130,6 +130,13 @@ def _normalization(node, context) -> dict:
     return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),))
 
 
+def _bilinear(node, context) -> dict:
+    """Both operands serve every quantity (each Jacobian reads the other), g the cross residual."""
+    if not context["upstream"]:
+        return dict(kind="bilinear")
+    return dict(kind="bilinear", caches=(("A", ALL), ("B", ALL), ("g", frozenset({"hessian"}))))
+
+
 def _block_entries(block, view, batch) -> int:
     """Entries blocks() keeps for a derived block: A and B (or B's root, N × b, for a Gram factor), or θ²."""
     size = prod(view)
@@ -166,7 +173,8 @@ def _structured(node, context) -> dict:
 
 
 # Each rule kind's decisions, registered once: (node, context) -> NodePlan fields.
-_KINDS = {Elementwise: _elementwise, Selection: _selection, Normalization: _normalization, Structured: _structured}
+_KINDS = {Elementwise: _elementwise, Selection: _selection, Normalization: _normalization, Structured: _structured,
+          Bilinear: _bilinear}
 
 
 def _loss_plan(graph) -> LossPlan:

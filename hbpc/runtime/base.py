@@ -296,7 +296,7 @@ class CurvatureModule:
                 add(source, source, self._method(name, "input_curvature")(i, own, average_input_jacobian, curvature))
             for k, (i, a) in enumerate(active):
                 for j, b in active[k + 1:]:
-                    term = self._method(name, "cross")(i, j, own)  # E[J_i]ᵀ S E[J_j]: (d_a, d_b)
+                    term = self._method(name, "cross")(i, j, own, curvature)  # E[J_i]ᵀ S E[J_j] (+ R_ij): (d_a, d_b)
                     add(a, b, term + term.T if a == b else term)
             for other in frontier:
                 key = (name, other) if position[name] < position[other] else (other, name)
@@ -306,7 +306,7 @@ class CurvatureModule:
                 for i, source in active:
                     term = self._method(name, "mean_vjp")(i, M)  # E[J_i]ᵀ M: (d_source, d_other)
                     add(source, other, term + term.T if source == other else term)
-            frontier += [source for _, source in active if source not in frontier]
+            frontier += [source for source in dict.fromkeys(s for _, s in active) if source not in frontier]
             for other in [name, *frontier]:
                 S.pop((name, other) if position[name] <= position[other] else (other, name), None)
 
@@ -359,7 +359,8 @@ class CurvatureModule:
 
         Forward: t_out = Σ_i J_i t_i + Σ_θ J_θ v_θ; at the logits u = loss_product(t). Backward:
         u_in = Σ_consumers J_iᵀ u_out, plus second-order terms: ``second_order`` is None (GGN), "hessian" (every
-        residual R t_in and the parameter-input cross terms J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or "curvature"
+        residual R t_in, for a node of two activations the joint residual's (R t)_i from the other input's tangent,
+        and the parameter-input cross terms J_xᵀ(g; W ← v_W), J_θᵀ(g; X ← t_in)) or "curvature"
         (residuals under ``curvature``'s mode; the cross terms only for curvature = "hessian").
         """
         mode = "hessian" if second_order == "hessian" else curvature
@@ -391,11 +392,15 @@ class CurvatureModule:
                     out[param].append(vjp(self.cached(name, "g"), viewed))
             if not any(i in tangent for i in inputs):
                 continue
-            for source, term in zip(inputs, self._vjps(name, inputs, u)):
+            coupled_residuals = (self._method(name, "residual_products")([tangent.get(i) for i in inputs], mode)
+                                 if residuals and has_residual and len(inputs) > 1 else [None] * len(inputs))
+            for source, term, coupled_residual in zip(inputs, self._vjps(name, inputs, u), coupled_residuals):
                 if source not in tangent:
                     continue
                 terms = [term]
-                if residuals and has_residual:
+                if coupled_residual is not None:
+                    terms.append(coupled_residual)
+                elif residuals and has_residual and len(inputs) == 1:
                     terms.append(self._method(name, "residual_product")(tangent[source], mode))
                 if cross and "weight" in coupled and params["weight"] in v:
                     terms.append(self._method(name, "vjp")(self.cached(name, "g"), v[params["weight"]]))

@@ -211,3 +211,19 @@ def eigh_upcast(H):
     """torch.linalg.eigh of symmetric H in at least float32, returned in H's dtype."""
     eigenvalues, Q = torch.linalg.eigh(H.to(solve_dtype(H.dtype)))
     return eigenvalues.to(H.dtype), Q.to(H.dtype)
+
+
+def fixed_mask(masked, shape, device):
+    """The boolean mask (per-sample ``shape``) of a constant masked_fill: "causal" (entry (i, j) of the last two axes
+    where j > i, for every leading index) or the flat indices of the masked entries."""
+    if masked == "causal":
+        return torch.ones(shape[-2:], dtype=torch.bool, device=device).triu(1).expand(shape)
+    mask = torch.zeros(numel(shape), dtype=torch.bool, device=device)
+    mask[list(masked)] = True
+    return mask.reshape(shape)
+
+
+def masked_curvature(S, mask):
+    """S_x = P S P for P = diag(keep), the Jacobian of a masked_fill: S with masked rows and columns zeroed."""
+    flat = mask.reshape(-1)
+    return S.masked_fill(flat[:, None] | flat[None, :], 0)
