@@ -267,6 +267,11 @@ def positional_rows(x_shape, p_shape, name):
             _crop(padded, {1: (0, x_shape[0])})]
 
 
+def crop_rows(x_shape, axis, rows):
+    """A ``crop`` step to the ``rows`` zero rows before ``x`` along ``axis`` (counted with the batch): all padding."""
+    return _crop(x_shape, {axis: (-rows, 0)})
+
+
 def broadcast_parameter(op, x_shape, p_shape):
     """(rule key, hyper, role) of ``x + p`` / ``x * p`` for a parameter ``p`` that broadcasts over the batch and
     leading axes: its shape, leading 1s dropped, must be the trailing per-sample shape of ``x``."""

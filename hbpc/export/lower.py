@@ -22,8 +22,8 @@ from hbpc.rules import LOSS_TABLE, TABLE, USER_KEYS
 from hbpc.rules.spec import Elementwise, Normalization
 
 from .attention import attention_chain, mask_constants
-from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, group_norm_chain, is_split,
-                     positional_rows, shape_chain, window_branches)
+from .chains import (adaptive_windows, avg_pool_windows, broadcast_parameter, crop_rows,
+                     group_norm_chain, is_split, positional_rows, shape_chain, window_branches)
 from .trace import HBPC_DIR, ShapeTracer, forget_values
 
 _SHAPE_ONLY = {"size", "getitem", "getattr", "dim"}
@@ -366,6 +366,47 @@ def _positional_embedding(node, op, module, modules) -> bool:
     return True
 
 
+def _expanded_parameter(node, op, module) -> bool:
+    """Whether ``node`` is a parameter expanded over the batch (``self.cls_token.expand(N, -1, -1)``): then it stands
+    for the parameter (marked ``hbpc_parameter``), lowered where it is used (``torch.cat``, ``+``)."""
+    source = node.args[0] if node.args else None
+    if op != "expand" or not isinstance(source, fx.Node) or source.op != "get_attr":
+        return False
+    if source.target not in dict(module.named_parameters()):
+        return False
+    node.meta["hbpc_parameter"] = source.target
+    return True
+
+
+def _parameter_cat(node, op, module):
+    """``torch.cat([p, x], dim)`` (or ``[x, p]``) for a parameter ``p`` expanded over the batch (a CLS token):
+    ``(sources, steps)`` in attention.py's DAG form. The parameter's rows are a zero crop of ``x`` (``p``'s rows
+    before or after the tokens, all padding) shifted by ``p`` (``entry_shift``: used once, not tied), then ``cat``;
+    exact. None for any other op."""
+    if op != "cat" or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) != 2:
+        return None
+    marked = [a for a in node.args[0] if isinstance(a, fx.Node) and "hbpc_parameter" in a.meta]
+    tensors = [a for a in node.args[0] if _is_tensor(a)]
+    if len(marked) != 1 or len(tensors) != 1:
+        return None
+    x_shape = tuple(tensors[0].meta["tensor_meta"].shape[1:])
+    p_sample = tuple(marked[0].meta["tensor_meta"].shape[1:])
+    name = marked[0].meta["hbpc_parameter"]
+    dim = _cat_dim(node) % (len(x_shape) + 1)
+    if dim == 0:
+        raise ValueError("torch.cat along the batch dimension is not supported")
+    rows = p_sample[dim - 1]
+    crop, crop_hyper, zero_shape = crop_rows(x_shape, dim, rows)
+    p_shape = tuple(module.get_parameter(name).shape)
+    _, hyper, role = broadcast_parameter("add", zero_shape, p_shape)
+    y_shape = tuple(x_shape[a] + rows if a == dim - 1 else x_shape[a] for a in range(len(x_shape)))
+    first = node.args[0][0] is marked[0]
+    steps = [(crop, crop_hyper, ["s0"], zero_shape),
+             ("entry_shift", hyper, [0], zero_shape, {role: name}, {role: p_shape}),
+             ("cat", {"dim": dim}, [1, "s0"] if first else ["s0", 1], y_shape)]
+    return [tensors[0]], steps
+
+
 def _scalar_op(op, node):
     """``x * c``, ``c * x``, ``x / c``, ``-x``, ``x + c``, ``x - c`` as the elementwise ``scale`` / ``shift`` rules."""
     numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
@@ -639,7 +680,7 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
                                     fx_name=node.name))  # absorbed into the loss (_absorb_log_softmax)
             continue
         try:
-            if _positional_embedding(node, op, module, modules):
+            if _positional_embedding(node, op, module, modules) or _expanded_parameter(node, op, module):
                 continue
         except ValueError as error:
             problems.append(f"{error}: {where}")
@@ -651,7 +692,7 @@ def _lower_nodes(module, example_input, absorb_log_softmax=False):
         if is_split(op, meta):
             continue  # each output is lowered where a getitem picks it
         try:
-            attention = attention_chain(node, op, module)
+            attention = _parameter_cat(node, op, module) or attention_chain(node, op, module)
         except ValueError as error:
             problems.append(f"{error}: {where}")
             continue

@@ -5,7 +5,7 @@
     -> RMSNorm -> mean over the 8 unmasked tokens -> Linear 10
 
 The vocabulary is hbpc.data.text.VOCABULARY (97 characters).
-Not compiled yet (issue 16): embeddings, matmul between activations, masking and softmax have no rules.
+Tested in tests/test_transformers.py (the sizes are keyword arguments: the test builds a tiny one).
 Default PyTorch initialization, seeded.
 """
 
@@ -17,24 +17,25 @@ VOCAB, LENGTH, WIDTH, PADDED = 97, 12, 16, 4
 
 
 class Encoder(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=VOCAB, length=LENGTH, width=WIDTH, padded=PADDED, classes=10):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.norm_1 = nn.RMSNorm(WIDTH, eps=1e-6)
-        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
-        self.norm_2 = nn.RMSNorm(WIDTH, eps=1e-6)
-        self.head = nn.Linear(WIDTH, 10)
-        padding = torch.zeros(LENGTH, dtype=torch.bool)
-        padding[LENGTH - PADDED:] = True
+        self.embed = nn.Embedding(vocab, width)
+        self.norm_1 = nn.RMSNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.norm_2 = nn.RMSNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, classes)
+        padding = torch.zeros(length, dtype=torch.bool)
+        padding[length - padded:] = True
         self.register_buffer("padding", padding)
+        self.width, self.unpadded = width, length - padded
 
     def forward(self, tokens):
         x = self.norm_1(self.embed(tokens))                                    # (N, T, D)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        scores = (q @ k.transpose(1, 2)) / WIDTH ** 0.5                        # (N, T, T)
+        scores = (q @ k.transpose(1, 2)) / self.width ** 0.5                        # (N, T, T)
         scores = scores.masked_fill(self.padding, float("-inf"))              # keys at padded positions
         x = self.norm_2(x + F.softmax(scores, dim=-1) @ v)
-        return self.head(x[:, : LENGTH - PADDED].mean(dim=1))
+        return self.head(x[:, : self.unpadded].mean(dim=1))
 
 
 def build_model() -> Encoder:

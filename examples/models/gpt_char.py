@@ -5,7 +5,7 @@
     -> LayerNorm -> logits through the tied embedding (32 → 97), returned as (N, 97, T)
 
 The vocabulary is hbpc.data.text.VOCABULARY (97 characters); loss_fn is cross-entropy over the (N, C, T) logits.
-Not compiled yet (issue 16): matmul between activations, masking and softmax have no rules.
+The sizes are keyword arguments (the tests build a tiny one).
 Default PyTorch initialization, seeded: 30,624 parameters (the output layer shares the embedding).
 """
 
@@ -19,18 +19,19 @@ VOCAB, BLOCK, WIDTH, HEADS, LAYERS = 97, 64, 32, 2, 2
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self):
+    def __init__(self, width=WIDTH, heads=HEADS, block=BLOCK):
         super().__init__()
-        self.c_attn = nn.Linear(WIDTH, 3 * WIDTH)
-        self.c_proj = nn.Linear(WIDTH, WIDTH)
-        self.register_buffer("bias", torch.tril(torch.ones(BLOCK, BLOCK)).view(1, 1, BLOCK, BLOCK))
+        self.heads = heads
+        self.c_attn = nn.Linear(width, 3 * width)
+        self.c_proj = nn.Linear(width, width)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-        k = k.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-        v = v.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
         y = F.softmax(att, dim=-1) @ v
@@ -38,11 +39,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, width=WIDTH, heads=HEADS, block=BLOCK):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(WIDTH), CausalSelfAttention()
-        self.ln_2 = nn.LayerNorm(WIDTH)
-        self.mlp = nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
+        self.ln_1, self.attn = nn.LayerNorm(width), CausalSelfAttention(width, heads, block)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -50,13 +51,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=VOCAB, width=WIDTH, heads=HEADS, layers=LAYERS, block=BLOCK):
         super().__init__()
-        self.wte = nn.Embedding(VOCAB, WIDTH)
-        self.wpe = nn.Embedding(BLOCK, WIDTH)
-        self.blocks = nn.Sequential(*[Block() for _ in range(LAYERS)])
-        self.ln_f = nn.LayerNorm(WIDTH)
-        self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(block, width)
+        self.blocks = nn.Sequential(*[Block(width, heads, block) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embedding
 
     def forward(self, idx):

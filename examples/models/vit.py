@@ -5,8 +5,9 @@
     -> 1 × [x + nn.MultiheadAttention(LayerNorm(x)) (2 heads), x + MLP(LayerNorm(x)) (GELU, 32→64→32)]
     -> LayerNorm of the CLS token x[:, 0] -> Linear 10
 
-Not compiled yet (issue 16): the CLS token (a parameter concatenated to the tokens), Linear on (N, T, D)
-and attention have no rules.
+The CLS token is a zero crop of the tokens shifted by the parameter, then cat (exact); nn.MultiheadAttention is
+lowered to shared Linear projections, heads, matmul, softmax. The sizes are keyword arguments (the tests build a
+tiny one).
 Default PyTorch initialization, seeded.
 """
 
@@ -17,18 +18,18 @@ WIDTH, HEADS, PATCH = 32, 2, 7
 
 
 class ViT(nn.Module):
-    def __init__(self):
+    def __init__(self, width=WIDTH, heads=HEADS, patch=PATCH, size=28, classes=10):
         super().__init__()
-        self.patches = nn.Conv2d(1, WIDTH, PATCH, stride=PATCH)
-        tokens = (28 // PATCH) ** 2
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
-        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, WIDTH) * 0.02)
-        self.norm_1 = nn.LayerNorm(WIDTH)
-        self.attn = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
-        self.norm_2 = nn.LayerNorm(WIDTH)
-        self.mlp = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.GELU(), nn.Linear(2 * WIDTH, WIDTH))
-        self.norm = nn.LayerNorm(WIDTH)
-        self.head = nn.Linear(WIDTH, 10)
+        self.patches = nn.Conv2d(1, width, patch, stride=patch)
+        tokens = (size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        self.norm_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
 
     def forward(self, x):
         x = self.patches(x).flatten(2).transpose(1, 2)                        # (N, 16, 32)
