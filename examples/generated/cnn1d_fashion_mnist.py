@@ -464,8 +464,8 @@ class Curvature(CurvatureModule):
             return transpose_matrix(M, self._cat4_2_vjp3, (16, 5))
         return transpose_matrix(M, self._cat4_2_vjp4, (16, 5))
 
-    def _cat4_2_cross(self, i, j, S):
-        """E[J_i]ᵀ S E[J_j] for inputs i < j: (d_x_i, d_x_j)"""
+    def _cat4_2_cross(self, i, j, S, curvature):
+        """E[J_i]ᵀ S E[J_j] for inputs i < j, plus the residual coupling them: (d_x_i, d_x_j)"""
         if (i, j) == (0, 1):
             return cross_independent(S, self._cat4_2_vjp0, self._cat4_2_vjp1, (16, 1), (16, 1), (16, 5))
         if (i, j) == (0, 2):
