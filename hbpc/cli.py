@@ -20,7 +20,8 @@ def _compile(args):
     spec = load_model_file(args.model)
     name = spec.path.rsplit("/", 1)[-1]
     header = (rules_record(args.rules, args.output),) if args.rules else ()
-    graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header)
+    graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header,
+                                args.quantities)
     caught = []
     if not args.no_verify:
         with warnings.catch_warnings(record=True) as caught:
@@ -204,6 +205,9 @@ def parser():
     comp.add_argument("-o", "--output", required=True)
     comp.add_argument("--loss", help="override loss_fn: cross_entropy or mse, optionally ':sum' (e.g. mse:sum)")
     comp.add_argument("--rules", help="a Python file with extra rules (see README: 'Adding an activation')")
+    comp.add_argument("--for", dest="quantities", metavar="QUANTITIES",
+                      help="compile only these (comma-separated): gradient, ggn, hessian, kronecker (default all); "
+                           "forward_backward caches only what they read")
     comp.add_argument("--no-verify", action="store_true",
                       help="skip the check of the generated module against autograd (float64, a few samples)")
     comp.set_defaults(run=_compile)

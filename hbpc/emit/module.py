@@ -4,6 +4,7 @@ import tokenize
 from math import prod
 
 from hbpc import __version__, ir
+from hbpc.plan import ALL, QUANTITIES
 from hbpc.runtime import NAMES
 
 from .kronecker import factor_methods, factor_nodes
@@ -39,7 +40,7 @@ def _loss_lines(graph, last, loss_plan):
     lines += derived.forward_lines
     lines += [f"scale = {derived.scale.code}", f"loss = scale * ({value.code}).sum()",
               f"g_{last} = (scale * ({grad.code})).reshape(N, *{ir.node(graph, last).y_shape!r})",
-              "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
+              *(["self.loss_scale, self.loss_z, self.loss_t = scale, z, t"] if loss_plan.keeps("z, t, scale") else [])]
     lines += [f"self.loss_{name} = {name}" for name in derived.intermediates]
     lines = [f"z = a_{last}.reshape(N, -1)", *_with_classes(lines, value.reads | grad.reads | derived.scale.reads, classes)]
     restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derived.intermediates)
@@ -296,6 +297,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *([f"PROBABILITY_TARGETS = True  # cross-entropy also takes class probabilities"] if probabilities else []),
             f"LOSS = {graph.graph['loss']!r}",
             *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
+            *([f"QUANTITIES = {tuple(q for q in QUANTITIES if q in plan.quantities)!r}  # compiled for these only"]
+              if plan.quantities != ALL else []),
             *_table("NODES", nodes, "  # node: (inputs, {role: parameter}), in graph order"),
             *_table("SECOND_ORDER", second_order, "  # node: (has a residual, roles coupled to the input, tangent view)"),
             *_table("BLOCKS", blocks, "  # node: ((parameter, block method), ...)"),

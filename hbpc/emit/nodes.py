@@ -40,8 +40,10 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     single_input(code, name)
     if derived.residual is not None:
         reads = [s for s, var in (("x", input_var), ("y", out)) if s in derived.residual.reads]
-        code.forward += [f"self.{name}_{s} = {var}" for s, var in (("x", input_var), ("y", out)) if s in reads]
-        code.backward.append(f"self.{name}_g, self.{name}_r = g_{name}, None  # r = g ⊙ φ″ is formed on first use")
+        code.forward += [f"self.{name}_{s} = {var}" for s, var in (("x", input_var), ("y", out))
+                         if s in reads and node.plan.keeps(s)]
+        if node.plan.keeps("g"):
+            code.backward.append(f"self.{name}_g, self.{name}_r = g_{name}, None  # r = g ⊙ φ″ is formed on first use")
         code.residual = f"self._{name}_residual"
         code.residual_product = lambda t, mode: f"residual_product(self._{name}_residual(), {t}, {mode})"
         reads = [f"{s} = self.{name}_{s}" for s in reads]
@@ -280,7 +282,8 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
     if caches_view:
         view = input_var if conv or _view_is_input(node) else f"self._{name}_view({input_var})"
         code.forward.append(f"self.{name}_X = {view}")
-        code.backward.append(f"self.{name}_g = g_{name}")
+        if node.plan.keeps("g"):
+            code.backward.append(f"self.{name}_g = g_{name}")
     if not _view_is_input(node):
         code.methods += method_lines(f"_{name}_view(self, x)", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
                                 [f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}"])

@@ -15,7 +15,7 @@
 Each rule kind registers its decisions once, in ``_KINDS``. The HBP sweep's peak memory (the S matrices it holds)
 is still counted by the emitter (``hbpc.emit.module._MemoryLedger``) as it prints the sweep.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 
 import networkx as nx
@@ -55,6 +55,10 @@ class NodePlan:
     def block(self, role):
         return next(b for b in self.blocks if b.role == role)
 
+    def keeps(self, item) -> bool:
+        """Whether forward_backward caches ``item`` (a requested quantity reads it)."""
+        return any(name == item for name, _ in self.caches)
+
 
 @dataclass(frozen=True)
 class LossPlan:
@@ -64,6 +68,9 @@ class LossPlan:
     probability_targets: bool  # cross-entropy also takes class probabilities (its Hessian ignores t)
     label_smoothing: float
     caches: tuple = ()
+
+    def keeps(self, item) -> bool:
+        return any(name == item for name, _ in self.caches)
 
     @property
     def curvature(self) -> str:
@@ -79,19 +86,35 @@ class Plan:
     memory_limit: int = MEMORY_LIMIT
     batch: int = 1  # the batch size block entries are counted at
     element_size: int = 4
+    quantities: frozenset = ALL  # what the generated module computes; caches serve only these
 
     def node(self, name) -> NodePlan:
         return next(p for p in self.nodes if p.name == name)
 
     def caches_for(self, quantities) -> dict:
         """{node: (cached tensors)} that the given quantities read (the loss under the key "loss")."""
-        wanted = set(quantities)
-        unknown = wanted - ALL
-        if unknown:
-            raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {QUANTITIES}")
+        wanted = requested(quantities)
         entries = [(p.name, p.caches) for p in self.nodes] + [("loss", self.loss.caches if self.loss else ())]
         found = {name: tuple(item for item, readers in caches if readers & wanted) for name, caches in entries}
         return {name: items for name, items in found.items() if items}
+
+
+def requested(quantities) -> frozenset:
+    """The quantities (names, or one comma-separated string) as a set of QUANTITIES (None: all); ValueError
+    naming an unknown one."""
+    if isinstance(quantities, str):
+        quantities = [q.strip() for q in quantities.split(",") if q.strip()]
+    wanted = ALL if quantities is None else frozenset(quantities)
+    unknown = wanted - ALL
+    if unknown or not wanted:
+        raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {QUANTITIES}" if unknown
+                         else f"no quantity requested; choose from {QUANTITIES}")
+    return wanted
+
+
+def _serving(caches, quantities) -> tuple:
+    """The caches some requested quantity reads, each with the requested quantities that read it."""
+    return tuple((item, readers & quantities) for item, readers in caches if readers & quantities)
 
 
 def upstream_of_params(graph: nx.DiGraph) -> frozenset:
@@ -178,9 +201,10 @@ def _loss_plan(graph) -> LossPlan:
                     and rule.key == "cross_entropy", graph.graph["loss_hyper"].get("label_smoothing", 0.0), caches)
 
 
-def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:
+def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4, quantities=None) -> Plan:
     """Every decision for the graph (annotated by ``hbpc.derive.annotate``); blocks are counted at ``batch`` samples
-    of ``element_size`` bytes."""
+    of ``element_size`` bytes; ``forward_backward`` caches only what ``quantities`` (default: all) read."""
+    quantities = requested(quantities)
     if "loss_derived" not in graph.graph:
         raise ValueError("the graph has no derivations: call hbpc.derive.annotate(graph) before planning")
     upstream = upstream_of_params(graph)
@@ -191,8 +215,12 @@ def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) 
         needs_grad = tuple(i in upstream for i in node.inputs)
         context = dict(upstream=any(needs_grad), uses=uses, batch=batch, element_size=element_size,
                        memory_limit=memory_limit)
-        nodes.append(NodePlan(name, needs_grad, bool(node.params), **handler(_KINDS, node.rule, "plan")(node, context)))
-    return Plan(tuple(nodes), upstream, _loss_plan(graph), memory_limit, batch, element_size)
+        decided = handler(_KINDS, node.rule, "plan")(node, context)
+        decided["caches"] = _serving(decided.get("caches", ()), quantities)
+        nodes.append(NodePlan(name, needs_grad, bool(node.params), **decided))
+    loss = _loss_plan(graph)
+    loss = replace(loss, caches=_serving(loss.caches, quantities))
+    return Plan(tuple(nodes), upstream, loss, memory_limit, batch, element_size, quantities)
 
 
 def table(graph, the_plan: Plan) -> str:
