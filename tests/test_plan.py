@@ -189,3 +189,17 @@ def test_hbpc_compile_for_names_an_unknown_quantity(tmp_path, capsys):
     assert main(["compile", str(ROOT / "examples" / "models" / "logreg_fashion_mnist.py"), "-o", str(out),
                  "--for", "gradient,fisher", "--no-verify"]) == 2
     assert "unknown quantities ['fisher']" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_plan_schedules_the_hbp_sweep_and_counts_its_peak():
+    """Sizes 5, 5, 3: at linear2 blocks keep S (3²) while S_sigmoid1 (5²) forms with Wᵀ S (3 × 5): 49 entries; at
+    sigmoid1 S_linear0 (5²) forms beside S_sigmoid1 in place of E[φ′ φ′ᵀ]: 9 + 25 + 25 = 59, the peak."""
+    graph = _graph(_mlp(), (6,))
+    sweep = plan(graph).sweep
+    assert [(step.kind, step.node) for step in sweep.steps] == [
+        ("visit", "linear2"), ("at", "linear2"), ("input", "linear2"), ("free", "linear2"),
+        ("at", "sigmoid1"), ("input", "sigmoid1"), ("free", "sigmoid1"), ("visit", "linear0")]
+    assert (sweep.peak, sweep.peak_at) == (59, "sigmoid1")
+    assert sweep.factors == ((6, True), (5, True))  # the weights' B = x xᵀ kept as roots (N × 6, N × 5)
+    text = emit(graph, plan(graph), "mlp", "0")
+    assert "MEMORY = (59, 'the inputs of sigmoid1', ((6, True), (5, True)))" in text

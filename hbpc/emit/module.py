@@ -9,7 +9,7 @@ from hbpc.runtime import NAMES
 
 from .kronecker import factor_methods, factor_nodes
 from .names import INPUT, safe_text, with_stems
-from .nodes import node_code, sandwich_temporaries
+from .nodes import node_code
 
 _INDENT = "    "
 
@@ -93,106 +93,33 @@ def _backward(graph, order, codes, plan):
     return lines
 
 
-def _pair(a, b, position):
-    """The variable holding the cross curvature of tensors a and b, and whether it must be transposed."""
-    first, second = sorted((a, b), key=position.__getitem__)
-    return f"S_{first}__{second}", first != a
+def _variable(names) -> str:
+    """S_a for one node, S_a__b for the cross curvature of two."""
+    return "S_" + "__".join(names)
 
 
-def _accumulate(lines, defined, variable, expression):
-    lines.append(f"{variable} = {variable} + {expression}" if variable in defined else f"{variable} = {expression}")
-    defined.add(variable)
+def _step_line(step, code) -> str:
+    """The line of one sweep step (hbpc.plan.sweep.Step) with the node's code for its terms."""
+    if step.kind == "visit":
+        return f"visit({step.node!r}, S_{step.node})"
+    if step.kind == "at":
+        return f"S = S_{step.node}  # at the output of {step.node}; propagate to its inputs"
+    if step.kind == "free":
+        return "del " + ", ".join(map(_variable, step.variables))
+    if step.kind == "input":
+        term = code.input_curvature[step.slots[0]]
+    elif step.kind == "cross":
+        term = code.cross(*step.slots)
+    else:  # E[J_i]ᵀ S_(node, other): (d_source, d_other)
+        term = code.mean_vjp(step.slots[0], _variable(step.matrix) + (".T" if step.flip else ""))
+    expression = f"{term} + ({term}).T" if step.symmetric else f"({term}).T" if step.transpose else term
+    target = _variable(step.target)
+    return f"{target} = {target} + {expression}" if step.accumulate else f"{target} = {expression}"
 
 
-class _MemoryLedger:
-    """Entries the HBP sweep holds at once: live S variables, the S that blocks keep, each step's temporaries.
-
-    ``peak`` is the most at any step of blocks() and ``where`` names that step; the generated ``_check_memory``
-    refuses from it before anything is allocated.
-    """
-
-    def __init__(self, sizes, last):
-        self.sizes, self.live, self.kept = sizes, {f"S_{last}": sizes[last] ** 2}, 0
-        self.peak, self.where = self.live[f"S_{last}"], "the loss"
-
-    def entries(self, a, b):
-        return self.sizes[a] * self.sizes[b]
-
-    def form(self, variable, entries, temporaries, where):
-        """variable is formed (or re-formed as variable + term, holding both sums and the term at once)."""
-        total = self.kept + sum(self.live.values()) + entries * (2 if variable in self.live else 1) + temporaries
-        if total > self.peak:
-            self.peak, self.where = total, where
-        self.live[variable] = entries
-
-    def keep(self, variable):
-        """Blocks built from variable hold it (or factors of its size) until blocks() returns."""
-        self.kept += self.live.pop(variable)
-
-    def free(self, variables):
-        for variable in variables:
-            self.live.pop(variable, None)
-
-
-def _input_temporaries(code, i, ledger, name, source):
-    """Entries input_curvature[i] allocates besides S and S_source (a node kind without an estimate: a sandwich's)."""
-    known = code.curvature_temporaries
-    return known[i] if known else sandwich_temporaries(ledger.sizes[source], ledger.sizes[name])
-
-
-def _sweep_method(graph, order, codes, plan, ledger):
-    """HBP over the graph: a backward sweep keeping S for every pair of tensors on the frontier.
-
-    ``ledger`` (a ``_MemoryLedger``) records what each step holds, for blocks()' memory check.
-    """
-    position = {name: k for k, name in enumerate(order)}
-    body = [f"S_{order[-1]} = self._loss_hessian_sum()"]
-    defined, frontier = {f"S_{order[-1]}"}, [order[-1]]
-    for name in reversed(order):
-        if name not in plan.upstream:
-            continue
-        node, code = ir.node(graph, name), codes[name]
-        frontier.remove(name)
-        if code.blocks:
-            body.append(f"visit({name!r}, S_{name})")
-            ledger.keep(f"S_{name}")
-        active = [(i, source) for i, source in enumerate(node.inputs) if source in plan.upstream]
-        if not active:
-            continue
-        body.append(f"S = S_{name}  # at the output of {name}; propagate to its inputs")
-        where = f"the inputs of {name}"
-        for i, source in active:
-            _accumulate(body, defined, f"S_{source}", code.input_curvature[i])
-            ledger.form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source),
-                        where)
-        for (i, a), (j, b) in ((p, q) for k, p in enumerate(active) for q in active[k + 1:]):
-            term = code.cross(i, j)
-            if a == b:
-                _accumulate(body, defined, f"S_{a}", f"{term} + ({term}).T")
-                ledger.form(f"S_{a}", ledger.entries(a, a), 2 * ledger.entries(a, a), where)
-            else:
-                variable, flip = _pair(a, b, position)
-                _accumulate(body, defined, variable, f"({term}).T" if flip else term)
-                ledger.form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
-        for other in frontier:
-            variable, flip = _pair(name, other, position)
-            if variable not in defined:
-                continue
-            matrix = f"{variable}.T" if flip else variable
-            for i, source in active:
-                term = code.mean_vjp(i, matrix)  # E[J_i]ᵀ S_(name, other): (d_source, d_other)
-                if source == other:
-                    _accumulate(body, defined, f"S_{other}", f"{term} + ({term}).T")
-                    ledger.form(f"S_{other}", ledger.entries(other, other), 2 * ledger.entries(other, other), where)
-                else:
-                    target, target_flip = _pair(source, other, position)
-                    _accumulate(body, defined, target, f"({term}).T" if target_flip else term)
-                    ledger.form(target, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
-        frontier += [source for _, source in active if source not in frontier]
-        dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
-        body.append("del " + ", ".join(v for v in dead if v in defined))
-        defined -= set(dead)
-        ledger.free(dead)
+def _sweep_method(order, codes, sweep):
+    """HBP over the graph as the plan scheduled it: a backward sweep keeping S for every pair of frontier tensors."""
+    body = [f"S_{order[-1]} = self._loss_hessian_sum()", *(_step_line(step, codes[step.node]) for step in sweep.steps)]
     doc = ("S at every node output by the paper's batch-averaged recursion; visit(node, S) at each node with parameters.\n\n"
            "        S_z = Σ_n ∇²_{z_n} L; S_x = E[J]ᵀ S E[J] (average_input_jacobian) or E[Jᵀ S J], plus mode(Σ_n R_n).\n"
            "        Where the graph branches, S is kept for every pair of live tensors (cross terms use E[J]).\n        ")
@@ -233,9 +160,8 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
-    ledger = _MemoryLedger({name: prod(ir.node(graph, name).y_shape) for name in order}, last)
-    sweep = _sweep_method(graph, order, codes, plan, ledger)
-    kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
+    sweep = _sweep_method(order, codes, plan.sweep)
+    peak_at = f"the inputs of {plan.sweep.peak_at}" if plan.sweep.peak_at else "the loss"
     nodes = ir.nodes(graph)
     buffers = sorted({b for node in nodes for b in node.buffers.values()})
     eval_mode_modules = sorted({node.buffers.get("running_mean", "*").rpartition(".")[0] or "*"
@@ -304,7 +230,7 @@ def emit(graph, plan, source_name: str, digest: str) -> str:
             *_table("BLOCKS", blocks, "  # node: ((parameter, block method), ...)"),
             *_table("FACTORS", {name: (p["weight"], p.get("bias")) for name, p in factors.items()},
                     "  # the KFAC family's layers: node: (weight, bias)"),
-            f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
+            f"MEMORY = ({plan.sweep.peak}, {peak_at!r}, {plan.sweep.factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",
             '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.',

@@ -15,21 +15,6 @@ from .code import NodeCode, dims, fill_template, method_lines, param_code, singl
 from .normalization import normalization_code
 
 
-CHUNK_ENTRIES = 2**22  # the chunk_entries default of hbpc.runtime's chunked helpers
-
-
-def sandwich_temporaries(d_x, d_y) -> int:
-    """Entries ``sandwich_independent`` holds besides S and S_x: S J, and a chunk of rows in and out (at most
-    chunk_entries, at least one row) with as much again for the vjp's workspace."""
-    return d_y * d_x + 4 * max(d_x + d_y, min(CHUNK_ENTRIES, max(d_x, d_y) * (d_x + d_y)))
-
-
-def take_temporaries(d_x, d_y) -> int:
-    """Entries ``take_input_curvature`` holds besides S and S_x: E[P] and E[P]ᵀ S (average), or a chunk of samples'
-    d_y² entries (at least one sample, at most chunk_entries or S_x's size) as values and two int64 index tensors."""
-    return max(2 * d_y * d_x, 5 * max(d_y * d_y, min(CHUNK_ENTRIES, d_x * d_x)))
-
-
 def elementwise_code(name, node, input_vars) -> NodeCode:
     rule, derived = node.rule, node.derived
     input_var = input_vars[0]
@@ -57,7 +42,6 @@ def elementwise_code(name, node, input_vars) -> NodeCode:
     code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵀ u = φ′ ⊙ u", [f"return u * self.{name}_d1"])
     r = code.residual or "None"  # the residual's method: elementwise_input_curvature calls it unless the mode is ggn
     code.input_curvature = [f"elementwise_input_curvature(S, self.{name}_d1, {r}, average_input_jacobian, curvature)"]
-    code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
     code.mean_vjp = lambda i, M: f"self.{name}_d1.flatten(1).mean(0)[:, None] * {M}"
     return code
 
@@ -88,7 +72,6 @@ def selection_code(name, node, input_vars) -> NodeCode:
         vjp = ("take_vjp(" + as_2d.format(t="u") + ", self.{n}_idx, {x_shape})"
                + f".reshape(*u.shape[:-{spatial + 1}], *{node.x_shape!r})")
     values = dict(n=name, x_shape=x_shape, y_shape=y_shape, padding=repr(node.hyper.get("padding")))
-    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
     code = NodeCode()
     forward = fill_template(rule.forward, node, input_vars)
     if rule.primitive == "take":
@@ -97,16 +80,14 @@ def selection_code(name, node, input_vars) -> NodeCode:
             index = f"self.{name}_idx" if spatial == 1 else f"self.{name}_idx.flatten(-{spatial})"
             code.forward.append(f"self.{name}_idx = {index}.unsqueeze(-2)")
         code.input_curvature = [f"take_input_curvature(S, self.{name}_idx, {x_shape}, average_input_jacobian)"]
-        code.curvature_temporaries = [take_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, self.{name}_idx, {x_shape})"
     elif rule.primitive in ("reshape", "identity"):  # J = I on the flattened sample: S_x = S
         code.forward = [f"a_{name} = {forward}"]
-        code.input_curvature, code.curvature_temporaries = ["S"], [0]
+        code.input_curvature = ["S"]
         code.mean_vjp = lambda i, M: M
     else:
         code.forward = [f"a_{name} = {forward}"]
         code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp, {x_shape}, {y_shape})"]
-        code.curvature_temporaries = [sandwich_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {y_shape})"
     single_input(code, name)
     code.methods += method_lines(f"_{name}_jvp(self, v)", f"J v for {rule.key} (structural primitive {rule.primitive!r})",
@@ -128,7 +109,6 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
                                  "for t in present[1:]:", "    total = total + t", "return total"])
         code.methods += method_lines(f"_{name}_vjp(self, u)", "Jᵢᵀ u = u for every input", [f"return [u] * {len(input_vars)}"])
         code.input_curvature = ["S"] * len(input_vars)
-        code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
         code.cross = lambda i, j: "S"
         return code
@@ -145,7 +125,6 @@ def _multi_input_code(name, node, input_vars) -> NodeCode:
     code.vjp = lambda u: [f"self._{name}_vjp{i}({u})" for i in range(len(x_shapes))]
     code.input_curvature = [f"sandwich_independent(S, self._{name}_vjp{i}, {shape!r}, {y_shape!r})"
                             for i, shape in enumerate(x_shapes)]
-    code.curvature_temporaries = [sandwich_temporaries(prod(shape), prod(y_shape)) for shape in x_shapes]
     code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp{i}, {y_shape!r})"
     code.cross = lambda i, j: (f"cross_independent(S, self._{name}_vjp{i}, self._{name}_vjp{j}, "
                                f"{x_shapes[i]!r}, {x_shapes[j]!r}, {y_shape!r})")
@@ -316,14 +295,11 @@ def structured_code(name, node, input_vars, caches_view) -> NodeCode:
         code.backward.append(f"accumulate_grad({param_code(param)}, self._{name}_{role}_vjp(g_{name}, self.{name}_X))")
         code.methods += _block_method(name, node, role, param, tensor.block, views, shape)
         code.blocks[role] = f"_{name}_{role}_block"
-        if node.plan.block(role).representation == "kronecker":
-            code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
     if jx.sample_dependent:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
-    code.input_curvature = [_sandwich_code(name, node, jx)]
-    code.curvature_temporaries = [_sandwich_temporaries(node, jx)]
+    code.input_curvature = [_sandwich_code(name, node)]
     code.mean_vjp = lambda i, M: f"transpose_matrix({M}, self._{name}_vjp, {node.y_shape!r})"
     return code
 
@@ -399,23 +375,11 @@ def _einsum_parameter_methods(name, node, role, param, tensor, views) -> list:
     ]
 
 
-def _jacobian_is_weight(node, jx) -> bool:
-    """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
-    views = node.derived.views
-    return node.plan.kind == "matmul" and node.rule.input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
-
-
-def _sandwich_code(name, node, jx) -> str:
+def _sandwich_code(name, node) -> str:
     """S_x = Jᵀ S J: two gemms with W where the Jacobian is the weight, else two passes of the vjp."""
-    if _jacobian_is_weight(node, jx):
+    if node.plan.weight_sandwich:
         return f"weight_sandwich(S, {param_code(node.params['weight'])})"
     return f"sandwich_independent(S, self._{name}_vjp, {node.x_shape!r}, {node.y_shape!r})"
-
-
-def _sandwich_temporaries(node, jx) -> int:
-    """Entries ``_sandwich_code`` allocates besides S and S_x: Wᵀ S (d_x × d_y), or sandwich_independent's."""
-    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
-    return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
 
 
 def _gram_root(a, b, full) -> list:
@@ -429,11 +393,6 @@ def _kronecker_sizes(block, shape):
     """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
     a = prod(shape[:block.split])
     return a, prod(shape) // a
-
-
-def _kronecker_factor_entries(block, shape) -> tuple:
-    """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
-    return _kronecker_sizes(block, shape)[1], block.gram
 
 
 def _block_method(name, node, role, param, block, views, shape) -> list:

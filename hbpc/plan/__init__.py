@@ -12,8 +12,9 @@
 * **lowering**: convolutions whose derived maps torch's convolution kernels compute (patches larger than the input);
 * **loss**: the loss's curvature (its exact Hessian; a sampled Fisher for a softmax likelihood; label smoothing).
 
-Each rule kind registers its decisions once, in ``_KINDS``. The HBP sweep's peak memory (the S matrices it holds)
-is still counted by the emitter (``hbpc.emit.module._MemoryLedger``) as it prints the sweep.
+* **sweep**: the HBP sweep's steps, and the memory ledger's peak over them (``sweep.py``).
+
+Each rule kind registers its decisions once, in ``_KINDS``.
 """
 from dataclasses import dataclass, replace
 from math import prod
@@ -23,6 +24,8 @@ import networkx as nx
 from hbpc import ir
 from hbpc.kinds import handler
 from hbpc.rules.spec import Elementwise, Normalization, Selection, Structured
+
+from .sweep import Sweep, sandwich_temporaries, schedule, take_temporaries
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
 ALL = frozenset(QUANTITIES)
@@ -39,6 +42,7 @@ class BlockPlan:
     role: str
     representation: str  # "kronecker", "dense" or "matrix-free"
     entries: int
+    factor: tuple = ()  # Kronecker: (b, gram), B's size and whether blocks() keeps its root R (N × b) instead
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class NodePlan:
     blocks: tuple = ()  # BlockPlan per parameter role
     kronecker: bool = False  # a KFAC-family layer (kronecker_factors)
     lowering: bool = False  # torch's convolution kernels compute the derived maps
+    weight_sandwich: bool = False  # S_x = Wᵀ S W: the input Jacobian is the weight itself
+    curvature_temporaries: tuple = ()  # per input: entries its curvature step allocates besides S and S_x
 
     def block(self, role):
         return next(b for b in self.blocks if b.role == role)
@@ -87,9 +93,15 @@ class Plan:
     batch: int = 1  # the batch size block entries are counted at
     element_size: int = 4
     quantities: frozenset = ALL  # what the generated module computes; caches serve only these
+    sweep: Sweep = None  # the HBP sweep's steps and the memory they hold
 
     def node(self, name) -> NodePlan:
         return next(p for p in self.nodes if p.name == name)
+
+    def renamed(self, stems):
+        """The plan with every node renamed (``stems``: {name: new name})."""
+        return replace(self, nodes=tuple(replace(p, name=stems[p.name]) for p in self.nodes),
+                       upstream=frozenset(stems[name] for name in self.upstream), sweep=self.sweep.renamed(stems))
 
     def caches_for(self, quantities) -> dict:
         """{node: (cached tensors)} that the given quantities read (the loss under the key "loss")."""
@@ -139,27 +151,44 @@ def _elementwise(node, context) -> dict:
     residual = node.derived.residual
     if residual is not None:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
         caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(residual.reads))]
-    return dict(kind=node.derived.kind, caches=tuple(caches))
+    return dict(kind=node.derived.kind, caches=tuple(caches), curvature_temporaries=(0,))  # S_x in E[φ′ φ′ᵀ]'s place
+
+
+def _selection_temporaries(node) -> tuple:
+    """Entries each input's curvature step allocates besides S and its result."""
+    d_y = prod(node.y_shape)
+    primitive = node.rule.primitive
+    if primitive in ("reshape", "identity", "add"):  # J = I: S_x = S
+        return (0,) * len(node.inputs)
+    if primitive == "take":
+        return (take_temporaries(prod(node.x_shape), d_y),)
+    return tuple(sandwich_temporaries(prod(shape), d_y) for shape in node.x_shapes)  # pad, crop, cat
 
 
 def _selection(node, context) -> dict:
-    return dict(kind=node.derived.kind, caches=(("idx", ALL),) if node.rule.primitive == "take" else ())
+    return dict(kind=node.derived.kind, caches=(("idx", ALL),) if node.rule.primitive == "take" else (),
+                curvature_temporaries=_selection_temporaries(node))
 
 
 def _normalization(node, context) -> dict:
     if not context["upstream"]:
         return dict(kind="normalization")
     reads = tuple((s, ALL) for s in node.derived.reads)
-    return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),))
+    return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),),
+                curvature_temporaries=(sandwich_temporaries(prod(node.x_shape), prod(node.y_shape)),))
+
+
+def _kronecker_sizes(block, view):
+    """(a, b) with θ viewed as (a, b) and its block A ⊗ B, A (a × a) from S, B (b × b) from the samples."""
+    a = prod(view[:block.split])
+    return a, prod(view) // a
 
 
 def _block_entries(block, view, batch) -> int:
     """Entries blocks() keeps for a derived block: A and B (or B's root, N × b, for a Gram factor), or θ²."""
-    size = prod(view)
     if block.kind == "dense":
-        return size * size
-    a = prod(view[:block.split])
-    b = size // a
+        return prod(view) ** 2
+    a, b = _kronecker_sizes(block, view)
     return a * a + (min(batch, b) * b if block.gram else b * b)
 
 
@@ -174,18 +203,23 @@ def _structured(node, context) -> dict:
     kind, views = derived.kind, derived.views
     blocks = []
     for role, param in node.params.items():
-        block = derived.tensors[role].block
-        entries = 0 if block.kind == "operator" else _block_entries(block, views[{"weight": "W", "bias": "b"}[role]],
-                                                                    context["batch"])
+        block, view = derived.tensors[role].block, views[{"weight": "W", "bias": "b"}[role]]
+        entries = 0 if block.kind == "operator" else _block_entries(block, view, context["batch"])
         representation = _representation(block, entries, context)
-        blocks.append(BlockPlan(param, role, representation, entries if representation != "matrix-free" else 0))
+        factor = (_kronecker_sizes(block, view)[1], block.gram) if representation == "kronecker" else ()
+        blocks.append(BlockPlan(param, role, representation, entries if representation != "matrix-free" else 0, factor))
     params = node.params
     kronecker = (kind in FACTORED_MAPS and "weight" in params and node.hyper.get("groups", 1) == 1
                  and all(context["uses"][p] == 1 for p in params.values()))
     lowering = (kind in ("convolution", "transposed convolution") and "weight" in params
                 and prod(views["X"]) > prod(node.x_shape))  # 1×1 kernels: the patches are the input
     caches = (("X", ALL), ("g", frozenset({"hessian"}))) if params else ()
-    return dict(kind=kind, caches=caches, blocks=tuple(blocks), kronecker=kronecker, lowering=lowering)
+    # S_x = Jᵀ S J: two gemms with W where the derived input map is W v on the flat input, else vjp passes
+    weight_sandwich = kind == "matmul" and node.rule.input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
+    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
+    temporaries = d_y * d_x if weight_sandwich else sandwich_temporaries(d_x, d_y)  # Wᵀ S, or the chunked sandwich
+    return dict(kind=kind, caches=caches, blocks=tuple(blocks), kronecker=kronecker, lowering=lowering,
+                weight_sandwich=weight_sandwich, curvature_temporaries=(temporaries,))
 
 
 # Each rule kind's decisions, registered once: (node, context) -> NodePlan fields.
@@ -220,7 +254,8 @@ def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4, 
         nodes.append(NodePlan(name, needs_grad, bool(node.params), **decided))
     loss = _loss_plan(graph)
     loss = replace(loss, caches=_serving(loss.caches, quantities))
-    return Plan(tuple(nodes), upstream, loss, memory_limit, batch, element_size, quantities)
+    sweep = schedule(graph, {entry.name: entry for entry in nodes}, upstream)
+    return Plan(tuple(nodes), upstream, loss, memory_limit, batch, element_size, quantities, sweep)
 
 
 def table(graph, the_plan: Plan) -> str:
