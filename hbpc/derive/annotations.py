@@ -124,13 +124,13 @@ class LossAnnotation:
 
 
 def reads(code: str) -> frozenset:
-    """The Python names ``code`` reads (no attributes, no keywords)."""
-    found, previous = set(), None
-    for token in tokenize.generate_tokens(io.StringIO(code).readline):
-        if token.type == tokenize.NAME and previous != "." and not keyword.iskeyword(token.string):
-            found.add(token.string)
-        previous = token.string
-    return frozenset(found)
+    """The Python names ``code`` reads (no attributes, keyword arguments or Python keywords)."""
+    tokens = [token for token in tokenize.generate_tokens(io.StringIO(code).readline)
+              if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER)]
+    return frozenset(token.string for k, token in enumerate(tokens)
+                     if token.type == tokenize.NAME and not keyword.iskeyword(token.string)
+                     and (k == 0 or tokens[k - 1].string != ".")
+                     and (k + 1 == len(tokens) or tokens[k + 1].string != "="))
 
 
 def _printed(lines, code) -> Printed:
