@@ -203,3 +203,12 @@ def test_the_plan_schedules_the_hbp_sweep_and_counts_its_peak():
     assert sweep.factors == ((6, True), (5, True))  # the weights' B = x xᵀ kept as roots (N × 6, N × 5)
     text = emit(graph, plan(graph), "mlp", "0")
     assert "MEMORY = (59, 'the inputs of sigmoid1', ((6, True), (5, True)))" in text
+
+
+def test_plan_command_for_fewer_quantities_drops_their_caches():
+    run = subprocess.run([sys.executable, "-m", "hbpc.cli", "plan", str(ROOT / "examples/models/mlp_fashion_mnist.py"),
+                          "--for", "gradient,ggn"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:] if line[:1].strip()}
+    assert rows["linear1"][4] == "X" and rows["sigmoid2"][4] == "d1"  # no g, no y: the Hessian's
+    assert "compiled for: gradient, ggn;" in run.stdout

@@ -275,7 +275,10 @@ def table(graph, the_plan: Plan) -> str:
                          ("yes" if entry.kronecker else "no") if block else ""))
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    loss = the_plan.loss
+    sweep, loss = the_plan.sweep, the_plan.loss
+    lines.append(f"compiled for: {', '.join(q for q in QUANTITIES if q in the_plan.quantities)}; the HBP sweep holds "
+                 f"at most {sweep.peak * the_plan.element_size} bytes of S matrices and temporaries"
+                 + (f" (at the inputs of {sweep.peak_at})" if sweep.peak_at else ""))
     lines.append(f"loss: {loss.rule} ({loss.reduction}): {loss.curvature}; cached: "
                  + ", ".join(item for item, _ in loss.caches))
     lines.append(f"bytes at N = {the_plan.batch}, {the_plan.element_size} bytes an entry; memory_limit "
