@@ -20,7 +20,8 @@ def _compile(args):
     spec = load_model_file(args.model)
     name = spec.path.rsplit("/", 1)[-1]
     header = (rules_record(args.rules, args.output),) if args.rules else ()
-    graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header)
+    graph, text = compile_graph(spec.model, spec.example_input, spec.loss_fn, args.loss, name, rules, header,
+                                args.quantities)
     caught = []
     if not args.no_verify:
         with warnings.catch_warnings(record=True) as caught:
@@ -101,16 +102,19 @@ def _graph(args):
 
 
 def _plan(args):
+    from hbpc.compiler import compiled_quantities
     from hbpc.derive import annotate
     from hbpc.export import export, load_model_file, load_rules_file
     from hbpc.plan import plan, table
     from hbpc.rules import extended
 
+    quantities = compiled_quantities(args.quantities)
     spec = load_model_file(args.model)
     like = next(spec.model.parameters(), spec.example_input)
     with extended(load_rules_file(args.rules) if args.rules else []):
         graph = annotate(export(spec.model, spec.example_input, spec.loss_fn, args.loss))
-        decided = plan(graph, int(args.memory_limit * 2**30), spec.example_input.shape[0], like.element_size())
+        decided = plan(graph, int(args.memory_limit * 2**30), spec.example_input.shape[0], like.element_size(),
+                       quantities)
     print(table(graph, decided))
 
 
@@ -214,6 +218,9 @@ def parser():
     comp.add_argument("-o", "--output", required=True)
     comp.add_argument("--loss", help="override loss_fn: cross_entropy or mse, optionally ':sum' (e.g. mse:sum)")
     comp.add_argument("--rules", help="a Python file with extra rules (see README: 'Adding an activation')")
+    comp.add_argument("--for", dest="quantities", metavar="QUANTITIES",
+                      help="compile only these (comma-separated): gradient, ggn, hessian, kronecker (default all); "
+                           "forward_backward caches only what they read")
     comp.add_argument("--no-verify", action="store_true",
                       help="skip the check of the generated module against autograd (float64, a few samples)")
     comp.set_defaults(run=_compile)
@@ -238,6 +245,8 @@ def parser():
     plan.add_argument("--loss")
     plan.add_argument("--rules", help="a Python file with extra rules")
     plan.add_argument("--memory-limit", type=float, default=2.0, help="GiB a single block may take (default 2)")
+    plan.add_argument("--for", dest="quantities", metavar="QUANTITIES",
+                      help="plan only these (comma-separated): gradient, ggn, hessian, kronecker (default all)")
     plan.set_defaults(run=_plan)
     return top
 

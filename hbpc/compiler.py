@@ -14,7 +14,7 @@ from hbpc.derive import annotate
 from hbpc.emit import emit
 from hbpc.errors import HbpcError
 from hbpc.export import export, graph_hash, load_rules_file
-from hbpc.plan import plan
+from hbpc.plan import QUANTITIES, plan, requested
 from hbpc.rules import extended
 
 ASSUMED_LOSS = ("no loss_fn given: hbpc assumes nn.CrossEntropyLoss() (mean reduction); define loss_fn in the model "
@@ -57,19 +57,32 @@ def recorded_rules(text: str, generated_path):
     return None
 
 
-def compile_graph(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=(), header_lines=()):
-    """(IR graph, text of the generated module); ``rules`` adds user rules to the table."""
+def compiled_quantities(quantities) -> frozenset:
+    """The requested quantities (names or "gradient,ggn"; None: all) or an HbpcError naming the unknown one."""
+    try:
+        return requested(quantities)
+    except ValueError as error:
+        raise HbpcError(str(error), "quantities= / hbpc compile --for",
+                        f"pass some of {', '.join(QUANTITIES)}, e.g. --for gradient,ggn") from None
+
+
+def compile_graph(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=(), header_lines=(),
+                  quantities=None):
+    """(IR graph, text of the generated module); ``rules`` adds user rules to the table; the module computes only
+    ``quantities`` (hbpc.plan.QUANTITIES; default all) and caches only what they read."""
+    quantities = compiled_quantities(quantities)
     with extended(list(rules)):
         graph = annotate(export(model, example_input, loss_fn, loss))
         note = ("The loss is the default: the model gave no loss_fn, so hbpc assumed nn.CrossEntropyLoss()."
                 if assumed_loss_notice(loss_fn, loss) else None)
-        text = emit(graph, plan(graph), source_name, graph_hash(graph), header_lines, note)
+        text = emit(graph, plan(graph, quantities=quantities), source_name, graph_hash(graph), header_lines, note)
     return graph, text
 
 
-def compile_source(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=()) -> str:
+def compile_source(model, example_input, loss_fn=None, loss=None, source_name="<model>", rules=(),
+                   quantities=None) -> str:
     """The text of the generated module for ``model`` (not verified); ``rules`` adds user rules to the table."""
-    return compile_graph(model, example_input, loss_fn, loss, source_name, rules)[1]
+    return compile_graph(model, example_input, loss_fn, loss, source_name, rules, quantities=quantities)[1]
 
 
 _IMPORTS = itertools.count()
@@ -183,19 +196,21 @@ def load_generated(path, name=None):
     return import_generated(path, name)
 
 
-def compile_model(model, example_input, loss_fn=None, path=None, loss=None, rules=(), verify=True):
+def compile_model(model, example_input, loss_fn=None, path=None, loss=None, rules=(), verify=True, quantities=None):
     """Compile ``model`` and return the imported generated module (also written to ``path`` if given).
 
     ``rules`` is a list of extra rules, or the path of a rules file (as ``hbpc compile --rules``).
     ``verify`` runs the module once in float64 against autograd on ``model`` before returning or writing it
     (hbpc.verify) and raises HbpcError if they disagree; ``verify=False`` skips that check.
     Without ``loss_fn`` and ``loss`` the loss is cross-entropy; a warning says so.
+    ``quantities`` (e.g. ``("gradient", "ggn")``; default all of hbpc.plan.QUANTITIES) limits what the module
+    computes: forward_backward caches only what they read, and asking for another quantity raises ValueError.
     """
     header = ()
     if isinstance(rules, (str, os.PathLike)):
         rules, header = load_rules_file(rules), (rules_record(rules, path),)
     rules = list(rules)
-    graph, text = compile_graph(model, example_input, loss_fn, loss, type(model).__name__, rules, header)
+    graph, text = compile_graph(model, example_input, loss_fn, loss, type(model).__name__, rules, header, quantities)
     module = verified_module(graph, text, model, example_input, loss_fn, loss, rules, verify)
     if path is not None:
         sys.modules.pop(module.__name__, None)

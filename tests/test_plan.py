@@ -69,6 +69,45 @@ def test_cache_set_per_requested_quantity():
         decided.caches_for({"fisher"})
 
 
+def test_compiling_for_fewer_quantities_keeps_only_their_caches():
+    graph = _graph(nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)), (6,))
+    ggn = plan(graph, quantities=("gradient", "ggn"))
+    assert ggn.quantities == {"gradient", "ggn"}
+    assert [entry.caches for entry in ggn.nodes][:2] == [(("X", {"gradient", "ggn"}),), (("d1", {"gradient", "ggn"}),)]
+    assert not ggn.node("linear0").keeps("g") and ggn.loss.keeps("z, t, scale")
+    gradient = plan(graph, quantities="gradient")
+    assert not gradient.loss.keeps("z, t, scale") and gradient.node("sigmoid1").keeps("d1")
+    assert plan(graph).node("sigmoid1").keeps("y") and not ggn.node("sigmoid1").keeps("y")
+    with pytest.raises(ValueError, match="unknown quantities"):
+        plan(graph, quantities=("gradient", "fisher"))
+
+
+def test_a_module_compiled_for_the_gradient_and_the_ggn_is_exact_there_and_refuses_the_hessian():
+    from hbpc.compiler import compile_model, compile_source
+    from exactness import _reference_products
+
+    torch.manual_seed(0)
+    model, x, target = _mlp().double(), torch.randn(4, 6, **F64), torch.tensor([0, 2, 1, 0])
+    module = compile_model(model, x, nn.CrossEntropyLoss(), quantities=("gradient", "ggn"))
+    curvature = module.Curvature(model)
+    assert curvature.QUANTITIES == ("gradient", "ggn")
+    curvature.forward_backward(x, target)
+    assert not hasattr(curvature, "linear0_g") and not hasattr(curvature, "sigmoid1_y")  # the Hessian's caches
+    vs = [torch.randn(p.shape, **F64) for p in model.parameters()]
+    _, grads, _, ggn = _reference_products(model, nn.CrossEntropyLoss(), x, target, vs)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-10, atol=1e-12)
+    for found, expected in zip(curvature.ggn_vector_product(vs), ggn):
+        assert torch.allclose(found, expected, rtol=1e-10, atol=1e-12)
+    assert set(curvature.blocks("ggn")) == {name for name, _ in model.named_parameters()}
+    for call in (lambda: curvature.hessian_vector_product(vs), lambda: curvature.blocks("hessian"),
+                 lambda: curvature.block_products("pch-abs"), lambda: curvature.kronecker_factors("kflr")):
+        with pytest.raises(ValueError, match=r"compiled for gradient, ggn only; recompile with quantities="):
+            call()
+    text = compile_source(model, x, nn.CrossEntropyLoss(), quantities="gradient,ggn")
+    assert "self.linear0_g" not in text and "self.linear0_X" in text and "QUANTITIES = ('gradient', 'ggn')" in text
+
+
 def test_the_residual_is_formed_on_first_use_only():
     """forward_backward keeps g (and what φ″ reads); r = g ⊙ φ″ is formed by the first Hessian product, once."""
     from hbpc.compiler import verified_module
@@ -141,3 +180,35 @@ def test_plan_command_prints_a_row_per_node_with_parameter_names():
     assert lines[0].split() == ["node", "op", "kind", "parameters", "cached", "block", "bytes", "kfac"]
     assert any("1.weight" in line and "kronecker" in line for line in lines)
     assert lines[-2].startswith("loss: cross_entropy (mean): exact Hessian + MC-Fisher")
+
+
+def test_hbpc_compile_for_names_an_unknown_quantity(tmp_path, capsys):
+    from hbpc.cli import main
+
+    out = tmp_path / "curv.py"
+    assert main(["compile", str(ROOT / "examples" / "models" / "logreg_fashion_mnist.py"), "-o", str(out),
+                 "--for", "gradient,fisher", "--no-verify"]) == 2
+    assert "unknown quantities ['fisher']" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_plan_schedules_the_hbp_sweep_and_counts_its_peak():
+    """Sizes 5, 5, 3: at linear2 blocks keep S (3²) while S_sigmoid1 (5²) forms with Wᵀ S (3 × 5): 49 entries; at
+    sigmoid1 S_linear0 (5²) forms beside S_sigmoid1 in place of E[φ′ φ′ᵀ]: 9 + 25 + 25 = 59, the peak."""
+    graph = _graph(_mlp(), (6,))
+    sweep = plan(graph).sweep
+    assert [(step.kind, step.node) for step in sweep.steps] == [
+        ("visit", "linear2"), ("at", "linear2"), ("input", "linear2"), ("free", "linear2"),
+        ("at", "sigmoid1"), ("input", "sigmoid1"), ("free", "sigmoid1"), ("visit", "linear0")]
+    assert (sweep.peak, sweep.peak_at) == (59, "sigmoid1")
+    assert sweep.factors == ((6, True), (5, True))  # the weights' B = x xᵀ kept as roots (N × 6, N × 5)
+    text = emit(graph, plan(graph), "mlp", "0")
+    assert "MEMORY = (59, 'the inputs of sigmoid1', ((6, True), (5, True)))" in text
+
+
+def test_plan_command_for_fewer_quantities_drops_their_caches():
+    run = subprocess.run([sys.executable, "-m", "hbpc.cli", "plan", str(ROOT / "examples/models/mlp_fashion_mnist.py"),
+                          "--for", "gradient,ggn"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:] if line[:1].strip()}
+    assert rows["linear1"][4] == "X" and rows["sigmoid2"][4] == "d1"  # no g, no y: the Hessian's
+    assert "compiled for: gradient, ggn;" in run.stdout

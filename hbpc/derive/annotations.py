@@ -23,7 +23,7 @@ from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Str
 from . import derive
 from .elementwise import hyper_values
 from .printer import formula, torch_code, torch_lines
-from .structured import classify
+from .structured import classify, is_gram, kronecker_split
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,13 @@ class LossAnnotation:
 
 
 def reads(code: str) -> frozenset:
-    """The Python names ``code`` reads (no attributes, no keywords)."""
-    found, previous = set(), None
-    for token in tokenize.generate_tokens(io.StringIO(code).readline):
-        if token.type == tokenize.NAME and previous != "." and not keyword.iskeyword(token.string):
-            found.add(token.string)
-        previous = token.string
-    return frozenset(found)
+    """The Python names ``code`` reads (no attributes, keyword arguments or Python keywords)."""
+    tokens = [token for token in tokenize.generate_tokens(io.StringIO(code).readline)
+              if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER)]
+    return frozenset(token.string for k, token in enumerate(tokens)
+                     if token.type == tokenize.NAME and not keyword.iskeyword(token.string)
+                     and (k == 0 or tokens[k - 1].string != ".")
+                     and (k + 1 == len(tokens) or tokens[k + 1].string != "="))
 
 
 def _printed(lines, code) -> Printed:
@@ -201,21 +201,12 @@ def _product(einsum, constants=None, matmul=False) -> Product:
     return Product(call, "" if coeff == 1 else str(coeff), axes, tuple(einsum.broadcast))
 
 
-def _is_gram(einsum) -> bool:
-    """Whether the einsum is Σ_n X[n, i] X[n, j], a Gram matrix over samples (the rank-N factor x̄ x̄ᵀ)."""
-    inputs, output = einsum.spec.replace("...", "").split("->")
-    first, second = inputs.split(",") if "," in inputs else ("", "")
-    return (einsum.operands == ("X", "X") and len(first) == len(second) == 2 and first[0] == second[0]
-            and output == first[1] + second[1])
-
-
 def _block(block) -> BlockMaps:
     if block.kind == "dense":
         return BlockMaps("dense", matrix=_product(block.matrix))
     if block.kind == "kronecker":
         a, b = block.factors
-        split = len(a.spec.split("->")[1].replace("...", "")) // 2
-        return BlockMaps("kronecker", factors=(_product(a), _product(b)), split=split, gram=_is_gram(b))
+        return BlockMaps("kronecker", factors=(_product(a), _product(b)), split=kronecker_split(block), gram=is_gram(b))
     return BlockMaps("operator")
 
 

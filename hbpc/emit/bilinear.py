@@ -5,8 +5,6 @@ Inside the methods an operand or output is seen as its rule view (``views``: ``A
 ``_jvp<i>`` / ``_vjp<i>`` apply ``J_i`` / ``J_iᵀ``; ``_residual<i>(t)`` is ``Σ_k g_k ∂²y_k/∂x_i∂x_j t`` for a tangent
 ``t`` of the other operand ``j`` (the Hessian cross term). HBP forms the per-sample Jacobians on the identity.
 """
-from math import prod
-
 from .code import NodeCode, dims, fill_template, method_lines
 
 _OPERANDS = ("A", "B")
@@ -102,6 +100,4 @@ def bilinear_code(name, node, input_vars, upstream) -> NodeCode:
     code.cross = lambda i, j: (f"dependent_cross(S, self._{name}_jacobians({i}, True), self._{name}_jacobians({j}, True), "
                                f"{residual}[1])")
     code.mean_vjp = lambda i, M: f"dependent_mean_transpose(self._{name}_jacobians({i}, True), {M})"
-    d_y = prod(node.y_shape)
-    code.curvature_temporaries = [2 * d_y * prod(shape) for shape in x_shapes]  # E[J] and S E[J] (N J_n without average)
     return code

@@ -92,8 +92,6 @@ class NodeCode:
     cross_terms: list = field(default_factory=list)  # roles θ with ∂²Y/∂X∂θ ≠ 0
     tangent_view: str = None  # the suffix of the method viewing an input tangent as the rule's X, if not the tangent
     cross: object = None  # multi-input nodes: (i, j) -> code for E[J_i]ᵀ S E[J_j]
-    curvature_temporaries: list = None  # per input: entries input_curvature[i] allocates besides S and its result
-    block_factor_entries: list = field(default_factory=list)  # (b, gram) per Kronecker block blocks() keeps
 
 
 def single_input(code, name):

@@ -5,12 +5,13 @@ from math import prod
 
 from hbpc import __version__, ir
 from hbpc.errors import HbpcError
+from hbpc.plan import ALL, QUANTITIES
 from hbpc.runtime import NAMES
 
 from .code import Method, Target
 from .kronecker import factor_nodes
 from .names import INPUT, family_names, safe_text, with_stems
-from .nodes import node_code, sandwich_temporaries, shares_methods
+from .nodes import node_code, shares_methods
 from .tokens import token_loss_lines
 
 _INDENT = "    "
@@ -44,7 +45,7 @@ def _loss_lines(graph, last, loss_plan):
     lines += derived.forward_lines
     lines += [f"scale = {derived.scale.code}", f"loss = scale * ({value.code}).sum()",
               f"g_{last} = (scale * ({grad.code})).reshape(N, *{ir.node(graph, last).y_shape!r})",
-              "self.loss_scale, self.loss_z, self.loss_t = scale, z, t"]
+              *(["self.loss_scale, self.loss_z, self.loss_t = scale, z, t"] if loss_plan.keeps("z, t, scale") else [])]
     lines += [f"self.loss_{name} = {name}" for name in derived.intermediates]
     lines = [f"z = a_{last}.reshape(N, -1)", *_with_classes(lines, value.reads | grad.reads | derived.scale.reads, classes)]
     restore = ["scale = self.loss_scale"] + [f"{name} = self.loss_{name}" for name in ("z", "t", *derived.intermediates)
@@ -99,86 +100,6 @@ def _backward(graph, order, codes, plan):
     return lines
 
 
-def _pair(a, b, position):
-    """The variable holding the cross curvature of tensors a and b, and whether it must be transposed."""
-    first, second = sorted((a, b), key=position.__getitem__)
-    return f"S_{first}__{second}", first != a
-
-
-class _MemoryLedger:
-    """Entries the HBP sweep holds at once: live S variables, the S that blocks keep, each step's temporaries.
-
-    ``peak`` is the most at any step of blocks() and ``where`` names that step; the generated ``_check_memory``
-    refuses from it before anything is allocated.
-    """
-
-    def __init__(self, sizes, last):
-        self.sizes, self.live, self.kept = sizes, {f"S_{last}": sizes[last] ** 2}, 0
-        self.peak, self.where = self.live[f"S_{last}"], "the loss"
-
-    def entries(self, a, b):
-        return self.sizes[a] * self.sizes[b]
-
-    def form(self, variable, entries, temporaries, where):
-        """variable is formed (or re-formed as variable + term, holding both sums and the term at once)."""
-        total = self.kept + sum(self.live.values()) + entries * (2 if variable in self.live else 1) + temporaries
-        if total > self.peak:
-            self.peak, self.where = total, where
-        self.live[variable] = entries
-
-    def keep(self, variable):
-        """Blocks built from variable hold it (or factors of its size) until blocks() returns."""
-        self.kept += self.live.pop(variable)
-
-    def free(self, variables):
-        for variable in variables:
-            self.live.pop(variable, None)
-
-
-def _input_temporaries(code, i, ledger, name, source):
-    """Entries input_curvature[i] allocates besides S and S_source (a node kind without an estimate: a sandwich's)."""
-    known = code.curvature_temporaries
-    return known[i] if known else sandwich_temporaries(ledger.sizes[source], ledger.sizes[name])
-
-
-def _sweep_memory(graph, order, codes, plan, ledger):
-    """Follow hbpc.runtime's HBP sweep over the graph (S for every pair of tensors on the frontier), recording in
-    ``ledger`` (a ``_MemoryLedger``) what each step holds, for blocks()' memory check."""
-    position = {name: k for k, name in enumerate(order)}
-    defined, frontier = {f"S_{order[-1]}"}, [order[-1]]
-
-    def form(variable, entries, temporaries, where):
-        ledger.form(variable, entries, temporaries, where)
-        defined.add(variable)
-
-    for name in reversed(order):
-        if name not in plan.upstream:
-            continue
-        node, code = ir.node(graph, name), codes[name]
-        frontier.remove(name)
-        if code.blocks:
-            ledger.keep(f"S_{name}")
-        active = [(i, source) for i, source in enumerate(node.inputs) if source in plan.upstream]
-        if not active:
-            continue
-        where = f"the inputs of {name}"
-        for i, source in active:
-            form(f"S_{source}", ledger.entries(source, source), _input_temporaries(code, i, ledger, name, source), where)
-        for (i, a), (j, b) in ((p, q) for k, p in enumerate(active) for q in active[k + 1:]):
-            variable = f"S_{a}" if a == b else _pair(a, b, position)[0]
-            form(variable, ledger.entries(a, b), 2 * ledger.entries(a, b), where)
-        for other in frontier:
-            if _pair(name, other, position)[0] not in defined:
-                continue
-            for i, source in active:
-                variable = f"S_{other}" if source == other else _pair(source, other, position)[0]
-                form(variable, ledger.entries(source, other), 2 * ledger.entries(source, other), where)
-        frontier += [source for _, source in active if source not in frontier]
-        dead = [f"S_{name}"] + [_pair(name, other, position)[0] for other in frontier if other != name]
-        defined -= set(dead)
-        ledger.free(dead)
-
-
 def _by_input(codes, indices="i") -> tuple:
     """A method body returning codes[k] for input k (``indices`` names the argument(s) k is compared with)."""
     if len(codes) == 1:
@@ -196,7 +117,8 @@ def _sweep_records(code, inputs, branches) -> list:
     if not code.input_curvature:
         return []
     records = [Method("input_curvature", "i, S, average_input_jacobian, curvature",
-                      "S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)", _by_input(list(enumerate(code.input_curvature))))]
+                      "S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)",
+                      _by_input(list(enumerate(code.input_curvature))))]
     count = len(inputs)
     if branches:
         records.append(Method("mean_vjp", "i, M", "E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)",
@@ -315,11 +237,9 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
     last = order[-1]
     loss_lines, loss_methods = _loss_lines(graph, last, plan.loss)
     factors = factor_nodes(graph, order)
-    ledger = _MemoryLedger({name: prod(ir.node(graph, name).y_shape) for name in order}, last)
-    _sweep_memory(graph, order, codes, plan, ledger)
+    peak_at = f"the inputs of {plan.sweep.peak_at}" if plan.sweep.peak_at else "the loss"
     sharing = {name: prod(ir.node(graph, name).x_shape[:-1]) for name in factors
                if plans[name].kind == "shared matmul"}
-    kept_factors = tuple(f for name in order for f in codes[name].block_factor_entries)
     nodes = ir.nodes(graph)
     buffers = sorted({b for node in nodes for b in node.buffers.values()})
     eval_mode_modules = sorted({node.buffers.get("running_mean", "*").rpartition(".")[0] or "*"
@@ -397,6 +317,8 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
               if graph.graph.get("tokens") else []),
             f"LOSS = {graph.graph['loss']!r}",
             *(["SAMPLED_FISHER = True  # a softmax likelihood: labels can be sampled"] if sampled else []),
+            *([f"QUANTITIES = {tuple(q for q in QUANTITIES if q in plan.quantities)!r}  # compiled for these only"]
+              if plan.quantities != ALL else []),
             *_table("NODES", nodes, "  # node: (inputs, {role: parameter}, family), in graph order"),
             *_table("SECOND_ORDER", second_order,
                     "  # family or node: (residual?, coupled roles, tangent view)"),
@@ -405,7 +327,7 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
             *(_tuple_lines("LOWERED", lowered, "  # factor layers caching the raw input") if lowered else []),
             *(_table("WEIGHT_SHARING", sharing, "  # KFAC layers shared over positions: node: positions (kfac_approx)")
               if sharing else []),
-            f"MEMORY = ({ledger.peak}, {ledger.where!r}, {kept_factors!r})  # blocks(): peak entries, where, factors kept",
+            f"MEMORY = ({plan.sweep.peak}, {peak_at!r}, {plan.sweep.factors!r})  # blocks(): peak entries, where, factors kept",
             "",
             "def forward_backward(self, x, target):",
             '    """L = scale · Σ_n ℓ(z_n, t_n); fills p.grad like L.backward() and caches what curvature needs.',

@@ -23,7 +23,6 @@ User text (class and file names, rule keys and formulas) reaches docstrings, com
 literals only through ``safe_text``.
 """
 import re
-from dataclasses import replace
 
 import networkx as nx
 
@@ -129,9 +128,7 @@ def with_stems(graph, plan):
         node = ir.node(renamed, name)
         ir.update(renamed, name, name=name, inputs=tuple(stems.get(i, i) for i in node.inputs))
     renamed.graph["order"] = [stems[name] for name in graph.graph["order"]]
-    renamed_plan = replace(plan, nodes=tuple(replace(p, name=stems[p.name]) for p in plan.nodes),
-                           upstream=frozenset(stems[name] for name in plan.upstream))
-    return renamed, renamed_plan
+    return renamed, plan.renamed(stems)
 
 
 def _escape(character: str) -> str:

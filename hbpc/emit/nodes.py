@@ -17,21 +17,6 @@ from .code import Method, NodeCode, dims, fill_template, param_code, single_inpu
 from .normalization import normalization_code
 
 
-CHUNK_ENTRIES = 2**22  # the chunk_entries default of hbpc.runtime's chunked helpers
-
-
-def sandwich_temporaries(d_x, d_y) -> int:
-    """Entries ``sandwich_independent`` holds besides S and S_x: S J, and a chunk of rows in and out (at most
-    chunk_entries, at least one row) with as much again for the vjp's workspace."""
-    return d_y * d_x + 4 * max(d_x + d_y, min(CHUNK_ENTRIES, max(d_x, d_y) * (d_x + d_y)))
-
-
-def take_temporaries(d_x, d_y) -> int:
-    """Entries ``take_input_curvature`` holds besides S and S_x: E[P] and E[P]ᵀ S (average), or a chunk of samples'
-    d_y² entries (at least one sample, at most chunk_entries or S_x's size) as values and two int64 index tensors."""
-    return max(2 * d_y * d_x, 5 * max(d_y * d_y, min(CHUNK_ENTRIES, d_x * d_x)))
-
-
 def elementwise_code(at, node, input_vars) -> NodeCode:
     rule, derived = node.rule, node.derived
     input_var = input_vars[0]
@@ -44,8 +29,10 @@ def elementwise_code(at, node, input_vars) -> NodeCode:
     residual = "None"  # the residual's method: elementwise_input_curvature calls it unless the mode is ggn
     if derived.residual is not None:
         reads = [s for s in ("x", "y") if s in derived.residual.reads]
-        code.forward += [f"{at.attribute(s)} = {var}" for s, var in (("x", input_var), ("y", out)) if s in reads]
-        code.backward.append(f"{at.attribute('g')}, {at.attribute('r')} = g_{at.node}, None  # r = g ⊙ φ″ is formed on first use")
+        code.forward += [f"{at.attribute(s)} = {var}" for s, var in (("x", input_var), ("y", out))
+                         if s in reads and node.plan.keeps(s)]
+        if node.plan.keeps("g"):
+            code.backward.append(f"{at.attribute('g')}, {at.attribute('r')} = g_{at.node}, None  # r = g ⊙ φ″ is formed on first use")
         code.residual_product = lambda t, mode: f"residual_product({at.method('residual')}(), {t}, {mode})"
         residual = at.method("residual")
         code.records += [
@@ -58,7 +45,6 @@ def elementwise_code(at, node, input_vars) -> NodeCode:
     code.records += [Method("jvp", "v", f"J v = φ′ ⊙ v  ({derived.doc})", (f"return v * {d1_cached}",)),
                      Method("vjp", "u", "Jᵀ u = φ′ ⊙ u", (f"return u * {d1_cached}",))]
     code.input_curvature = [f"elementwise_input_curvature(S, {d1_cached}, {residual}, average_input_jacobian, curvature)"]
-    code.curvature_temporaries = [0]  # S_x is formed in place of E[φ′ φ′ᵀ]
     code.mean_vjp = lambda i, M: f"{d1_cached}.flatten(1).mean(0)[:, None] * {M}"
     return code
 
@@ -103,7 +89,6 @@ def selection_code(at, node, input_vars) -> NodeCode:
         return _multi_input_code(at, node, input_vars)
     x_shape, y_shape = node.x_shape, node.y_shape
     spatial = len(x_shape) - 1
-    d_x, d_y = prod(x_shape), prod(y_shape)
     code = NodeCode()
     forward = fill_template(rule.forward, node, input_vars)
     if rule.primitive == "take":
@@ -114,21 +99,19 @@ def selection_code(at, node, input_vars) -> NodeCode:
             code.forward.append(f"{index} = {flat}.unsqueeze(-2)")
         view = (x_shape[0], 1, prod(x_shape[1:])) if spatial != 2 else x_shape
         code.input_curvature = [f"take_input_curvature(S, {at.cached('idx')}, {view!r}, average_input_jacobian)"]
-        code.curvature_temporaries = [take_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"take_mean_transpose({M}, {at.cached('idx')}, {view!r})"
     elif rule.primitive == "mask":  # J = diag(keep): S_x = S ⊙ keep keepᵀ
         code.forward = [f"a_{at.node} = {forward}",
                         f"{at.attribute('mask')} = fixed_mask({node.hyper['masked']!r}, {y_shape!r}, a_{at.node}.device)"]
-        code.input_curvature, code.curvature_temporaries = [f"masked_curvature(S, {at.cached('mask')})"], [0]
+        code.input_curvature = [f"masked_curvature(S, {at.cached('mask')})"]
         code.mean_vjp = lambda i, M: f"{M}.masked_fill({at.cached('mask')}.reshape(-1, 1), 0)"
     elif rule.primitive in ("reshape", "identity"):  # J = I on the flattened sample: S_x = S
         code.forward = [f"a_{at.node} = {forward}"]
-        code.input_curvature, code.curvature_temporaries = ["S"], [0]
+        code.input_curvature = ["S"]
         code.mean_vjp = lambda i, M: M
     else:
         code.forward = [f"a_{at.node} = {forward}"]
         code.input_curvature = [f"sandwich_independent(S, {at.method('vjp')}, {x_shape!r}, {y_shape!r})"]
-        code.curvature_temporaries = [sandwich_temporaries(d_x, d_y)]
         code.mean_vjp = lambda i, M: f"transpose_matrix({M}, {at.method('vjp')}, {y_shape!r})"
     single_input_at(code, at)
     jvp, vjp = _selection_maps(at, node)
@@ -150,7 +133,6 @@ def _multi_input_code(at, node, input_vars) -> NodeCode:
                     "for t in present[1:]:", "    total = total + t", "return total")),
             Method("vjp", "u", "Jᵢᵀ u = u for every input", (f"return [u] * {len(input_vars)}",))]
         code.input_curvature = ["S"] * len(input_vars)
-        code.curvature_temporaries = [0] * len(input_vars)
         code.mean_vjp = lambda i, M: M
         code.cross = lambda i, j: "S"
         return code
@@ -167,7 +149,6 @@ def _multi_input_code(at, node, input_vars) -> NodeCode:
     code.vjp = lambda u: [at.call(f"vjp{i}", u) for i in range(len(x_shapes))]
     code.input_curvature = [f"sandwich_independent(S, {at.method(f'vjp{i}')}, {shape!r}, {y_shape!r})"
                             for i, shape in enumerate(x_shapes)]
-    code.curvature_temporaries = [sandwich_temporaries(prod(shape), prod(y_shape)) for shape in x_shapes]
     code.mean_vjp = lambda i, M: f"transpose_matrix({M}, {at.method(f'vjp{i}')}, {y_shape!r})"
     code.cross = lambda i, j: (f"cross_independent(S, {at.method(f'vjp{i}')}, {at.method(f'vjp{j}')}, "
                                f"{x_shapes[i]!r}, {x_shapes[j]!r}, {y_shape!r})")
@@ -298,7 +279,8 @@ def structured_code(at, node, input_vars, caches_view) -> NodeCode:
     if caches_view:
         view = input_var if conv or _view_is_input(node) else at.call("view", input_var)
         code.forward.append(f"{at.attribute('X')} = {view}")
-        code.backward.append(f"{at.attribute('g')} = g_{at.node}")
+        if node.plan.keeps("g"):
+            code.backward.append(f"{at.attribute('g')} = g_{at.node}")
     if not _view_is_input(node):
         code.records.append(Method("view", "x", f"The input as the rule reads it: (*lead, *x) -> (*lead, *{views['X']})",
                                    (f"lead = lead_shape(x, {x_rank})", f"return {_input_view(node, views, 'x')}")))
@@ -326,16 +308,13 @@ def structured_code(at, node, input_vars, caches_view) -> NodeCode:
                              f"{at.call(f'{role}_vjp', f'g_{at.node}', at.attribute('X'))})")
         code.records.append(_block_method(at, node, role, tensor.block, views, shape))
         code.blocks[role] = f"{role}_block"
-        if node.plan.block(role).representation == "kronecker":
-            code.block_factor_entries.append(_kronecker_factor_entries(tensor.block, shape))
         if tensor.couples_input:
             code.cross_terms.append(role)
     if integer_input:
         return code
     if jx.sample_dependent:
         raise NotImplementedError(f"{rule.key}: HBP for a sample-dependent linear map is not implemented")
-    code.input_curvature = [_sandwich_code(at, node, jx)]
-    code.curvature_temporaries = [_sandwich_temporaries(node, jx)]
+    code.input_curvature = [_sandwich_code(at, node)]
     code.mean_vjp = lambda i, M: f"transpose_matrix({M}, {at.method('vjp')}, {node.y_shape!r})"
     return code
 
@@ -429,34 +408,17 @@ def _einsum_parameter_methods(at, node, role, tensor, views) -> list:
     ]
 
 
-def _jacobian_is_weight(node, jx) -> bool:
-    """Whether the derived input map is a matrix product W v on the flat input: the Jacobian is W itself."""
-    views = node.derived.views
-    return node.plan.kind == "matmul" and node.rule.input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
-
-
-def _sandwich_code(at, node, jx) -> str:
-    """S_x = Jᵀ S J: two gemms with W where the Jacobian is the weight, else two passes of the vjp."""
-    if _jacobian_is_weight(node, jx):
+def _sandwich_code(at, node) -> str:
+    """S_x = Jᵀ S J: two gemms with W where the plan found the Jacobian is the weight, else two passes of the vjp."""
+    if node.plan.weight_sandwich:
         return f"weight_sandwich(S, {at.param('weight')})"
     return f"sandwich_independent(S, {at.method('vjp')}, {node.x_shape!r}, {node.y_shape!r})"
-
-
-def _sandwich_temporaries(node, jx) -> int:
-    """Entries ``_sandwich_code`` allocates besides S and S_x: Wᵀ S (d_x × d_y), or sandwich_independent's."""
-    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
-    return d_y * d_x if _jacobian_is_weight(node, jx) else sandwich_temporaries(d_x, d_y)
 
 
 def _kronecker_sizes(block, shape):
     """(a, b) with θ viewed as (a, b) and B_θ = A ⊗ B, A (a, a), B (b, b)."""
     a = prod(shape[:block.split])
     return a, prod(shape) // a
-
-
-def _kronecker_factor_entries(block, shape) -> tuple:
-    """(b, gram): blocks() keeps B (b × b entries), or its root R (N × b) when gram and there are fewer samples than b."""
-    return _kronecker_sizes(block, shape)[1], block.gram
 
 
 def _block_method(at, node, role, block, views, shape) -> Method:

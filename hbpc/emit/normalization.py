@@ -51,7 +51,7 @@ def normalization_code(name, node, input_vars, upstream) -> NodeCode:
         targets = f"{', '.join(reads)}{',' * (len(reads) == 1)}"
         code.forward.append(f"{targets} = self._{name}_statistics({input_vars[0]}, a_{name})")
     code.forward.append(f"self.{name}_modes = {{}}  # mode(R_n) per curvature, formed when a pch product needs it")
-    code.backward = [f"self.{name}_g = g_{name}.reshape(-1, {groups}, {entries})"]
+    code.backward = [f"self.{name}_g = g_{name}.reshape(-1, {groups}, {entries})"] if node.plan.keeps("g") else []
     code.residual_product = lambda t, mode: f"self._{name}_residual_product({t}, {mode})"
     code.input_curvature = [f"grouped_input_curvature(S, self._{name}_jacobians(), self._{name}_residuals, "
                             "average_input_jacobian, curvature)"]

@@ -12,10 +12,11 @@
 * **lowering**: convolutions whose derived maps torch's convolution kernels compute (patches larger than the input);
 * **loss**: the loss's curvature (its exact Hessian; a sampled Fisher for a softmax likelihood; label smoothing).
 
-Each rule kind registers its decisions once, in ``_KINDS``. The HBP sweep's peak memory (the S matrices it holds)
-is still counted by the emitter (``hbpc.emit.module._MemoryLedger``) as it prints the sweep.
+* **sweep**: the HBP sweep's steps, and the memory ledger's peak over them (``sweep.py``).
+
+Each rule kind registers its decisions once, in ``_KINDS``.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 
 import networkx as nx
@@ -23,6 +24,8 @@ import networkx as nx
 from hbpc import ir
 from hbpc.kinds import handler
 from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Structured
+
+from .sweep import Sweep, sandwich_temporaries, schedule, take_temporaries
 
 QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")  # hessian: Hessian products and hessian/pch-* blocks
 ALL = frozenset(QUANTITIES)
@@ -39,6 +42,7 @@ class BlockPlan:
     role: str
     representation: str  # "kronecker", "dense" or "matrix-free"
     entries: int
+    factor: tuple = ()  # Kronecker: (b, gram), B's size and whether blocks() keeps its root R (N × b) instead
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,15 @@ class NodePlan:
     blocks: tuple = ()  # BlockPlan per parameter role
     kronecker: bool = False  # a KFAC-family layer (kronecker_factors)
     lowering: bool = False  # torch's convolution kernels compute the derived maps
+    weight_sandwich: bool = False  # S_x = Wᵀ S W: the input Jacobian is the weight itself
+    curvature_temporaries: tuple = ()  # per input: entries its curvature step allocates besides S and S_x
 
     def block(self, role):
         return next(b for b in self.blocks if b.role == role)
+
+    def keeps(self, item) -> bool:
+        """Whether forward_backward caches ``item`` (a requested quantity reads it)."""
+        return any(name == item for name, _ in self.caches)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,9 @@ class LossPlan:
     probability_targets: bool  # cross-entropy also takes class probabilities (its Hessian ignores t)
     label_smoothing: float
     caches: tuple = ()
+
+    def keeps(self, item) -> bool:
+        return any(name == item for name, _ in self.caches)
 
     @property
     def curvature(self) -> str:
@@ -79,19 +92,41 @@ class Plan:
     memory_limit: int = MEMORY_LIMIT
     batch: int = 1  # the batch size block entries are counted at
     element_size: int = 4
+    quantities: frozenset = ALL  # what the generated module computes; caches serve only these
+    sweep: Sweep = None  # the HBP sweep's steps and the memory they hold
 
     def node(self, name) -> NodePlan:
         return next(p for p in self.nodes if p.name == name)
 
+    def renamed(self, stems):
+        """The plan with every node renamed (``stems``: {name: new name})."""
+        return replace(self, nodes=tuple(replace(p, name=stems[p.name]) for p in self.nodes),
+                       upstream=frozenset(stems[name] for name in self.upstream), sweep=self.sweep.renamed(stems))
+
     def caches_for(self, quantities) -> dict:
         """{node: (cached tensors)} that the given quantities read (the loss under the key "loss")."""
-        wanted = set(quantities)
-        unknown = wanted - ALL
-        if unknown:
-            raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {QUANTITIES}")
+        wanted = requested(quantities)
         entries = [(p.name, p.caches) for p in self.nodes] + [("loss", self.loss.caches if self.loss else ())]
         found = {name: tuple(item for item, readers in caches if readers & wanted) for name, caches in entries}
         return {name: items for name, items in found.items() if items}
+
+
+def requested(quantities) -> frozenset:
+    """The quantities (names, or one comma-separated string) as a set of QUANTITIES (None: all); ValueError
+    naming an unknown one."""
+    if isinstance(quantities, str):
+        quantities = [q.strip() for q in quantities.split(",") if q.strip()]
+    wanted = ALL if quantities is None else frozenset(quantities)
+    unknown = wanted - ALL
+    if unknown or not wanted:
+        raise ValueError(f"unknown quantities {sorted(unknown)}; choose from {QUANTITIES}" if unknown
+                         else f"no quantity requested; choose from {QUANTITIES}")
+    return wanted
+
+
+def _serving(caches, quantities) -> tuple:
+    """The caches some requested quantity reads, each with the requested quantities that read it."""
+    return tuple((item, readers & quantities) for item, readers in caches if readers & quantities)
 
 
 def upstream_of_params(graph: nx.DiGraph) -> frozenset:
@@ -116,34 +151,53 @@ def _elementwise(node, context) -> dict:
     residual = node.derived.residual
     if residual is not None:  # the residual r = g ⊙ φ″, formed on first use from g and what φ″ reads
         caches += [(s, frozenset({"hessian"})) for s in ("g", *sorted(residual.reads))]
-    return dict(kind=node.derived.kind, caches=tuple(caches))
+    return dict(kind=node.derived.kind, caches=tuple(caches), curvature_temporaries=(0,))  # S_x in E[φ′ φ′ᵀ]'s place
+
+
+def _selection_temporaries(node) -> tuple:
+    """Entries each input's curvature step allocates besides S and its result."""
+    d_y = prod(node.y_shape)
+    primitive = node.rule.primitive
+    if primitive in ("reshape", "identity", "add", "mask"):  # J = I or diag(keep): S_x = S or S ⊙ keep keepᵀ
+        return (0,) * len(node.inputs)
+    if primitive == "take":
+        return (take_temporaries(prod(node.x_shape), d_y),)
+    return tuple(sandwich_temporaries(prod(shape), d_y) for shape in node.x_shapes)  # pad, crop, cat
 
 
 def _selection(node, context) -> dict:
-    return dict(kind=node.derived.kind, caches=(("idx", ALL),) if node.rule.primitive == "take" else ())
+    return dict(kind=node.derived.kind, caches=(("idx", ALL),) if node.rule.primitive == "take" else (),
+                curvature_temporaries=_selection_temporaries(node))
 
 
 def _normalization(node, context) -> dict:
     if not context["upstream"]:
         return dict(kind="normalization")
     reads = tuple((s, ALL) for s in node.derived.reads)
-    return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),))
+    return dict(kind="normalization", caches=reads + (("g", frozenset({"hessian"})),),
+                curvature_temporaries=(sandwich_temporaries(prod(node.x_shape), prod(node.y_shape)),))
+
+
+def _kronecker_sizes(block, view):
+    """(a, b) with θ viewed as (a, b) and its block A ⊗ B, A (a × a) from S, B (b × b) from the samples."""
+    a = prod(view[:block.split])
+    return a, prod(view) // a
 
 
 def _bilinear(node, context) -> dict:
     """Both operands serve every quantity (each Jacobian reads the other), g the cross residual."""
     if not context["upstream"]:
         return dict(kind="bilinear")
-    return dict(kind="bilinear", caches=(("A", ALL), ("B", ALL), ("g", frozenset({"hessian"}))))
+    d_y = prod(node.y_shape)  # E[J] and S E[J] per input (N J_n without averaging: counted at N = 1)
+    return dict(kind="bilinear", caches=(("A", ALL), ("B", ALL), ("g", frozenset({"hessian"}))),
+                curvature_temporaries=tuple(2 * d_y * prod(shape) for shape in node.x_shapes))
 
 
 def _block_entries(block, view, batch) -> int:
     """Entries blocks() keeps for a derived block: A and B (or B's root, N × b, for a Gram factor), or θ²."""
-    size = prod(view)
     if block.kind == "dense":
-        return size * size
-    a = prod(view[:block.split])
-    b = size // a
+        return prod(view) ** 2
+    a, b = _kronecker_sizes(block, view)
     return a * a + (min(batch, b) * b if block.gram else b * b)
 
 
@@ -158,18 +212,23 @@ def _structured(node, context) -> dict:
     kind, views = derived.kind, derived.views
     blocks = []
     for role, param in node.params.items():
-        block = derived.tensors[role].block
-        entries = 0 if block.kind == "operator" else _block_entries(block, views[{"weight": "W", "bias": "b"}[role]],
-                                                                    context["batch"])
+        block, view = derived.tensors[role].block, views[{"weight": "W", "bias": "b"}[role]]
+        entries = 0 if block.kind == "operator" else _block_entries(block, view, context["batch"])
         representation = _representation(block, entries, context)
-        blocks.append(BlockPlan(param, role, representation, entries if representation != "matrix-free" else 0))
+        factor = (_kronecker_sizes(block, view)[1], block.gram) if representation == "kronecker" else ()
+        blocks.append(BlockPlan(param, role, representation, entries if representation != "matrix-free" else 0, factor))
     params = node.params
     kronecker = (kind in FACTORED_MAPS and "weight" in params and node.hyper.get("groups", 1) == 1
                  and all(context["uses"][p] == 1 for p in params.values()))
     lowering = (kind in ("convolution", "transposed convolution") and "weight" in params
                 and prod(views["X"]) > prod(node.x_shape))  # 1×1 kernels: the patches are the input
     caches = (("X", ALL), ("g", frozenset({"hessian"}))) if params else ()
-    return dict(kind=kind, caches=caches, blocks=tuple(blocks), kronecker=kronecker, lowering=lowering)
+    # S_x = Jᵀ S J: two gemms with W where the derived input map is W v on the flat input, else vjp passes
+    weight_sandwich = kind == "matmul" and node.rule.input_view == "reshape" and len(views["X"]) == len(views["Y"]) == 1
+    d_x, d_y = prod(node.x_shape), prod(node.y_shape)
+    temporaries = d_y * d_x if weight_sandwich else sandwich_temporaries(d_x, d_y)  # Wᵀ S, or the chunked sandwich
+    return dict(kind=kind, caches=caches, blocks=tuple(blocks), kronecker=kronecker, lowering=lowering,
+                weight_sandwich=weight_sandwich, curvature_temporaries=(temporaries,))
 
 
 # Each rule kind's decisions, registered once: (node, context) -> NodePlan fields.
@@ -188,9 +247,10 @@ def _loss_plan(graph) -> LossPlan:
                     caches)
 
 
-def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) -> Plan:
+def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4, quantities=None) -> Plan:
     """Every decision for the graph (annotated by ``hbpc.derive.annotate``); blocks are counted at ``batch`` samples
-    of ``element_size`` bytes."""
+    of ``element_size`` bytes; ``forward_backward`` caches only what ``quantities`` (default: all) read."""
+    quantities = requested(quantities)
     if "loss_derived" not in graph.graph:
         raise ValueError("the graph has no derivations: call hbpc.derive.annotate(graph) before planning")
     upstream = upstream_of_params(graph)
@@ -201,8 +261,13 @@ def plan(graph: nx.DiGraph, memory_limit=MEMORY_LIMIT, batch=1, element_size=4) 
         needs_grad = tuple(i in upstream for i in node.inputs)
         context = dict(upstream=any(needs_grad), uses=uses, batch=batch, element_size=element_size,
                        memory_limit=memory_limit)
-        nodes.append(NodePlan(name, needs_grad, bool(node.params), **handler(_KINDS, node.rule, "plan")(node, context)))
-    return Plan(tuple(nodes), upstream, _loss_plan(graph), memory_limit, batch, element_size)
+        decided = handler(_KINDS, node.rule, "plan")(node, context)
+        decided["caches"] = _serving(decided.get("caches", ()), quantities)
+        nodes.append(NodePlan(name, needs_grad, bool(node.params), **decided))
+    loss = _loss_plan(graph)
+    loss = replace(loss, caches=_serving(loss.caches, quantities))
+    sweep = schedule(graph, {entry.name: entry for entry in nodes}, upstream)
+    return Plan(tuple(nodes), upstream, loss, memory_limit, batch, element_size, quantities, sweep)
 
 
 def table(graph, the_plan: Plan) -> str:
@@ -222,7 +287,10 @@ def table(graph, the_plan: Plan) -> str:
                          ("yes" if entry.kronecker else "no") if block else ""))
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    loss = the_plan.loss
+    sweep, loss = the_plan.sweep, the_plan.loss
+    lines.append(f"compiled for: {', '.join(q for q in QUANTITIES if q in the_plan.quantities)}; the HBP sweep holds "
+                 f"at most {sweep.peak * the_plan.element_size} bytes of S matrices and temporaries"
+                 + (f" (at the inputs of {sweep.peak_at})" if sweep.peak_at else ""))
     lines.append(f"loss: {loss.rule} ({loss.reduction}): {loss.curvature}; cached: "
                  + ", ".join(item for item, _ in loss.caches))
     lines.append(f"bytes at N = {the_plan.batch}, {the_plan.element_size} bytes an entry; memory_limit "

@@ -41,6 +41,8 @@ class CurvatureModule:
     FACTORS              the KFAC family's layers (weight, optional bias); LOWERED: those caching the raw input
     WEIGHT_SHARING       {node: positions} of the FACTORS layers shared over positions (KFAC-expand / -reduce)
     MEMORY               (peak entries of the HBP sweep, where it peaks, ((b, gram), ...) factors kept)
+    QUANTITIES           what forward_backward caches for: gradient, ggn (GGN and MC-Fisher products and blocks),
+                         hessian (Hessian products, hessian/pch-* blocks), kronecker (kronecker_factors)
     ===================  =============================================================================
     """
 
@@ -48,6 +50,7 @@ class CurvatureModule:
     PARAMETERS, BUFFERS, EVAL_MODE_MODULES, INPUT_SHAPE, OUTPUT_SHAPE, INPUT_IDS = {}, (), (), (), (), None
     TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER, TOKENS = "class", False, "the loss", False, None
     NODES, SECOND_ORDER, BLOCKS, FACTORS, LOWERED, MEMORY, WEIGHT_SHARING = {}, {}, (), (), (), (0, "the loss", ()), {}
+    QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match.
@@ -101,6 +104,16 @@ class CurvatureModule:
         if not self._ready:
             raise RuntimeError("call forward_backward(x, target) before asking for curvature")
         check_state(self._state)
+
+    def _require(self, quantity, what):
+        """Refuse a quantity the module was not compiled for (its caches are not kept)."""
+        if quantity not in self.QUANTITIES:
+            raise ValueError(f"{what} needs the {quantity!r} quantity, but this module was compiled for "
+                             f"{', '.join(self.QUANTITIES)} only; recompile with quantities=(..., {quantity!r}) "
+                             f"(hbpc compile --for {','.join(self.QUANTITIES)},{quantity})")
+
+    def _require_curvature(self, curvature, what):
+        self._require("ggn" if curvature == "ggn" else "hessian", f"{what} with curvature={curvature!r}")
 
     def check_current(self):
         """Raise RuntimeError unless forward_backward ran and no parameter, buffer, x or target changed since."""
@@ -157,6 +170,7 @@ class CurvatureModule:
         output of θ's node. split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitBlock).
         """
         check_curvature(curvature)
+        self._require_curvature(curvature, "blocks()")
         check_split(split)
         check_flag("average_input_jacobian", average_input_jacobian)
         check_flag("average_parameter_jacobian", average_parameter_jacobian)
@@ -179,6 +193,7 @@ class CurvatureModule:
         split > 1 keeps the diagonal sub-blocks over torch.chunk(θ, split, 0) (SplitProduct, with .parts).
         """
         check_curvature(curvature)
+        self._require_curvature(curvature, "block_products()")
         check_split(split)
         self._check_ready()
         used = {param for _, params, _ in self.NODES.values() for param in params.values()}
@@ -208,6 +223,7 @@ class CurvatureModule:
         check_kronecker_kind(kind)
         if kfac_approx not in ("expand", "reduce"):
             raise ValueError(f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}")
+        self._require("kronecker", "kronecker_factors()")
         self._check_ready()
         if kind == "kfra":
             self._check_memory()
@@ -320,12 +336,14 @@ class CurvatureModule:
     def ggn_vector_product(self, vs):
         """G v = Jᵀ (∇²_z L) J v over all parameters (the generalized Gauss-Newton); vs is a list shaped like the
         parameters, optionally with a leading V."""
+        self._require("ggn", "ggn_vector_product()")
         return self._full_product(vs, self._product, None, "ggn", self._loss_hessian_product)
 
     @torch.no_grad()
     def hessian_vector_product(self, vs):
         """H v = ∇²L v over all parameters: GGN plus every residual and parameter-input cross term; vs as for
         ggn_vector_product."""
+        self._require("hessian", "hessian_vector_product()")
         return self._full_product(vs, self._product, "hessian", "hessian", self._loss_hessian_product)
 
     @torch.no_grad()
@@ -333,6 +351,7 @@ class CurvatureModule:
         """F v = Jᵀ (1/S Σ_s s sᵀ) J v with s = ∇_z ℓ(z, ŷ_s), labels ŷ_s ~ softmax(z) drawn per call; vs as for
         ggn_vector_product."""
         self._require_sampling("fisher_mc_vector_product", "use ggn_vector_product (the GGN it estimates)")
+        self._require("ggn", "fisher_mc_vector_product()")
         check_samples(samples)
 
         def loss_product(t):
