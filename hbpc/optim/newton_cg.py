@@ -297,6 +297,7 @@ class NewtonCG(torch.optim.Optimizer):
         self.relative_damping, self.curvature_every = options["relative_damping"], options["curvature_every"]
         self.line_search = self.line_search_option if self.source != "full" else False  # CG minimises that model
         self.cached: dict | None = None
+        self.formed = False  # whether this step formed the blocks (reused_source)
         self.steps_taken = 0
 
     def add_param_group(self, param_group: dict) -> None:
@@ -321,7 +322,8 @@ class NewtonCG(torch.optim.Optimizer):
     def reused_source(self) -> dict:
         """``curvature_source()``, formed every ``curvature_every`` steps (with ``solver="direct"`` each block's
         eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
-        if self.cached is not None and self.steps_taken % self.curvature_every != 0:
+        self.formed = self.cached is None or self.steps_taken % self.curvature_every == 0
+        if not self.formed:
             self.steps_taken += 1
             return self.cached
         source = self.curvature_source()
@@ -384,19 +386,25 @@ class NewtonCG(torch.optim.Optimizer):
             self.warn("a step was not finite")
             return loss
         self.capped(steps, stats, warn=closure is None or self.max_backtracks is None)
-        quadratic = curvature_along(steps) if self.adaptive_damping or self.line_search is not False else 0.0
         gs = sum(inner(p.grad, s).item() for p, s in steps)
-        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
+        checked = closure is not None and (self.max_backtracks is not None or self.adaptive_damping)
         sGs = None
         if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
-            alpha = active[0][0]["alpha"]
+            alpha = self.state[steps[0][0]].get("solve_alpha", active[0][0]["alpha"])
             scales = [self.state[p].get("damping_scale", 1.0) if self.relative_damping else 1.0 for p, _ in steps]
             denominator = (1.0 - alpha) * sGs + alpha * sum(c * inner(s, s).item() for c, (_, s) in zip(scales, steps))
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
+        if checked and sGs is not None:  # the full GGN's model, measured anyway (Martens 2010)
+            quadratic = sGs
+        elif self.adaptive_damping or self.line_search is not False:  # the undamped model the solve trusted
+            quadratic = curvature_along(steps)
+        else:
+            quadratic = 0.0
+        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
-        if closure is not None and (self.max_backtracks is not None or self.adaptive_damping):
+        if checked:
             self.check_loss(closure, steps, stats)
             stats.predicted = model(stats.scale) if stats.accepted else None
             stats.rho = reduction_ratio(stats.loss_after - stats.loss, stats.predicted) if stats.accepted else -math.inf
@@ -493,7 +501,10 @@ class NewtonCG(torch.optim.Optimizer):
         for group, p in active:
             name = self.names[p]
             g = p.grad.detach()
-            d = self.split_direction(name, operators[name], g, group, stats, self.previous_direction(p),
+            if self.formed or "solve_alpha" not in self.state[p]:  # α reaches reused blocks when they are re-formed
+                self.state[p]["solve_alpha"] = group["alpha"]
+            solving = {**group, "alpha": self.state[p]["solve_alpha"]}
+            d = self.split_direction(name, operators[name], g, solving, stats, self.previous_direction(p),
                                      preconditioners.get(name))
             self.state[p]["direction"] = d
             if self.relative_damping:
