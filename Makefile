@@ -27,7 +27,7 @@ fashion-mnist:
 	@test -d $(FASHION) || echo "note: Fashion-MNIST not found in $(FASHION); get it with" \
 	  "'sudo apt-get install dataset-fashion-mnist' (the demo now uses scikit-learn's digits instead)"
 
-# Tutorial 2 (sigmoid FCNN, HBP Newton-CG (its defaults, step(closure)) vs SGD and Adam, 300 steps of batch 500; a few minutes on 2 cores):
+# Tutorial 2 (sigmoid FCNN, HBP Newton-CG (its defaults, step(closure)) vs SGD and Adam, 200 steps of batch 500; a few minutes on 2 cores):
 # out/demo/curves.png (loss and accuracy against steps and seconds), curves.csv and a summary table.
 demo: install fashion-mnist
 	mkdir -p out/demo
@@ -59,7 +59,7 @@ $(VENV)/.laplace-installed: $(VENV)/.installed pyproject.toml bench/install.py
 bench: $(VENV)/.bench-installed
 	$(PY) -m bench
 
-# Time to a target test accuracy: Newton-CG, KFAC, SGD, Adam on the sigmoid FCNN and a ReLU CNN (<= 15 min):
+# Time to a target test accuracy: Newton-CG, KFAC, SGD, Adam on the sigmoid FCNN and a ReLU CNN (about 15 min idle):
 # prints and writes bench/RESULTS-time-to-target.md.
 bench-ttt: install fashion-mnist
 	$(PY) -m bench.time_to_target

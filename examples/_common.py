@@ -138,13 +138,14 @@ def newton_update(curvature, optimizer):
     return update
 
 
-def baselines(model: nn.Module, loss_fn: nn.Module, sgd_lr: float, sgd_momentum: float) -> list[Run]:
-    """SGD and Adam (lr 1e-3) on copies of ``model``."""
+def baselines(model: nn.Module, loss_fn: nn.Module, sgd_lr: float, sgd_momentum: float,
+              adam_lr: float = 1e-3) -> list[Run]:
+    """SGD and Adam on copies of ``model``."""
     sgd_model, adam_model = copy.deepcopy(model), copy.deepcopy(model)
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=sgd_lr, momentum=sgd_momentum)
-    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=adam_lr)
     return [Run(f"SGD (lr {sgd_lr:g}, momentum {sgd_momentum:g})", sgd_model, torch_update(sgd_model, sgd, loss_fn)),
-            Run("Adam (lr 1e-3)", adam_model, torch_update(adam_model, adam, loss_fn))]
+            Run(f"Adam (lr {adam_lr:g})", adam_model, torch_update(adam_model, adam, loss_fn))]
 
 
 def record(run: Run, step: int, epoch: float, train_loss: float, seconds: float, test: ImageData, loss_fn) -> dict:

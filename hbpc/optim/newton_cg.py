@@ -27,9 +27,10 @@ Safeguards (defaults on; ``PAPER`` turns them off):
   for ``source="full"``, whose CG minimises that model.
 * Levenberg–Marquardt damping (``adaptive_damping=True``) on ``λ`` from a reduction ratio ``ρ``:
   ``ρ < 1/4``: ``λ ← 3/2 λ``, ``ρ > 3/4``: ``λ ← 2/3 λ``, ``λ`` kept in ``[LAMBDA_MIN, LAMBDA_MAX]``.
-  With a loss check (``step(closure)``), ``ρ = (L(θ + t s) - L(θ)) / q(t s)`` with
-  ``q(s) = gᵀs + ½ sᵀ B s`` the undamped model whose solve gave ``d`` (the blocks, or the full
-  ``A``). Without one, ``ρ = sᵀ B s / sᵀ G s``: the blocks' curvature along the step relative to the
+  With a loss check (``step(closure)``), ``ρ = (L(θ + t s) - L(θ)) / q(t s)`` with ``q(s) = gᵀs + ½ sᵀ C s``:
+  ``C`` the full GGN when the line search measured ``sᵀ G s`` (Martens 2010's model, and no further product),
+  else the undamped model whose solve gave ``d`` (the blocks, or the full ``A``). Without a loss check,
+  ``ρ = sᵀ B s / sᵀ G s``: the blocks' curvature along the step relative to the
   full GGN's, which the line search measures anyway (1 when they agree; the line search fixes the
   length, the damping the direction). With neither (``source="full"`` in the plain loop) ``α``
   stays. ``α`` never adapts below ``min_alpha``.
@@ -61,14 +62,16 @@ Speed (each measured in ``bench/newton_cg_speed.py``):
   when it is dense, else none; none at all when ``blocks`` refuses (its ``memory_limit``).
 * ``cg_maxiter``: the cap on CG iterations per solve.
 * ``SubsampledCurvature(curvature, size)``: the gradient on the whole batch, curvature on ``size`` samples.
-* ``curvature_every=k`` (``solver="direct"``): blocks and their eigendecompositions (``EigenBlock``) are formed
-  every ``k`` steps and reused in between with the new gradient (K-FAC's stale inverses, Martens & Grosse 2015).
-  One ``eigh`` per distinct matrix (a Linear layer's bias block is its weight's output factor), and the step's
-  curvature ``sᵀ B s`` for the damping's model comes from the solve's eigenbasis, not from another product. Profile
-  of a step of the FCNN (batch 128, 1 thread, before these two): 0.30 s against Adam's 0.034 s, of which rotations
-  0.15 s (the first layer's thin input factor is stale, so the gradient's part outside it costs two dense
-  ``1024 × 1024`` rotations), eigendecompositions 0.10 s (amortised), two forward-backward passes 0.05 s, the line
-  search's GGN product 0.03 s, the step's block products 0.03 s.
+* ``curvature_every=k`` (``solver="direct"``): blocks and their factorizations (``EigenBlock``) are formed every ``k``
+  steps and reused in between with the new gradient (K-FAC's stale inverses, Martens & Grosse 2015); the damping ``α``
+  reaches the solves when the blocks are re-formed. With ``relative_damping`` the solves use the damped factors'
+  explicit inverses (Cholesky, one per distinct matrix: a Linear layer's bias block is its weight's output factor),
+  so a reused step costs two products per layer, ``(A + √λ a I)⁻¹ X (B + √λ b I)⁻¹``, and a thin input factor
+  ``B = R Rᵀ`` needs only ``R``'s SVD. Profile of a step of the FCNN (batch 128, 1 thread, loaded machine): with the
+  eigenbases' four rotations per layer 0.38 s against Adam's 0.05 s (rotations 0.14 s, eigendecompositions 0.07 s
+  amortised); with the inverses 0.30 s against 0.037 s, of which the solves about half (the first layer's
+  ``(A + √λ a I)⁻¹ X``, ``1024 × 1024 × 784``, costs more than a forward-backward pass at this batch: the fixed cost
+  that a larger batch amortises), two forward-backward passes a fifth, the line search's GGN product a seventh.
 
 Where things live: ``NewtonCG`` (this module) takes the step and its loss checks; ``hbpc.optim.presets`` holds the
 defaults and the presets ``PAPER`` and ``KRONECKER``; ``hbpc.optim.safeguards`` the damping rule and the finiteness and
@@ -95,7 +98,7 @@ from hbpc.linalg.operators import check_choice, full_operator
 from hbpc.optim.cg import inner
 from hbpc.optim.preconditioners import block_preconditioner
 from hbpc.optim.presets import (AUTO, DEFAULT_ALPHA, DEFAULT_CG_MAXITER, DEFAULT_LR, DEFAULT_MIN_ALPHA,
-                                DEFAULT_PRECONDITIONER, DEFAULT_WARM_START, KRONECKER_MODE,
+                                DEFAULT_PRECONDITIONER, DEFAULT_WARM_START, KRONECKER_LR, KRONECKER_MODE,
                                 PRODUCTS_MODE)
 from hbpc.optim.safeguards import BACKTRACK, DIVERGENCE, MAX_STEP, is_finite, reduction_ratio, update_damping
 from hbpc.optim.solves import EigenBlock, as_product, damping_scale, quadratic, solve_cg, solve_direct
@@ -112,6 +115,7 @@ FULL_CURVATURES = ("ggn", "hessian")
 FULL = "full"  # StepStats.params key of the joint solve
 SHARED = ("alpha", "cg_tol", "cg_atol", "cg_maxiter")  # one value for all groups when source="full"
 
+DENSE_LIMIT = 2048  # the Kronecker mode's largest dense block (rows); beyond it block products (solvable)
 WARM_DECAY = 0.95  # warm_start: CG starts from this times the previous direction
 
 
@@ -140,7 +144,7 @@ class NewtonCG(torch.optim.Optimizer):
     * ``split=k`` (blocks and block products; the paper's "parallel" modules) cuts every
       parameter into ``torch.chunk(θ, k, 0)`` row chunks and solves each chunk's system on the
       diagonal sub-block of its curvature separately (``last_stats`` keys ``"name[start:stop]"``).
-    * ``relative_damping``, ``curvature_every``: block-relative damping and reused eigendecompositions (module
+    * ``relative_damping``, ``curvature_every``: block-relative damping and reused factorizations (module
       docstring; preset ``KRONECKER``).
     * ``adaptive_damping``, ``min_alpha``, ``line_search``, ``max_backtracks``, ``max_step``,
       ``warm_start``, ``preconditioner``: the safeguards and speed-ups of the module docstring; ``**PAPER`` turns them all off. The
@@ -148,19 +152,19 @@ class NewtonCG(torch.optim.Optimizer):
 
     Defaults, and why (figures: ``bench/time_to_target.py``, ``bench/newton_cg_speed.py``, ``bench/README.md``):
 
-    * ``source="block_products"`` by default. ``source="auto"`` (with ``lr=2``; not the default yet: on the example
-      CNNs whose ``blocks()`` fit, the Kronecker mode's steps were too slow for the test suite) chooses per step, and
-      says which in ``mode``:
+    * ``source="auto"`` by default: it chooses per step, and says which in ``mode``:
 
       - ``"kronecker"`` (``presets.KRONECKER_MODE``: HBP blocks with per-sample parameter Jacobians, ``pch-abs``,
-        direct solves through eigendecompositions kept for 5 steps, damping relative to each block's scale) when the
-        step has a closure (its loss checks) and ``curvature.blocks`` fits its ``memory_limit``. On the sigmoid FCNN
-        it reached 0.60 test accuracy in 16-33 steps where Adam took 178-257; in wall-clock time 0.50x Adam's on one
-        batch order and 2.1-3.0x on two others, measured under falling load (``bench/RESULTS-time-to-target.md``);
+        direct solves through damped factor inverses kept for 5 steps, damping relative to each block's scale) when
+        the step has a closure (its loss checks), ``curvature.blocks`` fits its ``memory_limit`` and every block is
+        Kronecker-factored or dense of at most ``DENSE_LIMIT`` rows (``solvable``). On the sigmoid FCNN it needs
+        about a tenth of Adam's steps to 0.60 test accuracy, and less wall-clock time (``bench/RESULTS-time-to-target.md``);
       - ``"block products"`` (``presets.PRODUCTS_MODE``: CG on the exact diagonal GGN block products) otherwise: in
         the plain loop, where without loss checks the Kronecker steps diverged on the small user models of
-        ``tests/test_newton_cg_defaults.py``, and once ``blocks()`` refused for memory (the ReLU c4d3 on
-        Fashion-MNIST at batch 128: 2.12 GiB > 2 GiB), from then on.
+        ``tests/test_newton_cg_defaults.py``, and once ``blocks()`` refused (for memory: the ReLU c4d3 on
+        Fashion-MNIST at batch 128, 2.12 GiB > 2 GiB; or a dense convolution block: the example CNN's 12800 × 12800,
+        whose inverse took minutes), from then on. On the FCNN this mode stays on the plateau (0.107 test accuracy
+        after 73 steps of batch 512), which is why it is no longer the default.
 
       Options given explicitly apply to both; one that the Kronecker mode cannot use (``solver="cg"``, a
       ``preconditioner``, ``split``, or ``PAPER``'s switched-off loss checks and line search) leaves only the
@@ -171,9 +175,10 @@ class NewtonCG(torch.optim.Optimizer):
       no ``blocks()`` memory (which c4d3 on CIFAR-10 exceeds at the default ``memory_limit``).
       ``source="full"`` is the more accurate solve (cross-layer coupling) at about one gradient per
       CG iteration instead of one per sweep over all blocks.
-    * ``lr=1``; with ``source="auto"`` use ``lr=2``: the line search and the loss check shorten the step to the full GGN's minimiser along it (``t``),
-      so ``lr`` only bounds the step at twice the blocks' Newton step; on the FCNN the Kronecker mode with ``lr=1``
-      did not reach 0.60 test accuracy in 50 steps where ``lr=2`` took 16 (batch-order seed 0).
+    * ``lr=None``: 2 in the Kronecker mode (``KRONECKER_LR``), 1 in the others (``DEFAULT_LR``); an ``lr`` given
+      applies to every mode. The line search and the loss check shorten the step to the full GGN's minimiser along
+      it (``t``), so ``lr`` only bounds the step at twice the blocks' Newton step; on the FCNN the Kronecker mode
+      with ``lr=1`` did not reach 0.60 test accuracy in 50 steps where ``lr=2`` took 16 (batch-order seed 0).
     * ``alpha=0.1``, ``adaptive_damping=True``, ``min_alpha=0.1``: ``ρ`` on the step's own mini-batch trusts that batch: on the
       FCNN (batch 128) it drove α to 1e-8 and the test loss rose while each batch's fell; α ≥ 0.1 kept
       it learning (test loss after 60 steps 2.398 at α → 1e-8, 2.348 / 2.324 / 2.319 / 2.316 with
@@ -201,12 +206,12 @@ class NewtonCG(torch.optim.Optimizer):
         params: Iterable,
         curv,
         /,
-        lr: float = DEFAULT_LR,
+        lr: float | None = None,
         alpha: float = DEFAULT_ALPHA,
         cg_tol: float = 0.1,
         cg_atol: float = 0.0,
         cg_maxiter: int = DEFAULT_CG_MAXITER,
-        source: str = "block_products",
+        source: str = AUTO,
         curvature: str | None = None,
         average_input_jacobian: bool = True,
         average_parameter_jacobian: bool | None = None,
@@ -297,6 +302,7 @@ class NewtonCG(torch.optim.Optimizer):
         self.relative_damping, self.curvature_every = options["relative_damping"], options["curvature_every"]
         self.line_search = self.line_search_option if self.source != "full" else False  # CG minimises that model
         self.cached: dict | None = None
+        self.formed = False  # whether this step formed the blocks (reused_source)
         self.steps_taken = 0
 
     def add_param_group(self, param_group: dict) -> None:
@@ -321,10 +327,15 @@ class NewtonCG(torch.optim.Optimizer):
     def reused_source(self) -> dict:
         """``curvature_source()``, formed every ``curvature_every`` steps (with ``solver="direct"`` each block's
         eigendecomposition is kept in an ``EigenBlock``, so the steps in between cost products and rotations only)."""
-        if self.cached is not None and self.steps_taken % self.curvature_every != 0:
+        self.formed = self.cached is None or self.steps_taken % self.curvature_every == 0
+        if not self.formed:
             self.steps_taken += 1
             return self.cached
         source = self.curvature_source()
+        if self.mode == KRONECKER_BLOCKS:
+            too_large = [name for name, block in source.items() if not solvable(block)]
+            if too_large:
+                raise MemoryError(f"the blocks of {', '.join(too_large)} are dense and over {DENSE_LIMIT} parameters")
         wrap = self.curvature_every > 1 or self.relative_damping  # split blocks (.parts) solve their own parts
         shared = {}  # one eigendecomposition per distinct matrix
         self.cached = {n: EigenBlock(b, shared) if wrap and not hasattr(b, "parts") else b for n, b in source.items()}
@@ -352,6 +363,12 @@ class NewtonCG(torch.optim.Optimizer):
         product = as_product(operator, self.source)
         return solve_cg(product, g, group["alpha"], group["cg_tol"], group["cg_atol"], group["cg_maxiter"], x0, M)
 
+    def step_lr(self, group: dict) -> float:
+        """The group's ``lr``; unset (``None``): ``KRONECKER_LR`` in the Kronecker mode, else ``DEFAULT_LR``."""
+        if group["lr"] is not None:
+            return group["lr"]
+        return KRONECKER_LR if self.mode == KRONECKER_BLOCKS else DEFAULT_LR
+
     def previous_direction(self, p: Tensor) -> Tensor | None:
         """``WARM_DECAY`` times the last step's direction for ``p`` (``warm_start``), else ``None``."""
         d = self.state[p].get("direction") if self.warm_start else None
@@ -373,7 +390,7 @@ class NewtonCG(torch.optim.Optimizer):
         try:
             solve = self.full_steps if self.source == "full" else self.block_steps
             steps, curvature_along = solve(active, stats)  # curvature_along(steps): Σ sᵀ B s of the undamped model
-        except MemoryError:  # blocks() refused (its memory_limit): block products from now on
+        except MemoryError:  # blocks() refused (its memory_limit) or are too costly to solve: block products from now on
             if self.mode != KRONECKER_BLOCKS or PRODUCTS not in self.modes:
                 raise
             del self.modes[KRONECKER_BLOCKS]
@@ -384,19 +401,25 @@ class NewtonCG(torch.optim.Optimizer):
             self.warn("a step was not finite")
             return loss
         self.capped(steps, stats, warn=closure is None or self.max_backtracks is None)
-        quadratic = curvature_along(steps) if self.adaptive_damping or self.line_search is not False else 0.0
         gs = sum(inner(p.grad, s).item() for p, s in steps)
-        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731  the undamped model the solve trusted
+        checked = closure is not None and (self.max_backtracks is not None or self.adaptive_damping)
         sGs = None
         if self.line_search or (self.line_search is None and closure is None):
             sGs = self.ggn_quadratic(steps)
-            alpha = active[0][0]["alpha"]
+            alpha = self.state[steps[0][0]].get("solve_alpha", active[0][0]["alpha"])
             scales = [self.state[p].get("damping_scale", 1.0) if self.relative_damping else 1.0 for p, _ in steps]
             denominator = (1.0 - alpha) * sGs + alpha * sum(c * inner(s, s).item() for c, (_, s) in zip(scales, steps))
             stats.scale = min(1.0, -gs / denominator) if denominator > 0.0 and gs < 0.0 else 1.0
+        if checked and sGs is not None:  # the full GGN's model, measured anyway (Martens 2010)
+            quadratic = sGs
+        elif self.adaptive_damping or self.line_search is not False:  # the undamped model the solve trusted
+            quadratic = curvature_along(steps)
+        else:
+            quadratic = 0.0
+        model = lambda t: t * gs + 0.5 * t * t * quadratic  # noqa: E731
         for p, s in steps:  # only now: the curvature may read parameters lazily
             p.add_(s, alpha=stats.scale)
-        if closure is not None and (self.max_backtracks is not None or self.adaptive_damping):
+        if checked:
             self.check_loss(closure, steps, stats)
             stats.predicted = model(stats.scale) if stats.accepted else None
             stats.rho = reduction_ratio(stats.loss_after - stats.loss, stats.predicted) if stats.accepted else -math.inf
@@ -493,12 +516,15 @@ class NewtonCG(torch.optim.Optimizer):
         for group, p in active:
             name = self.names[p]
             g = p.grad.detach()
-            d = self.split_direction(name, operators[name], g, group, stats, self.previous_direction(p),
+            if self.formed or "solve_alpha" not in self.state[p]:  # α reaches reused blocks when they are re-formed
+                self.state[p]["solve_alpha"] = group["alpha"]
+            solving = {**group, "alpha": self.state[p]["solve_alpha"]}
+            d = self.split_direction(name, operators[name], g, solving, stats, self.previous_direction(p),
                                      preconditioners.get(name))
             self.state[p]["direction"] = d
             if self.relative_damping:
                 self.state[p]["damping_scale"] = damping_scale(operators[name])
-            s = group["lr"] * d
+            s = self.step_lr(group) * d
             steps.append((p, s))
         def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
             return sum(quadratic(operators[self.names[p]], s, self.source) for p, s in steps)
@@ -543,7 +569,7 @@ class NewtonCG(torch.optim.Optimizer):
                                          shared["cg_maxiter"], x0, M)
         for p, t in zip(params, A.unflatten(d)):
             self.state[p]["direction"] = t
-        steps = [group["lr"] * t for (group, _), t in zip(active, A.unflatten(d))]
+        steps = [self.step_lr(group) * t for (group, _), t in zip(active, A.unflatten(d))]
         def curvature_along(steps: list[tuple[Tensor, Tensor]]) -> float:
             s = A.flatten([t for _, t in steps])
             return inner(s, A.matvec(s)).item()
@@ -551,12 +577,19 @@ class NewtonCG(torch.optim.Optimizer):
         return list(zip(params, steps)), curvature_along
 
 
+def solvable(block) -> bool:
+    """Whether the Kronecker mode solves ``block`` cheaply: Kronecker factors, or a dense matrix of at most
+    ``DENSE_LIMIT`` rows (an ``(n, n)`` inverse costs ``n³``: a convolution's dense block of 12800 parameters took
+    minutes per step)."""
+    return block.kronecker_factors is not None or (hasattr(block, "matrix") and block.matrix.shape[0] <= DENSE_LIMIT)
+
+
 def check_group(group: dict) -> None:
     """Validate one parameter group's hyper-parameters."""
     alpha = group["alpha"]
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha={alpha} is out of range, need 0 <= alpha < 1")
-    if group["lr"] <= 0.0:
+    if group["lr"] is not None and not group["lr"] > 0.0:
         raise ValueError(f"lr={group['lr']} must be positive")
 
 

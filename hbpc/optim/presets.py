@@ -2,6 +2,7 @@
 kept eigendecompositions (``KRONECKER``). Why each default: ``NewtonCG``'s docstring."""
 
 DEFAULT_LR, DEFAULT_ALPHA, DEFAULT_CG_MAXITER = 1.0, 0.1, 10
+KRONECKER_LR = 2.0  # lr=None (the default) in the Kronecker mode: the line search and loss check shorten the step
 DEFAULT_WARM_START, DEFAULT_PRECONDITIONER = False, None
 DEFAULT_MIN_ALPHA = 0.1
 AUTO = "auto"  # the default source: KRONECKER_MODE where it can run, else PRODUCTS_MODE
@@ -18,7 +19,7 @@ PAPER = dict(adaptive_damping=False, line_search=False, max_backtracks=None, war
              min_alpha=0.0)
 """The paper's plain update ``θ ← θ + lr · d`` with fixed ``α`` and no warm start or preconditioner."""
 
-KRONECKER = dict(KRONECKER_MODE, lr=2.0, alpha=0.1, min_alpha=0.0)
+KRONECKER = dict(KRONECKER_MODE, lr=KRONECKER_LR, alpha=0.1, min_alpha=0.0)
 """Kronecker blocks solved through eigendecompositions kept for 5 steps, damped relative to each block's scale
 (``NewtonCG(params, curv, **KRONECKER)``, ``step(closure)``): the defaults' Kronecker mode with ``min_alpha=0``
 instead of 0.1, for every step (``source="blocks"``: no fallback to block products, also in the plain loop, where it

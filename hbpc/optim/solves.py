@@ -16,7 +16,6 @@ from hbpc.optim.stats import ParamStats
 
 STOPPED = (NEGATIVE_CURVATURE, NON_FINITE, DIVERGED)  # CG reasons whose iterate is a fallback
 PARALLEL_TOL = 1e-5  # EigenBlock.quadratic: a vector this close to a multiple of the latest solve's answer
-COMPLEMENT_TOL = 1e-5  # EigenBlock.solve_relative: a right-hand side this close to range(R) skips the complement
 
 
 def damped_matvec(product: Callable[[Tensor], Tensor], alpha: float) -> Callable[[Tensor], Tensor]:
@@ -83,13 +82,21 @@ class EigenBlock:
         self.kronecker_factors = block.kronecker_factors
         self.shared = {} if shared is None else shared
         self.eigen = None
+        self.traced: float | None = None
         self.solved: tuple[Tensor, float] | None = None  # (latest solve's answer, its outᵀ B out)
 
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.block @ v
 
     def trace(self) -> float:
-        """``tr(B)``: ``tr(A) tr(B)`` of a Kronecker block (``tr(R Rᵀ) = ‖R‖²``), the diagonal's sum of a dense one."""
+        """``tr(B)``: ``tr(A) tr(B)`` of a Kronecker block (``tr(R Rᵀ) = ‖R‖²``), the diagonal's sum of a dense one
+        (computed once)."""
+        if self.traced is None:
+            self.traced = self.compute_trace()
+        return self.traced
+
+    def compute_trace(self) -> float:
+        """``trace()``'s value."""
         block = self.block
         if hasattr(block, "R"):
             return (block.A.diagonal().sum() * block.R.square().sum()).item()
@@ -107,30 +114,47 @@ class EigenBlock:
             A ⊗ B + D_λ = (A + √λ a I) ⊗ (B + √λ b I),     dense B: B + λ (tr(B)/n) I
 
         so every block is damped in its own units (λ ab on the identity: ``ab`` is the block's mean eigenvalue),
-        and a tiny early-layer curvature is not swamped by an absolute ``λ``. Eigenvalues below 0 (round-off of a
-        positive semi-definite block) count as 0."""
-        eigen = self.decomposition()
-        if eigen is None:
+        and a tiny early-layer curvature is not swamped by an absolute ``λ``. As in K-FAC, through the damped factors'
+        explicit inverses (Cholesky; kept per ``λ``, so a step that reuses the block costs ``(A + √λ a I)⁻¹ X`` and
+        ``X (B + √λ b I)⁻¹``: two matrix products, where the eigenbasis of ``solve`` needs four). A thin root
+        ``B = R Rᵀ = U diag(s²) Uᵀ`` (``R``: ``(n, r)``, ``r < n``) needs no ``(n, n)`` inverse::
+
+            X (B + γ I)⁻¹ = (X U) diag(1/(s² + γ) - 1/γ) Uᵀ + X / γ
+
+        A dense block ``M`` is solved by ``(M + λ (tr(M)/n) I)⁻¹``, kept the same way."""
+        factors = self.kronecker_factors
+        if factors is None and not hasattr(self.block, "matrix"):
             return self.block.solve(rhs, lam * damping_scale(self))
-        if len(eigen) == 2:
-            lam_b, Q = eigen
-            core = (Q.T @ rhs.reshape(-1)) / (lam_b.clamp(min=0) + lam * self.trace() / self.numel)
-            return self.remember((Q @ core).reshape(rhs.shape), core, lam_b)
-        la, Qa, lb, Qb = eigen
-        m, n = Qa.shape[0], self.numel // Qa.shape[0]
-        ga, gb = math.sqrt(lam) * la.sum().item() / m, math.sqrt(lam) * lb.sum().item() / n
-        X = rhs.reshape(m, n)
-        da, db = la.clamp(min=0)[:, None] + ga, lb.clamp(min=0)[None, :] + gb
-        XQ = X @ Qb
-        if Qb.shape[1] == n or (X - XQ @ Qb.T).norm() <= COMPLEMENT_TOL * X.norm():
-            core = (Qa.T @ XQ) / (da * db)  # rows of the gradient Σ δₙ xₙᵀ in span(R): no complement
-            out = Qa @ core @ Qb.T
-        else:  # B = R Rᵀ is zero on Qb's complement, where B + √λ b I is √λ b: Y = Qaᵀ X rotated once
-            Y = Qa.T @ X
-            YQ = Y @ Qb
-            core = YQ / (da * db)
-            out = Qa @ ((core - YQ / (da * gb)) @ Qb.T + Y / (da * gb))
-        return self.remember(out.reshape(rhs.shape), core, la[:, None] * lb[None, :])
+        if factors is None:
+            matrix = self.block.matrix
+            shift = lam * self.trace() / self.numel
+            inverse = self.cached(("inverse", shift), matrix, lambda: damped_inverse(matrix, shift))
+            return (inverse @ rhs.reshape(-1)).reshape(rhs.shape)
+        block, A = self.block, factors[0]
+        m = A.shape[0]
+        X = rhs.reshape(m, -1)
+        n = X.shape[1]
+        root = math.sqrt(lam)
+        ga = root * A.diagonal().sum().item() / m
+        A_inv = self.cached(("inverse", ga), A, lambda: damped_inverse(A, ga))
+        if hasattr(block, "R"):
+            U, s = self.cached(("svd",), block.R, lambda: thin_eigen(block.R))
+            gb = root * (s * s).sum().item() / n
+            XU = X @ U
+            right = (XU * (1.0 / (s * s + gb) - 1.0 / gb)) @ U.T + X / gb
+        else:
+            B = factors[1]
+            gb = root * B.diagonal().sum().item() / n
+            right = X @ self.cached(("inverse", gb), B, lambda: damped_inverse(B, gb))
+        return (A_inv @ right).reshape(rhs.shape)
+
+    def cached(self, what: tuple, M: Tensor, make: Callable[[], object]):
+        """``make()`` once per matrix ``M`` and ``what`` among the blocks sharing ``shared`` (a Linear layer's bias
+        block is its weight's output factor: the same tensor)."""
+        key = (*what, M.data_ptr(), tuple(M.shape), M.stride(), M.dtype)
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
     @torch.no_grad()
     def decomposition(self):
@@ -146,7 +170,7 @@ class EigenBlock:
     def factorize(self, block) -> tuple:
         """The eigenpairs of ``decomposition``; ``()`` for a block without factors or matrix."""
         if hasattr(block, "R"):
-            U, s, _ = torch.linalg.svd(block.R, full_matrices=False)
+            U, s = self.cached(("svd",), block.R, lambda: thin_eigen(block.R))
             return (*self.eigh(block.A), s * s, U)
         if self.kronecker_factors is not None:
             return (*self.eigh(self.kronecker_factors[0]), *self.eigh(self.kronecker_factors[1]))
@@ -157,10 +181,7 @@ class EigenBlock:
     def eigh(self, M: Tensor) -> tuple[Tensor, Tensor]:
         """``torch.linalg.eigh(M)``, once per matrix among the blocks sharing ``shared`` (a Linear layer's bias block
         is its weight's output factor: the same tensor)."""
-        key = (M.data_ptr(), tuple(M.shape), M.stride(), M.dtype)
-        if key not in self.shared:
-            self.shared[key] = tuple(torch.linalg.eigh(M))
-        return self.shared[key]
+        return self.cached(("eigh",), M, lambda: tuple(torch.linalg.eigh(M)))
 
     @torch.no_grad()
     def solve(self, rhs: Tensor, damping: float) -> Tensor:
@@ -197,6 +218,21 @@ class EigenBlock:
             if (v - c * out).norm().item() <= PARALLEL_TOL * v.norm().item():
                 return c * c * curvature
         return inner(v, self.block @ v).item()
+
+
+def thin_eigen(R: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, s)`` of the thin SVD ``R = U diag(s) Vᵀ``: ``R Rᵀ = U diag(s²) Uᵀ``."""
+    U, s, _ = torch.linalg.svd(R, full_matrices=False)
+    return U, s
+
+
+def damped_inverse(M: Tensor, shift: float) -> Tensor:
+    """``(M + shift · I)⁻¹`` of a positive semi-definite ``M`` (eigenvalues below 0 from round-off count as 0)."""
+    L, info = torch.linalg.cholesky_ex(M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
+    if int(info) == 0:
+        return torch.cholesky_inverse(L)
+    lam, Q = torch.linalg.eigh(M)
+    return (Q / (lam.clamp(min=0) + shift)) @ Q.T
 
 
 def quadratic(operator, v: Tensor, source: str) -> float:
