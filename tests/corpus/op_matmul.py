@@ -1,5 +1,5 @@
 # A bare matmul with a parameter (use nn.Linear instead).
-# expect: unsupported op 'matmul'
+# expect: 'matmul' is supported as a product of two activations
 # expect: {here}
 import torch
 from torch import nn
