@@ -1,4 +1,4 @@
-# nn.Softmax as a layer inside the network: a Normalization rule over the last axis.
+# nn.Softmax as a layer inside the network (a Normalization rule over the last axis).
 # outcome: compiles
 import torch
 from torch import nn
