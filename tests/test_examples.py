@@ -96,3 +96,17 @@ def test_laplace_tutorial_on_tiny_data(tmp_path, capsys):
     for result in results.values():
         assert 0 <= result["ece"] <= 1 and result["count"].sum() == 64
         assert 0 <= result["accuracy"] <= 1 and result["nll"] > 0
+
+
+def test_gpt_text_tutorial_on_a_tiny_corpus(tmp_path, capsys):
+    """Tutorial 5 at tiny sizes: both optimizers' curves in CSV and PNG, finite losses, one table row each."""
+    rows = load("05_gpt_text").main(["--steps", "3", "--batch", "2", "--block", "8", "--width", "8", "--layers", "1",
+                                     "--max-chars", "4000", "--eval-every", "2", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (tmp_path / "curves.csv").open() as handle:
+        saved = list(csv.DictReader(handle))
+    assert [(r["optimizer"], int(r["step"])) for r in saved] == [(name, step) for name in ("K-FAC (hbpc)", "Adam (lr 3e-3)")
+                                                                 for step in (0, 2, 3)]
+    assert all(np.isfinite(float(r["val_loss"])) for r in saved) and len(rows) == len(saved)
+    assert printed.count("| K-FAC (hbpc) |") == 1 and printed.count("| Adam (lr 3e-3) |") == 1
