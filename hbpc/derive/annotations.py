@@ -22,7 +22,7 @@ from hbpc.rules.spec import Bilinear, Elementwise, Normalization, Selection, Str
 
 from . import derive
 from .elementwise import hyper_values
-from .printer import formula, torch_code, torch_lines
+from .printer import formula, torch_code
 from .structured import classify, is_gram, kronecker_split
 
 
