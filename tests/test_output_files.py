@@ -47,7 +47,7 @@ def test_replacing_a_file_keeps_its_mode(tmp_path, umask_022):
 
 def test_failed_compile_leaves_no_output_and_keeps_the_old_file(tmp_path, capsys):
     broken = tmp_path / "model.py"
-    broken.write_text("import torch\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(3, 4), nn.Softmax(1))\n"
+    broken.write_text("import torch\nfrom torch import nn\nmodel = nn.Sequential(nn.Linear(3, 4), nn.Softmin(1))\n"
                       "example_input = torch.zeros(2, 3)\n")
     out = tmp_path / "curv.py"
     assert main(["compile", str(broken), "-o", str(out)]) == 2
