@@ -7,8 +7,9 @@ In one process, interleaved with the autograd gradient (median of the repetition
   the peers re-run the forward pass in every product;
 * Kronecker factors of every Linear layer shared over the tokens, KFAC-expand and KFAC-reduce, hbpc's
   ``kronecker_factors`` against curvlinops' ``KFACLinearOperator.compute_kronecker_factors``: both Monte-Carlo
-  (one sampled label per token, ``kind="kfac"`` / ``fisher_type="mc"``) and hbpc's exact per-token root
-  (``kflr``) against curvlinops' ``type-2`` (C shared root columns).
+  (one sampled label per token, ``kind="kfac"`` / ``fisher_type="mc"``). hbpc's exact per-token root (``kflr``)
+  backpropagates T·C columns per sample (6,208 here) and is not timed: curvlinops' ``type-2`` backpropagates C
+  columns shared by all tokens, another quantity.
 
 Writes bench/RESULTS-gpt.md. Timings on a shared machine are noisy: compare rows of one run only.
 """
@@ -89,17 +90,20 @@ def main():
             phases["setup"]()
             grad, times = _interleave(gradient, phases, args.reps)
             rows.append((quantity, impl.name, grad, times))
+            print(quantity, impl.name, f"gradient {grad * 1e3:.1f} ms", {k: f"{v / grad:.2f}x" for k, v in times.items()},
+                  flush=True)
     kfac_rows = []
     factored = module.Curvature(model).factored_parameters  # the Linear layers shared over the tokens (lm_head is tied)
     params = [p for name, p in model.named_parameters() if name in factored]
     for approx in ("expand", "reduce"):
-        for ours, theirs in (("kfac", "mc"), ("kflr", "type-2")):
+        for ours, theirs in (("kfac", "mc"),):
             runs = {f"hbpc {ours}": _kfac_hbpc(module.Curvature, model, x, y, approx, ours),
                     f"curvlinops {theirs}": _kfac_peer(model, loss_fn, x, y, approx, theirs, params)}
             for run in runs.values():
                 run()  # warm up
             grad, times = _interleave(gradient, runs, args.reps)
             kfac_rows.append((approx, ours, theirs, grad, times))
+            print(approx, f"gradient {grad * 1e3:.1f} ms", {k: f"{v / grad:.2f}x" for k, v in times.items()}, flush=True)
 
     lines = [
         "# bench.gpt: the causal GPT (gpt_char.py) at N = %d, T = %d, %d threads" % (args.batch, T, args.threads),
@@ -126,10 +130,10 @@ def main():
         a, b = times[f"hbpc {ours}"], times[f"curvlinops {theirs}"]
         lines.append(f"| {approx} | {ours} | {theirs} | {grad * 1e3:.1f} | {a / grad:.2f} | {b / grad:.2f} | "
                      f"{b / a:.2f}× |")
-    lines += ["", "`kfac`/`mc`: one sampled label per token, the same estimator in both. hbpc's `kflr` backpropagates "
-              "the exact per-token root of the loss Hessian (T·C columns); curvlinops' `type-2` backpropagates C "
-              "columns shared by all tokens (not the exact root when tokens interact, as in attention), so that "
-              "row compares different amounts of work.", ""]
+    lines += ["", "`kfac`/`mc`: one sampled label per token, the same estimator in both. hbpc's `kflr` (the exact "
+              "per-token root of the loss Hessian, T·C = 6,208 columns per sample) is not timed: curvlinops' `type-2` "
+              "backpropagates C columns shared by all tokens, which is not the exact root when tokens interact (as in "
+              "attention).", ""]
     Path(args.output).write_text("\n".join(lines))
     print("\n".join(lines))
 
