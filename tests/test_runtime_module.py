@@ -53,3 +53,18 @@ def test_generated_module_runs_every_product_without_the_compiler():
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(golden)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("ok ")
+
+
+def test_a_module_printed_for_another_table_format_is_refused_at_import(tmp_path):
+    """A module compiled by another hbpc (other table layout, or none stated) fails on import, saying to recompile."""
+    import pytest
+
+    from hbpc.compiler import import_generated
+
+    text = (ROOT / "examples" / "generated" / "logreg_fashion_mnist.py").read_text()
+    current = next(line for line in text.splitlines() if line.strip().startswith("RUNTIME_FORMAT = "))
+    for variant, replacement in (("older", "    RUNTIME_FORMAT = 1"), ("unstated", "")):
+        path = tmp_path / f"curv_{variant}.py"
+        path.write_text(text.replace(current + "\n", replacement + "\n" if replacement else ""))
+        with pytest.raises(ImportError, match=r"table format (1|None) .*recompile the model with `hbpc compile"):
+            import_generated(path)

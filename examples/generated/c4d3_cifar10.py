@@ -33,6 +33,7 @@ from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, Kronecker
 class Curvature(CurvatureModule):
     """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""
 
+    RUNTIME_FORMAT = 2  # the hbpc.runtime table layout this class is printed for
     PARAMETERS = {  # as model.named_parameters()
         '0.weight': (16, 3, 3, 3),
         '0.bias': (16,),

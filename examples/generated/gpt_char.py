@@ -82,6 +82,7 @@ from hbpc.runtime import (CurvatureModule, DenseBlock, OperatorBlock, accumulate
 class Curvature(CurvatureModule):
     """Curvature of cross_entropy (mean) for GPT: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""
 
+    RUNTIME_FORMAT = 2  # the hbpc.runtime table layout this class is printed for
     PARAMETERS = {  # as model.named_parameters()
         'wte.weight': (97, 32),
         'wpe.weight': (64, 32),

@@ -17,6 +17,7 @@ from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, Kronecker
 class Curvature(CurvatureModule):
     """Curvature of cross_entropy (mean) for Sequential: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""
 
+    RUNTIME_FORMAT = 2  # the hbpc.runtime table layout this class is printed for
     PARAMETERS = {'1.weight': (10, 784), '1.bias': (10,)}  # as model.named_parameters()
     INPUT_SHAPE = (1, 28, 28)
     OUTPUT_SHAPE = (10,)

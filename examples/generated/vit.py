@@ -58,6 +58,7 @@ from hbpc.runtime import (CurvatureModule, DenseBlock, KroneckerBlock, Kronecker
 class Curvature(CurvatureModule):
     """Curvature of cross_entropy (mean) for ViT: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""
 
+    RUNTIME_FORMAT = 2  # the hbpc.runtime table layout this class is printed for
     PARAMETERS = {  # as model.named_parameters()
         'cls_token': (1, 1, 32),
         'pos_embed': (1, 17, 32),

@@ -7,6 +7,7 @@ from hbpc import __version__, ir
 from hbpc.errors import HbpcError
 from hbpc.plan import ALL, QUANTITIES
 from hbpc.runtime import NAMES
+from hbpc.runtime.base import TABLE_FORMAT
 
 from .code import Method, Target
 from .kronecker import factor_nodes
@@ -304,6 +305,7 @@ def emit(graph, plan, source_name: str, digest: str, header_lines=(), loss_note=
         f'    """Curvature of {loss} for {model}: HBP blocks and exact products (hbpc.runtime.CurvatureModule)."""',
         "",
         *_indent([
+            f"RUNTIME_FORMAT = {TABLE_FORMAT}  # the hbpc.runtime table layout this class is printed for",
             *_table("PARAMETERS", params, "  # as model.named_parameters()"),
             f"INPUT_SHAPE = {graph.graph['input_shape']!r}",
             f"OUTPUT_SHAPE = {tuple(y_shape)!r}",

@@ -47,7 +47,7 @@ SUFFIXES = (
 # class defines and sets, and everything it inherits from hbpc.runtime.CurvatureModule.
 MEMBERS = frozenset({
     "p", "buffers", "N", "_state", "loss_scale", "loss_z", "loss_t", "forward_backward", "_hbp_sweep",
-    "_loss_hessian_product", "_loss_sampled_gradients", *vars(CurvatureModule), "model", "_ready",
+    "_loss_hessian_product", "_loss_sampled_gradients", *vars(CurvatureModule), "model", "_ready", "RUNTIME_FORMAT",
 })
 
 

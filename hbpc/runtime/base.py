@@ -18,6 +18,8 @@ from .checks import (bind, check_class_target, check_curvature, check_dense_targ
                      check_token_target, tensor_state)
 from .helpers import eigh_upcast, numel
 
+TABLE_FORMAT = 2  # the layout of the tables below; a generated class states the one it was printed for
+
 
 class CurvatureModule:
     """HBP blocks, exact block products, full GGN/Hessian/MC-Fisher products and Kronecker factors of one model.
@@ -41,6 +43,7 @@ class CurvatureModule:
     FACTORS              the KFAC family's layers (weight, optional bias); LOWERED: those caching the raw input
     WEIGHT_SHARING       {node: positions} of the FACTORS layers shared over positions (KFAC-expand / -reduce)
     MEMORY               (peak entries of the HBP sweep, where it peaks, ((b, gram), ...) factors kept)
+    RUNTIME_FORMAT       the TABLE_FORMAT the class was printed for (checked when the class is defined)
     QUANTITIES           what forward_backward caches for: gradient, ggn (GGN and MC-Fisher products and blocks),
                          hessian (Hessian products, hessian/pch-* blocks), kronecker (kronecker_factors)
     ===================  =============================================================================
@@ -51,6 +54,16 @@ class CurvatureModule:
     TARGET, PROBABILITY_TARGETS, LOSS, SAMPLED_FISHER, TOKENS = "class", False, "the loss", False, None
     NODES, SECOND_ORDER, BLOCKS, FACTORS, LOWERED, MEMORY, WEIGHT_SHARING = {}, {}, (), (), (), (0, "the loss", ()), {}
     QUANTITIES = ("gradient", "ggn", "hessian", "kronecker")
+
+    def __init_subclass__(cls, **kwargs):
+        """Refuse a generated class printed for another table layout (a module compiled by another hbpc)."""
+        super().__init_subclass__(**kwargs)
+        found = getattr(cls, "RUNTIME_FORMAT", None)
+        if found != TABLE_FORMAT:
+            raise ImportError(f"{cls.__module__}.{cls.__qualname__} was generated for hbpc.runtime table format {found} "
+                              f"but this hbpc.runtime reads format {TABLE_FORMAT}: recompile the model with "
+                              "`hbpc compile model.py -o <module>.py` (generated modules do not carry over between "
+                              "hbpc versions)")
 
     def __init__(self, model):
         """Bind to a model of the compiled architecture; names and shapes must match.
