@@ -158,7 +158,9 @@ class NewtonCG(torch.optim.Optimizer):
         direct solves through damped factor inverses kept for 5 steps, damping relative to each block's scale) when
         the step has a closure (its loss checks), ``curvature.blocks`` fits its ``memory_limit`` and every block is
         Kronecker-factored or dense of at most ``DENSE_LIMIT`` rows (``solvable``). On the sigmoid FCNN it needs
-        about a tenth of Adam's steps to 0.60 test accuracy, and less wall-clock time (``bench/RESULTS-time-to-target.md``);
+        13-37 steps to 0.60 test accuracy where Adam needs 210-257; in wall-clock time 0.74x Adam's in a pilot (one
+        seed, load 5-7) and 1.13-1.53x (batch 128; best batch per seed 1.13-1.21x) in the three-seed run at load
+        10-12 (``bench/RESULTS-time-to-target.md``);
       - ``"block products"`` (``presets.PRODUCTS_MODE``: CG on the exact diagonal GGN block products) otherwise: in
         the plain loop, where without loss checks the Kronecker steps diverged on the small user models of
         ``tests/test_newton_cg_defaults.py``, and once ``blocks()`` refused (for memory: the ReLU c4d3 on
