@@ -49,6 +49,7 @@ def parse(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max-chars", type=int, default=300_000, help="characters of the corpus read")
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--damping", type=float, default=1e-2, help="K-FAC's damping (1e-3, its default, diverges here)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="gpt_text_out")
     return parser.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv=None):
 
     model = copy.deepcopy(initial)
     curvature = module.Curvature(model)
-    kfac = KFAC(model.parameters(), curvature)
+    kfac = KFAC(model.parameters(), curvature, damping=args.damping)
 
     def kfac_step(x, y):
         loss = curvature.forward_backward(x, y)  # loss, gradient and the caches the factors read

@@ -117,13 +117,21 @@ EXAMPLE_MODELS = sorted(path.stem for path in (EXAMPLES / "models").glob("*.py")
 
 @pytest.mark.parametrize("name", EXAMPLE_MODELS)
 def test_defaults_decrease_the_loss_on_example_models(name):
-    """The checked-in generated module of every example model, 4 random images, 30 steps with a closure."""
+    """The checked-in generated module of every example model, 4 random inputs (images, or token ids and a label per
+    token), 30 steps with a closure."""
     spec = load_model_file(EXAMPLES / "models" / f"{name}.py")
-    generated = import_generated(EXAMPLES / "generated" / f"{name}.py")
+    Curvature = import_generated(EXAMPLES / "generated" / f"{name}.py").Curvature
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, *spec.example_input.shape[1:], generator=g)
-    y = torch.randint(0, 10, (4,), generator=g)
-    first, final, _, caught = train(generated.Curvature(spec.model), x, y)
+    shape = spec.example_input.shape[1:]
+    ids = Curvature.INPUT_IDS
+    x = torch.randint(ids, (4, *shape), generator=g) if ids else torch.randn(4, *shape, generator=g)
+    out = Curvature.OUTPUT_SHAPE
+    if Curvature.TOKENS:  # classes at class_axis, the rest positions
+        axis = Curvature.TOKENS["class_axis"]
+        y = torch.randint(out[0 if axis == 1 else -1], (4, *(out[1:] if axis == 1 else out[:-1])), generator=g)
+    else:
+        y = torch.randint(0, 10, (4,), generator=g)
+    first, final, _, caught = train(Curvature(spec.model), x, y)
     assert final < first, (first, final)
     assert not caught
 
