@@ -14,31 +14,29 @@ In one process, interleaved with the autograd gradient (median of the repetition
 Writes bench/RESULTS-gpt.md. Timings on a shared machine are noisy: compare rows of one run only.
 """
 import argparse
+import math
 import os
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import hbpc
 from bench.impls import Curvlinops, Hbpc, TorchFunc, _zero_grad
-from bench.worker import median
+from bench.worker import interleaved, median
 from hbpc.export import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_NO_DEADLINE = SimpleNamespace(left=lambda: math.inf)  # bench/worker's Deadline, never reached
+
+
 def _interleave(gradient, phases, reps):
-    grad_times, times = [], {name: [] for name in phases}
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        gradient()
-        grad_times.append(time.perf_counter() - t0)
-        for name, fn in phases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    """Median seconds of one gradient and of each phase, over ``reps`` alternating rounds."""
+    grad_times, times = interleaved(gradient, phases, budget=0.0, deadline=_NO_DEADLINE, min_reps=reps, max_reps=reps)
     return median(grad_times), {name: median(t) for name, t in times.items()}
 
 

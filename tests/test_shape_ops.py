@@ -1,5 +1,6 @@
 """Issue 16 (front end): shape-specialized tracing, shape ops, uneven pooling, RMSNorm and GroupNorm lowered onto
 existing rules; exact against autograd in float64."""
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -157,29 +158,13 @@ def test_nanogpt_style_shapes_trace_and_stay_batch_generic():
     assert torch.allclose(loss, nn.CrossEntropyLoss()(model(x), t), atol=1e-12)
 
 
-class GPTAttention(nn.Module):
-    """nanoGPT's causal self-attention, unchanged."""
-
-    def __init__(self, d=8, heads=2, block=6):
-        super().__init__()
-        self.c_attn, self.c_proj, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
-        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / k.size(-1) ** 0.5)
-        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-        y = F.softmax(att, dim=-1) @ v
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
 def test_nanogpt_attention_compiles():
     """nanoGPT's attention code (split, heads, a causal buffer sliced by T, softmax) on (N, T, C) compiles."""
-    model = nn.Sequential(GPTAttention(), nn.Flatten(), nn.Linear(32, 3))
+    path = Path(__file__).parents[1] / "examples" / "models" / "gpt_char.py"
+    spec = importlib.util.spec_from_file_location("_gpt_char_attention", path)
+    gpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpt)
+    model = nn.Sequential(gpt.CausalSelfAttention(width=8, heads=2, block=6), nn.Flatten(), nn.Linear(32, 3))
     module = hbpc.compile_model(model, torch.zeros(2, 4, 8), nn.CrossEntropyLoss())  # verified against autograd
     for op in ("matmul", "masked_fill", "softmax"):
         assert f" = {op}(" in module.__doc__

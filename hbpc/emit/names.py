@@ -89,14 +89,18 @@ def node_stems(graph) -> dict:
     suffixes = graph_suffixes(graph)
     taken, stems = set(reserved(graph)), {}
     for name in graph.graph["order"]:
-        base = _fragment(name)
-        candidate, count = base, 1
-        while candidate == INPUT or taken & identifiers(candidate, suffixes):
-            count += 1
-            candidate = f"{base}_{count}"
-        taken |= identifiers(candidate, suffixes)
-        stems[name] = candidate
+        stems[name] = _claim(_fragment(name), taken, suffixes)
     return stems
+
+
+def _claim(base: str, taken: set, suffixes) -> str:
+    """``base``, or ``<base>_<k>`` for the first k whose identifiers are all free; adds them to ``taken``."""
+    candidate, count = base, 1
+    while candidate == INPUT or taken & identifiers(candidate, suffixes):
+        count += 1
+        candidate = f"{base}_{count}"
+    taken |= identifiers(candidate, suffixes)
+    return candidate
 
 
 def family_names(graph, keys) -> dict:
@@ -108,15 +112,8 @@ def family_names(graph, keys) -> dict:
         taken |= identifiers(name, suffixes)
     names = {}
     for rule_key, key in keys:
-        if key in names:
-            continue
-        base = _fragment(rule_key)
-        candidate, count = base, 1
-        while candidate == INPUT or taken & identifiers(candidate, suffixes):
-            count += 1
-            candidate = f"{base}_{count}"
-        taken |= identifiers(candidate, suffixes)
-        names[key] = candidate
+        if key not in names:
+            names[key] = _claim(_fragment(rule_key), taken, suffixes)
     return names
 
 
