@@ -147,7 +147,7 @@ class Curvature(CurvatureModule):
         return self._end(loss, x, target)
 
     def _loss_hessian_product(self, v):
-        """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j_3_2 (softmax[j_3_2]*v[j_3_2])"""
+        """(∇²_z L) v per sample, v (V, N, C): ℓ(z, t) = log(Σ_k exp(z[k])) - Σ_k (t[k]*z[k]);  Hv = softmax[i]*v[i] - softmax[i]*Σ_j (softmax[j]*v[j])"""
         scale = self.loss_scale
         softmax = self.loss_softmax
         return (scale * ((v - (softmax*v).sum(-1, keepdim=True))*softmax))

@@ -16,6 +16,8 @@ Anything else (two live indices at once, a sum over a sub-range, a tensor with t
 raises ``UnprintableTerm`` naming the term; ``derive`` turns that into a compile-time error.
 A normalization's ``Mean(f(x))`` prints as ``(f(x)).mean(-1, keepdim=True)``.
 """
+import re
+
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pytorch import TorchPrinter
@@ -207,8 +209,21 @@ class _FormulaPrinter(StrPrinter):
         return f"δ[{self._print(expr.args[0])}, {self._print(expr.args[1])}]"
 
     def _print_Sum(self, expr):
-        indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
-        return f"Σ_{indices} {self.parenthesize(expr.function, PRECEDENCE['Mul'])}"
+        function, indices = expr.function, []
+        for limit in expr.limits:
+            function, index = _readable_index(function, limit[0])
+            indices.append(self._print(index))
+        return f"Σ_{', '.join(indices)} {self.parenthesize(function, PRECEDENCE['Mul'])}"
+
+
+def _readable_index(function, index):
+    """``index`` renamed without the numeric suffixes derive adds to keep sums apart (``j_3_2`` → ``j``, or ``j′``
+    where ``j`` is taken in ``function``): (renamed function, new index)."""
+    base = re.sub(r"(_\d+)+$", "", index.name) or index.name
+    taken = {symbol.name for symbol in function.free_symbols} - {index.name}
+    name = next(base + "′" * k for k in range(len(taken) + 2) if base + "′" * k not in taken)
+    renamed = sp.Symbol(name, **index.assumptions0)
+    return function.xreplace({index: renamed}), renamed
 
 
 def formula(expr) -> str:
