@@ -74,18 +74,21 @@ def configuration(config: str) -> tuple[str, dict, bool]:
 
 
 def load(path: Path, name: str):
-    """Import a file as a module."""
+    """Import a file as a module (registered in ``sys.modules``, where ``torch.compile`` looks its globals up)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
+COMPILED = ("forward_backward", "ggn_vector_product")  # a default step's hot calls (blocks() runs every 5 steps)
+
+
 def compiled_products(curvature) -> None:
-    """Replace the generated module's ``_block_product_*`` and full products by ``torch.compile``d ones."""
-    for name in dir(type(curvature)):
-        if name.startswith("_block_product_") or name in ("ggn_vector_product",):
-            setattr(curvature, name, torch.compile(getattr(curvature, name), dynamic=False))
+    """Replace the generated module's ``COMPILED`` methods on ``curvature`` by ``torch.compile``d ones."""
+    for name in COMPILED:
+        setattr(curvature, name, torch.compile(getattr(curvature, name), dynamic=False))
 
 
 def run(model_key: str, config: str, steps: int, batch: int, test_count: int, data) -> dict:
