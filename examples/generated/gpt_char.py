@@ -1256,14 +1256,10 @@ class Curvature(CurvatureModule):
 
     def _add_5_input_curvature(self, node, i, S, average_input_jacobian, curvature):
         """S at input i: E[J_i]ᵀ S E[J_i] (average_input_jacobian) or E[J_iᵀ S J_i], plus mode(Σ_n R_n)"""
-        if i == 0:
-            return S
         return S
 
     def _add_5_mean_vjp(self, node, i, M):
         """E[J_i]ᵀ M for a (d_y, k) matrix M: (d_x_i, k)"""
-        if i == 0:
-            return M
         return M
 
     def _add_5_cross(self, node, i, j, S, curvature):

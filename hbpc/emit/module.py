@@ -102,13 +102,14 @@ def _backward(graph, order, codes, plan):
 
 
 def _by_input(codes, indices="i") -> tuple:
-    """A method body returning codes[k] for input k (``indices`` names the argument(s) k is compared with)."""
-    if len(codes) == 1:
-        return (f"return {codes[0][1]}",)
+    """A method body returning codes[k] for input k (``indices`` names the argument(s) k is compared with); inputs
+    whose code is the last input's share its plain ``return``."""
+    last = codes[-1][1]
     lines = []
     for key, code in codes[:-1]:
-        lines += [f"if {indices} == {key!r}:", f"    return {code}"]
-    return (*lines, f"return {codes[-1][1]}")
+        if code != last:
+            lines += [f"if {indices} == {key!r}:", f"    return {code}"]
+    return (*lines, f"return {last}")
 
 
 def _sweep_records(code, inputs, branches) -> list:
