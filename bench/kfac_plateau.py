@@ -81,15 +81,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import hbpc
-    from bench.time_to_target import load_module
-    from hbpc.data import DatasetMissing
-    from hbpc.experiments.setup import load_data
+    from bench.time_to_target import fashion_mnist, load_module
 
-    try:
-        train_data, test_data = load_data("fashion-mnist")
-    except DatasetMissing as error:
-        print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
+    data = fashion_mnist()
+    if data is None:
         return 1
+    train_data, test_data = data
     spec = load_module(MODEL, "kfac_plateau_model")
     initial = spec.build_model()
     generated = hbpc.compile_model(initial, spec.example_input, spec.loss_fn)

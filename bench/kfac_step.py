@@ -114,15 +114,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import hbpc
-    from bench.time_to_target import batch_stream, load_module
-    from hbpc.data import DatasetMissing
-    from hbpc.experiments.setup import load_data
+    from bench.time_to_target import batch_stream, fashion_mnist, load_module
 
-    try:
-        train, _ = load_data("fashion-mnist")
-    except DatasetMissing as error:
-        print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
+    data = fashion_mnist()
+    if data is None:
         return 1
+    train, _ = data
     model_file = ROOT / "examples" / "models" / f"{MODELS[args.model]}.py"
     spec = load_module(model_file, "kfac_step_model")
     model = spec.build_model()

@@ -319,6 +319,18 @@ def table(problem: Problem, runs_by_seed: dict[int, list[Run]], budget_scale: fl
     return lines + ["", "</details>", ""]
 
 
+def fashion_mnist(data_dir=None):
+    """Standardized ``(train, test)`` of Fashion-MNIST, or None after saying on stderr that its files are missing."""
+    from hbpc.data import DatasetMissing
+    from hbpc.experiments.setup import load_data
+
+    try:
+        return load_data("fashion-mnist", data_dir)
+    except DatasetMissing as error:
+        print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default="fcnn,cnn", help="comma-separated, from: " + ", ".join(PROBLEMS))
@@ -332,13 +344,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from hbpc.data import DatasetMissing
-    from hbpc.experiments.setup import load_data
-
-    try:
-        data = load_data("fashion-mnist", args.data_dir)
-    except DatasetMissing as error:
-        print(f"{error}\nInstall it with: apt-get install dataset-fashion-mnist", file=sys.stderr)
+    data = fashion_mnist(args.data_dir)
+    if data is None:
         return 1
     started = time.perf_counter()
     sections: list[str] = []
